@@ -1,0 +1,426 @@
+"""AnnData in, validated arrays out: the one door through which data enters pyrovae.
+
+:func:`load_perturbation_data` reads an ``.h5ad`` path or an in-memory :class:`anndata.AnnData`, checks it
+(with messages that name the problem and the fix) and returns a :class:`PerturbationData`: raw counts
+(dense or CSR, never densified as a whole), the dosage matrix D, treatment names, the split of every cell,
+library sizes and the training-split normalisation statistics. Inside the package these are trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pyrovae.data.dosage import build_dosage, find_control_label, parse_label
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_UNUSED_SPLIT = ""
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+
+
+@dataclasses.dataclass
+class PerturbationData:
+    """Validated perturbation data (N cells, G genes, T treatments).
+
+    Attributes:
+        counts: (N, G) counts, ``np.ndarray`` or ``scipy.sparse.csr_matrix`` (float32).
+        genes: G gene names.
+        labels: (N,) canonical perturbation labels (sorted tokens joined by ``sep``; controls =
+            ``control_label``).
+        dosage: (N, T) float32 dosage matrix D.
+        treatments: T treatment names (columns of D).
+        split: (N,) ``"train"``, ``"val"``, ``"test"`` or ``""`` (cell used by no split).
+        library_size: (N,) total counts over the modelled genes.
+        control_label, sep, encode_combos_as_unique: how labels were read.
+        norm_mean, norm_std: (G,) mean and std of log1p(counts) over training cells (std of constant
+            genes set to 1, so standardisation never divides by zero).
+        obs: the AnnData's obs (row-aligned), for extra columns (QC flags, ...).
+        uns: the AnnData's uns (ground truth of simulated data, stored pairings).
+        is_count_data: whether the matrix holds non-negative integers.
+        extras: further per-cell arrays (first axis N) that minibatches carry, e.g. ``qc`` (N, 1),
+            ``delta_x`` (N, T), ``cfx`` (N, G) for GPO/CRADLE-VAE.
+    """
+
+    counts: Any  # np.ndarray, scipy.sparse.csr_matrix, or a backed on-disk matrix
+    genes: list[str]
+    labels: np.ndarray
+    dosage: np.ndarray
+    treatments: list[str]
+    split: np.ndarray
+    library_size: np.ndarray
+    control_label: str
+    sep: str
+    encode_combos_as_unique: bool
+    norm_mean: np.ndarray
+    norm_std: np.ndarray
+    obs: pd.DataFrame
+    uns: dict[str, Any]
+    is_count_data: bool = True
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.dosage.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_treatments(self) -> int:
+        return len(self.treatments)
+
+    def indices(self, split: str | None) -> np.ndarray:
+        """Row positions of a split (``None``: all cells with any split)."""
+        if split is None:
+            return np.flatnonzero(self.split != _UNUSED_SPLIT)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        return np.flatnonzero(self.split == split)
+
+    def treatment_counts(self, split: str | None = "train") -> np.ndarray:
+        """(T,) N_t: number of cells of ``split`` whose dosage column t is non-zero."""
+        idx = self.indices(split)
+        return (self.dosage[idx] != 0).sum(0).astype(np.float32)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 counts of the given rows only, shape (len(idx), G)."""
+        return row_block(self.counts, idx)
+
+    def groups(self, split: str | None = None) -> list[str]:
+        """Sorted distinct non-control labels present in ``split``."""
+        labs = self.labels[self.indices(split)]
+        return sorted({str(v) for v in labs} - {self.control_label})
+
+    def schema(self) -> dict[str, Any]:
+        """What a model trained on this data must remember to read new data the same way."""
+        return {
+            "genes": list(self.genes),
+            "treatments": list(self.treatments),
+            "control_label": self.control_label,
+            "sep": self.sep,
+            "encode_combos_as_unique": self.encode_combos_as_unique,
+            "norm_mean": self.norm_mean.tolist(),
+            "norm_std": self.norm_std.tolist(),
+            "train_treatment_counts": self.treatment_counts("train").tolist(),
+        }
+
+
+def _read(data: str | Path | ad.AnnData, backed: bool) -> ad.AnnData:
+    if isinstance(data, ad.AnnData):
+        return data
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}; pass the path of an .h5ad file")
+    if path.suffix != ".h5ad":
+        raise ValueError(f"{path} is not an .h5ad file; convert it with anndata (adata.write_h5ad)")
+    return ad.read_h5ad(path, backed="r" if backed else None)
+
+
+def _get_matrix(adata: ad.AnnData, layer: str | None):
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("the AnnData has no X; name the layer holding raw counts with layer=...")
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(
+            f"the AnnData has no layer {layer!r}; its layers are {list(adata.layers.keys())}. "
+            "Pass layer=None to use X, or the name of the layer holding raw counts"
+        )
+    return adata.layers[layer]
+
+
+def _as_matrix(m, backed: bool):
+    if sp.issparse(m):
+        return sp.csr_matrix(m, dtype=np.float32)
+    if backed:  # h5py dataset / anndata backed sparse dataset: read by row blocks only
+        return m
+    if hasattr(m, "to_memory"):
+        return sp.csr_matrix(m.to_memory(), dtype=np.float32)
+    return np.asarray(m, dtype=np.float32)
+
+
+def row_block(m, idx: np.ndarray) -> np.ndarray:
+    """Dense float32 rows ``idx`` (any order) of a dense, CSR or backed (on-disk) matrix."""
+    idx = np.asarray(idx)
+    if isinstance(m, np.ndarray) or sp.issparse(m):
+        block = m[idx]
+    else:  # backed datasets want sorted, unique indices
+        order = np.argsort(idx, kind="stable")
+        uniq, inv = np.unique(idx[order], return_inverse=True)
+        part = m[uniq]
+        part = part.toarray() if sp.issparse(part) else np.asarray(part)
+        block = np.empty((len(idx), part.shape[1]), dtype=np.float32)
+        block[order] = part[inv]
+    if sp.issparse(block):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float32)
+
+
+def _row_chunks(m, chunk: int):
+    for i in range(0, m.shape[0], chunk):
+        yield i, row_block(m, np.arange(i, min(i + chunk, m.shape[0])))
+
+
+def _check_values(m, require_counts: bool, where: str, chunk: int = 8192) -> bool:
+    """Check for NaN/inf always; for negative or non-integer values when counts are required.
+
+    Returns whether the matrix holds non-negative integers (count data).
+    """
+    is_counts = True
+    if sp.issparse(m):
+        blocks = [m.data]
+    else:
+        blocks = (b for _, b in _row_chunks(m, chunk))
+    for b in blocks:
+        b = np.asarray(b)
+        if not np.isfinite(b).all():
+            raise ValueError(
+                f"{where} contains NaN or infinite values; remove or impute those cells before training"
+            )
+        if is_counts and ((b < 0).any() or (b != np.round(b)).any()):
+            is_counts = False
+            if require_counts:
+                bad = "negative" if (b < 0).any() else "non-integer"
+                raise ValueError(
+                    f"{where} has {bad} values, but a count likelihood (negative binomial / Poisson) needs "
+                    "raw integer UMI counts. It looks normalised or log-transformed: pass the layer "
+                    "holding raw counts (layer='counts' / --layer counts), or use likelihood='normal'"
+                )
+    return is_counts
+
+
+def log_norm_stats(counts, idx: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) mean and unbiased std of log1p(counts) over rows ``idx``; zero std replaced by 1."""
+    g = counts.shape[1]
+    s1 = np.zeros(g, dtype=np.float64)
+    s2 = np.zeros(g, dtype=np.float64)
+    for i in range(0, len(idx), chunk):
+        lb = np.log1p(row_block(counts, idx[i : i + chunk]).astype(np.float64))
+        s1 += lb.sum(0)
+        s2 += (lb**2).sum(0)
+    n = max(len(idx), 1)
+    mean = s1 / n
+    var = (s2 - n * mean**2) / max(n - 1, 1)
+    std = np.sqrt(np.clip(var, 0.0, None))
+    std[std < 1e-8] = 1.0  # constant genes: standardise to 0 instead of dividing by 0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _normalise_split_column(values: pd.Series) -> np.ndarray:
+    out = np.full(len(values), _UNUSED_SPLIT, dtype=object)
+    bad: set[str] = set()
+    for i, v in enumerate(values.to_numpy()):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "":
+            continue
+        key = _SPLIT_ALIASES.get(str(v).strip().lower())
+        if key is None:
+            bad.add(str(v))
+        else:
+            out[i] = key
+    if bad:
+        raise ValueError(
+            f"unknown split value(s) {sorted(bad)}; the split column must hold 'train', 'val' or 'test' "
+            "(empty / NaN for cells used by no split)"
+        )
+    return out.astype(str)
+
+
+def make_split(
+    labels: np.ndarray,
+    control_label: str,
+    sep: str = "+",
+    mode: str = "cells",
+    seed: int = 0,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    heldout: Sequence[str] | float | None = None,
+) -> np.ndarray:
+    """A seeded split of cells into train/val/test.
+
+    Args:
+        labels: (N,) canonical labels.
+        mode: ``"cells"``: every label's cells are split at random (stratified, so every perturbation with
+            at least 3 cells appears in every split). ``"combinations"``: held-out combinations: the cells of
+            the held-out combination labels all go to ``test`` (never to train/val); all other cells are
+            split train/val.
+        heldout: with ``mode="combinations"``: the labels to hold out, or the fraction of combination
+            labels to hold out at random (default 0.25).
+
+    Returns:
+        (N,) array of ``"train"``/``"val"``/``"test"``.
+    """
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    if mode not in ("cells", "combinations"):
+        raise ValueError(f"unknown split mode {mode!r}; use 'cells' or 'combinations'")
+    held: set[str] = set()
+    if mode == "combinations":
+        combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
+        if not combos:
+            raise ValueError("split mode 'combinations' needs combination labels (like 'A+B'); none found")
+        if heldout is None or isinstance(heldout, float):
+            frac = 0.25 if heldout is None else float(heldout)
+            n_held = max(1, int(np.ceil(frac * len(combos))))
+            held = set(rng.permutation(combos)[:n_held].tolist())
+        else:
+            held = set(heldout)
+            missing = held - set(combos)
+            if missing:
+                raise ValueError(f"held-out combination(s) {sorted(missing)} are not combination labels in the data")
+    for lab in np.unique(labels.astype(str)):
+        idx = np.flatnonzero(labels == lab)
+        if lab in held:
+            split[idx] = "test"
+            continue
+        idx = rng.permutation(idx)
+        tf = 0.0 if mode == "combinations" else test_frac
+        n = len(idx)
+        n_test = int(round(tf * n))
+        n_val = int(round(val_frac * n))
+        if n >= 3:  # stratified: every group is present in every split it can be
+            n_test = max(n_test, 1) if tf > 0 else 0
+            n_val = max(n_val, 1) if val_frac > 0 else 0
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+    return split.astype(str)
+
+
+def load_perturbation_data(
+    data: str | Path | ad.AnnData,
+    perturbation_key: str = "perturbation",
+    control_label: str | None = None,
+    layer: str | None = None,
+    split_key: str | None = None,
+    combo_sep: str = "+",
+    encode_combos_as_unique: bool = False,
+    split_mode: str = "cells",
+    split_seed: int = 0,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    heldout: Sequence[str] | float | None = None,
+    require_counts: bool = True,
+    schema: dict[str, Any] | None = None,
+    backed: bool = False,
+) -> PerturbationData:
+    """Read and validate perturbation data.
+
+    Args:
+        data: an ``.h5ad`` path or an AnnData.
+        perturbation_key: obs column with the perturbation label of each cell.
+        control_label: label of unperturbed cells (default: the first common one found).
+        layer: layer holding raw counts (default ``X``).
+        split_key: obs column with ``train``/``val``/``test`` (empty for unused cells); if absent a seeded
+            split is made (see :func:`make_split` for ``split_mode``, ``heldout``, fractions).
+        combo_sep: separator of combinations in labels.
+        encode_combos_as_unique: one treatment per distinct combination (SVAE+).
+        require_counts: check that the matrix holds non-negative integers (count likelihoods).
+        schema: a trained model's :meth:`PerturbationData.schema`: genes must match it and treatments,
+            label reading and normalisation statistics are taken from it.
+        backed: open the ``.h5ad`` in backed mode and load only the count matrix (not other layers).
+    """
+    adata = _read(data, backed)
+    if perturbation_key not in adata.obs.columns:
+        raise ValueError(
+            f"obs has no column {perturbation_key!r} with perturbation labels; obs columns are "
+            f"{list(adata.obs.columns)}. Pass perturbation_key=... (CLI: --perturbation-key)"
+        )
+    genes = [str(g) for g in adata.var_names]
+    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(
+            f"duplicated gene names {dup[:5]}{' ...' if len(dup) > 5 else ''}: gene names must be unique; "
+            "call adata.var_names_make_unique() before loading"
+        )
+    if schema is not None:
+        want = list(schema["genes"])
+        if genes != want:
+            missing = [g for g in want if g not in set(genes)]
+            extra = [g for g in genes if g not in set(want)]
+            if not missing and not extra:
+                raise ValueError(
+                    "the data has the model's genes in a different order; reorder with "
+                    "adata = adata[:, model_genes]"
+                )
+            raise ValueError(
+                f"gene mismatch between the model ({len(want)} genes) and the data ({len(genes)} genes): "
+                f"{len(missing)} model genes missing from the data (e.g. {missing[:5]}), {len(extra)} data "
+                f"genes unknown to the model (e.g. {extra[:5]}). Subset the data to the model's genes: "
+                "adata = adata[:, model_genes]"
+            )
+        control_label = schema["control_label"]
+        combo_sep = schema["sep"]
+        encode_combos_as_unique = schema["encode_combos_as_unique"]
+
+    raw_labels = adata.obs[perturbation_key]
+    if raw_labels.isna().any():
+        raise ValueError(
+            f"{int(raw_labels.isna().sum())} cells have a missing (NaN) label in obs[{perturbation_key!r}]; "
+            "label them (the control label for unperturbed cells) or drop them"
+        )
+    labels_raw = raw_labels.astype(str).to_numpy()
+    control_label = find_control_label(labels_raw, control_label)
+    dosage, treatments, labels = build_dosage(
+        labels_raw,
+        control_label,
+        combo_sep,
+        encode_combos_as_unique,
+        treatments=None if schema is None else schema["treatments"],
+    )
+    labels = labels.astype(str)
+    if schema is None and not treatments:
+        raise ValueError("no perturbed cells: every cell is a control; the data needs perturbations to model")
+
+    matrix = _as_matrix(_get_matrix(adata, layer), backed)
+    where = f"layer {layer!r}" if layer else "X"
+    is_counts = _check_values(matrix, require_counts, where)
+
+    if split_key is not None:
+        if split_key not in adata.obs.columns:
+            raise ValueError(
+                f"obs has no split column {split_key!r}; obs columns are {list(adata.obs.columns)}. "
+                "Omit split_key to let pyrovae make a seeded split"
+            )
+        split = _normalise_split_column(adata.obs[split_key])
+    else:
+        split = make_split(labels, control_label, combo_sep, split_mode, split_seed, val_frac, test_frac, heldout)
+    train_idx = np.flatnonzero(split == "train")
+    if len(train_idx) == 0:
+        raise ValueError("the training split is empty; check the split column or the split fractions")
+    if not (labels[split != _UNUSED_SPLIT] == control_label).any():
+        raise ValueError(f"no control cells ({control_label!r}) in any split; controls are needed as reference")
+
+    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+        library_size = np.asarray(matrix.sum(1), dtype=np.float32).reshape(-1)
+    else:
+        library_size = np.concatenate([b.sum(1) for _, b in _row_chunks(matrix, 8192)]).astype(np.float32)
+    if schema is not None:
+        mean = np.asarray(schema["norm_mean"], dtype=np.float32)
+        std = np.asarray(schema["norm_std"], dtype=np.float32)
+    else:
+        mean, std = log_norm_stats(matrix, train_idx)
+    return PerturbationData(
+        counts=matrix,
+        genes=genes,
+        labels=labels,
+        dosage=dosage,
+        treatments=list(treatments),
+        split=split,
+        library_size=library_size,
+        control_label=control_label,
+        sep=combo_sep,
+        encode_combos_as_unique=encode_combos_as_unique,
+        norm_mean=mean,
+        norm_std=std,
+        obs=adata.obs.copy(),
+        uns=dict(adata.uns) if not backed else {k: adata.uns[k] for k in adata.uns.keys()},
+        is_count_data=is_counts,
+    )

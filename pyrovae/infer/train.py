@@ -1,0 +1,212 @@
+"""Training: SVI with TraceGraph_ELBO, penalties, global gradient clipping, early stopping, checkpoints.
+
+One step (the one place where the objective is assembled)::
+
+    loss  = TraceGraph_ELBO(P particles, vectorised).loss_and_grads(model, guide, batch)   # -ELBO / N
+    extra = sum(model.extra_losses(batch))                                               # penalties
+    extra.backward(); clip_grad_norm_(params, clip_norm); Adam.step()
+
+The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
+negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
+Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
+the global sites drawn from q but not scored (they were fitted on the training cells).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import TraceGraph_ELBO
+from tqdm.auto import tqdm
+
+from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.loader import MinibatchLoader
+from pyrovae.models.artifact import QC_PLATE
+from pyrovae.models.effects import PERTURBATION_PLATE
+from pyrovae.models.skeleton import PerturbationVAE
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings (saved in a run's ``config.json``). Defaults follow the reference."""
+
+    lr: float = 3e-4
+    batch_size: int = 512
+    max_epochs: int = 100
+    max_steps: int | None = None
+    n_particles: int = 5
+    clip_norm: float | None = 100.0
+    weight_decay: float = 1e-6
+    patience: int = 20
+    min_delta: float = 0.0
+    global_scaling: str = "per_treatment"  # per_treatment | standard
+    seed: int = 0
+    device: str = "cpu"
+    val_particles: int = 5
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **kw)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Pyro (every stochastic step of training derives from this)."""
+    pyro.set_rng_seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def split_counts(model: PerturbationVAE, data: PerturbationData, split: str, device) -> dict[str, torch.Tensor]:
+    """{plate: N_t} counts of cells using each global row, over ``split``."""
+    out = {PERTURBATION_PLATE: torch.as_tensor(data.treatment_counts(split), device=device)}
+    if model.artifact is not None:
+        qc = np.asarray(data.extras["qc"])[data.indices(split)]
+        out[QC_PLATE] = torch.as_tensor((qc != 0).sum(0).astype(np.float32), device=device)
+    return out
+
+
+def _param_groups(model: PerturbationVAE, weight_decay: float) -> list[dict[str, Any]]:
+    # Weight decay regularises network weights only; variational parameters (q_*) and the action mean
+    # are left alone so the optimum is the ELBO's (the reference decays everything; §10.12).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.split(".")[-1].startswith(("q_", "action_mean")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_elbo(n_particles: int) -> TraceGraph_ELBO:
+    return TraceGraph_ELBO(num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: PerturbationVAE, data: PerturbationData, split: str, n_particles: int = 5, batch_size: int = 512,
+    device: str = "cpu",
+) -> float:
+    """Held-out predictive negative ELBO per cell of ``split`` (globals drawn from q, not scored)."""
+    loader = MinibatchLoader(data, split, batch_size, device=device)
+    elbo = make_elbo(n_particles)
+    n = loader.n_cells
+    total = 0.0
+    for batch in loader:
+        w = model.global_weights(batch, {}, n, "none")
+        total += elbo.loss(model.model, model.guide, batch, n, w, 1.0 / n) * batch["x"].shape[0]
+    return total / n
+
+
+class Trainer:
+    """Fit a :class:`PerturbationVAE` on the training split, monitoring the validation split.
+
+    Args:
+        model: the model.
+        data: the data (with ``train`` and ``val`` cells).
+        cfg: optimisation settings.
+        checkpoint: optional callable ``checkpoint(kind, state)`` called with ``kind`` in
+            ``{"best", "last"}`` (the run directory persists them atomically).
+    """
+
+    def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
+        self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
+        self.checkpoint = checkpoint
+        self.optimizer = torch.optim.Adam(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.elbo = make_elbo(cfg.n_particles)
+        self.history: list[dict[str, float]] = []
+        self.epoch = 0
+        self.step = 0
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(history or [])
+
+    def train_step(self, batch: dict[str, torch.Tensor], n_cells: int, counts: dict[str, torch.Tensor]):
+        """One optimisation step; returns (negative ELBO per cell, {penalty: value})."""
+        self.optimizer.zero_grad(set_to_none=True)
+        w = self.model.global_weights(batch, counts, n_cells, self.cfg.global_scaling)
+        loss = self.elbo.loss_and_grads(self.model.model, self.model.guide, batch, n_cells, w, 1.0 / n_cells)
+        extras = self.model.extra_losses(batch)
+        if extras:
+            sum(extras.values()).backward()
+        if self.cfg.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss), {k: float(v) for k, v in extras.items()}
+
+    def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
+        """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""
+        cfg, data, model = self.cfg, self.data, self.model
+        if self.epoch == 0:
+            seed_everything(cfg.seed)
+        train = MinibatchLoader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, device=cfg.device)
+        train.epoch = self.epoch
+        has_val = len(data.indices("val")) > 0
+        counts = split_counts(model, data, "train", cfg.device)
+        n = train.n_cells
+        bar = tqdm(total=cfg.max_epochs, initial=self.epoch, disable=not progress, desc="training", unit="epoch")
+        while self.epoch < cfg.max_epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
+            t0 = time.perf_counter()
+            model.train()
+            losses, extras_sum = [], {}
+            for batch in train:
+                loss, extras = self.train_step(batch, n, counts)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss} at step {self.step}; lower the learning rate "
+                        "(lr=...) or keep gradient clipping on (clip_norm=...)"
+                    )
+                losses.append(loss)
+                for k, v in extras.items():
+                    extras_sum[k] = extras_sum.get(k, 0.0) + v
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    break
+            self.epoch += 1
+            model.eval()
+            rec = {"epoch": self.epoch, "step": self.step, "train_loss": float(np.mean(losses))}
+            rec.update({k: v / len(losses) for k, v in extras_sum.items()})
+            if has_val:
+                rec["val_loss"] = evaluate_loss(model, data, "val", cfg.val_particles, cfg.batch_size, cfg.device)
+            rec["seconds"] = time.perf_counter() - t0
+            self.history.append(rec)
+            monitor = rec.get("val_loss", rec["train_loss"])
+            improved = monitor < self.best - cfg.min_delta
+            if improved:
+                self.best, self.bad_epochs = monitor, 0
+            else:
+                self.bad_epochs += 1
+            if self.checkpoint is not None:
+                if improved:
+                    self.checkpoint("best", self.state())
+                self.checkpoint("last", self.state())
+            if on_epoch is not None:
+                on_epoch(self.history)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['train_loss']:.2f}", val=f"{rec.get('val_loss', float('nan')):.2f}")
+            if self.bad_epochs >= cfg.patience:
+                break
+        bar.close()
+        return self.history

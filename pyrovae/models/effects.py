@@ -1,0 +1,256 @@
+"""Perturbation-effect blocks: the only part that differs between model families.
+
+A block owns the global (perturbation-plated) latent sites, their variational families, and how a cell's
+dosage row d turns them into a latent shift. The skeleton (:mod:`pyrovae.models.skeleton`) calls:
+
+- ``model_globals(weights)`` / ``guide_globals(weights)``: sample the global sites in the
+  ``perturbations`` plate (size T), each row scaled by ``weights`` (T,) (see :func:`weighted_plate`);
+  return a dict of samples, shapes (..., T, K) (a leading particle dim when particles are vectorised).
+- ``prior_loc(d, g)``: prior mean of the cell latent (SVAE+), else ``None`` (standard normal).
+- ``shift(d, g)``: the latent offset z_p, (..., B, shift_dim).
+- ``decoder_input(z, d, g)``: what the decoder sees, (..., B, decoder_in_dim).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyrovae.models.distributions import StraightThroughBernoulli
+from pyrovae.nn.mlp import GaussianMLP
+
+PERTURBATION_PLATE = "perturbations"
+
+
+@contextmanager
+def weighted_plate(name: str, size: int, weights: torch.Tensor | None):
+    """A plate over global rows whose log-densities are scaled row-wise by ``weights``.
+
+    Rows with weight 0 are masked out (Pyro forbids non-positive scales). ``weights=None``: unscaled.
+    """
+    with pyro.plate(name, size, dim=-1):
+        if weights is None:
+            yield
+        else:
+            with poutine.mask(mask=weights > 0), poutine.scale(scale=weights.clamp_min(1e-30)):
+                yield
+
+
+def _matmul_dosage(d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, T) @ (..., T, K) -> (..., B, K)."""
+    return torch.matmul(d, rows)
+
+
+class EffectBlock(nn.Module):
+    """Base class; the defaults describe a block without global sites."""
+
+    shift_dim: int = 0
+    has_globals: bool = True
+
+    def model_globals(self, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def guide_globals(self, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def prior_loc(self, d: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def shift(self, d: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def decoder_in_dim(self, n_latent: int) -> int:
+        return n_latent
+
+    def decoder_input(self, z: torch.Tensor, d: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor:
+        return z
+
+    def effect_rows(self, g: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(..., T, shift_dim) per-treatment latent effect (for interpretation), if the block has one."""
+        return None
+
+    def check_dosage(self, d: torch.Tensor) -> None:
+        """Raise a clear error if this block cannot handle the dosage matrix."""
+
+
+class AdditiveEffect(EffectBlock):
+    """z = z_basal (+) D (E * M): SAMS-VAE (masks), CPA-VAE (no masks), GPO-VAE (square, concatenated).
+
+    Args:
+        n_treatments: T.
+        effect_dim: dimension of each treatment's effect row (K for SAMS/CPA; T for GPO).
+        mask_prior: Bernoulli prior probability of a mask entry; ``None``: no masks (CPA-VAE).
+        embedding_prior_scale: prior std of E.
+        guide: ``"mean_field"``: q(M) q(E) factorised with free parameters; ``"correlated"``:
+            q(M) q(E | M) with an MLP on [m_t, onehot(t)].
+        compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
+            ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
+        temperature: relaxation temperature of the straight-through mask estimator.
+        mask_init_logits: initial q(M) logits (0: probability 0.5, as the reference).
+    """
+
+    def __init__(
+        self,
+        n_treatments: int,
+        effect_dim: int,
+        mask_prior: float | None = 0.01,
+        embedding_prior_scale: float = 1.0,
+        guide: str = "correlated",
+        compose: str = "add",
+        temperature: float = 1.0,
+        mask_init_logits: float = 0.0,
+        embedding_encoder_hidden: int = 200,
+        embedding_encoder_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        if guide not in ("mean_field", "correlated"):
+            raise ValueError(f"unknown guide {guide!r}; use 'mean_field' or 'correlated'")
+        if compose not in ("add", "concat"):
+            raise ValueError(f"unknown compose {compose!r}; use 'add' or 'concat'")
+        if mask_prior is not None and not 0.0 < mask_prior < 1.0:
+            raise ValueError(f"mask_prior must be in (0, 1), got {mask_prior}")
+        self.n_treatments, self.shift_dim = n_treatments, effect_dim
+        self.use_masks = mask_prior is not None
+        self.guide_kind, self.compose = guide, compose
+        self.register_buffer("mask_prior", torch.tensor(mask_prior if self.use_masks else 0.5))
+        self.register_buffer("embedding_prior_scale", torch.tensor(float(embedding_prior_scale)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("eye", torch.eye(n_treatments))
+        if self.use_masks:
+            self.q_mask_logits = nn.Parameter(torch.full((n_treatments, effect_dim), float(mask_init_logits)))
+        if guide == "mean_field" or not self.use_masks:
+            self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
+            self.q_E_log_scale = nn.Parameter(torch.zeros(n_treatments, effect_dim))
+        else:
+            self.q_E_net = GaussianMLP(
+                effect_dim + n_treatments, effect_dim, embedding_encoder_hidden, embedding_encoder_layers
+            )
+
+    def model_globals(self, weights):
+        T, K = self.n_treatments, self.shift_dim
+        out = {}
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            if self.use_masks:
+                out["mask"] = pyro.sample(
+                    "mask", dist.Bernoulli(probs=self.mask_prior.expand(T, K)).to_event(1)
+                )
+            out["E"] = pyro.sample(
+                "E", dist.Normal(torch.zeros_like(self.eye[:, :1]).expand(T, K), self.embedding_prior_scale)
+                .to_event(1)
+            )
+        return out
+
+    def guide_globals(self, weights):
+        T = self.n_treatments
+        out = {}
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            if self.use_masks:
+                out["mask"] = pyro.sample(
+                    "mask",
+                    StraightThroughBernoulli(self.temperature, logits=self.q_mask_logits).to_event(1),
+                )
+            if self.use_masks and self.guide_kind == "correlated":
+                m = out["mask"]
+                inp = torch.cat([m, self.eye.expand(m.shape[:-1] + (T,))], dim=-1)
+                loc, scale = self.q_E_net(inp)
+            else:
+                loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
+            out["E"] = pyro.sample("E", dist.Normal(loc, scale).to_event(1))
+        return out
+
+    def effect_rows(self, g):
+        return g["E"] * g["mask"] if self.use_masks else g["E"]
+
+    def shift(self, d, g):
+        return _matmul_dosage(d, self.effect_rows(g))
+
+    def decoder_in_dim(self, n_latent: int) -> int:
+        if self.compose == "add":
+            if self.shift_dim != n_latent:
+                raise ValueError("compose='add' needs effect_dim == n_latent")
+            return n_latent
+        return n_latent + self.shift_dim
+
+    def decoder_input(self, z, d, g):
+        zp = self.shift(d, g)
+        if self.compose == "add":
+            return z + zp
+        return torch.cat([z, zp.expand(z.shape[:-1] + zp.shape[-1:])], dim=-1)
+
+
+class BetaBernoulliActionEffect(EffectBlock):
+    """SVAE+ (the SAMS-VAE authors' re-implementation after Lopez et al.; not the original sVAE).
+
+    pi_tk ~ Beta(c1, c2), m_tk ~ Bernoulli(pi_tk), a learned action mean mu_t (a parameter, not a random
+    variable); the cell latent z ~ N(d (M * mu), I) for one-hot d; the decoder sees z alone. Guide:
+    q(pi) = Delta(sigmoid(lambda)) (a MAP estimate) and q(m | pi) = straight-through Bernoulli(pi), so the
+    mask KL vanishes exactly and the pi term is the MAP penalty log Beta(pi; c1, c2).
+    """
+
+    shift_dim = 0
+
+    def __init__(
+        self,
+        n_treatments: int,
+        n_latent: int,
+        beta_c1: float = 1.0,
+        beta_c2: float = 2.0,
+        temperature: float = 1.0,
+        mask_init_logits: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_treatments, self.n_latent = n_treatments, n_latent
+        self.register_buffer("c1", torch.tensor(float(beta_c1)))
+        self.register_buffer("c2", torch.tensor(float(beta_c2)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.action_mean = nn.Parameter(0.1 * torch.randn(n_treatments, n_latent))
+        self.q_mask_prob_logits = nn.Parameter(torch.full((n_treatments, n_latent), float(mask_init_logits)))
+
+    def model_globals(self, weights):
+        T, K = self.n_treatments, self.n_latent
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            pi = pyro.sample("mask_prob", dist.Beta(self.c1.expand(T, K), self.c2.expand(T, K)).to_event(1))
+            m = pyro.sample("mask", dist.Bernoulli(probs=pi).to_event(1))
+        return {"mask_prob": pi, "mask": m}
+
+    def guide_globals(self, weights):
+        T = self.n_treatments
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            pi = torch.sigmoid(self.q_mask_prob_logits).clamp(1e-6, 1 - 1e-6)
+            pi = pyro.sample("mask_prob", dist.Delta(pi, event_dim=1))
+            m = pyro.sample("mask", StraightThroughBernoulli(self.temperature, probs=pi).to_event(1))
+        return {"mask_prob": pi, "mask": m}
+
+    def check_dosage(self, d: torch.Tensor) -> None:
+        if d.numel() and int((d != 0).sum(-1).max()) > 1:
+            raise ValueError(
+                "SVAE+ needs one-hot treatments (one perturbation per cell) but the data has combinations; "
+                "load the data with encode_combos_as_unique=True (CLI: --encode-combos-as-unique)"
+            )
+
+    def effect_rows(self, g):
+        return g["mask"] * self.action_mean
+
+    def prior_loc(self, d, g):
+        return _matmul_dosage(d, self.effect_rows(g))
+
+
+class ConcatDosageEffect(EffectBlock):
+    """Conditional VAE: no global latents; the decoder sees [z, d] (and the encoder [x, d])."""
+
+    has_globals = False
+
+    def __init__(self, n_treatments: int) -> None:
+        super().__init__()
+        self.n_treatments = n_treatments
+
+    def decoder_in_dim(self, n_latent: int) -> int:
+        return n_latent + self.n_treatments
+
+    def decoder_input(self, z, d, g):
+        return torch.cat([z, d.expand(z.shape[:-1] + d.shape[-1:])], dim=-1)

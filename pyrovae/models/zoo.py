@@ -1,0 +1,142 @@
+"""Named models = the skeleton + an effect block + guide options. A model is data, not a class.
+
+Defaults follow the reference papers (shared/reference/): SAMS-VAE mask prior 0.01, embedding prior 1,
+q(M) logits initialised at 0, temperature 1, basal encoder conditioned on (x, z_p); GPO-VAE mask prior 0.3,
+K = 5 hops, GRN weight 100, cf-KL weight 0.1. Layer sizes default to a small network suited to the
+simulated data; the papers' sizes are in ``experiments/configs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyrovae.models.artifact import ArtifactBlock
+from pyrovae.models.effects import AdditiveEffect, BetaBernoulliActionEffect, ConcatDosageEffect, EffectBlock
+from pyrovae.models.skeleton import PerturbationVAE
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that defines a model (saved in a run's ``config.json``)."""
+
+    family: str = "sams"  # sams | cpa | svae_plus | conditional | gpo
+    n_latent: int = 10
+    likelihood: str = "nb"
+    guide: str = "correlated"  # q(E) family: mean_field | correlated
+    conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
+    mask_prior: float = 0.01
+    embedding_prior_scale: float = 1.0
+    temperature: float = 1.0
+    mask_init_logits: float = 0.0
+    decoder_hidden: int = 128
+    decoder_layers: int = 1
+    encoder_hidden: int = 128
+    encoder_layers: int = 1
+    embedding_encoder_hidden: int = 128
+    embedding_encoder_layers: int = 2
+    svae_beta_c1: float = 1.0
+    svae_beta_c2: float = 2.0
+    # CRADLE-VAE quality-control component
+    artifact: bool = False
+    n_qc: int = 1
+    cf_weight: float = 0.1
+    # GPO-VAE GRN-aligned optimisation
+    grn_weight: float = 100.0
+    grn_threshold: float = 0.5
+    grn_hops: int = 5
+    sparsity_weight: float = 1.0
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **kw)
+
+
+#: The named models of the two papers.
+MODEL_ZOO: dict[str, dict[str, Any]] = {
+    "sams_vae": {"family": "sams", "guide": "correlated"},
+    "sams_vae_mf": {"family": "sams", "guide": "mean_field"},
+    "cpa_vae": {"family": "cpa", "guide": "mean_field"},
+    "svae_plus": {"family": "svae_plus", "conditioning": "x"},
+    "conditional_vae": {"family": "conditional", "conditioning": "x_dosage"},
+    "cradle_vae": {"family": "sams", "guide": "correlated", "artifact": True},
+    "gpo_vae": {"family": "gpo", "guide": "correlated", "mask_prior": 0.3, "artifact": True},
+}
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a named model with overrides (``n_latent=...`` etc.)."""
+    if name not in MODEL_ZOO:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_ZOO)}")
+    return ModelConfig().replace(**MODEL_ZOO[name]).replace(**overrides)
+
+
+def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
+    """The effect block of a config."""
+    common = dict(
+        embedding_prior_scale=cfg.embedding_prior_scale,
+        guide=cfg.guide,
+        temperature=cfg.temperature,
+        mask_init_logits=cfg.mask_init_logits,
+        embedding_encoder_hidden=cfg.embedding_encoder_hidden,
+        embedding_encoder_layers=cfg.embedding_encoder_layers,
+    )
+    if cfg.family == "sams":
+        return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
+    if cfg.family == "cpa":
+        return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)
+    if cfg.family == "gpo":
+        return AdditiveEffect(n_treatments, n_treatments, mask_prior=cfg.mask_prior, compose="concat", **common)
+    if cfg.family == "svae_plus":
+        return BetaBernoulliActionEffect(
+            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, cfg.temperature, cfg.mask_init_logits
+        )
+    if cfg.family == "conditional":
+        return ConcatDosageEffect(n_treatments)
+    raise ValueError(f"unknown model family {cfg.family!r}")
+
+
+def build_model(
+    cfg: ModelConfig,
+    n_genes: int,
+    n_treatments: int,
+    norm_mean: np.ndarray | torch.Tensor | None = None,
+    norm_std: np.ndarray | torch.Tensor | None = None,
+    norm_log: bool = True,
+) -> PerturbationVAE:
+    """Assemble the skeleton for a config."""
+    if cfg.likelihood not in ("nb", "poisson", "normal"):
+        raise ValueError(f"unknown likelihood {cfg.likelihood!r}; use 'nb', 'poisson' or 'normal'")
+    artifact = ArtifactBlock(cfg.n_qc, cfg.n_latent, cfg.embedding_prior_scale) if cfg.artifact else None
+    model = PerturbationVAE(
+        n_genes,
+        n_treatments,
+        cfg.n_latent,
+        build_effect(cfg, n_treatments),
+        likelihood=cfg.likelihood,
+        conditioning=cfg.conditioning,
+        decoder_hidden=cfg.decoder_hidden,
+        decoder_layers=cfg.decoder_layers,
+        encoder_hidden=cfg.encoder_hidden,
+        encoder_layers=cfg.encoder_layers,
+        norm_mean=None if norm_mean is None else torch.as_tensor(np.asarray(norm_mean), dtype=torch.float32),
+        norm_std=None if norm_std is None else torch.as_tensor(np.asarray(norm_std), dtype=torch.float32),
+        norm_log=norm_log,
+        artifact=artifact,
+    )
+    if cfg.artifact:
+        from pyrovae.models.penalties import CounterfactualKL
+
+        model.penalties.append(CounterfactualKL(cfg.cf_weight))
+    if cfg.family == "gpo":
+        from pyrovae.models.penalties import GRNAlignment
+
+        model.penalties.append(
+            GRNAlignment(cfg.grn_weight, cfg.grn_threshold, cfg.grn_hops, cfg.sparsity_weight)
+        )
+    return model
