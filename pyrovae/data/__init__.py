@@ -1,1 +1,15 @@
-"""pyrovae."""
+"""AnnData in, tensors out."""
+
+from pyrovae.data.anndata import PerturbationData, load_perturbation_data, make_split
+from pyrovae.data.dosage import build_dosage, dosage_for, parse_label
+from pyrovae.data.loader import MinibatchLoader
+
+__all__ = [
+    "PerturbationData",
+    "load_perturbation_data",
+    "make_split",
+    "build_dosage",
+    "dosage_for",
+    "parse_label",
+    "MinibatchLoader",
+]

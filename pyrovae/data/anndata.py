@@ -22,8 +22,15 @@ from pyrovae.data.dosage import build_dosage, find_control_label, parse_label
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _UNUSED_SPLIT = ""
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclasses.dataclass
@@ -275,7 +282,9 @@ def make_split(
             held = set(heldout)
             missing = held - set(combos)
             if missing:
-                raise ValueError(f"held-out combination(s) {sorted(missing)} are not combination labels in the data")
+                raise ValueError(
+                    f"held-out combination(s) {sorted(missing)} are not combination labels in the data"
+                )
     for lab in np.unique(labels.astype(str)):
         idx = np.flatnonzero(labels == lab)
         if lab in held:
@@ -391,12 +400,16 @@ def load_perturbation_data(
             )
         split = _normalise_split_column(adata.obs[split_key])
     else:
-        split = make_split(labels, control_label, combo_sep, split_mode, split_seed, val_frac, test_frac, heldout)
+        split = make_split(
+            labels, control_label, combo_sep, split_mode, split_seed, val_frac, test_frac, heldout
+        )
     train_idx = np.flatnonzero(split == "train")
     if len(train_idx) == 0:
         raise ValueError("the training split is empty; check the split column or the split fractions")
     if not (labels[split != _UNUSED_SPLIT] == control_label).any():
-        raise ValueError(f"no control cells ({control_label!r}) in any split; controls are needed as reference")
+        raise ValueError(
+            f"no control cells ({control_label!r}) in any split; controls are needed as reference"
+        )
 
     if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
         library_size = np.asarray(matrix.sum(1), dtype=np.float32).reshape(-1)

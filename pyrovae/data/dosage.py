@@ -61,7 +61,9 @@ def canonical_label(tokens: Sequence[str], control_label: str, sep: str = "+") -
     return sep.join(sorted(tokens)) if tokens else control_label
 
 
-def treatment_vocabulary(parsed: Iterable[tuple[str, ...]], encode_combos_as_unique: bool, sep: str) -> list[str]:
+def treatment_vocabulary(
+    parsed: Iterable[tuple[str, ...]], encode_combos_as_unique: bool, sep: str
+) -> list[str]:
     """Sorted treatment names (columns of D) for a collection of parsed labels."""
     names: set[str] = set()
     for tokens in parsed:

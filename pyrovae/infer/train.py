@@ -53,7 +53,10 @@ class TrainConfig:
     def replace(self, **kw: Any) -> TrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
+            raise ValueError(
+                f"unknown training option(s) {sorted(unknown)}; "
+                f"valid: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **kw)
 
 
@@ -64,7 +67,9 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def split_counts(model: PerturbationVAE, data: PerturbationData, split: str, device) -> dict[str, torch.Tensor]:
+def split_counts(
+    model: PerturbationVAE, data: PerturbationData, split: str, device
+) -> dict[str, torch.Tensor]:
     """{plate: N_t} counts of cells using each global row, over ``split``."""
     out = {PERTURBATION_PLATE: torch.as_tensor(data.treatment_counts(split), device=device)}
     if model.artifact is not None:
@@ -83,12 +88,18 @@ def _param_groups(model: PerturbationVAE, weight_decay: float) -> list[dict[str,
 
 
 def make_elbo(n_particles: int) -> TraceGraph_ELBO:
-    return TraceGraph_ELBO(num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1)
+    return TraceGraph_ELBO(
+        num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1
+    )
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: PerturbationVAE, data: PerturbationData, split: str, n_particles: int = 5, batch_size: int = 512,
+    model: PerturbationVAE,
+    data: PerturbationData,
+    split: str,
+    n_particles: int = 5,
+    batch_size: int = 512,
     device: str = "cpu",
 ) -> float:
     """Held-out predictive negative ELBO per cell of ``split`` (globals drawn from q, not scored)."""
@@ -114,6 +125,7 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
+        model.effect.check_dosage(torch.as_tensor(data.dosage))
         self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
         self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -167,7 +179,9 @@ class Trainer:
         has_val = len(data.indices("val")) > 0
         counts = split_counts(model, data, "train", cfg.device)
         n = train.n_cells
-        bar = tqdm(total=cfg.max_epochs, initial=self.epoch, disable=not progress, desc="training", unit="epoch")
+        bar = tqdm(
+            total=cfg.max_epochs, initial=self.epoch, disable=not progress, desc="training", unit="epoch"
+        )
         while self.epoch < cfg.max_epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
             t0 = time.perf_counter()
             model.train()
@@ -189,7 +203,9 @@ class Trainer:
             rec = {"epoch": self.epoch, "step": self.step, "train_loss": float(np.mean(losses))}
             rec.update({k: v / len(losses) for k, v in extras_sum.items()})
             if has_val:
-                rec["val_loss"] = evaluate_loss(model, data, "val", cfg.val_particles, cfg.batch_size, cfg.device)
+                rec["val_loss"] = evaluate_loss(
+                    model, data, "val", cfg.val_particles, cfg.batch_size, cfg.device
+                )
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)
             monitor = rec.get("val_loss", rec["train_loss"])

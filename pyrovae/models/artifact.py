@@ -47,7 +47,9 @@ class ArtifactBlock(nn.Module):
         return torch.matmul(qc, g["qc_E"])
 
 
-def gaussian_kl(loc1: torch.Tensor, scale1: torch.Tensor, loc2: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(
+    loc1: torch.Tensor, scale1: torch.Tensor, loc2: torch.Tensor, scale2: torch.Tensor
+) -> torch.Tensor:
     """Elementwise KL(N(loc1, scale1^2) || N(loc2, scale2^2))."""
     var_ratio = (scale1 / scale2) ** 2
     return 0.5 * (var_ratio + ((loc1 - loc2) / scale2) ** 2 - 1.0 - torch.log(var_ratio))

@@ -140,8 +140,10 @@ class AdditiveEffect(EffectBlock):
                     "mask", dist.Bernoulli(probs=self.mask_prior.expand(T, K)).to_event(1)
                 )
             out["E"] = pyro.sample(
-                "E", dist.Normal(torch.zeros_like(self.eye[:, :1]).expand(T, K), self.embedding_prior_scale)
-                .to_event(1)
+                "E",
+                dist.Normal(
+                    torch.zeros_like(self.eye[:, :1]).expand(T, K), self.embedding_prior_scale
+                ).to_event(1),
             )
         return out
 

@@ -33,9 +33,16 @@ class GRNAlignment(nn.Module):
     Needs ``batch["delta_x"]`` (B, T).
     """
 
-    def __init__(self, weight: float = 100.0, threshold: float = 0.5, hops: int = 5, sparsity_weight: float = 1.0):
+    def __init__(
+        self, weight: float = 100.0, threshold: float = 0.5, hops: int = 5, sparsity_weight: float = 1.0
+    ):
         super().__init__()
-        self.weight, self.threshold, self.hops, self.sparsity_weight = weight, threshold, hops, sparsity_weight
+        self.weight, self.threshold, self.hops, self.sparsity_weight = (
+            weight,
+            threshold,
+            hops,
+            sparsity_weight,
+        )
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "delta_x" not in batch:

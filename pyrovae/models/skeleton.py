@@ -34,6 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.models.artifact import QC_PLATE, ArtifactBlock
@@ -42,6 +43,15 @@ from pyrovae.nn.likelihoods import Decoder
 from pyrovae.nn.mlp import GaussianMLP
 
 CONDITIONINGS = ("x", "x_shift", "x_dosage")
+
+
+def _sample_values(trace) -> dict[str, torch.Tensor]:
+    """Values of the sample sites of a trace (plates excluded)."""
+    return {
+        k: s["value"] for k, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+    }
+
+
 _ids = itertools.count()
 
 
@@ -85,8 +95,12 @@ class PerturbationVAE(nn.Module):
         self.n_genes, self.n_treatments, self.n_latent = n_genes, n_treatments, n_latent
         self.effect, self.artifact, self.conditioning = effect, artifact, conditioning
         self.likelihood, self.norm_log = likelihood, norm_log
-        self.register_buffer("norm_mean", torch.zeros(n_genes) if norm_mean is None else torch.as_tensor(norm_mean))
-        self.register_buffer("norm_std", torch.ones(n_genes) if norm_std is None else torch.as_tensor(norm_std))
+        self.register_buffer(
+            "norm_mean", torch.zeros(n_genes) if norm_mean is None else torch.as_tensor(norm_mean)
+        )
+        self.register_buffer(
+            "norm_std", torch.ones(n_genes) if norm_std is None else torch.as_tensor(norm_std)
+        )
         art_dim = artifact.n_latent if artifact is not None else 0
         self.decoder = Decoder(
             effect.decoder_in_dim(n_latent) + art_dim, n_genes, decoder_hidden, decoder_layers, likelihood
@@ -144,7 +158,11 @@ class PerturbationVAE(nn.Module):
         return self.artifact.block(1.0 - qc if flip else qc, g)
 
     def encoder_dist(
-        self, x: torch.Tensor, batch: dict[str, torch.Tensor], g: dict[str, torch.Tensor], flip_qc: bool = False
+        self,
+        x: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        g: dict[str, torch.Tensor],
+        flip_qc: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z | x, ...), shapes (..., B, K)."""
         parts = [self.normalize(x)]
@@ -219,14 +237,14 @@ class PerturbationVAE(nn.Module):
         """One differentiable draw of the global sites from the guide (shapes (T, ...)), for penalties."""
         with poutine.trace() as tr:
             self._globals("guide", None)
-        return {k: s["value"] for k, s in tr.trace.nodes.items() if s["type"] == "sample"}
+        return _sample_values(tr.trace)
 
     # ------------------------------------------------------------------------------ global posterior
     def global_site_names(self) -> list[str]:
         """Names of the global sample sites (those the guide samples outside the cells plate)."""
         with poutine.trace() as tr, pyro.plate("_p", 1, dim=-2):
             self._globals("guide", None)
-        return [n for n, s in tr.trace.nodes.items() if s["type"] == "sample"]
+        return list(_sample_values(tr.trace))
 
     @torch.no_grad()
     def sample_globals(
@@ -245,7 +263,7 @@ class PerturbationVAE(nn.Module):
         which = "guide" if source == "guide" else "model"
         with poutine.trace() as tr, pyro.plate("_particles", n, dim=-2):
             self._globals(which, None)
-        out = {k: s["value"] for k, s in tr.trace.nodes.items() if s["type"] == "sample"}
+        out = _sample_values(tr.trace)
         if source == "guide" and untrained is not None and bool(untrained.any()):
             with poutine.trace() as trp, pyro.plate("_particles", n, dim=-2):
                 self._globals("model", None)

@@ -53,7 +53,10 @@ class ModelConfig:
     def replace(self, **kw: Any) -> ModelConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown model option(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self)]}")
+            raise ValueError(
+                f"unknown model option(s) {sorted(unknown)}; "
+                f"valid: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **kw)
 
 
@@ -91,10 +94,17 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
     if cfg.family == "cpa":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)
     if cfg.family == "gpo":
-        return AdditiveEffect(n_treatments, n_treatments, mask_prior=cfg.mask_prior, compose="concat", **common)
+        return AdditiveEffect(
+            n_treatments, n_treatments, mask_prior=cfg.mask_prior, compose="concat", **common
+        )
     if cfg.family == "svae_plus":
         return BetaBernoulliActionEffect(
-            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, cfg.temperature, cfg.mask_init_logits
+            n_treatments,
+            cfg.n_latent,
+            cfg.svae_beta_c1,
+            cfg.svae_beta_c2,
+            cfg.temperature,
+            cfg.mask_init_logits,
         )
     if cfg.family == "conditional":
         return ConcatDosageEffect(n_treatments)
@@ -108,8 +118,13 @@ def build_model(
     norm_mean: np.ndarray | torch.Tensor | None = None,
     norm_std: np.ndarray | torch.Tensor | None = None,
     norm_log: bool = True,
+    seed: int | None = None,
 ) -> PerturbationVAE:
-    """Assemble the skeleton for a config."""
+    """Assemble the skeleton for a config; ``seed`` makes the parameter initialisation reproducible."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(cfg, n_genes, n_treatments, norm_mean, norm_std, norm_log)
     if cfg.likelihood not in ("nb", "poisson", "normal"):
         raise ValueError(f"unknown likelihood {cfg.likelihood!r}; use 'nb', 'poisson' or 'normal'")
     artifact = ArtifactBlock(cfg.n_qc, cfg.n_latent, cfg.embedding_prior_scale) if cfg.artifact else None

@@ -1,0 +1,71 @@
+"""Argument groups shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import yaml
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options of :func:`pyrovae.data.load_perturbation_data`."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="input .h5ad with raw counts and perturbation labels")
+    g.add_argument(
+        "--perturbation-key", default="perturbation", help="obs column with labels (default: perturbation)"
+    )
+    g.add_argument(
+        "--control-label", default=None, help="label of control cells (default: control/ctrl/non-targeting)"
+    )
+    g.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+    g.add_argument(
+        "--split-key", default=None, help="obs column with train/val/test (default: a seeded split)"
+    )
+    g.add_argument("--combo-sep", default="+", help="separator of combinations in labels (default: +)")
+    g.add_argument(
+        "--encode-combos-as-unique", action="store_true", help="one treatment per combination (SVAE+)"
+    )
+    g.add_argument(
+        "--split-mode",
+        default="cells",
+        choices=["cells", "combinations"],
+        help="seeded split by cell or by held-out combination",
+    )
+    g.add_argument("--split-seed", type=int, default=0)
+    g.add_argument(
+        "--heldout",
+        default=None,
+        help="with --split-mode combinations: comma-separated labels, or a fraction (default 0.25)",
+    )
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    heldout: Any = args.heldout
+    if heldout is not None:
+        try:
+            heldout = float(heldout)
+        except ValueError:
+            heldout = [h.strip() for h in heldout.split(",") if h.strip()]
+    return {
+        "perturbation_key": args.perturbation_key,
+        "control_label": args.control_label,
+        "layer": args.layer,
+        "split_key": args.split_key,
+        "combo_sep": args.combo_sep,
+        "encode_combos_as_unique": args.encode_combos_as_unique,
+        "split_mode": args.split_mode,
+        "split_seed": args.split_seed,
+        "heldout": heldout,
+    }
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["n_latent=20", "lr=1e-3"]`` -> ``{"n_latent": 20, "lr": 0.001}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. n_latent=20)")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out

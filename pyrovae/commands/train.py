@@ -1,0 +1,96 @@
+"""``pyrovae train``: train a named model into a run directory (or resume one)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+
+from pyrovae.commands.common import add_data_args, data_options, parse_overrides
+from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.infer.runs import CONFIG, train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Route ``key=value`` overrides to the model or the training config by field name."""
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - model_keys - train_keys
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)}; model options: {sorted(model_keys)}; "
+            f"training options: {sorted(train_keys)}"
+        )
+    return (
+        {k: v for k, v in overrides.items() if k in model_keys},
+        {k: v for k, v in overrides.items() if k in train_keys},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.config:
+        overrides.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    overrides.update(parse_overrides(args.set))
+    opts = data_options(args)
+    if args.resume:
+        saved = json.loads((Path(args.out) / CONFIG).read_text())
+        mcfg = ModelConfig().replace(**saved["model"])
+        tcfg = TrainConfig().replace(**saved["train"])
+        opts = {**opts, **saved.get("data", {})}
+        m_over, t_over = split_overrides(overrides)
+        if m_over:
+            raise ValueError(f"cannot change model options {sorted(m_over)} when resuming a run")
+        tcfg = tcfg.replace(**t_over)
+    else:
+        m_over, t_over = split_overrides(overrides)
+        mcfg = model_config(args.model, **m_over)
+        tcfg = TrainConfig().replace(**t_over)
+    likelihood_counts = mcfg.likelihood != "normal"
+    data = load_perturbation_data(args.data, require_counts=likelihood_counts, **opts)
+    if mcfg.family == "gpo" or mcfg.artifact:
+        from pyrovae.data.gpo import prepare_gpo_data
+
+        data = prepare_gpo_data(data, seed=opts.get("split_seed", 0))
+    run_ = train_run(
+        data,
+        mcfg,
+        tcfg,
+        args.out,
+        data_options=opts,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    hist = run_.metrics()
+    last = hist[-1] if hist else {}
+    print(
+        f"trained {args.model} into {args.out}: {int(last.get('epoch', 0))} epochs, "
+        f"train loss {last.get('train_loss', float('nan')):.3f}, "
+        f"val loss {last.get('val_loss', float('nan')):.3f}"
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a run directory")
+    add_data_args(p)
+    p.add_argument("--model", default="sams_vae", choices=sorted(MODEL_ZOO))
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", default=None, help="YAML file of model/training options")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option overrides, e.g. --set n_latent=20 max_epochs=50 lr=1e-3",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,92 @@
+"""Training: every model trains, losses decrease without NaN, seeding, resuming, safe checkpoints."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pyrovae.infer.runs import load_run, train_run
+from pyrovae.infer.train import TrainConfig, Trainer
+from pyrovae.models.zoo import build_model, model_config
+
+SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
+FAST = dict(max_epochs=12, batch_size=64, lr=5e-3, patience=100)
+
+
+def _fit(name, data, seed=0, **train):
+    model = build_model(
+        model_config(name, **SMALL), data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=seed
+    )
+    hist = Trainer(model, data, TrainConfig(seed=seed, **{**FAST, **train})).fit(progress=False)
+    return model, hist
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_mf", "cpa_vae", "svae_plus", "conditional_vae"])
+def test_every_model_trains_with_decreasing_loss(name, tiny_data, tiny_data_unique):
+    data = tiny_data_unique if name == "svae_plus" else tiny_data
+    _, hist = _fit(name, data)
+    train = [h["train_loss"] for h in hist]
+    val = [h["val_loss"] for h in hist]
+    assert all(math.isfinite(v) for v in train + val)
+    assert np.mean(train[-3:]) < np.mean(train[:3])
+    assert np.mean(val[-3:]) < np.mean(val[:3])
+
+
+def test_same_seed_same_numbers(tiny_data):
+    _, h1 = _fit("sams_vae", tiny_data, seed=3, max_epochs=3)
+    _, h2 = _fit("sams_vae", tiny_data, seed=3, max_epochs=3)
+    _, h3 = _fit("sams_vae", tiny_data, seed=4, max_epochs=3)
+    assert [h["train_loss"] for h in h1] == [h["train_loss"] for h in h2]
+    assert [h["train_loss"] for h in h1] != [h["train_loss"] for h in h3]
+
+
+def test_early_stopping_stops(tiny_data):
+    _, hist = _fit("cpa_vae", tiny_data, max_epochs=200, patience=2, lr=0.05)
+    assert len(hist) < 200
+
+
+def test_run_directory_resume_and_no_overwrite(tiny_data, tmp_path):
+    cfg = model_config("sams_vae", **SMALL)
+    straight = train_run(
+        tiny_data, cfg, TrainConfig(**{**FAST, "max_epochs": 4}), tmp_path / "a", progress=False
+    )
+    train_run(tiny_data, cfg, TrainConfig(**{**FAST, "max_epochs": 2}), tmp_path / "b", progress=False)
+    resumed = train_run(
+        tiny_data, cfg, TrainConfig(**{**FAST, "max_epochs": 4}), tmp_path / "b", resume=True, progress=False
+    )
+    a = [h["train_loss"] for h in straight.metrics()]
+    b = [h["train_loss"] for h in resumed.metrics()]
+    assert len(b) == 4
+    assert np.allclose(a, b, rtol=1e-5)  # resuming restores optimiser, epoch and RNG state
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_run(tiny_data, cfg, TrainConfig(**FAST), tmp_path / "a", progress=False)
+    assert load_run(tmp_path / "a").model.n_genes == tiny_data.n_genes
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_loading_a_checkpoint_never_unpickles_code(tiny_data, tmp_path):
+    cfg = model_config("cpa_vae", **SMALL)
+    run = train_run(tiny_data, cfg, TrainConfig(**{**FAST, "max_epochs": 1}), tmp_path / "r", progress=False)
+    state = torch.load(run.path / "best.pt", weights_only=True)
+    state["payload"] = _Evil()
+    torch.save(state, run.path / "best.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_run(run.path)
+
+
+def test_training_on_non_counts_with_count_likelihood_is_refused(tiny_data, tmp_path):
+    import dataclasses
+
+    logged = dataclasses.replace(tiny_data, is_count_data=False)
+    with pytest.raises(ValueError, match="raw integer counts"):
+        train_run(
+            logged, model_config("sams_vae", **SMALL), TrainConfig(**FAST), tmp_path / "r", progress=False
+        )
