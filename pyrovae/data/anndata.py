@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pyrovae.data.dosage import build_dosage, find_control_label, parse_label
+from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _UNUSED_SPLIT = ""
@@ -47,8 +47,9 @@ class PerturbationData:
         split: (N,) ``"train"``, ``"val"``, ``"test"`` or ``""`` (cell used by no split).
         library_size: (N,) total counts over the modelled genes.
         control_label, sep, encode_combos_as_unique: how labels were read.
-        norm_mean, norm_std: (G,) mean and std of log1p(counts) over training cells (std of constant
-            genes set to 1, so standardisation never divides by zero).
+        norm_mean, norm_std: (G,) mean and std of log1p(counts) over training cells (of the values
+            themselves when ``is_count_data`` is False; std of constant genes set to 1, so
+            standardisation never divides by zero).
         obs: the AnnData's obs (row-aligned), for extra columns (QC flags, ...).
         uns: the AnnData's uns (ground truth of simulated data, stored pairings).
         is_count_data: whether the matrix holds non-negative integers.
@@ -205,18 +206,25 @@ def _check_values(m, require_counts: bool, where: str, chunk: int = 8192) -> boo
     return is_counts
 
 
-def log_norm_stats(counts, idx: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(G,) mean and unbiased std of log1p(counts) over rows ``idx``; zero std replaced by 1."""
+def log_norm_stats(
+    counts, idx: np.ndarray, chunk: int = 4096, log: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) mean and unbiased std of log1p(counts) (of counts itself if not ``log``) over rows ``idx``;
+    zero std replaced by 1."""
     g = counts.shape[1]
-    s1 = np.zeros(g, dtype=np.float64)
-    s2 = np.zeros(g, dtype=np.float64)
+    mean = np.zeros(g, dtype=np.float64)
+    m2 = np.zeros(g, dtype=np.float64)  # sum of squared deviations, merged per chunk (Chan et al.)
+    n = 0
     for i in range(0, len(idx), chunk):
-        lb = np.log1p(row_block(counts, idx[i : i + chunk]).astype(np.float64))
-        s1 += lb.sum(0)
-        s2 += (lb**2).sum(0)
-    n = max(len(idx), 1)
-    mean = s1 / n
-    var = (s2 - n * mean**2) / max(n - 1, 1)
+        lb = row_block(counts, idx[i : i + chunk]).astype(np.float64)
+        lb = np.log1p(lb) if log else lb
+        nb = lb.shape[0]
+        mb = lb.mean(0)
+        delta = mb - mean
+        m2 += ((lb - mb) ** 2).sum(0) + delta**2 * (n * nb / (n + nb))
+        mean += delta * (nb / (n + nb))
+        n += nb
+    var = m2 / max(n - 1, 1)
     std = np.sqrt(np.clip(var, 0.0, None))
     std[std < 1e-8] = 1.0  # constant genes: standardise to 0 instead of dividing by 0
     return mean.astype(np.float32), std.astype(np.float32)
@@ -279,7 +287,8 @@ def make_split(
             n_held = max(1, int(np.ceil(frac * len(combos))))
             held = set(rng.permutation(combos)[:n_held].tolist())
         else:
-            held = set(heldout)
+            names = [heldout] if isinstance(heldout, str) else list(heldout)
+            held = {canonical_label(parse_label(h, control_label, sep), control_label, sep) for h in names}
             missing = held - set(combos)
             if missing:
                 raise ValueError(
@@ -419,7 +428,7 @@ def load_perturbation_data(
         mean = np.asarray(schema["norm_mean"], dtype=np.float32)
         std = np.asarray(schema["norm_std"], dtype=np.float32)
     else:
-        mean, std = log_norm_stats(matrix, train_idx)
+        mean, std = log_norm_stats(matrix, train_idx, log=is_counts)  # what the encoder standardises
     return PerturbationData(
         counts=matrix,
         genes=genes,

@@ -99,7 +99,7 @@ def build_dosage(
     """
     labels = np.asarray(labels, dtype=object)
     unique, inverse = np.unique(labels.astype(str), return_inverse=True)
-    parsed = [parse_label(u, control_label, sep) for u in unique]
+    parsed = [parse_label(str(u), control_label, sep) for u in unique]
     if treatments is None:
         treatments = treatment_vocabulary(parsed, encode_combos_as_unique, sep)
     treatments = list(treatments)

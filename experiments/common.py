@@ -1,0 +1,743 @@
+"""Shared machinery of the experiment scripts: options, data, one model run, scoring, tables, figures.
+
+Every script (``combinatorial.py``, ``data_efficiency.py``, ``heldout_cells.py``, ``grn_recovery.py``)
+builds its parser with :func:`build_parser`, opens an :class:`Experiment` (settings from
+``configs/<name>.yaml``, output directory, data), loops over its protocol's splits and models calling
+:meth:`Experiment.fit_and_score`, and finishes with :meth:`Experiment.write_table` and the plotting helpers.
+
+Output directory layout::
+
+    OUT/experiment.json     options, settings, data source, versions, wall time
+    OUT/results.csv         one row per (model, setting, seed): every metric (rewritten after each run)
+    OUT/summary.csv, .md    mean ± std over seeds (script-specific tables; some scripts write more)
+    OUT/*.png               figures
+    OUT/runs/<...>/         the pyrovae run directories (config, checkpoints, metrics.csv)
+
+Nothing in an existing non-empty OUT is touched unless ``--overwrite`` is given. Files are written
+atomically (temporary file + rename), so an interrupted experiment never leaves half-written tables.
+
+Metrics of one run (:meth:`Experiment.fit_and_score`):
+
+- ``val_iwelbo``, ``test_iwelbo``: held-out predictive IWELBO (nats per cell; shared/reference/sams_vae.md
+  §5.1), untrained treatments drawn from the prior;
+- ``ate_r``, ``ate_r_top20`` (and ``ate_r2*``): Pearson r (R²) between model ATE and empirical ATE of the
+  evaluated perturbations, over all genes and over each perturbation's top-k genes by |empirical ATE|.
+  The empirical ATE is the reference's: computed on **all cells** of the data (every split, including cells
+  with no split), with the perturbseq transform log2(1e4 x / sum x + 1) (§5.2);
+- ``ate_r_heldout``, ``ate_r_top20_heldout``: the same against the empirical ATE of the **test cells
+  only** (controls: the test controls, or every control cell with a split when the test split has none).
+  On cell-level splits this is the honest held-out check (the reference's version includes training
+  cells); for held-out combinations at f <= 0.75 both use only never-trained cells of those combinations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = EXPERIMENTS_DIR / "configs"
+SPLIT_COLUMN = "_experiment_split"
+PRESETS = ("tiny", "default", "large")
+
+# ------------------------------------------------------------------------------------------- options
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The data layer's column options (as ``pyrovae train``'s), minus the split options: the protocol
+    makes the split."""
+    g = p.add_argument_group("data (default: the simulated dataset)")
+    g.add_argument("--data", default=None, help="input .h5ad with raw counts (default: simulate, see --preset)")
+    g.add_argument(
+        "--preset", default="default", choices=PRESETS, help="simulated preset when no --data (default: default)"
+    )
+    g.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated dataset (default 0)")
+    g.add_argument(
+        "--perturbation-key", default="perturbation", help="obs column with labels (default: perturbation)"
+    )
+    g.add_argument(
+        "--control-label", default=None, help="label of control cells (default: control/ctrl/non-targeting)"
+    )
+    g.add_argument("--layer", default=None, help="layer with raw counts (default: X; Norman: counts)")
+    g.add_argument("--combo-sep", default="+", help="separator of combinations in labels (default: +)")
+    g.add_argument(
+        "--gene-key",
+        default=None,
+        help="boolean var column restricting the modelled genes (e.g. highly_variable, as the SAMS-VAE Norman "
+        "runs); default: all genes",
+    )
+
+
+def build_parser(name: str, description: str | None) -> argparse.ArgumentParser:
+    """The options every experiment script shares (scripts add their own)."""
+    p = argparse.ArgumentParser(
+        prog=f"python experiments/{name}.py",
+        description=(description or "").strip().splitlines()[0] if description else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings come from experiments/configs/%s.yaml (section 'small', or 'full' with --full)." % name,
+    )
+    add_data_options(p)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--out", default=None, help=f"output directory (default: runs/experiments/{name})")
+    g.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    g.add_argument("--full", action="store_true", help="the papers' budgets (slow; see the YAML 'full' section)")
+    g.add_argument("--config", default=None, help=f"YAML settings (default: experiments/configs/{name}.yaml)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the config's)")
+    g.add_argument("--models", nargs="+", default=None, help="subset of the config's models")
+    g.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="override model/training/evaluation settings for every run, e.g. max_epochs=5 n_latent=8 "
+        "iwelbo_particles=10",
+    )
+    g.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+#: Evaluation settings (keys of a config's ``eval`` section) and their defaults (the reference's).
+EVAL_DEFAULTS: dict[str, Any] = {
+    "iwelbo_particles": 100,
+    "iwelbo_batch_size": 128,
+    "ate_samples": 2500,
+    "ate_chunk": 256,
+    "top_k": 20,
+    "eval_seed": 0,
+    "library_size": 1e4,
+}
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_settings(name: str, full: bool = False, path: str | Path | None = None) -> dict[str, Any]:
+    """A config's settings: its top level (shared) merged with the ``small`` or ``full`` section."""
+    path = Path(path) if path else CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no config {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    budget = "full" if full else "small"
+    if budget not in raw:
+        raise ValueError(f"{path} has no '{budget}' section")
+    shared = {k: v for k, v in raw.items() if k not in ("small", "full")}
+    out = _merge(shared, raw[budget])
+    out["budget"] = budget
+    out["config_path"] = str(path)
+    out.setdefault("model", {})
+    out.setdefault("train", {})
+    out["eval"] = {**EVAL_DEFAULTS, **(out.get("eval") or {})}
+    return out
+
+
+def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["n_latent=8", "lr=1e-3"]`` -> ``{"n_latent": 8, "lr": 0.001}`` (values read as YAML)."""
+    from pyrovae.commands.common import parse_overrides
+
+    return parse_overrides(list(items or []))
+
+
+def route_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+    """Split ``--set`` overrides into (model, train, eval) settings by name."""
+    from pyrovae.infer.train import TrainConfig
+    from pyrovae.models.zoo import ModelConfig
+
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    m, t, e = {}, {}, {}
+    for k, v in overrides.items():
+        if k in model_keys:
+            m[k] = v
+        elif k in train_keys:
+            t[k] = v
+        elif k in EVAL_DEFAULTS:
+            e[k] = v
+        else:
+            raise ValueError(
+                f"unknown setting {k!r} in --set; model: {sorted(model_keys)}; training: {sorted(train_keys)}; "
+                f"evaluation: {sorted(EVAL_DEFAULTS)}"
+            )
+    return m, t, e
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create ``path``; refuse an existing non-empty directory unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another --out")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{path} is not empty; choose another --out, or pass --overwrite to write into it (existing run "
+            "directories with the same names are replaced)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def atomic_text(path: str | Path, text: str) -> None:
+    from pyrovae.infer.runs import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_frame(path: str | Path, df: pd.DataFrame, index: bool = False) -> None:
+    from pyrovae.infer.runs import atomic_write
+
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=index))
+
+
+def markdown(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """GitHub Markdown table of a DataFrame (its index is not printed)."""
+    from pyrovae.commands.evaluate import markdown_table
+
+    return markdown_table(df, floatfmt=floatfmt, index=False)
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def aggregate(
+    results: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], order: Mapping[str, Sequence] | None = None
+) -> pd.DataFrame:
+    """Mean, std (ddof=1; NaN for a single value) and count of each metric per group.
+
+    Returns a DataFrame with the ``by`` columns, ``n`` (runs in the group) and ``<metric>_mean``,
+    ``<metric>_std`` for every metric present. NaN values are ignored (a metric missing from one run).
+    ``order`` sorts groups by the given value order (e.g. the model order of the config).
+    """
+    metrics = [m for m in metrics if m in results.columns]
+    rows = []
+    for key, grp in results.groupby(list(by), sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = dict(zip(by, key))
+        row["n"] = int(len(grp))
+        for m in metrics:
+            vals = pd.to_numeric(grp[m], errors="coerce").to_numpy(dtype=float)
+            vals = vals[np.isfinite(vals)]
+            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else float("nan")
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if order and len(out):
+        keys = []
+        for col in by:
+            if col in order:
+                rank = {v: i for i, v in enumerate(order[col])}
+                keys.append(out[col].map(lambda v, rank=rank: rank.get(v, len(rank))))
+            else:
+                keys.append(out[col])
+        sort_df = pd.DataFrame({f"_k{i}": k for i, k in enumerate(keys)})
+        out = out.iloc[np.lexsort([sort_df[c].to_numpy() for c in reversed(sort_df.columns)])]
+    return out.reset_index(drop=True)
+
+
+def mean_std(mean: float, std: float, fmt: str = "{:.3f}") -> str:
+    """``"m ± s"``; ``"–"`` for NaN."""
+    if mean is None or not math.isfinite(float(mean)):
+        return "–"
+    if std is None or not math.isfinite(float(std)):
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def format_summary(
+    agg: pd.DataFrame, by: Sequence[str], metrics: Mapping[str, str], fmts: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """A display table: the ``by`` columns, ``n``, then one ``mean ± std`` column per metric.
+
+    Args:
+        metrics: {metric: column title}, in display order; metrics absent from ``agg`` are skipped.
+        fmts: {metric: format} (default ``{:.3f}``; IWELBOs look better with ``{:.2f}``).
+    """
+    fmts = dict(fmts or {})
+    out = agg[list(by) + ["n"]].copy()
+    for col in by:  # numeric keys (fractions, seeds) as compact strings
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = [f"{v:.2f}" if math.isfinite(v) else "–" for v in out[col]]
+    for m, title in metrics.items():
+        if f"{m}_mean" not in agg.columns:
+            continue
+        f = fmts.get(m, "{:.3f}")
+        out[title] = [mean_std(a, b, f) for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_std"])]
+    return out
+
+
+def add_relative(
+    results: pd.DataFrame,
+    metric: str,
+    reference: Mapping[str, Any],
+    match: Sequence[str] = ("seed",),
+    name: str | None = None,
+) -> pd.DataFrame:
+    """Add ``<metric>_rel`` = metric minus the metric of the reference row with the same ``match`` values.
+
+    ``reference`` selects the reference rows by column values, e.g. ``{"model": "sams_vae", "frac": 0.0}``.
+    Rows whose reference is missing get NaN.
+    """
+    name = name or f"{metric}_rel"
+    out = results.copy()
+    if metric not in out.columns or not len(out):
+        out[name] = np.nan
+        return out
+    sel = np.ones(len(out), dtype=bool)
+    for k, v in reference.items():
+        col = out[k]
+        sel &= np.isclose(col.astype(float), float(v)) if isinstance(v, float) else (col == v).to_numpy()
+    ref = out[sel].drop_duplicates(list(match), keep="last").set_index(list(match))[metric]
+    keys = out[list(match)].apply(tuple, axis=1) if len(match) > 1 else out[match[0]]
+    out[name] = out[metric].to_numpy(dtype=float) - np.asarray(
+        [ref.get(k, np.nan) for k in keys], dtype=float
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    from pyrovae.infer.runs import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                               bbox_inches="tight"))
+    _pyplot().close(fig)
+    return path
+
+
+def plot_lines(
+    agg: pd.DataFrame,
+    x: str,
+    metrics: Mapping[str, str],
+    path: str | Path,
+    series: str = "model",
+    xlabel: str | None = None,
+    title: str | None = None,
+) -> Path | None:
+    """One panel per metric: mean ± std (error bars) against ``x``, one line per ``series`` value."""
+    metrics = {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+    if not metrics or not len(agg):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, (m, label) in zip(axes[0], metrics.items()):
+        for i, (name, grp) in enumerate(agg.groupby(series, sort=False)):
+            grp = grp.sort_values(x)
+            ax.errorbar(grp[x], grp[f"{m}_mean"], yerr=grp[f"{m}_std"].fillna(0.0), marker="o", ms=3,
+                        capsize=2, color=f"C{i % 10}", label=str(name))
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_figure(fig, Path(path))
+
+
+def plot_bars(
+    agg: pd.DataFrame, label: str, metrics: Mapping[str, str], path: str | Path, title: str | None = None
+) -> Path | None:
+    """One horizontal bar panel per metric: mean ± std per row label."""
+    metrics = {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+    if not metrics or not len(agg):
+        return None
+    plt = _pyplot()
+    n = len(agg)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.35 * n + 1.5), squeeze=False)
+    ypos = np.arange(n)
+    for ax, (m, title_m) in zip(axes[0], metrics.items()):
+        ax.barh(ypos, agg[f"{m}_mean"].to_numpy(dtype=float), xerr=agg[f"{m}_std"].fillna(0.0).to_numpy(float),
+                color=[f"C{i % 10}" for i in range(n)], capsize=2)
+        ax.set_yticks(ypos)
+        ax.set_yticklabels(agg[label].astype(str).tolist(), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(title_m)
+        ax.grid(alpha=0.3, axis="x")
+        vals = agg[f"{m}_mean"].to_numpy(dtype=float)
+        finite = vals[np.isfinite(vals)]
+        if len(finite) and finite.min() < 0 and m.endswith("iwelbo"):
+            lo, hi = finite.min(), finite.max()
+            pad = max(hi - lo, 1.0) * 0.3
+            ax.set_xlim(lo - pad, hi + pad)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_figure(fig, Path(path))
+
+
+# ------------------------------------------------------------------------------------------ ATE
+
+
+def ate_transform(data) -> str:
+    return "perturbseq" if data.is_count_data else "mean"
+
+
+def empirical_ates(data, perturbations: Sequence[str], rows: np.ndarray | None = None) -> pd.DataFrame:
+    """Empirical ATE (perturbations x genes) from the cells ``rows`` (default: every cell of the data, those
+    with no split included, as the reference).
+
+    Controls come from ``rows``; when ``rows`` holds none (a test split of combinations only), from every
+    control cell with a split. Perturbations with no cell in ``rows`` are dropped from the result. Sparse
+    counts are processed in row batches (never densified as a whole).
+    """
+    from pyrovae.evaluate.ate import empirical_ate
+
+    labels = np.asarray(data.labels).astype(str)
+    ctrl = data.control_label
+    rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
+    wanted = set(map(str, perturbations))
+    keep = rows[np.isin(labels[rows], list(wanted))]
+    ctrl_rows = rows[labels[rows] == ctrl]
+    if len(ctrl_rows) == 0:
+        ctrl_rows = np.flatnonzero((labels == ctrl) & (np.asarray(data.split) != ""))
+    if len(ctrl_rows) == 0:
+        raise ValueError("no control cells to compute the empirical ATE against")
+    sel = np.sort(np.concatenate([keep, ctrl_rows]))
+    present = set(labels[keep])
+    groups = [str(p) for p in perturbations if str(p) in present]
+    counts = data.counts if len(sel) == data.n_cells else data.counts[sel]
+    return empirical_ate(counts, labels[sel], ctrl, groups=groups, genes=list(data.genes),
+                         method=ate_transform(data))
+
+
+def ate_scores(ate_true: pd.DataFrame, pred: pd.DataFrame, top_k: int = 20, suffix: str = "") -> dict[str, float]:
+    """Pearson r and R² of a predicted ATE against an empirical one, over all (perturbation, gene) entries
+    and over each perturbation's top-k genes by |empirical ATE|: ``ate_r``, ``ate_r_top<k>``, ``ate_r2``,
+    ``ate_r2_top<k>``, ``ate_n`` (perturbations scored; rows with a NaN prediction are dropped), + suffix."""
+    from pyrovae.evaluate.ate import ate_table
+
+    rows = [r for r in ate_true.index if r in pred.index]
+    if not rows:
+        return {}
+    m = ate_table(ate_true.loc[rows], {"pred": pred}, top_k=top_k).iloc[0]
+    out = {
+        "ate_r": m["pearson"],
+        f"ate_r_top{top_k}": m["pearson_topk"],
+        "ate_r2": m["r2"],
+        f"ate_r2_top{top_k}": m["r2_topk"],
+        "ate_n": m["n_perturbations"],
+    }
+    return {f"{k}{suffix}": float(v) for k, v in out.items()}
+
+
+#: Display names of :func:`pyrovae.evaluate.ate.baseline_ates` predictors.
+BASELINE_NAMES = {
+    "train_mean": "baseline: per-perturbation train mean",
+    "additive": "baseline: additive (sum of singles' train means)",
+    "global_mean": "baseline: global train mean",
+}
+
+
+# ------------------------------------------------------------------------------------------ experiment
+
+
+@dataclasses.dataclass
+class Scored:
+    """What :meth:`Experiment.fit_and_score` returns: the metrics row and the trained run."""
+
+    metrics: dict[str, Any]
+    run: Any
+    ate_pred: pd.DataFrame | None = None
+
+
+class Experiment:
+    """One experiment: settings, output directory, data, and the results collected so far.
+
+    Args:
+        name: the script's name (config ``configs/<name>.yaml``, default output ``runs/experiments/<name>``).
+        args: the parsed options of :func:`build_parser`.
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name, self.args = name, args
+        self.t0 = time.perf_counter()
+        self.settings = load_settings(name, args.full, args.config)
+        m_over, t_over, e_over = route_overrides(parse_set(args.set))
+        self.settings["model"] = {**self.settings["model"], **m_over}
+        self.settings["train"] = {**self.settings["train"], **t_over}
+        self.settings["eval"] = {**self.settings["eval"], **e_over}
+        self.seeds = [int(s) for s in (args.seeds if args.seeds is not None else self.settings.get("seeds", [0]))]
+        models = list(self.settings.get("models", []))
+        if args.models:
+            unknown = [m for m in args.models if m not in models]
+            if unknown:
+                raise ValueError(f"unknown model(s) {unknown} for {name}; the config has {models}")
+            models = [m for m in models if m in args.models]
+        self.models = models
+        self.out = prepare_out_dir(args.out or Path("runs") / "experiments" / name, args.overwrite)
+        self.results: list[dict[str, Any]] = []
+        self.adata, self.source = self._read_data()
+        self.data_opts = {
+            "perturbation_key": args.perturbation_key,
+            "control_label": args.control_label,
+            "layer": args.layer,
+            "combo_sep": args.combo_sep,
+        }
+        self._empirical_all: pd.DataFrame | None = None
+        self.log(
+            f"{name}: {self.source['description']}; budget {self.settings['budget']}; seeds {self.seeds}; "
+            f"models {self.models}; output {self.out}"
+        )
+
+    # ---------------------------------------------------------------------------------------- data
+    def _read_data(self):
+        args = self.args
+        if args.data:
+            import anndata as ad
+
+            path = Path(args.data)
+            if not path.exists():
+                raise FileNotFoundError(f"no such file: {path}")
+            adata = ad.read_h5ad(path)
+            source = {"kind": "file", "path": str(path.resolve()), "description": f"data {path}"}
+        else:
+            from pyrovae.data.simulate import simulate_perturbseq
+
+            adata = simulate_perturbseq(args.preset, seed=args.sim_seed)
+            source = {
+                "kind": "simulated",
+                "preset": args.preset,
+                "seed": args.sim_seed,
+                "description": f"simulated preset {args.preset!r} (seed {args.sim_seed})",
+            }
+        if args.gene_key:
+            if args.gene_key not in adata.var.columns:
+                raise ValueError(
+                    f"var has no column {args.gene_key!r}; var columns are {list(adata.var.columns)}"
+                )
+            keep = np.asarray(adata.var[args.gene_key], dtype=bool)
+            adata = adata[:, keep].copy()
+            source["gene_key"] = args.gene_key
+        if args.perturbation_key not in adata.obs.columns:
+            raise ValueError(
+                f"obs has no column {args.perturbation_key!r} with perturbation labels; obs columns are "
+                f"{list(adata.obs.columns)}. Pass --perturbation-key"
+            )
+        adata.obs_names_make_unique()
+        source.update(n_cells=int(adata.n_obs), n_genes=int(adata.n_vars))
+        source["description"] += f": {adata.n_obs} cells x {adata.n_vars} genes"
+        return adata, source
+
+    def labels(self) -> tuple[np.ndarray, str]:
+        """(raw per-cell labels, resolved control label)."""
+        from pyrovae.data.dosage import find_control_label
+
+        raw = self.adata.obs[self.args.perturbation_key]
+        if raw.isna().any():
+            raise ValueError(f"{int(raw.isna().sum())} cells have no label in obs[{self.args.perturbation_key!r}]")
+        labels = raw.astype(str).to_numpy()
+        return labels, find_control_label(labels, self.args.control_label)
+
+    def load(self, split: np.ndarray, encode_combos_as_unique: bool = False):
+        """The data with ``split`` (an (N,) array of train/val/test/"") as its split."""
+        from pyrovae.data.anndata import load_perturbation_data
+
+        self.adata.obs[SPLIT_COLUMN] = np.asarray(split).astype(str)
+        return load_perturbation_data(
+            self.adata,
+            split_key=SPLIT_COLUMN,
+            encode_combos_as_unique=encode_combos_as_unique,
+            **self.data_opts,
+        )
+
+    # ---------------------------------------------------------------------------------------- configs
+    def configs(self, model: str, seed: int, **overrides: Any):
+        """(ModelConfig, TrainConfig) of a model: the config's shared ``model`` section, then its
+        ``model_overrides[model]``, then ``overrides``; training settings with ``seed``."""
+        from pyrovae.infer.train import TrainConfig
+        from pyrovae.models.zoo import model_config
+
+        m = {**self.settings["model"], **(self.settings.get("model_overrides") or {}).get(model, {}), **overrides}
+        base = self.settings.get("model_base", {}).get(model, model)
+        t = {**self.settings["train"], "seed": int(seed)}
+        return model_config(base, **m), TrainConfig().replace(**t)
+
+    # ---------------------------------------------------------------------------------------- one run
+    def empirical_all(self, data, perturbations: Sequence[str]) -> pd.DataFrame:
+        """The reference's empirical ATE (all cells), cached across runs (it depends on the data only)."""
+        have = set() if self._empirical_all is None else set(self._empirical_all.index)
+        missing = [p for p in perturbations if p not in have]
+        if missing:
+            new = empirical_ates(data, missing)
+            self._empirical_all = new if self._empirical_all is None else pd.concat([self._empirical_all, new])
+        return self._empirical_all.loc[[p for p in perturbations if p in self._empirical_all.index]]
+
+    def fit_and_score(
+        self,
+        data,
+        model: str,
+        model_cfg,
+        train_cfg,
+        run_name: str,
+        ate_perturbations: Sequence[str] | None,
+        tags: Mapping[str, Any],
+        posterior_factory: Callable | None = None,
+        extra: Callable[[Any], Mapping[str, Any]] | None = None,
+    ) -> Scored:
+        """Train one model on ``data`` (its split), then score it.
+
+        Args:
+            ate_perturbations: the perturbations whose ATE is checked (``None``: skip the ATE).
+            tags: columns identifying the run in the results (model, fraction, seed, ...).
+            posterior_factory: ``run -> Posterior`` (default :meth:`Posterior.from_run`).
+            extra: ``run -> {metric: value}``, further metrics of the run (e.g. GRN recovery).
+
+        Returns:
+            :class:`Scored` with the metrics row (tags + metrics + timings) also appended to the results.
+        """
+        from pyrovae.infer.iwelbo import predictive_iwelbo
+        from pyrovae.infer.predictive import Posterior
+        from pyrovae.infer.runs import train_run
+
+        ev = self.settings["eval"]
+        run_dir = self.out / "runs" / run_name
+        t0 = time.perf_counter()
+        run = train_run(data, model_cfg, train_cfg, run_dir, data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
+                        overwrite=True, progress=self.args.progress)
+        t_train = time.perf_counter() - t0
+        hist = run.metrics()
+        row: dict[str, Any] = {**tags, "model": tags.get("model", model)}
+        row.update(
+            n_train=len(data.indices("train")),
+            n_val=len(data.indices("val")),
+            n_test=len(data.indices("test")),
+            epochs=int(hist[-1]["epoch"]) if hist else 0,
+            steps=int(hist[-1]["step"]) if hist and "step" in hist[-1] else 0,
+            best_val_loss=float(min((h.get("val_loss", np.inf) for h in hist), default=np.nan)),
+        )
+        t1 = time.perf_counter()
+        for split in ("val", "test"):
+            if len(data.indices(split)):
+                df = predictive_iwelbo(run.model, data, split, n_particles=int(ev["iwelbo_particles"]),
+                                       batch_size=int(ev["iwelbo_batch_size"]), seed=int(ev["eval_seed"]),
+                                       untrained=run.untrained)
+                row[f"{split}_iwelbo"] = float(df["iwelbo"].mean())
+        t2 = time.perf_counter()
+        pred = None
+        if ate_perturbations:
+            post = posterior_factory(run) if posterior_factory else Posterior.from_run(run)
+            perts = list(ate_perturbations)
+            pred = post.model_ate(perts, n_samples=int(ev["ate_samples"]), library_size=float(ev["library_size"]),
+                                  seed=int(ev["eval_seed"]), chunk=int(ev["ate_chunk"]), transform=ate_transform(data))
+            k = int(ev["top_k"])
+            row.update(ate_scores(self.empirical_all(data, perts), pred, k))
+            test_rows = data.indices("test")
+            if len(test_rows):
+                row.update(ate_scores(empirical_ates(data, perts, test_rows), pred, k, suffix="_heldout"))
+        t3 = time.perf_counter()
+        row.update(train_s=round(t_train, 2), iwelbo_s=round(t2 - t1, 2), ate_s=round(t3 - t2, 2))
+        if extra is not None:
+            row.update(extra(run))
+            t3 = time.perf_counter()
+        self.record(row)
+        shown = ", ".join(
+            f"{k} {row[k]:.3f}" for k in ("test_iwelbo", "ate_r", "ate_r_top20") if k in row and row[k] == row[k]
+        )
+        self.log(f"  {run_name}: {shown} ({row['epochs']} epochs, {t3 - t0:.1f}s)")
+        return Scored(row, run, pred)
+
+    def score_baselines(
+        self, data, perturbations: Sequence[str], tags: Mapping[str, Any], which: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Score the trivial ATE baselines (training cells only, no model) like a model; one results row each
+        (``model`` = the baseline's display name, ATE metrics only)."""
+        from pyrovae.evaluate.ate import baseline_ates
+
+        k = int(self.settings["eval"]["top_k"])
+        preds = baseline_ates(data, list(perturbations), method=ate_transform(data))
+        truth_all = self.empirical_all(data, perturbations)
+        test_rows = data.indices("test")
+        truth_test = empirical_ates(data, perturbations, test_rows) if len(test_rows) else None
+        out = []
+        for name, pred in preds.items():
+            if which is not None and name not in which:
+                continue
+            row = {**tags, "model": BASELINE_NAMES.get(name, name)}
+            row.update(ate_scores(truth_all, pred, k))
+            if truth_test is not None:
+                row.update(ate_scores(truth_test, pred, k, suffix="_heldout"))
+            self.record(row)
+            out.append(row)
+        return out
+
+    # ---------------------------------------------------------------------------------------- results
+    def record(self, row: Mapping[str, Any]) -> None:
+        """Append a results row and rewrite ``results.csv`` (so partial results survive an interruption)."""
+        self.results.append(dict(row))
+        write_frame(self.out / "results.csv", pd.DataFrame(self.results))
+
+    def results_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.results)
+
+    def write_table(self, stem: str, table: pd.DataFrame, title: str, notes: Iterable[str] = (),
+                    raw: pd.DataFrame | None = None) -> str:
+        """Write ``<stem>.csv`` (``raw`` if given, else ``table``) and ``<stem>.md`` (title, table, notes)."""
+        write_frame(self.out / f"{stem}.csv", raw if raw is not None else table)
+        md = f"## {title}\n\n{markdown(table)}\n"
+        notes = list(notes)
+        if notes:
+            md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        atomic_text(self.out / f"{stem}.md", md)
+        return md
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> float:
+        """Write ``experiment.json`` (options, settings, data source, versions, wall time)."""
+        import pyro
+        import torch
+
+        import pyrovae
+
+        wall = time.perf_counter() - self.t0
+        info = {
+            "experiment": self.name,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "options": vars(self.args),
+            "settings": self.settings,
+            "models": self.models,
+            "seeds": self.seeds,
+            "data": self.source,
+            "n_runs": len(self.results),
+            "wall_seconds": round(wall, 1),
+            "versions": {"pyrovae": pyrovae.__version__, "torch": torch.__version__, "pyro": pyro.__version__,
+                         "python": platform.python_version()},
+            **(extra or {}),
+        }
+        from pyrovae.infer.runs import write_json
+
+        write_json(self.out / "experiment.json", info)
+        self.log(f"{self.name}: done in {wall:.0f}s; tables and figures in {self.out}")
+        return wall
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(msg, flush=True)

@@ -1,0 +1,410 @@
+"""``pyrovae iwelbo | ate | sample``: score a run on held-out cells, check its ATEs, sample from it.
+
+Each command reads the data with ``run.load_data`` (the run's genes, treatments, label reading and split),
+writes its outputs atomically, and refuses to overwrite an existing output unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}", index: bool = True) -> str:
+    """A GitHub-flavoured Markdown table of a DataFrame (no extra dependency)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "–" if not math.isfinite(float(v)) else floatfmt.format(float(v))
+        if v is None:
+            return "–"
+        return str(v).replace("|", "\\|")
+
+    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for idx, *row in df.itertuples(name=None):  # itertuples keeps each column's dtype (ints stay ints)
+        vals = ([cell(idx)] if index else []) + [cell(v) for v in row]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --out"
+        )
+
+
+def _library_arg(value: str) -> str | float:
+    """``fixed`` -> 1e4, ``data`` -> ``"data"``, a number -> that number."""
+    if value == "fixed":
+        return 1e4
+    if value == "data":
+        return "data"
+    try:
+        out = float(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--library must be 'fixed', 'data' or a number, got {value!r}"
+        ) from err
+    if not out > 0:
+        raise argparse.ArgumentTypeError(f"--library must be positive, got {value!r}")
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from pyrovae.infer.runs import load_run
+
+    run = load_run(args.run, checkpoint=getattr(args, "checkpoint", "best"))
+    overrides = {}
+    if getattr(args, "split_key", None):
+        overrides["split_key"] = args.split_key
+    data = run.load_data(args.data, **overrides) if getattr(args, "data", None) else None
+    if data is not None and run.model.artifact is not None and "qc" not in data.extras:
+        # CRADLE/GPO models read each cell's QC-failure flag; recompute it as training did (MAD flags)
+        from pyrovae.data.gpo import qc_indicator
+
+        data = dataclasses.replace(data, extras={**data.extras, "qc": qc_indicator(data, None, 3.0)})
+    return run, data
+
+
+# -------------------------------------------------------------------------------------------- iwelbo
+
+
+def iwelbo_summary(res: dict[str, Any], split_name: str) -> dict[str, Any]:
+    """JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds` (plus per-label means)."""
+    cells = res["cells"]
+    return {
+        "split": split_name,
+        "mean_iwelbo": res["mean"],
+        "mc_std_over_seeds": res["std"],
+        "per_seed": res["per_seed"],
+        "n_cells": res["n_cells"],
+        "n_particles": res["n_particles"],
+        "score_globals": res["score_globals"],
+        "bound": (
+            "prior-predictive marginal likelihood (globals scored)"
+            if res["score_globals"]
+            else "posterior-predictive likelihood under q (globals not scored; not the model evidence)"
+        ),
+        "per_label": {
+            str(k): float(v) for k, v in cells.groupby("label", observed=True)["iwelbo"].mean().items()
+        },
+    }
+
+
+def run_iwelbo(args: argparse.Namespace) -> int:
+    from pyrovae.infer.iwelbo import iwelbo_over_seeds
+    from pyrovae.infer.runs import atomic_write, write_json
+
+    run_dir = Path(args.run)
+    suffix = "_prior" if args.score_globals else ""
+    out = Path(args.out) if args.out else run_dir / f"iwelbo_{args.split}{suffix}.csv"
+    out_json = out.with_suffix(".json")
+    _refuse_existing([out, out_json], args.overwrite)
+    run, data = _load(args)
+    if len(data.indices(args.split)) == 0:
+        raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
+    res = iwelbo_over_seeds(
+        run.model,
+        data,
+        args.split,
+        seeds=args.seeds,
+        n_particles=args.particles,
+        batch_size=args.batch_size,
+        particle_chunk=args.particle_chunk,
+        untrained=run.untrained,
+        score_globals=args.score_globals,
+    )
+    cells = res["cells"]
+    atomic_write(out, lambda tmp: cells.to_csv(tmp, index_label="cell"))
+    summary = iwelbo_summary(res, args.split)
+    summary.update({"run": str(run_dir), "data": str(args.data), "per_cell_csv": str(out)})
+    write_json(out_json, summary)
+    spread = (
+        f" ± {res['std']:.3f} (MC spread: std over seeds {list(args.seeds)})" if len(args.seeds) > 1 else ""
+    )
+    print(
+        f"{args.split} IWELBO, {res['n_particles']} particles, {res['n_cells']} cells: "
+        f"{res['mean']:.3f} nats/cell{spread}"
+    )
+    print(f"  bound on the {summary['bound']}")
+    per_label = pd.Series(summary["per_label"]).sort_values()
+    if len(per_label) > 1:
+        shown = per_label if len(per_label) <= 12 else pd.concat([per_label.head(6), per_label.tail(6)])
+        print("  per label (lowest/highest):", ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+    print(f"wrote {out} and {out_json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- ATE
+
+#: metrics printed on the console (the CSV has all of them)
+SHOWN_ATE_COLUMNS = (
+    "pearson",
+    "pearson_topk",
+    "r2",
+    "pearson_per_pert_mean",
+    "mse",
+    "direction_acc_topk",
+    "n_perturbations",
+    "n_dropped",
+)
+
+
+def ate_report(
+    posterior,
+    data,
+    rows: np.ndarray,
+    *,
+    top_k: int = 20,
+    n_samples: int = 2500,
+    library_size: str | float = 1e4,
+    seed: int = 0,
+    chunk: int = 256,
+    model_name: str = "model",
+    baselines: bool = True,
+    extra_models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
+
+    The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
+    ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
+    held-out combinations only). Baselines are computed from the training cells only.
+
+    Returns:
+        dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
+        ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
+        ``perturbations``.
+    """
+    from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+
+    rows = np.asarray(rows)
+    labels = data.labels[rows]
+    ctrl = data.control_label
+    perts = sorted({str(v) for v in labels} - {ctrl})
+    if not perts:
+        raise ValueError("the selected cells hold no perturbed cell; nothing to compare")
+    control_source = "selected cells"
+    if not (labels == ctrl).any():
+        rows = np.concatenate([rows, np.flatnonzero((data.labels == ctrl) & (data.split != ""))])
+        control_source = "all control cells (none among the selected cells)"
+    transform = "perturbseq" if posterior.model.likelihood != "normal" else "mean"
+    ate_true = empirical_ate(data.rows(rows), data.labels[rows], ctrl, genes=data.genes, method=transform)
+    ate_true = ate_true.loc[perts]
+    preds: dict[str, pd.DataFrame] = {}
+    for name, post in {model_name: posterior, **(extra_models or {})}.items():
+        preds[name] = post.model_ate(
+            perts,
+            n_samples=n_samples,
+            library_size=library_size,
+            data=data,
+            seed=seed,
+            chunk=chunk,
+            transform=transform,
+        )
+    if baselines:
+        preds.update(baseline_ates(data, perts, method=transform))
+    return {
+        "ate_true": ate_true,
+        "preds": preds,
+        "table": ate_table(ate_true, preds, top_k),
+        "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
+        "control_source": control_source,
+        "perturbations": perts,
+    }
+
+
+def run_ate(args: argparse.Namespace) -> int:
+    from pyrovae.infer.predictive import Posterior
+    from pyrovae.infer.runs import atomic_write, write_json
+
+    tag = "all" if args.all_cells else args.split
+    out_dir = Path(args.out) if args.out else Path(args.run) / f"ate_{tag}"
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out_dir} already holds ATE results; pass --overwrite to replace them")
+    run, data = _load(args)
+    if args.all_cells:
+        rows = np.arange(data.n_cells)
+        scope = "all cells (every split, training cells included: the reference's version, not held out)"
+    else:
+        rows = data.indices(args.split)
+        scope = f"held-out {args.split} cells"
+    if len(rows) == 0:
+        raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
+    post = Posterior.from_run(run)
+    rep = ate_report(
+        post,
+        data,
+        rows,
+        top_k=args.top_k,
+        n_samples=args.n_samples,
+        library_size=args.library,
+        seed=args.seed,
+        model_name=run.model_cfg.family if args.name is None else args.name,
+    )
+    table = rep["table"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
+    atomic_write(out_dir / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
+    atomic_write(
+        out_dir / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
+    )
+    atomic_write(out_dir / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
+    for name, df in rep["preds"].items():
+        atomic_write(out_dir / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
+    write_json(
+        out_dir / "ate_summary.json",
+        {
+            "run": str(args.run),
+            "data": str(args.data),
+            "scope": scope,
+            "control_reference": rep["control_source"],
+            "library_size": args.library,
+            "n_samples": args.n_samples,
+            "top_k": args.top_k,
+            "seed": args.seed,
+            "perturbations": rep["perturbations"],
+            "metrics": table.reset_index().to_dict(orient="records"),
+        },
+    )
+    fig = None
+    try:
+        from pyrovae.plot import plot_ate_scatter
+
+        fig = plot_ate_scatter(rep["ate_true"], rep["preds"], out_dir / "ate_scatter.png", top_k=args.top_k)
+    except ImportError as err:
+        print(f"(no figure: {err})")
+    print(
+        f"ATE on {scope}; {len(rep['perturbations'])} perturbations; controls: {rep['control_source']}; "
+        f"model library size: {args.library}"
+    )
+    shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
+    print(markdown_table(table[shown]))
+    print(
+        f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
+        f"ate_empirical.csv, ate_pred_*.csv{', ate_scatter.png' if fig else ''})"
+    )
+    return 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# -------------------------------------------------------------------------------------------- sample
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from pyrovae.infer.predictive import Posterior
+    from pyrovae.infer.runs import atomic_write
+
+    out = Path(args.out)
+    _refuse_existing([out], args.overwrite)
+    if out.suffix != ".h5ad":
+        raise ValueError(f"--out must end in .h5ad, got {out}")
+    if args.library == "data" and not args.data:
+        raise ValueError("--library data needs --data (the library sizes are drawn from its cells)")
+    run, data = _load(args)
+    post = Posterior.from_run(run)
+    adata = post.predict(
+        args.perturbation, n_cells=args.n_cells, library_size=args.library, data=data, seed=args.seed
+    )
+    adata.uns["pyrovae_sample"]["run"] = str(args.run)
+    atomic_write(out, lambda tmp: adata.write_h5ad(tmp))
+    counts = ", ".join(f"{k}: {v}" for k, v in adata.obs["perturbation"].value_counts(sort=False).items())
+    print(
+        f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes "
+        f"({counts}; library size {args.library}, seed {args.seed})"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ register
+
+
+def register(sub) -> None:
+    p = sub.add_parser("iwelbo", help="held-out predictive IWELBO per cell of a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", required=True, help=".h5ad with the run's genes (read with the run's settings)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split-key", default=None, help="obs column with the split (default: the run's)")
+    p.add_argument("--particles", type=int, default=100, help="K global and basal particles (default 100)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--particle-chunk", type=int, default=25, help="particles per vectorised pass")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="evaluation seeds; the spread of the mean over seeds is the Monte Carlo error",
+    )
+    p.add_argument(
+        "--score-globals",
+        action="store_true",
+        help="also score the global draws (bound on the prior-predictive marginal likelihood)",
+    )
+    p.add_argument("--out", default=None, help="per-cell CSV (default RUN/iwelbo_<split>.csv; summary .json)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_iwelbo)
+
+    p = sub.add_parser("ate", help="empirical vs model average treatment effects, with baselines")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", required=True, help=".h5ad with the run's genes")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="cells of the empirical ATE (default: held-out test cells)",
+    )
+    p.add_argument("--split-key", default=None, help="obs column with the split (default: the run's)")
+    p.add_argument(
+        "--all-cells",
+        action="store_true",
+        help="empirical ATE on all cells, training cells included (the reference's version)",
+    )
+    p.add_argument("--top-k", type=int, default=20, help="top-k DE genes per perturbation (default 20)")
+    p.add_argument("--n-samples", type=int, default=2500, help="model samples (default 2500)")
+    p.add_argument(
+        "--library",
+        type=_library_arg,
+        default=1e4,
+        help="model library size: fixed (1e4, default), data (drawn from control cells), or a number",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
+    p.add_argument("--out", default=None, help="output directory (default RUN/ate_<split>, RUN/ate_all)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_ate)
+
+    p = sub.add_parser("sample", help="sample posterior-predictive counts for perturbations (an .h5ad)")
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--perturbation",
+        action="extend",
+        nargs="+",
+        required=True,
+        help="labels like A, A+B, control (repeat or list several)",
+    )
+    p.add_argument("--n-cells", type=int, default=1000, help="cells per perturbation (default 1000)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument(
+        "--library",
+        type=_library_arg,
+        default=1e4,
+        help="library size: a number (default 1e4) or data (drawn from --data's matching cells)",
+    )
+    p.add_argument("--data", default=None, help=".h5ad to draw library sizes from (with --library data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_sample)

@@ -1,0 +1,573 @@
+"""Average treatment effects (ATE): empirical ATEs, ATE metrics, trivial baselines.
+
+Pure numpy/scipy/pandas (no torch). Definitions follow shared/reference/sams_vae.md §5.2 and
+gpo_vae_cradle_vae.md §6.3-6.4, with the additions asked for in §10.12 of the latter (per-perturbation
+correlations, MSE, direction accuracy, trivial baselines):
+
+- transform g ("perturbseq"): g(x) = log2(target_sum * x / sum_j x_j + 1) per cell; ("mean"): g(x) = x;
+- empirical ATE of label a: mean_{cells labelled a} g(x) - mean_{control cells} g(x);
+- metrics compare an empirical ("true") ATE matrix with a predicted one, rows aligned by label.
+
+Which cells enter the empirical ATE is the caller's choice: pass only held-out cells to get a held-out
+reference (the original code used every cell, training cells included; reference §10.6 / §10.12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = [
+    "perturbseq_transform",
+    "empirical_ate",
+    "ate_metrics",
+    "per_perturbation_metrics",
+    "baseline_ates",
+    "ate_table",
+]
+
+TRANSFORMS = ("perturbseq", "mean")
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _is_sparse(x: Any) -> bool:
+    return sp.issparse(x)
+
+
+def _n_rows(x: Any) -> int:
+    return int(x.shape[0])
+
+
+def _to_dense(block: Any) -> np.ndarray:
+    if _is_sparse(block):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float64)
+
+
+def _resolve_transform(transform: str, method: str | None) -> str:
+    """``method`` is accepted as an alias of ``transform`` (callers in pyrovae.commands use it)."""
+    if method is not None:
+        if transform != "perturbseq" and transform != method:
+            raise ValueError(f"transform={transform!r} and method={method!r} disagree; pass only one")
+        transform = method
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; use one of {TRANSFORMS}")
+    return transform
+
+
+def perturbseq_transform(x: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -> np.ndarray:
+    """Per-cell normalise-and-log transform g(x) = log2(target_sum * x / sum_j x_j + 1).
+
+    Args:
+        x: (N, G) counts, dense array or scipy sparse matrix.
+        target_sum: the per-cell total counts are rescaled to this value before the log.
+
+    Returns:
+        (N, G) float64 dense array. Rows whose total is 0 map to zeros (never NaN).
+    """
+    if _is_sparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64)
+        total = np.asarray(x.sum(axis=1)).reshape(-1)
+        scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total != 0)
+        y = sp.diags(scale) @ x
+        y = y.tocsr()
+        y.data = np.log2(y.data + 1.0)
+        return y.toarray()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (cells, genes), got shape {x.shape}")
+    total = x.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total != 0)
+    return np.log2(x * scale + 1.0)
+
+
+def _apply(block: Any, transform: str, target_sum: float) -> np.ndarray:
+    if transform == "perturbseq":
+        return perturbseq_transform(block, target_sum)
+    return _to_dense(block)
+
+
+def _label_sums(
+    get_rows: Callable[[int, int], Any],
+    n_cells: int,
+    n_genes: int,
+    label_codes: np.ndarray,
+    n_labels: int,
+    transform: str,
+    target_sum: float,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of g(x) per label code and cell count per code, processing ``batch_size`` rows at a time.
+
+    ``label_codes``: (N,) int in [-1, n_labels); rows with code -1 are skipped.
+    Returns ((n_labels, G) float64 sums, (n_labels,) int64 counts).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sums = np.zeros((n_labels, n_genes), dtype=np.float64)
+    counts = np.bincount(label_codes[label_codes >= 0], minlength=n_labels).astype(np.int64)
+    for start in range(0, n_cells, batch_size):
+        stop = min(start + batch_size, n_cells)
+        codes = label_codes[start:stop]
+        keep = codes >= 0
+        if not keep.any():
+            continue
+        g = _apply(get_rows(start, stop), transform, target_sum)
+        if g.shape != (stop - start, n_genes):
+            raise ValueError(f"row block has shape {g.shape}, expected {(stop - start, n_genes)}")
+        onehot = sp.csr_matrix(
+            (np.ones(int(keep.sum())), (codes[keep], np.flatnonzero(keep))), shape=(n_labels, stop - start)
+        )
+        sums += onehot @ g
+    return sums, counts
+
+
+def _check_labels(labels: Any, n_cells: int) -> np.ndarray:
+    labels = np.asarray(labels).astype(str).reshape(-1)
+    if len(labels) != n_cells:
+        raise ValueError(f"labels has {len(labels)} entries but x has {n_cells} rows")
+    return labels
+
+
+def _no_control_error(control_label: str, labels: np.ndarray, where: str = "labels") -> ValueError:
+    seen = sorted(set(labels.tolist()))
+    shown = ", ".join(repr(s) for s in seen[:8]) + (", ..." if len(seen) > 8 else "")
+    return ValueError(
+        f"no control cells labelled {control_label!r} in {where} (labels seen: {shown}); "
+        f"pass control_label=<the label of the unperturbed cells>"
+    )
+
+
+def _columns(genes: Sequence[str] | None, n_genes: int) -> pd.Index:
+    if genes is None:
+        return pd.RangeIndex(n_genes)
+    genes = [str(g) for g in genes]
+    if len(genes) != n_genes:
+        raise ValueError(f"genes has {len(genes)} names but x has {n_genes} columns")
+    return pd.Index(genes)
+
+
+def _group_means(
+    x: Any,
+    labels: np.ndarray,
+    wanted: Sequence[str],
+    transform: str,
+    target_sum: float,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """((len(wanted), G) sums of g(x), (len(wanted),) counts) for the labels in ``wanted``."""
+    code_of = {lab: i for i, lab in enumerate(wanted)}
+    codes = np.fromiter((code_of.get(lab, -1) for lab in labels), dtype=np.int64, count=len(labels))
+    if _is_sparse(x) and not isinstance(x, sp.csr_matrix | sp.csr_array):
+        x = sp.csr_matrix(x)
+    return _label_sums(
+        lambda a, b: x[a:b],
+        _n_rows(x),
+        int(x.shape[1]),
+        codes,
+        len(wanted),
+        transform,
+        target_sum,
+        batch_size,
+    )
+
+
+# -------------------------------------------------------------------------------------- empirical
+
+
+def empirical_ate(
+    x: np.ndarray | sp.spmatrix,
+    labels: Sequence[str] | np.ndarray,
+    control_label: str,
+    groups: Sequence[str] | None = None,
+    transform: str = "perturbseq",
+    batch_size: int = 4096,
+    *,
+    genes: Sequence[str] | None = None,
+    target_sum: float = 1e4,
+    method: str | None = None,
+) -> pd.DataFrame:
+    """Empirical ATE of every perturbation label versus the control cells.
+
+    ATE[a, :] = mean over cells labelled a of g(x) - mean over control cells of g(x).
+
+    Args:
+        x: (N, G) counts (dense or scipy sparse). Sparse input is processed ``batch_size`` rows at a time,
+            so at most (batch_size, G) is ever dense.
+        labels: (N,) perturbation label of each cell.
+        control_label: label of the control (unperturbed) cells.
+        groups: labels to report, in this order. Default: every non-control label, sorted.
+        transform: ``"perturbseq"`` (g = log2(target_sum * x / row total + 1)) or ``"mean"`` (g = x).
+        batch_size: rows per batch.
+        genes: optional G gene names for the columns (default: positions 0..G-1).
+        target_sum: the perturbseq scale (1e4 in the reference).
+        method: alias of ``transform``.
+
+    Returns:
+        DataFrame (len(groups), G), index = labels (name ``"perturbation"``), columns = genes.
+
+    Raises:
+        ValueError: no control cells; a requested group has no cells; shape mismatches.
+    """
+    transform = _resolve_transform(transform, method)
+    if getattr(x, "ndim", 2) != 2:
+        raise ValueError(f"x must be 2-D (cells, genes), got shape {x.shape}")
+    n_cells, n_genes = _n_rows(x), int(x.shape[1])
+    labels = _check_labels(labels, n_cells)
+    cols = _columns(genes, n_genes)
+    control_label = str(control_label)
+    present = set(labels.tolist())
+    if control_label not in present:
+        raise _no_control_error(control_label, labels)
+    if groups is None:
+        groups = sorted(present - {control_label})
+    else:
+        groups = [str(g) for g in groups]
+        missing = [g for g in groups if g not in present]
+        if missing:
+            raise ValueError(f"requested group(s) {missing} have no cells in labels")
+    wanted = list(dict.fromkeys([control_label, *groups]))
+    sums, counts = _group_means(x, labels, wanted, transform, target_sum, batch_size)
+    means = sums / counts[:, None]
+    pos = {lab: i for i, lab in enumerate(wanted)}
+    ate = means[[pos[g] for g in groups]] - means[pos[control_label]]
+    return pd.DataFrame(ate, index=pd.Index(groups, name="perturbation"), columns=cols)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two 1-D vectors; NaN (no warning) if shorter than 2 or either is constant."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.size < 2:
+        return float("nan")
+    da, db = a - a.mean(), b - b.mean()
+    na, nb = np.sqrt(da @ da), np.sqrt(db @ db)
+    if na == 0 or nb == 0 or not np.isfinite(na * nb):
+        return float("nan")
+    return float(np.clip((da @ db) / (na * nb), -1.0, 1.0))
+
+
+def _r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """sklearn-style R^2 = 1 - SS_res / SS_tot with y_true = data; NaN if y_true is constant or empty.
+
+    (sklearn's ``r2_score`` would return 0.0 or 1.0 for a constant y_true; NaN is reported instead.)
+    """
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+    if y_true.size < 2:
+        return float("nan")
+    ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
+    if ss_tot == 0:
+        return float("nan")
+    return 1.0 - float(((y_true - y_pred) ** 2).sum()) / ss_tot
+
+
+def _nan_stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(fn(v)) if v.size else float("nan")
+
+
+def _top_k_idx(a: np.ndarray, k: int) -> np.ndarray:
+    """(A, k) column indices of the k largest |a| per row; ties in stable order (lower index first)."""
+    return np.argsort(-np.abs(a), axis=1, kind="stable")[:, :k]
+
+
+def _align(ate_true: pd.DataFrame, ate_pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reorder ``ate_pred`` to the rows and columns of ``ate_true`` (extra pred rows/columns dropped)."""
+    missing = [r for r in ate_true.index if r not in ate_pred.index]
+    if missing:
+        shown = missing[:10] + (["..."] if len(missing) > 10 else [])
+        raise ValueError(f"ate_pred lacks {len(missing)} perturbation label(s) of ate_true: {shown}")
+    missing_g = [c for c in ate_true.columns if c not in ate_pred.columns]
+    if missing_g:
+        shown = missing_g[:10] + (["..."] if len(missing_g) > 10 else [])
+        raise ValueError(f"ate_pred lacks {len(missing_g)} gene column(s) of ate_true: {shown}")
+    if ate_true.index.has_duplicates or ate_pred.index.has_duplicates:
+        raise ValueError("duplicate perturbation labels in the ATE index")
+    return ate_true, ate_pred.loc[ate_true.index, ate_true.columns]
+
+
+def _row_metrics(t: np.ndarray, p: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-perturbation metrics of aligned (A, G) arrays; each value is an (A,) array."""
+    top_t = _top_k_idx(t, k)
+    top_p = _top_k_idx(p, k)
+    tt = np.take_along_axis(t, top_t, axis=1)
+    pt = np.take_along_axis(p, top_t, axis=1)
+    nonzero = tt != 0
+    agree = (np.sign(tt) == np.sign(pt)) & nonzero
+    n_nz = nonzero.sum(1)
+    direction = np.divide(agree.sum(1), n_nz, out=np.full(len(t), np.nan), where=n_nz > 0)
+    inter = np.array([len(np.intersect1d(a, b)) for a, b in zip(top_t, top_p)], dtype=np.float64)
+    jaccard = inter / (2 * k - inter) if k > 0 else np.full(len(t), np.nan)
+    return {
+        "pearson": np.array([_pearson(a, b) for a, b in zip(t, p)]),
+        "pearson_topk": np.array([_pearson(a, b) for a, b in zip(tt, pt)]),
+        "mse": ((t - p) ** 2).mean(1),
+        "mse_topk": ((tt - pt) ** 2).mean(1),
+        "direction_acc_topk": direction,
+        "jaccard_topk": jaccard,
+        "_tt": tt,
+        "_pt": pt,
+        "_agree": agree,
+        "_nonzero": nonzero,
+    }
+
+
+METRIC_KEYS = (
+    "pearson",
+    "r2",
+    "pearson_topk",
+    "r2_topk",
+    "pearson_per_pert_mean",
+    "pearson_per_pert_median",
+    "mse",
+    "mse_topk",
+    "direction_acc_topk",
+    "jaccard_topk",
+    "top_k",
+    "n_perturbations",
+)
+
+
+def ate_metrics(ate_true: pd.DataFrame, ate_pred: pd.DataFrame, top_k: int = 20) -> dict[str, float]:
+    """Compare a predicted ATE matrix with the empirical one.
+
+    Rows are aligned by perturbation label and columns by gene (``ate_pred`` may hold extra rows or
+    columns; they are ignored). For each perturbation, its top-k genes are the k largest |true ATE|
+    (``np.argsort(-|x|, kind="stable")``: ties keep the lower column first); k = min(top_k, G).
+
+    Returns (floats; NaN where undefined, e.g. a constant vector's Pearson r):
+        pearson, r2: pooled over all (perturbation, gene) entries; r2 = 1 - SS_res/SS_tot with
+            y_true = data (sklearn ``r2_score`` convention, but NaN for constant data).
+        pearson_topk, r2_topk: the same over the per-perturbation top-k entries only.
+        pearson_per_pert_mean, pearson_per_pert_median: Pearson r over all genes computed per
+            perturbation, then averaged (NaN rows, i.e. constant rows, ignored).
+        mse, mse_topk: mean squared error over all entries / over the top-k entries.
+        direction_acc_topk: fraction of top-k entries where sign(pred) == sign(true); entries whose true
+            ATE is exactly 0 have no direction and are left out.
+        jaccard_topk: Jaccard index of the top-k |true| and top-k |pred| gene sets, averaged over
+            perturbations.
+        top_k: the k used; n_perturbations: number of rows scored.
+
+    Raises:
+        ValueError: ``ate_pred`` lacks labels/genes of ``ate_true``, non-finite values, top_k < 1.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    ate_true, ate_pred = _align(ate_true, ate_pred)
+    t = ate_true.to_numpy(dtype=np.float64)
+    p = ate_pred.to_numpy(dtype=np.float64)
+    for name, arr, df in (("ate_true", t, ate_true), ("ate_pred", p, ate_pred)):
+        bad = ~np.isfinite(arr).all(1)
+        if bad.any():
+            raise ValueError(
+                f"{name} has non-finite values for perturbation(s) {list(df.index[bad])[:10]}; "
+                "drop those rows first (ate_table does)"
+            )
+    n_pert, n_genes = t.shape
+    k = min(int(top_k), n_genes)
+    out = {key: float("nan") for key in METRIC_KEYS}
+    out["top_k"] = float(k)
+    out["n_perturbations"] = float(n_pert)
+    if n_pert == 0 or n_genes == 0:
+        return out
+    rm = _row_metrics(t, p, k)
+    out["pearson"] = _pearson(t, p)
+    out["r2"] = _r2(t, p)
+    out["pearson_topk"] = _pearson(rm["_tt"], rm["_pt"])
+    out["r2_topk"] = _r2(rm["_tt"], rm["_pt"])
+    out["pearson_per_pert_mean"] = _nan_stat(rm["pearson"], np.mean)
+    out["pearson_per_pert_median"] = _nan_stat(rm["pearson"], np.median)
+    out["mse"] = float(((t - p) ** 2).mean())
+    out["mse_topk"] = float(((rm["_tt"] - rm["_pt"]) ** 2).mean())
+    n_nz = int(rm["_nonzero"].sum())
+    out["direction_acc_topk"] = float(rm["_agree"].sum() / n_nz) if n_nz else float("nan")
+    out["jaccard_topk"] = float(rm["jaccard_topk"].mean())
+    return out
+
+
+def _finite_rows(ate_true: pd.DataFrame, pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Align, then drop the rows where the prediction (or the truth) is not finite; return n dropped."""
+    ate_true, pred = _align(ate_true, pred)
+    ok = np.isfinite(pred.to_numpy(dtype=np.float64)).all(1) & np.isfinite(
+        ate_true.to_numpy(dtype=np.float64)
+    ).all(1)
+    return ate_true.loc[ok], pred.loc[ok], int((~ok).sum())
+
+
+def ate_table(ate_true: pd.DataFrame, predictions: dict[str, pd.DataFrame], top_k: int = 20) -> pd.DataFrame:
+    """One row of :func:`ate_metrics` per predictor (model or baseline).
+
+    For each predictor, the perturbations whose predicted (or true) row holds a NaN are dropped (e.g. a
+    ``train_mean`` baseline for a combination with no training cells); ``n_perturbations`` is the number
+    scored and ``n_dropped`` the number left out, so rows scored on different subsets can be told apart.
+
+    Args:
+        ate_true: (A, G) empirical ATE.
+        predictions: ``{name: (A', G') ATE DataFrame}``; each must contain every label/gene of ``ate_true``.
+        top_k: see :func:`ate_metrics`.
+
+    Returns:
+        DataFrame indexed by predictor name (index name ``"method"``), columns = metric names +
+        ``n_dropped``.
+    """
+    rows = {}
+    for name, pred in predictions.items():
+        t, p, dropped = _finite_rows(ate_true, pred)
+        rows[name] = {**ate_metrics(t, p, top_k), "n_dropped": float(dropped)}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=[*METRIC_KEYS, "n_dropped"])
+    table.index.name = "method"
+    for col in ("top_k", "n_perturbations", "n_dropped"):
+        table[col] = table[col].astype(int)
+    return table
+
+
+def per_perturbation_metrics(
+    ate_true: pd.DataFrame, predictions: dict[str, pd.DataFrame], top_k: int = 20
+) -> pd.DataFrame:
+    """Long table of per-perturbation metrics for every predictor.
+
+    Columns: ``method``, ``perturbation``, ``pearson`` (all genes), ``pearson_topk``, ``mse``,
+    ``mse_topk``, ``direction_acc_topk``, ``jaccard_topk`` (definitions as in :func:`ate_metrics`, computed
+    on one row). Rows whose prediction is not finite are left out.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    cols = ["pearson", "pearson_topk", "mse", "mse_topk", "direction_acc_topk", "jaccard_topk"]
+    frames = []
+    for name, pred in predictions.items():
+        t, p, _ = _finite_rows(ate_true, pred)
+        if len(t) == 0 or t.shape[1] == 0:
+            continue
+        k = min(int(top_k), t.shape[1])
+        rm = _row_metrics(t.to_numpy(dtype=np.float64), p.to_numpy(dtype=np.float64), k)
+        df = pd.DataFrame({c: rm[c] for c in cols})
+        df.insert(0, "perturbation", [str(i) for i in t.index])
+        df.insert(0, "method", name)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["method", "perturbation", *cols])
+    return pd.concat(frames, ignore_index=True)
+
+
+# -------------------------------------------------------------------------------------- baselines
+
+
+def _looks_like_data(obj: Any) -> bool:
+    return all(hasattr(obj, a) for a in ("indices", "rows", "labels", "control_label", "genes"))
+
+
+def baseline_ates(
+    x_train: Any,
+    labels_train: Sequence[str] | np.ndarray | None = None,
+    groups: Sequence[str] | None = None,
+    control_label: str | None = None,
+    *,
+    genes: Sequence[str] | None = None,
+    sep: str = "+",
+    transform: str = "perturbseq",
+    batch_size: int = 4096,
+    target_sum: float = 1e4,
+    method: str | None = None,
+    split: str = "train",
+) -> dict[str, pd.DataFrame]:
+    """Trivial ATE predictions for target ``groups``, computed from training cells only.
+
+    Returned predictors (each a DataFrame (len(groups), G) indexed by group):
+
+    - ``"train_mean"``: the empirical ATE of the same group on the training cells; a NaN row for a group
+      with no training cells (e.g. a held-out combination). This is the "memorise the training mean"
+      baseline that saturates ATE-rho on cell-level splits (reference gpo_vae_cradle_vae.md §10.12).
+    - ``"additive"``: for a combination ``"A<sep>B"``, the sum of the single perturbations' training ATEs
+      (training ATE of A + training ATE of B), whether or not the combination itself has training cells;
+      for a single perturbation, its training ATE (the same as ``train_mean``). NaN when any component
+      has no training cells. Use it as the reference for held-out combinations.
+    - ``"global_mean"``: mean g(x) of all training perturbed cells (every non-control label, combinations
+      included) minus the training control mean: the same row for every group.
+
+    Args:
+        x_train: (N, G) training counts (dense or sparse). Alternatively a ``PerturbationData``-like
+            object (attributes ``indices``, ``rows``, ``labels``, ``control_label``, ``genes``, ``sep``): its
+            ``split`` cells are used, labels/control/genes/sep come from it and the second positional
+            argument is taken as ``groups`` (``baseline_ates(data, groups)``).
+        labels_train: (N,) labels of the training cells.
+        groups: target labels (rows of the output).
+        control_label: label of control cells (training controls are the reference).
+        genes: optional G gene names; sep: combination separator; transform/method, batch_size,
+            target_sum: as in :func:`empirical_ate`.
+
+    Raises:
+        ValueError: no training control cells; missing arguments.
+    """
+    transform = _resolve_transform(transform, method)
+    if _looks_like_data(x_train):
+        data = x_train
+        if groups is None:
+            groups = labels_train
+        idx = np.asarray(data.indices(split))
+        labels_arr = np.asarray(data.labels)[idx].astype(str)
+        control_label = data.control_label if control_label is None else control_label
+        sep = getattr(data, "sep", sep)
+        genes = list(data.genes) if genes is None else genes
+        n_genes = len(data.genes)
+
+        def get_rows(a: int, b: int) -> Any:
+            return data.rows(idx[a:b])
+
+        n_cells = len(idx)
+        where = f"the {split!r} cells"
+    else:
+        if labels_train is None or control_label is None:
+            raise ValueError("baseline_ates needs x_train, labels_train, groups and control_label")
+        x = x_train
+        if _is_sparse(x) and not isinstance(x, sp.csr_matrix | sp.csr_array):
+            x = sp.csr_matrix(x)
+        n_cells, n_genes = _n_rows(x), int(x.shape[1])
+        labels_arr = _check_labels(labels_train, n_cells)
+
+        def get_rows(a: int, b: int) -> Any:
+            return x[a:b]
+
+        where = "labels_train"
+    if groups is None:
+        raise ValueError("baseline_ates needs the target groups")
+    groups = [str(g) for g in groups]
+    control_label = str(control_label)
+    cols = _columns(genes, n_genes)
+    present = sorted(set(labels_arr.tolist()))
+    if control_label not in present:
+        raise _no_control_error(control_label, labels_arr, where)
+    wanted = [control_label] + [lab for lab in present if lab != control_label]
+    code_of = {lab: i for i, lab in enumerate(wanted)}
+    codes = np.fromiter((code_of[lab] for lab in labels_arr), dtype=np.int64, count=len(labels_arr))
+    sums, counts = _label_sums(
+        get_rows, n_cells, n_genes, codes, len(wanted), transform, target_sum, batch_size
+    )
+    ctrl_mean = sums[0] / counts[0]
+    train_ate = {lab: sums[i] / counts[i] - ctrl_mean for i, lab in enumerate(wanted) if i > 0}
+    nan_row = np.full(n_genes, np.nan)
+
+    def additive(g: str) -> np.ndarray:
+        parts = [s for s in g.split(sep) if s] if sep else [g]
+        if not parts or any(s not in train_ate for s in parts):
+            return nan_row
+        return np.sum([train_ate[s] for s in parts], axis=0)
+
+    n_pert = counts[1:].sum()
+    glob = (sums[1:].sum(0) / n_pert - ctrl_mean) if n_pert > 0 else nan_row
+    index = pd.Index(groups, name="perturbation")
+    out = {
+        "train_mean": np.array([train_ate.get(g, nan_row) for g in groups]).reshape(len(groups), n_genes),
+        "additive": np.array([additive(g) for g in groups]).reshape(len(groups), n_genes),
+        "global_mean": np.tile(glob, (len(groups), 1)),
+    }
+    return {name: pd.DataFrame(v, index=index.copy(), columns=cols.copy()) for name, v in out.items()}

@@ -1,0 +1,357 @@
+"""GPO-VAE's gene regulatory network: export, scoring against a planted GRN, unseen-perturbation prediction.
+
+The GRN of a GPO-VAE model is its mask posterior q(M): edge j -> k ("perturbing gene j acts on gene k's
+latent coordinate") has probability sigmoid(W_jk), W = ``model.effect.q_mask_logits`` (T, T); rows and
+columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, then extended genes
+(:func:`pyrovae.data.gpo.prepare_gpo_data`). Following shared/reference/gpo_vae_cradle_vae.md §10.5/§10.14:
+
+- edges are exported with probabilities (not only the 0.5 threshold), so AUROC/AUPRC can be computed;
+- the *perturbed* block (both ends perturbed genes: the rows fitted to data) is kept apart from the
+  *extended* block (any end an extended gene: rows with no ELBO signal, shaped only by the K-hop terms and
+  the sparsity penalty); the two are never pooled in a metric;
+- self-loops are dropped unless asked for (a knockdown trivially "regulates" its own target).
+
+Unseen perturbations: :func:`gpo_unseen_globals` / :class:`GRNPosterior` (see their docstrings and
+:mod:`pyrovae.data.gpo` for what the model can and cannot do for a perturbation it never saw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pyrovae.models.skeleton import PerturbationVAE
+
+BLOCKS = ("perturbed", "extended")
+
+
+def _model_of(model_or_run) -> PerturbationVAE:
+    model = (
+        model_or_run if isinstance(model_or_run, PerturbationVAE) else getattr(model_or_run, "model", None)
+    )
+    if not isinstance(model, PerturbationVAE):
+        raise TypeError(f"expected a PerturbationVAE or a Run, got {type(model_or_run).__name__}")
+    return model
+
+
+def grn_logits(model_or_run) -> np.ndarray:
+    """(T, T) mask logits W of a GPO-VAE model (rows: regulators, columns: targets)."""
+    model = _model_of(model_or_run)
+    w = getattr(model.effect, "q_mask_logits", None)
+    if w is None or w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(
+            "this model has no square gene x gene mask (it is not a GPO-VAE model); a GRN exists only for "
+            "model 'gpo_vae'"
+        )
+    return torch.nan_to_num(w.detach().float(), nan=0.0).cpu().numpy()
+
+
+def grn_probabilities(model_or_run) -> np.ndarray:
+    """(T, T) edge probabilities sigmoid(W) = q(M_jk = 1)."""
+    w = grn_logits(model_or_run)
+    return (1.0 / (1.0 + np.exp(-w.astype(np.float64)))).astype(np.float32)
+
+
+def run_n_perturbed(run, data=None) -> int:
+    """Number of perturbed genes at the front of a run's treatment list.
+
+    With ``data`` (read with the run's schema): the treatments any cell of ``data`` received. Without: the
+    treatments with training cells (held-out perturbations then count as extended; pass the data).
+    The perturbed genes come first (sorted), so the count is the position after the last perturbed one.
+    """
+    treatments = list(run.treatments if hasattr(run, "treatments") else run.schema["treatments"])
+    if data is not None:
+        from pyrovae.data.gpo import UNS_KEY
+
+        rec = data.uns.get(UNS_KEY)
+        if isinstance(rec, dict) and "n_perturbed" in rec and list(data.treatments) == treatments:
+            return int(rec["n_perturbed"])
+        used = (np.asarray(data.dosage) != 0).any(0)
+    else:
+        used = np.asarray(run.schema["train_treatment_counts"]) > 0
+    idx = np.flatnonzero(used)
+    return int(idx[-1] + 1) if len(idx) else 0
+
+
+def grn_edges(
+    model_or_run,
+    treatments: Sequence[str] | None = None,
+    n_perturbed: int | None = None,
+    include_self_loops: bool = False,
+    min_prob: float = 0.0,
+) -> pd.DataFrame:
+    """Every GRN edge with probability >= ``min_prob`` as a table.
+
+    Args:
+        model_or_run: a GPO-VAE model or a :class:`~pyrovae.infer.runs.Run`.
+        treatments: the T node names (default: the run's treatments).
+        n_perturbed: the first ``n_perturbed`` nodes are perturbed genes (default: all for a model, the
+            trained treatments for a run, see :func:`run_n_perturbed`).
+        include_self_loops: keep j -> j edges.
+        min_prob: drop edges below this probability.
+
+    Returns:
+        DataFrame with columns ``source``, ``target``, ``probability``, ``block`` (``"perturbed"`` when both
+        ends are perturbed genes, else ``"extended"``), sorted by block, then probability (descending).
+    """
+    probs = grn_probabilities(model_or_run)
+    T = probs.shape[0]
+    if treatments is None:
+        if not hasattr(model_or_run, "treatments"):
+            raise ValueError("pass the node names (treatments=...) when exporting from a bare model")
+        treatments = model_or_run.treatments
+    names = [str(t) for t in treatments]
+    if len(names) != T:
+        raise ValueError(f"{len(names)} node names for a {T} x {T} GRN")
+    if n_perturbed is None:
+        n_perturbed = run_n_perturbed(model_or_run) if hasattr(model_or_run, "schema") else T
+    if not 0 <= n_perturbed <= T:
+        raise ValueError(f"n_perturbed must be in [0, {T}], got {n_perturbed}")
+    src, tgt = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    keep = probs >= min_prob
+    if not include_self_loops:
+        keep &= src != tgt
+    s, t = src[keep], tgt[keep]
+    block = np.where((s < n_perturbed) & (t < n_perturbed), BLOCKS[0], BLOCKS[1])
+    df = pd.DataFrame(
+        {
+            "source": np.asarray(names, dtype=object)[s],
+            "target": np.asarray(names, dtype=object)[t],
+            "probability": probs[keep].astype(np.float64),
+            "block": pd.Categorical(block, categories=list(BLOCKS)),
+        }
+    )
+    df = df.sort_values(["block", "probability", "source", "target"], ascending=[True, False, True, True])
+    return df.reset_index(drop=True)
+
+
+def edge_counts(edges: pd.DataFrame, threshold: float = 0.5) -> dict[str, int]:
+    """{block: number of edges with probability > threshold}."""
+    out = {b: 0 for b in BLOCKS}
+    sel = edges[edges["probability"] > threshold]
+    for b, n in sel.groupby("block", observed=False).size().items():
+        out[str(b)] = int(n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _truth_on(nodes: Sequence[str], ground_truth: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(true adjacency restricted/reordered to ``nodes`` ∩ GRN genes, positions of those nodes)."""
+    genes = [str(g) for g in np.asarray(ground_truth["grn_genes"]).reshape(-1)]
+    adj = np.asarray(ground_truth["grn_adjacency"])
+    pos = {g: i for i, g in enumerate(genes)}
+    keep = [i for i, n in enumerate(nodes) if n in pos]
+    sel = [pos[nodes[i]] for i in keep]
+    return (adj[np.ix_(sel, sel)] != 0).astype(np.int8), np.asarray(keep, dtype=np.int64)
+
+
+def score_matrix(
+    probs: np.ndarray, nodes: Sequence[str], ground_truth: dict[str, Any], n_perturbed: int
+) -> dict[str, dict[str, float]]:
+    """Score a (T, T) edge-score matrix against the planted GRN on two node sets.
+
+    ``"perturbed"``: the perturbed genes that are GRN genes of the truth; ``"grn_genes"``: every node that
+    is a GRN gene of the truth (perturbed and extended). Self-loops excluded. Returns
+    ``{block: evaluate.grn.score_grn(...)}``.
+    """
+    from pyrovae.evaluate.grn import score_grn
+
+    nodes = [str(n) for n in nodes]
+    out: dict[str, dict[str, float]] = {}
+    truth, keep = _truth_on(nodes, ground_truth)
+    blocks = {"perturbed": keep < n_perturbed, "grn_genes": np.ones(len(keep), dtype=bool)}
+    for name, sel in blocks.items():
+        if sel.sum() < 2:
+            continue
+        k = keep[sel]
+        out[name] = dict(score_grn(truth[np.ix_(sel, sel)], probs[np.ix_(k, k)], exclude_self_loops=True))
+    return out
+
+
+def score_run_grn(
+    run,
+    ground_truth: dict[str, Any],
+    data=None,
+    baselines: bool = True,
+    split: str = "train",
+) -> pd.DataFrame:
+    """AUROC/AUPRC (and the other :func:`~pyrovae.evaluate.grn.score_grn` metrics) of a run's GRN.
+
+    Args:
+        run: a trained GPO-VAE :class:`~pyrovae.infer.runs.Run`.
+        ground_truth: ``{"grn_genes": names, "grn_adjacency": (n, n) 0/1, row = parent, col = child}``
+            (:func:`pyrovae.data.simulate.ground_truth`).
+        data: the data read with the run's schema; needed for the baselines and to tell perturbed from
+            extended held-out genes.
+        baselines: also score ``correlation_grn`` and ``de_grn`` computed on the ``split`` cells of
+            ``data`` (same node sets), and a random baseline (the expected AUPRC of random scores = the
+            edge density; AUROC 0.5).
+
+    Returns:
+        DataFrame with one row per (method, block) and the metric columns.
+    """
+    nodes = list(run.treatments)
+    n_pert = run_n_perturbed(run, data)
+    rows = []
+    for block, m in score_matrix(grn_probabilities(run), nodes, ground_truth, n_pert).items():
+        rows.append({"method": "gpo_vae", "block": block, **m})
+    if baselines and data is not None:
+        for name, scores in baseline_scores(data, nodes, split).items():
+            for block, m in score_matrix(scores, nodes, ground_truth, n_pert).items():
+                rows.append({"method": name, "block": block, **m})
+    if baselines:
+        truth, keep = _truth_on(nodes, ground_truth)
+        for block, sel in {"perturbed": keep < n_pert, "grn_genes": np.ones(len(keep), bool)}.items():
+            sub = truth[np.ix_(sel, sel)]
+            n = sub.shape[0]
+            if n < 2:
+                continue
+            off = ~np.eye(n, dtype=bool)
+            density = float(sub[off].mean())
+            rows.append(
+                {"method": "random", "block": block, "auroc": 0.5, "auprc": density, "random_auprc": density}
+            )
+    return pd.DataFrame(rows)
+
+
+def _rows_matrix(data, idx: np.ndarray):
+    """The count rows ``idx`` (all genes: library sizes need them), CSR or dense, never densified whole."""
+    import scipy.sparse as sp
+
+    m = data.counts
+    if isinstance(m, np.ndarray) or sp.issparse(m):
+        return m[idx]
+    return data.rows(idx)
+
+
+def baseline_scores(data, nodes: Sequence[str], split: str | None = "train") -> dict[str, np.ndarray]:
+    """(T, T) edge scores of the non-model baselines on the ``split`` cells, in ``nodes`` order.
+
+    ``correlation``: |Pearson correlation| of log-normalised expression (symmetric, undirected);
+    ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
+    cell perturbs are 0). Both from :mod:`pyrovae.evaluate.grn`.
+    """
+    from pyrovae.data.pairing import log_normalize
+    from pyrovae.evaluate import grn as grn_eval
+
+    idx = data.indices(split)
+    gene_pos = {g: i for i, g in enumerate(data.genes)}
+    node_idx = np.asarray([gene_pos[str(n)] for n in nodes], dtype=np.int64)
+    y = log_normalize(_rows_matrix(data, idx), node_idx)
+    labels = np.asarray(data.labels)[idx]
+    out = {}
+    out["correlation"] = np.asarray(grn_eval.correlation_grn(y), dtype=np.float64)
+    out["de"] = np.asarray(
+        grn_eval.de_grn(y, labels, [str(n) for n in nodes], data.control_label, data.sep), dtype=np.float64
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ unseen
+@torch.no_grad()
+def gpo_unseen_globals(
+    model: PerturbationVAE,
+    unseen: torch.Tensor | np.ndarray | Sequence[bool],
+    n: int,
+    seen: torch.Tensor | np.ndarray | Sequence[bool] | None = None,
+    self_effect: bool = True,
+) -> dict[str, torch.Tensor]:
+    """n draws of the global sites in which the rows of ``unseen`` perturbations are predicted from the GRN.
+
+    For an unseen perturbation of gene j (no training cell, so its E_j row got no ELBO signal):
+
+    - mask row M_j ~ q(M_j) = Bernoulli(sigmoid(W_j)): gene j's outgoing GRN edges, trained only through the
+      K-hop terms of the GRN loss (paths t -> j -> k of seen perturbations t) and the sparsity penalty;
+      with ``self_effect`` M_jj = 1 (a CRISPR perturbation acts on its own target gene);
+    - effect row E_j, coordinate k: the mean of E_tk over the seen perturbations t whose (same-draw) masks
+      reach both j and k (M_tj = M_tk = 1): how gene k's coordinate moves when a seen perturbation moves j
+      and k together. Where no seen perturbation reaches j and k, the mean of E_tk over seen t with
+      M_tk = 1; where none acts on k, 0.
+
+    The prediction is z_p = d (E ⊙ M) with these rows, exactly as for seen perturbations, so combinations
+    that include an unseen gene also work. Rows that are neither seen nor in ``unseen`` (e.g. extended
+    genes) are drawn from the prior as usual. What this cannot do: learn anything about j that no seen
+    perturbation's path through j reveals; the W_j row gets only 1/T-scaled gradients (see
+    :mod:`pyrovae.data.gpo`).
+
+    Args:
+        model: a GPO-VAE model.
+        unseen: (T,) bool, rows to predict.
+        n: number of global draws.
+        seen: (T,) bool, rows trained on data (default: every row not in ``unseen``).
+
+    Returns:
+        dict of global samples like :meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals`,
+        ``mask`` and ``E`` of shape (n, T, T).
+    """
+    grn_logits(model)  # raises for non-GPO models
+    dev = model.effect.q_mask_logits.device
+    unseen = torch.as_tensor(np.asarray(unseen, dtype=bool), device=dev)
+    seen_t = ~unseen if seen is None else torch.as_tensor(np.asarray(seen, dtype=bool), device=dev) & ~unseen
+    other = ~(unseen | seen_t)
+    g = model.sample_globals(n, untrained=other if bool(other.any()) else None)
+    mask, E = g["mask"].clone(), g["E"].clone()
+    if not bool(unseen.any()):
+        return g
+    s_idx = torch.nonzero(seen_t).reshape(-1)
+    ms, es = mask[:, s_idx], E[:, s_idx]  # (n, S, T)
+    me = ms * es
+    # fallback: mean effect on coordinate k over seen rows acting on k
+    cnt_k = ms.sum(1)  # (n, T)
+    fb = torch.where(cnt_k > 0, me.sum(1) / cnt_k.clamp_min(1.0), torch.zeros_like(cnt_k))
+    for j in torch.nonzero(unseen).reshape(-1).tolist():
+        a = ms[:, :, j : j + 1]  # (n, S, 1) seen rows reaching j
+        num = (a * me).sum(1)
+        den = (a * ms).sum(1)
+        E[:, j] = torch.where(den > 0, num / den.clamp_min(1.0), fb)
+        if self_effect:
+            mask[:, j, j] = 1.0
+    g["mask"], g["E"] = mask, E
+    return g
+
+
+def _posterior_base():
+    from pyrovae.infer.predictive import Posterior
+
+    return Posterior
+
+
+class GRNPosterior(_posterior_base()):  # type: ignore[misc]
+    """A :class:`~pyrovae.infer.predictive.Posterior` whose untrained *perturbed-gene* rows are predicted by
+    :func:`gpo_unseen_globals` instead of being drawn from the prior.
+
+    Args:
+        unseen: (T,) bool or names of the perturbations to predict from the GRN (default: the untrained
+            treatments among the first ``n_perturbed``; extended genes stay on the prior unless named).
+    """
+
+    def __init__(self, model, schema, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
+        super().__init__(model, schema)
+        T = len(self.treatments)
+        trained = torch.as_tensor(schema["train_treatment_counts"]) > 0
+        if unseen is None:
+            unseen = ~trained
+            if n_perturbed is not None:
+                unseen[n_perturbed:] = False
+        elif len(unseen) and isinstance(next(iter(unseen)), str):
+            pos = {t: i for i, t in enumerate(self.treatments)}
+            bad = [u for u in unseen if u not in pos]
+            if bad:
+                raise ValueError(f"unknown treatment(s) {bad}")
+            m = torch.zeros(T, dtype=torch.bool)
+            m[[pos[u] for u in unseen]] = True
+            unseen = m
+        self.unseen = torch.as_tensor(np.asarray(unseen, dtype=bool)).to(self.device)
+        self.seen = trained.to(self.device) & ~self.unseen
+        self.self_effect = self_effect
+
+    @classmethod
+    def from_run(cls, run, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
+        return cls(run.model, run.schema, unseen, n_perturbed, self_effect)
+
+    def _draw_globals(self, n: int) -> dict[str, torch.Tensor]:
+        return gpo_unseen_globals(self.model, self.unseen, n, seen=self.seen, self_effect=self.self_effect)

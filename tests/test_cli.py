@@ -1,0 +1,180 @@
+"""The command line end to end: simulate -> train -> iwelbo -> ate -> sample; refusals; bad input; demo."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from pyrovae.cli import main
+
+TINY_NET = [
+    "n_latent=4",
+    "decoder_hidden=16",
+    "encoder_hidden=16",
+    "embedding_encoder_hidden=16",
+    "max_epochs=2",
+    "batch_size=128",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny simulated dataset and a SAMS-VAE trained on it for 2 epochs through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "tiny.h5ad"
+    assert main(["simulate", "--preset", "tiny", "--seed", "0", "--out", str(data)]) == 0
+    run = root / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--model",
+                "sams_vae",
+                "--out",
+                str(run),
+                "--quiet",
+                "--set",
+                *TINY_NET,
+            ]
+        )
+        == 0
+    )
+    return data, run
+
+
+def test_iwelbo_command_writes_per_cell_csv_and_summary(trained_run, capsys):
+    data, run = trained_run
+    assert main(["iwelbo", str(run), "--data", str(data), "--particles", "8", "--seeds", "0", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "test IWELBO" in printed and "MC spread" in printed
+    cells = pd.read_csv(run / "iwelbo_test.csv", index_col="cell")
+    summary = json.loads((run / "iwelbo_test.json").read_text())
+    assert {"iwelbo", "label", "iwelbo_seed0", "iwelbo_seed1"} <= set(cells.columns)
+    assert np.isfinite(cells["iwelbo"]).all()
+    assert summary["n_cells"] == len(cells) and summary["n_particles"] == 8
+    assert summary["mean_iwelbo"] == pytest.approx(cells["iwelbo"].mean())
+    assert summary["mc_std_over_seeds"] > 0
+    # never overwrite without --overwrite
+    assert main(["iwelbo", str(run), "--data", str(data), "--particles", "8"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (
+        main(["iwelbo", str(run), "--data", str(data), "--particles", "4", "--seeds", "0", "--overwrite"])
+        == 0
+    )
+
+
+def test_ate_command_held_out_and_all_cells(trained_run, capsys):
+    data, run = trained_run
+    assert main(["ate", str(run), "--data", str(data), "--n-samples", "64", "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out test cells" in printed and "| method |" in printed
+    out = run / "ate_test"
+    table = pd.read_csv(out / "ate_metrics.csv", index_col="method")
+    assert list(table.index) == ["sams", "train_mean", "additive", "global_mean"]
+    assert {"pearson", "pearson_topk", "r2", "n_perturbations"} <= set(table.columns)
+    per = pd.read_csv(out / "ate_per_perturbation.csv")
+    assert {"method", "perturbation", "pearson"} <= set(per.columns)
+    assert (out / "ate_scatter.png").stat().st_size > 0
+    summary = json.loads((out / "ate_summary.json").read_text())
+    assert summary["scope"].startswith("held-out test cells")
+    assert (
+        main(["ate", str(run), "--data", str(data), "--n-samples", "32", "--all-cells", "--library", "data"])
+        == 0
+    )
+    assert "all cells" in capsys.readouterr().out
+    assert json.loads((run / "ate_all" / "ate_summary.json").read_text())["scope"].startswith("all cells")
+    assert main(["ate", str(run), "--data", str(data), "--n-samples", "32"]) == 2  # refuses to overwrite
+
+
+def test_sample_command_writes_an_anndata(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    out = tmp_path / "s.h5ad"
+    args = [
+        "sample",
+        str(run),
+        "--perturbation",
+        "PG01+PG02",
+        "--perturbation",
+        "control",
+        "--n-cells",
+        "6",
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+    ]
+    assert main(args) == 0
+    s = ad.read_h5ad(out)
+    assert s.shape == (12, ad.read_h5ad(data).n_vars)
+    assert list(s.obs["perturbation"].astype(str)) == ["PG01+PG02"] * 6 + ["control"] * 6
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    bad = ["sample", str(run), "--perturbation", "NOPE", "--n-cells", "2", "--out", str(tmp_path / "b.h5ad")]
+    assert main(bad) == 2 and "unknown perturbation(s) NOPE" in capsys.readouterr().err
+    lib = [
+        "sample",
+        str(run),
+        "--perturbation",
+        "PG01",
+        "--n-cells",
+        "3",
+        "--out",
+        str(tmp_path / "l.h5ad"),
+        "--library",
+        "data",
+        "--data",
+        str(data),
+    ]
+    assert main(lib) == 0
+    src = ad.read_h5ad(data)
+    pool = set(np.asarray(src.X[(src.obs["perturbation"] == "PG01").to_numpy()].sum(1)).ravel().tolist())
+    assert set(ad.read_h5ad(tmp_path / "l.h5ad").obs["library_size"]) <= pool
+
+
+def test_missing_obs_column_is_exit_code_2_naming_it(tmp_path, capsys):
+    a = ad.AnnData(np.ones((10, 3), dtype=np.float32))
+    a.obs["guide"] = ["control"] * 5 + ["A"] * 5
+    path = tmp_path / "bad.h5ad"
+    a.write_h5ad(path)
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'perturbation'" in err and "--perturbation-key" in err
+
+
+def test_demo_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| SAMS-VAE |" in printed and "| CPA-VAE |" in printed and "wall time" in printed
+    table = pd.read_csv(out / "comparison.csv", index_col="method")
+    assert {"SAMS-VAE", "CPA-VAE", "additive", "random mask (chance)"} <= set(table.index)
+    assert np.isfinite(table.loc["SAMS-VAE", "IWELBO held-out combos"])
+    assert np.isfinite(table.loc["SAMS-VAE", "mask F1"])
+    for f in (
+        "comparison.md",
+        "summary.json",
+        "training_curves.png",
+        "mask_heatmap.png",
+        "ate_scatter_heldout_combos.png",
+        "data.h5ad",
+        "sams_vae/best.pt",
+        "cpa_vae/best.pt",
+    ):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_seconds"] < 600
