@@ -48,12 +48,21 @@ FMTS = {"test_iwelbo": "{:.2f}", "test_iwelbo_rel": "{:.2f}", "val_iwelbo": "{:.
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument("--fractions", type=float, nargs="+", default=None,
-                   help="fractions f of combinations in training (default: the config's)")
+    g.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fractions f of combinations in training (default: the config's)",
+    )
     g.add_argument("--frac-test", type=float, default=None, help="fraction of combinations held out (0.25)")
-    g.add_argument("--combo-pool", choices=POOLS, default=None,
-                   help="'all' (reference: f of all combinations; f = 1 trains the held-out ones on other "
-                        "cells) or 'heldout_excluded' (f of the non-held-out combinations)")
+    g.add_argument(
+        "--combo-pool",
+        choices=POOLS,
+        default=None,
+        help="'all' (reference: f of all combinations; f = 1 trains the held-out ones on other "
+        "cells) or 'heldout_excluded' (f of the non-held-out combinations)",
+    )
     return p
 
 
@@ -72,8 +81,11 @@ def summarise(exp: common.Experiment) -> str:
         f"{exp.source['description']}; budget {exp.settings['budget']}; split seeds {exp.seeds}.",
         "Test = the test cells of the held-out combinations (last ceil(frac_test C) of a seeded shuffle); "
         f"combination pool {exp.settings['protocol']['pool']!r}"
-        + (" (at f = 1 the held-out combinations' other cells are in training, as in the reference)."
-           if exp.settings["protocol"]["pool"] == "all" else "."),
+        + (
+            " (at f = 1 the held-out combinations' other cells are in training, as in the reference)."
+            if exp.settings["protocol"]["pool"] == "all"
+            else "."
+        ),
         f"test IWELBO rel. = test IWELBO minus that of {ref} at f = 0 for the same split seed.",
         "baseline rows (no model; ATE from the training cells only): additive = the sum of the singles' "
         "training ATEs; per-perturbation train mean = the combination's own training ATE (none for a "
@@ -83,11 +95,21 @@ def summarise(exp: common.Experiment) -> str:
         "svae_plus encodes every combination as its own treatment (it cannot compose); held-out "
         "combinations are drawn from its prior.",
     ]
-    md = exp.write_table("summary", table, "Combinatorial generalisation (held-out combinations)", notes, raw=agg)
-    common.plot_lines(agg, "frac", {"test_iwelbo_rel": "test IWELBO rel. (nats/cell)", "ate_r": "ATE Pearson r",
-                                    "ate_r_top20": "ATE Pearson r, top-20 genes"},
-                      exp.out / "combinatorial.png", xlabel="fraction of combinations in training",
-                      title="held-out combinations")
+    md = exp.write_table(
+        "summary", table, "Combinatorial generalisation (held-out combinations)", notes, raw=agg
+    )
+    common.plot_lines(
+        agg,
+        "frac",
+        {
+            "test_iwelbo_rel": "test IWELBO rel. (nats/cell)",
+            "ate_r": "ATE Pearson r",
+            "ate_r_top20": "ATE Pearson r, top-20 genes",
+        },
+        exp.out / "combinatorial.png",
+        xlabel="fraction of combinations in training",
+        title="held-out combinations",
+    )
     return md
 
 
@@ -102,19 +124,24 @@ def main(argv=None) -> int:
     if args.combo_pool is not None:
         proto["pool"] = args.combo_pool
     exp.settings["protocol"] = proto
-    fractions = [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+    fractions = [
+        float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))
+    ]
     labels, ctrl = exp.labels()
     canon, n_pert, _ = canonical_labels(labels, ctrl, args.combo_sep)
     unique_models = set(exp.settings.get("unique_encoding", ["svae_plus"]))
     splits = {}
     for seed in exp.seeds:
         for f in fractions:
-            split = combinatorial_split(labels, f, ctrl, args.combo_sep, frac_test=proto["frac_test"], seed=seed,
-                                        pool=proto["pool"])
+            split = combinatorial_split(
+                labels, f, ctrl, args.combo_sep, frac_test=proto["frac_test"], seed=seed, pool=proto["pool"]
+            )
             splits[(seed, f)] = split_summary(split, labels, ctrl, args.combo_sep)
             test_perts = sorted(set(canon[(split == "test") & (n_pert > 1)]))
-            exp.log(f"split seed {seed}, f = {f}: {splits[(seed, f)]['train']['combination_labels']} training "
-                    f"combinations, {len(test_perts)} held-out, {int((split == 'test').sum())} test cells")
+            exp.log(
+                f"split seed {seed}, f = {f}: {splits[(seed, f)]['train']['combination_labels']} training "
+                f"combinations, {len(test_perts)} held-out, {int((split == 'test').sum())} test cells"
+            )
             loaded = {False: exp.load(split)}
             exp.score_baselines(loaded[False], test_perts, {"frac": f, "seed": seed}, which=BASELINES)
             for model in exp.models:
@@ -122,11 +149,23 @@ def main(argv=None) -> int:
                 if unique not in loaded:
                     loaded[unique] = exp.load(split, encode_combos_as_unique=unique)
                 mcfg, tcfg = exp.configs(model, seed=int(exp.settings.get("train_seed", 0)))
-                exp.fit_and_score(loaded[unique], model, mcfg, tcfg, f"seed{seed}/f{f:g}/{model}", test_perts,
-                                  tags={"model": model, "frac": f, "seed": seed, "n_test_combos": len(test_perts)})
+                exp.fit_and_score(
+                    loaded[unique],
+                    model,
+                    mcfg,
+                    tcfg,
+                    f"seed{seed}/f{f:g}/{model}",
+                    test_perts,
+                    tags={"model": model, "frac": f, "seed": seed, "n_test_combos": len(test_perts)},
+                )
     md = summarise(exp)
-    exp.finish({"protocol": proto, "fractions": fractions,
-                "splits": {f"seed{s}_f{f:g}": v for (s, f), v in splits.items()}})
+    exp.finish(
+        {
+            "protocol": proto,
+            "fractions": fractions,
+            "splits": {f"seed{s}_f{f:g}": v for (s, f), v in splits.items()},
+        }
+    )
     print(md)
     return 0
 

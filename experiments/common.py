@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import platform
 import sys
@@ -59,9 +58,14 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     """The data layer's column options (as ``pyrovae train``'s), minus the split options: the protocol
     makes the split."""
     g = p.add_argument_group("data (default: the simulated dataset)")
-    g.add_argument("--data", default=None, help="input .h5ad with raw counts (default: simulate, see --preset)")
     g.add_argument(
-        "--preset", default="default", choices=PRESETS, help="simulated preset when no --data (default: default)"
+        "--data", default=None, help="input .h5ad with raw counts (default: simulate, see --preset)"
+    )
+    g.add_argument(
+        "--preset",
+        default="default",
+        choices=PRESETS,
+        help="simulated preset when no --data (default: default)",
     )
     g.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated dataset (default 0)")
     g.add_argument(
@@ -75,7 +79,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gene-key",
         default=None,
-        help="boolean var column restricting the modelled genes (e.g. highly_variable, as the SAMS-VAE Norman "
+        help="boolean var column restricting the modelled genes (e.g. highly_variable, as the SAMS-VAE "
+        "Norman "
         "runs); default: all genes",
     )
 
@@ -86,13 +91,15 @@ def build_parser(name: str, description: str | None) -> argparse.ArgumentParser:
         prog=f"python experiments/{name}.py",
         description=(description or "").strip().splitlines()[0] if description else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Settings come from experiments/configs/%s.yaml (section 'small', or 'full' with --full)." % name,
+        epilog=f"Settings: experiments/configs/{name}.yaml (section 'small', or 'full' with --full).",
     )
     add_data_options(p)
     g = p.add_argument_group("experiment")
     g.add_argument("--out", default=None, help=f"output directory (default: runs/experiments/{name})")
     g.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
-    g.add_argument("--full", action="store_true", help="the papers' budgets (slow; see the YAML 'full' section)")
+    g.add_argument(
+        "--full", action="store_true", help="the papers' budgets (slow; see the YAML 'full' section)"
+    )
     g.add_argument("--config", default=None, help=f"YAML settings (default: experiments/configs/{name}.yaml)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the config's)")
     g.add_argument("--models", nargs="+", default=None, help="subset of the config's models")
@@ -175,7 +182,8 @@ def route_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
             e[k] = v
         else:
             raise ValueError(
-                f"unknown setting {k!r} in --set; model: {sorted(model_keys)}; training: {sorted(train_keys)}; "
+                f"unknown setting {k!r} in --set; model: {sorted(model_keys)}; "
+                f"training: {sorted(train_keys)}; "
                 f"evaluation: {sorted(EVAL_DEFAULTS)}"
             )
     return m, t, e
@@ -221,7 +229,10 @@ def markdown(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
 
 
 def aggregate(
-    results: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], order: Mapping[str, Sequence] | None = None
+    results: pd.DataFrame,
+    by: Sequence[str],
+    metrics: Sequence[str],
+    order: Mapping[str, Sequence] | None = None,
 ) -> pd.DataFrame:
     """Mean, std (ddof=1; NaN for a single value) and count of each metric per group.
 
@@ -330,8 +341,10 @@ def _pyplot():
 def _save_figure(fig, path: Path) -> Path:
     from pyrovae.infer.runs import atomic_write
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120,
-                                               bbox_inches="tight"))
+    atomic_write(
+        path,
+        lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight"),
+    )
     _pyplot().close(fig)
     return path
 
@@ -346,7 +359,9 @@ def plot_lines(
     title: str | None = None,
 ) -> Path | None:
     """One panel per metric: mean ± std (error bars) against ``x``, one line per ``series`` value."""
-    metrics = {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+    metrics = {
+        m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()
+    }
     if not metrics or not len(agg):
         return None
     plt = _pyplot()
@@ -354,8 +369,16 @@ def plot_lines(
     for ax, (m, label) in zip(axes[0], metrics.items()):
         for i, (name, grp) in enumerate(agg.groupby(series, sort=False)):
             grp = grp.sort_values(x)
-            ax.errorbar(grp[x], grp[f"{m}_mean"], yerr=grp[f"{m}_std"].fillna(0.0), marker="o", ms=3,
-                        capsize=2, color=f"C{i % 10}", label=str(name))
+            ax.errorbar(
+                grp[x],
+                grp[f"{m}_mean"],
+                yerr=grp[f"{m}_std"].fillna(0.0),
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=f"C{i % 10}",
+                label=str(name),
+            )
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -369,7 +392,9 @@ def plot_bars(
     agg: pd.DataFrame, label: str, metrics: Mapping[str, str], path: str | Path, title: str | None = None
 ) -> Path | None:
     """One horizontal bar panel per metric: mean ± std per row label."""
-    metrics = {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+    metrics = {
+        m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()
+    }
     if not metrics or not len(agg):
         return None
     plt = _pyplot()
@@ -377,8 +402,13 @@ def plot_bars(
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.35 * n + 1.5), squeeze=False)
     ypos = np.arange(n)
     for ax, (m, title_m) in zip(axes[0], metrics.items()):
-        ax.barh(ypos, agg[f"{m}_mean"].to_numpy(dtype=float), xerr=agg[f"{m}_std"].fillna(0.0).to_numpy(float),
-                color=[f"C{i % 10}" for i in range(n)], capsize=2)
+        ax.barh(
+            ypos,
+            agg[f"{m}_mean"].to_numpy(dtype=float),
+            xerr=agg[f"{m}_std"].fillna(0.0).to_numpy(float),
+            color=[f"C{i % 10}" for i in range(n)],
+            capsize=2,
+        )
         ax.set_yticks(ypos)
         ax.set_yticklabels(agg[label].astype(str).tolist(), fontsize=7)
         ax.invert_yaxis()
@@ -426,11 +456,14 @@ def empirical_ates(data, perturbations: Sequence[str], rows: np.ndarray | None =
     present = set(labels[keep])
     groups = [str(p) for p in perturbations if str(p) in present]
     counts = data.counts if len(sel) == data.n_cells else data.counts[sel]
-    return empirical_ate(counts, labels[sel], ctrl, groups=groups, genes=list(data.genes),
-                         method=ate_transform(data))
+    return empirical_ate(
+        counts, labels[sel], ctrl, groups=groups, genes=list(data.genes), method=ate_transform(data)
+    )
 
 
-def ate_scores(ate_true: pd.DataFrame, pred: pd.DataFrame, top_k: int = 20, suffix: str = "") -> dict[str, float]:
+def ate_scores(
+    ate_true: pd.DataFrame, pred: pd.DataFrame, top_k: int = 20, suffix: str = ""
+) -> dict[str, float]:
     """Pearson r and R² of a predicted ATE against an empirical one, over all (perturbation, gene) entries
     and over each perturbation's top-k genes by |empirical ATE|: ``ate_r``, ``ate_r_top<k>``, ``ate_r2``,
     ``ate_r2_top<k>``, ``ate_n`` (perturbations scored; rows with a NaN prediction are dropped), + suffix."""
@@ -486,7 +519,9 @@ class Experiment:
         self.settings["model"] = {**self.settings["model"], **m_over}
         self.settings["train"] = {**self.settings["train"], **t_over}
         self.settings["eval"] = {**self.settings["eval"], **e_over}
-        self.seeds = [int(s) for s in (args.seeds if args.seeds is not None else self.settings.get("seeds", [0]))]
+        self.seeds = [
+            int(s) for s in (args.seeds if args.seeds is not None else self.settings.get("seeds", [0]))
+        ]
         models = list(self.settings.get("models", []))
         if args.models:
             unknown = [m for m in args.models if m not in models]
@@ -554,7 +589,9 @@ class Experiment:
 
         raw = self.adata.obs[self.args.perturbation_key]
         if raw.isna().any():
-            raise ValueError(f"{int(raw.isna().sum())} cells have no label in obs[{self.args.perturbation_key!r}]")
+            raise ValueError(
+                f"{int(raw.isna().sum())} cells have no label in obs[{self.args.perturbation_key!r}]"
+            )
         labels = raw.astype(str).to_numpy()
         return labels, find_control_label(labels, self.args.control_label)
 
@@ -577,7 +614,11 @@ class Experiment:
         from pyrovae.infer.train import TrainConfig
         from pyrovae.models.zoo import model_config
 
-        m = {**self.settings["model"], **(self.settings.get("model_overrides") or {}).get(model, {}), **overrides}
+        m = {
+            **self.settings["model"],
+            **(self.settings.get("model_overrides") or {}).get(model, {}),
+            **overrides,
+        }
         base = self.settings.get("model_base", {}).get(model, model)
         t = {**self.settings["train"], "seed": int(seed)}
         return model_config(base, **m), TrainConfig().replace(**t)
@@ -589,7 +630,9 @@ class Experiment:
         missing = [p for p in perturbations if p not in have]
         if missing:
             new = empirical_ates(data, missing)
-            self._empirical_all = new if self._empirical_all is None else pd.concat([self._empirical_all, new])
+            self._empirical_all = (
+                new if self._empirical_all is None else pd.concat([self._empirical_all, new])
+            )
         return self._empirical_all.loc[[p for p in perturbations if p in self._empirical_all.index]]
 
     def fit_and_score(
@@ -622,8 +665,15 @@ class Experiment:
         ev = self.settings["eval"]
         run_dir = self.out / "runs" / run_name
         t0 = time.perf_counter()
-        run = train_run(data, model_cfg, train_cfg, run_dir, data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
-                        overwrite=True, progress=self.args.progress)
+        run = train_run(
+            data,
+            model_cfg,
+            train_cfg,
+            run_dir,
+            data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
+            overwrite=True,
+            progress=self.args.progress,
+        )
         t_train = time.perf_counter() - t0
         hist = run.metrics()
         row: dict[str, Any] = {**tags, "model": tags.get("model", model)}
@@ -638,17 +688,29 @@ class Experiment:
         t1 = time.perf_counter()
         for split in ("val", "test"):
             if len(data.indices(split)):
-                df = predictive_iwelbo(run.model, data, split, n_particles=int(ev["iwelbo_particles"]),
-                                       batch_size=int(ev["iwelbo_batch_size"]), seed=int(ev["eval_seed"]),
-                                       untrained=run.untrained)
+                df = predictive_iwelbo(
+                    run.model,
+                    data,
+                    split,
+                    n_particles=int(ev["iwelbo_particles"]),
+                    batch_size=int(ev["iwelbo_batch_size"]),
+                    seed=int(ev["eval_seed"]),
+                    untrained=run.untrained,
+                )
                 row[f"{split}_iwelbo"] = float(df["iwelbo"].mean())
         t2 = time.perf_counter()
         pred = None
         if ate_perturbations:
             post = posterior_factory(run) if posterior_factory else Posterior.from_run(run)
             perts = list(ate_perturbations)
-            pred = post.model_ate(perts, n_samples=int(ev["ate_samples"]), library_size=float(ev["library_size"]),
-                                  seed=int(ev["eval_seed"]), chunk=int(ev["ate_chunk"]), transform=ate_transform(data))
+            pred = post.model_ate(
+                perts,
+                n_samples=int(ev["ate_samples"]),
+                library_size=float(ev["library_size"]),
+                seed=int(ev["eval_seed"]),
+                chunk=int(ev["ate_chunk"]),
+                transform=ate_transform(data),
+            )
             k = int(ev["top_k"])
             row.update(ate_scores(self.empirical_all(data, perts), pred, k))
             test_rows = data.indices("test")
@@ -661,7 +723,9 @@ class Experiment:
             t3 = time.perf_counter()
         self.record(row)
         shown = ", ".join(
-            f"{k} {row[k]:.3f}" for k in ("test_iwelbo", "ate_r", "ate_r_top20") if k in row and row[k] == row[k]
+            f"{k} {row[k]:.3f}"
+            for k in ("test_iwelbo", "ate_r", "ate_r_top20")
+            if k in row and row[k] == row[k]
         )
         self.log(f"  {run_name}: {shown} ({row['epochs']} epochs, {t3 - t0:.1f}s)")
         return Scored(row, run, pred)
@@ -699,8 +763,14 @@ class Experiment:
     def results_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.results)
 
-    def write_table(self, stem: str, table: pd.DataFrame, title: str, notes: Iterable[str] = (),
-                    raw: pd.DataFrame | None = None) -> str:
+    def write_table(
+        self,
+        stem: str,
+        table: pd.DataFrame,
+        title: str,
+        notes: Iterable[str] = (),
+        raw: pd.DataFrame | None = None,
+    ) -> str:
         """Write ``<stem>.csv`` (``raw`` if given, else ``table``) and ``<stem>.md`` (title, table, notes)."""
         write_frame(self.out / f"{stem}.csv", raw if raw is not None else table)
         md = f"## {title}\n\n{markdown(table)}\n"
@@ -728,8 +798,12 @@ class Experiment:
             "data": self.source,
             "n_runs": len(self.results),
             "wall_seconds": round(wall, 1),
-            "versions": {"pyrovae": pyrovae.__version__, "torch": torch.__version__, "pyro": pyro.__version__,
-                         "python": platform.python_version()},
+            "versions": {
+                "pyrovae": pyrovae.__version__,
+                "torch": torch.__version__,
+                "pyro": pyro.__version__,
+                "python": platform.python_version(),
+            },
             **(extra or {}),
         }
         from pyrovae.infer.runs import write_json

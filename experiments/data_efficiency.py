@@ -43,8 +43,13 @@ FMTS = {"test_iwelbo": "{:.2f}", "test_iwelbo_rel": "{:.2f}", "val_iwelbo": "{:.
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument("--fractions", type=float, nargs="+", default=None,
-                   help="fractions f of the 64%% training part of combination cells (default: the config's)")
+    g.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fractions f of the 64%% training part of combination cells (default: the config's)",
+    )
     return p
 
 
@@ -54,7 +59,9 @@ def summarise(exp: common.Experiment) -> str:
     res = common.add_relative(res, "test_iwelbo", {"model": ref, "frac": 0.0}, match=("seed",))
     common.write_frame(exp.out / "results.csv", res)
     by = ["frac", "model"]
-    agg = common.aggregate(res, by, list(METRICS) + list(HELDOUT_METRICS) + ["train_s"], order={"model": exp.models})
+    agg = common.aggregate(
+        res, by, list(METRICS) + list(HELDOUT_METRICS) + ["train_s"], order={"model": exp.models}
+    )
     agg = agg.sort_values("frac", kind="stable").reset_index(drop=True)
     table = common.format_summary(agg, by, {**METRICS, **HELDOUT_METRICS}, FMTS)
     table = table.rename(columns={"frac": "frac. combo cells in train", "n": "seeds"})
@@ -70,19 +77,30 @@ def summarise(exp: common.Experiment) -> str:
         "cells, the reference's, which includes the training cells for f > 0); 'test cells': against the "
         "empirical ATE of the test cells only.",
     ]
-    md = exp.write_table("summary", table, "Data efficiency (fraction of combination cells in training)", notes,
-                         raw=agg)
-    common.plot_lines(agg, "frac", {"test_iwelbo_rel": "test IWELBO rel. (nats/cell)", "ate_r": "ATE Pearson r",
-                                    "ate_r_top20": "ATE Pearson r, top-20 genes"},
-                      exp.out / "data_efficiency.png", xlabel="fraction of combination cells in training",
-                      title="data efficiency")
+    md = exp.write_table(
+        "summary", table, "Data efficiency (fraction of combination cells in training)", notes, raw=agg
+    )
+    common.plot_lines(
+        agg,
+        "frac",
+        {
+            "test_iwelbo_rel": "test IWELBO rel. (nats/cell)",
+            "ate_r": "ATE Pearson r",
+            "ate_r_top20": "ATE Pearson r, top-20 genes",
+        },
+        exp.out / "data_efficiency.png",
+        xlabel="fraction of combination cells in training",
+        title="data efficiency",
+    )
     return md
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    fractions = [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+    fractions = [
+        float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))
+    ]
     labels, ctrl = exp.labels()
     canon, n_pert, _ = canonical_labels(labels, ctrl, args.combo_sep)
     unique_models = set(exp.settings.get("unique_encoding", ["svae_plus"]))
@@ -92,8 +110,11 @@ def main(argv=None) -> int:
             split = data_efficiency_split(labels, f, ctrl, args.combo_sep, seed=seed)
             splits[(seed, f)] = split_summary(split, labels, ctrl, args.combo_sep)
             test_perts = sorted(set(canon[(split == "test") & (n_pert > 1)]))
-            exp.log(f"split seed {seed}, f = {f}: {int(((split == 'train') & (n_pert > 1)).sum())} training "
-                    f"combination cells, {int((split == 'test').sum())} test cells of {len(test_perts)} combinations")
+            exp.log(
+                f"split seed {seed}, f = {f}: {int(((split == 'train') & (n_pert > 1)).sum())} training "
+                f"combination cells, {int((split == 'test').sum())} test cells "
+                f"of {len(test_perts)} combinations"
+            )
             loaded = {False: exp.load(split)}
             exp.score_baselines(loaded[False], test_perts, {"frac": f, "seed": seed}, which=BASELINES)
             for model in exp.models:
@@ -101,8 +122,15 @@ def main(argv=None) -> int:
                 if unique not in loaded:
                     loaded[unique] = exp.load(split, encode_combos_as_unique=unique)
                 mcfg, tcfg = exp.configs(model, seed=int(exp.settings.get("train_seed", 0)))
-                exp.fit_and_score(loaded[unique], model, mcfg, tcfg, f"seed{seed}/f{f:g}/{model}", test_perts,
-                                  tags={"model": model, "frac": f, "seed": seed})
+                exp.fit_and_score(
+                    loaded[unique],
+                    model,
+                    mcfg,
+                    tcfg,
+                    f"seed{seed}/f{f:g}/{model}",
+                    test_perts,
+                    tags={"model": model, "frac": f, "seed": seed},
+                )
     md = summarise(exp)
     exp.finish({"fractions": fractions, "splits": {f"seed{s}_f{f:g}": v for (s, f), v in splits.items()}})
     print(md)

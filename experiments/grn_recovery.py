@@ -60,15 +60,26 @@ FMTS = {"test_iwelbo": "{:.2f}", "edges": "{:.1f}"}
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument("--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)")
-    g.add_argument("--grn-truth", default=None,
-                   help="CSV edge list (columns source, target) of a reference GRN to score against "
-                        "(default: the simulator's planted GRN; none for real data)")
-    g.add_argument("--grn-genes-key", default=None,
-                   help="boolean var column of extended (never perturbed) GRN genes, e.g. FC2 (Adamson) / FC3 "
-                        "(Replogle) in the GPO-VAE files; default: var['grn_gene'] of simulated data")
-    g.add_argument("--qc-key", default=None,
-                   help="obs column with the QC-failure flag (1 = fails); default: MAD flags computed from counts")
+    g.add_argument(
+        "--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)"
+    )
+    g.add_argument(
+        "--grn-truth",
+        default=None,
+        help="CSV edge list (columns source, target) of a reference GRN to score against "
+        "(default: the simulator's planted GRN; none for real data)",
+    )
+    g.add_argument(
+        "--grn-genes-key",
+        default=None,
+        help="boolean var column of extended (never perturbed) GRN genes, e.g. FC2 (Adamson) / FC3 "
+        "(Replogle) in the GPO-VAE files; default: var['grn_gene'] of simulated data",
+    )
+    g.add_argument(
+        "--qc-key",
+        default=None,
+        help="obs column with the QC-failure flag (1 = fails); default: MAD flags computed from counts",
+    )
     return p
 
 
@@ -82,7 +93,9 @@ def reference_grn(exp: common.Experiment, path: str | None) -> dict | None:
         genes = sorted(set(edges["source"].astype(str)) | set(edges["target"].astype(str)))
         pos = {g: i for i, g in enumerate(genes)}
         adj = np.zeros((len(genes), len(genes)), dtype=np.float32)
-        adj[[pos[s] for s in edges["source"].astype(str)], [pos[t] for t in edges["target"].astype(str)]] = 1.0
+        adj[[pos[s] for s in edges["source"].astype(str)], [pos[t] for t in edges["target"].astype(str)]] = (
+            1.0
+        )
         return {"grn_genes": genes, "grn_adjacency": adj}
     if exp.source["kind"] == "simulated":
         from pyrovae.data.simulate import ground_truth
@@ -97,7 +110,10 @@ def grn_metrics(run, data, truth: dict | None) -> dict[str, float]:
 
     n_pert = run_n_perturbed(run, data)
     counts = edge_counts(grn_edges(run, n_perturbed=n_pert))
-    out: dict[str, float] = {"edges": float(sum(counts.values())), "edges_perturbed": float(counts["perturbed"])}
+    out: dict[str, float] = {
+        "edges": float(sum(counts.values())),
+        "edges_perturbed": float(counts["perturbed"]),
+    }
     if truth is not None:
         table = score_run_grn(run, truth, data, baselines=False)
         for _, r in table.iterrows():
@@ -126,9 +142,11 @@ def summarise(exp: common.Experiment) -> str:
     agg = common.aggregate(res, ["model"], list(METRICS) + ["train_s"], order={"model": exp.models})
     table = common.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
     notes = [
-        f"{exp.source['description']}; budget {exp.settings['budget']}; training seeds {exp.seeds}; cell split "
+        f"{exp.source['description']}; budget {exp.settings['budget']}; "
+        f"training seeds {exp.seeds}; cell split "
         f"64/16/20 with split seed {exp.settings['split_seed']}.",
-        "Ablations: no_grn_loss = grn_weight 0; no_k_hop = grn_hops 0 (S = W); no_sparsity = sparsity_weight 0.",
+        "Ablations: no_grn_loss = grn_weight 0; no_k_hop = grn_hops 0 (S = W); "
+        "no_sparsity = sparsity_weight 0.",
         "AUPRC/AUROC of sigmoid(W) against the reference GRN, self-loops excluded; 'perturbed' = edges "
         "between perturbed genes, 'all GRN genes' = perturbed + extended genes. baseline: random has "
         "AUPRC = edge density and AUROC = 0.5.",
@@ -137,9 +155,17 @@ def summarise(exp: common.Experiment) -> str:
     if exp.settings.get("grn_truth") is None:
         notes.append("No reference GRN: AUPRC/AUROC not computed (pass --grn-truth edges.csv).")
     md = exp.write_table("summary", table, "GRN recovery: GPO-VAE and ablations", notes, raw=agg)
-    common.plot_bars(agg, "model", {"auprc_perturbed": "AUPRC (perturbed genes)",
-                                    "auprc_grn_genes": "AUPRC (all GRN genes)", "ate_r": "ATE r (all cells)"},
-                     exp.out / "grn_recovery.png", title="GRN recovery")
+    common.plot_bars(
+        agg,
+        "model",
+        {
+            "auprc_perturbed": "AUPRC (perturbed genes)",
+            "auprc_grn_genes": "AUPRC (all GRN genes)",
+            "ate_r": "ATE r (all cells)",
+        },
+        exp.out / "grn_recovery.png",
+        title="GRN recovery",
+    )
     return md
 
 
@@ -164,19 +190,33 @@ def main(argv=None) -> int:
     import time
 
     t0 = time.perf_counter()
-    data = prepare_gpo_data(exp.load(split), extra_genes=extra_genes, qc_key=args.qc_key, seed=split_seed,
-                            **(exp.settings.get("prepare") or {}))
-    exp.log(f"prepared GPO data in {time.perf_counter() - t0:.1f}s: {data.n_treatments} GRN nodes, "
-            f"{len(data.indices('train'))} train / {len(data.indices('val'))} val / {len(data.indices('test'))} "
-            "test cells")
+    data = prepare_gpo_data(
+        exp.load(split),
+        extra_genes=extra_genes,
+        qc_key=args.qc_key,
+        seed=split_seed,
+        **(exp.settings.get("prepare") or {}),
+    )
+    exp.log(
+        f"prepared GPO data in {time.perf_counter() - t0:.1f}s: {data.n_treatments} GRN nodes, "
+        f"{len(data.indices('train'))} train / {len(data.indices('val'))} val / {len(data.indices('test'))} "
+        "test cells"
+    )
     perts = sorted(set(data.labels[data.indices("test")]) - {data.control_label})
     baselines_done = False
     for seed in exp.seeds:
         for model in exp.models:
             mcfg, tcfg = exp.configs(model, seed=seed)
-            scored = exp.fit_and_score(data, model, mcfg, tcfg, f"seed{seed}/{model}", perts,
-                                       tags={"model": model, "seed": seed},
-                                       extra=lambda run: grn_metrics(run, data, truth))
+            scored = exp.fit_and_score(
+                data,
+                model,
+                mcfg,
+                tcfg,
+                f"seed{seed}/{model}",
+                perts,
+                tags={"model": model, "seed": seed},
+                extra=lambda run: grn_metrics(run, data, truth),
+            )
             if truth is not None and not baselines_done:
                 for row in baseline_rows(scored.run, data, truth):
                     exp.record(row)

@@ -50,7 +50,9 @@ FMTS = {"val_iwelbo": "{:.2f}", "test_iwelbo": "{:.2f}"}
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument("--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)")
+    g.add_argument(
+        "--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)"
+    )
     g.add_argument("--stratify", action="store_true", help="stratify the cell split by perturbation")
     return p
 
@@ -65,7 +67,10 @@ def expand_settings(model: str, sweep: dict | None) -> list[dict]:
 
 
 def setting_name(setting: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "default"
+    return (
+        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+        or "default"
+    )
 
 
 def summarise(exp: common.Experiment) -> str:
@@ -75,7 +80,8 @@ def summarise(exp: common.Experiment) -> str:
     agg = common.aggregate(res, by, list(METRICS) + ["train_s"], order=order)
     all_table = common.format_summary(agg, by, METRICS, FMTS).rename(columns={"n": "seeds"})
     notes = [
-        f"{exp.source['description']}; budget {exp.settings['budget']}; training seeds {exp.seeds}; cell split "
+        f"{exp.source['description']}; budget {exp.settings['budget']}; "
+        f"training seeds {exp.seeds}; cell split "
         f"64/16/20 with split seed {exp.settings['split_seed']}.",
         "ATE over all perturbations; 'all cells' = the reference's empirical ATE (every cell, training cells "
         "included); 'test cells' = the empirical ATE of the held-out test cells.",
@@ -94,18 +100,32 @@ def summarise(exp: common.Experiment) -> str:
             picked.append(grp.iloc[0])
     sel = pd.DataFrame(picked).reset_index(drop=True)
     table = common.format_summary(sel, by, METRICS, FMTS).rename(columns={"n": "seeds"})
-    md = exp.write_table("summary", table, "Held-out cells (setting per model chosen on validation IWELBO)",
-                         notes, raw=sel)
+    md = exp.write_table(
+        "summary", table, "Held-out cells (setting per model chosen on validation IWELBO)", notes, raw=sel
+    )
     sel = sel.assign(label=sel["model"] + " (" + sel["setting"] + ")")
-    common.plot_bars(sel, "label", {"test_iwelbo": "test IWELBO (nats/cell)", "ate_r": "ATE r (all cells)",
-                                    "ate_r_heldout": "ATE r (test cells)"},
-                     exp.out / "heldout_cells.png", title="held-out cells")
+    common.plot_bars(
+        sel,
+        "label",
+        {
+            "test_iwelbo": "test IWELBO (nats/cell)",
+            "ate_r": "ATE r (all cells)",
+            "ate_r_heldout": "ATE r (test cells)",
+        },
+        exp.out / "heldout_cells.png",
+        title="held-out cells",
+    )
     sams = agg[agg["model"].isin(["sams_vae", "sams_vae_mf"]) & agg["setting"].str.startswith("mask_prior")]
     if len(sams):
         sams = sams.assign(mask_prior=sams["setting"].str.extract(r"mask_prior=([0-9.e-]+)")[0].astype(float))
-        common.plot_lines(sams, "mask_prior", {"val_iwelbo": "val IWELBO", "test_iwelbo": "test IWELBO",
-                                               "ate_r_heldout": "ATE r (test cells)"},
-                          exp.out / "mask_prior_sweep.png", xlabel="mask prior", title="SAMS-VAE mask prior")
+        common.plot_lines(
+            sams,
+            "mask_prior",
+            {"val_iwelbo": "val IWELBO", "test_iwelbo": "test IWELBO", "ate_r_heldout": "ATE r (test cells)"},
+            exp.out / "mask_prior_sweep.png",
+            xlabel="mask prior",
+            title="SAMS-VAE mask prior",
+        )
     return md
 
 
@@ -121,8 +141,11 @@ def main(argv=None) -> int:
     loaded = {False: exp.load(split)}
     data = loaded[False]
     perts = sorted(set(data.labels[data.indices("test")]) - {data.control_label})
-    exp.log(f"cell split (seed {split_seed}): {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
-            f"{len(data.indices('test'))} test cells; ATE over {len(perts)} perturbations")
+    exp.log(
+        f"cell split (seed {split_seed}): {len(data.indices('train'))} train, "
+        f"{len(data.indices('val'))} val, "
+        f"{len(data.indices('test'))} test cells; ATE over {len(perts)} perturbations"
+    )
     # trivial baselines (training cells only, no model, no seed)
     has_combos = bool((canonical_labels(labels, ctrl, args.combo_sep)[1] > 1).any())
     which = ("train_mean", "global_mean") + (("additive",) if has_combos else ())
@@ -136,8 +159,15 @@ def main(argv=None) -> int:
                 name = setting_name(setting)
                 mcfg, tcfg = exp.configs(model, seed=seed, **setting)
                 run_name = f"seed{seed}/{model}" + ("" if not setting else "_" + name.replace(", ", "_"))
-                exp.fit_and_score(loaded[unique], model, mcfg, tcfg, run_name, perts,
-                                  tags={"model": model, "setting": name, "seed": seed, **setting})
+                exp.fit_and_score(
+                    loaded[unique],
+                    model,
+                    mcfg,
+                    tcfg,
+                    run_name,
+                    perts,
+                    tags={"model": model, "setting": name, "seed": seed, **setting},
+                )
     md = summarise(exp)
     exp.finish({"split": summary, "split_seed": split_seed})
     print(md)

@@ -141,7 +141,9 @@ def combinatorial_split(
     train_c, test_c = split_combinations(combos, frac_train, frac_test, seed, pool)
     rng = np.random.default_rng(seed)
     split = np.full(len(canon), UNUSED, dtype=object)
-    test_cells, val_cells, train_cells = _cell_parts(np.flatnonzero(is_combo), rng, test_cell_frac, val_cell_frac)
+    test_cells, val_cells, train_cells = _cell_parts(
+        np.flatnonzero(is_combo), rng, test_cell_frac, val_cell_frac
+    )
     in_train = np.isin(canon, train_c)
     in_test = np.isin(canon, test_c)
     split[train_cells[in_train[train_cells]]] = TRAIN
@@ -181,7 +183,9 @@ def data_efficiency_split(
         )
     rng = np.random.default_rng(seed)
     split = np.full(len(canon), UNUSED, dtype=object)
-    test_cells, val_cells, train_part = _cell_parts(np.flatnonzero(is_combo), rng, test_cell_frac, val_cell_frac)
+    test_cells, val_cells, train_part = _cell_parts(
+        np.flatnonzero(is_combo), rng, test_cell_frac, val_cell_frac
+    )
     split[test_cells] = TEST
     split[val_cells] = VAL
     split[train_part[: math.floor(frac_train * len(train_part))]] = TRAIN

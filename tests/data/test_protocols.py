@@ -32,7 +32,9 @@ def make_labels(n_genes: int = 10, n_combos: int = 21, cells: int = 40, seed: in
         labels += [g] * cells
     for a, b in sorted(pairs):
         # both spellings of the same combination: the protocol must treat them as one
-        labels += [f"{genes[a]}+{genes[b]}"] * (cells // 2) + [f"{genes[b]}+{genes[a]}"] * (cells - cells // 2)
+        labels += [f"{genes[a]}+{genes[b]}"] * (cells // 2) + [f"{genes[b]}+{genes[a]}"] * (
+            cells - cells // 2
+        )
     return rng.permutation(np.array(labels, dtype=object))
 
 
@@ -65,7 +67,7 @@ def test_split_combinations_counts_and_order(seed):
             assert not set(train) & set(test)
     # the shuffle is the same whatever f: train combos are prefixes, test combos the suffix
     full, test = split_combinations(COMBOS, 1.0, 0.25, seed)
-    assert full[-len(test):] == test
+    assert full[-len(test) :] == test
     for f in FRACS:
         assert split_combinations(COMBOS, f, 0.25, seed)[0] == full[: math.floor(f * c)]
 
