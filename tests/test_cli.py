@@ -54,7 +54,7 @@ def test_iwelbo_command_writes_per_cell_csv_and_summary(trained_run, capsys):
     printed = capsys.readouterr().out
     assert "test IWELBO" in printed and "MC spread" in printed
     cells = pd.read_csv(run / "iwelbo_test.csv", index_col="cell")
-    summary = json.loads((run / "iwelbo_test.json").read_text())
+    summary = json.loads((run / "iwelbo_test_summary.json").read_text())
     assert {"iwelbo", "label", "iwelbo_seed0", "iwelbo_seed1"} <= set(cells.columns)
     assert np.isfinite(cells["iwelbo"]).all()
     assert summary["n_cells"] == len(cells) and summary["n_particles"] == 8

@@ -39,6 +39,33 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         help="with --split-mode combinations: comma-separated labels, or a fraction (default 0.25)",
     )
 
+    m = p.add_argument_group("model-specific data preparation")
+    m.add_argument(
+        "--holdout-perturbations",
+        default=None,
+        help="comma-separated single perturbations whose cells (combinations included) all go to test: "
+        "unseen perturbations (see README)",
+    )
+    m.add_argument(
+        "--qc-key", default=None, help="CRADLE/GPO: obs column with QC failures (default: MAD QC flags)"
+    )
+    m.add_argument(
+        "--extra-genes",
+        default=None,
+        help="GPO: comma-separated extended GRN genes (default: those recorded in uns, else none)",
+    )
+    m.add_argument(
+        "--pairing-method",
+        default="auto",
+        choices=["auto", "emd", "sinkhorn"],
+        help="GPO: OT pairing of perturbed cells with controls (auto: exact EMD for small groups)",
+    )
+    m.add_argument("--pairing-reg", type=float, default=0.05, help="GPO: Sinkhorn entropic regulariser")
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if not value else [v.strip() for v in value.split(",") if v.strip()]
+
 
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
     heldout: Any = args.heldout
@@ -57,6 +84,11 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
         "split_mode": args.split_mode,
         "split_seed": args.split_seed,
         "heldout": heldout,
+        "holdout_perturbations": _names(getattr(args, "holdout_perturbations", None)),
+        "qc_key": getattr(args, "qc_key", None),
+        "extra_genes": _names(getattr(args, "extra_genes", None)),
+        "pairing_method": getattr(args, "pairing_method", "auto"),
+        "pairing_reg": getattr(args, "pairing_reg", 0.05),
     }
 
 

@@ -7,7 +7,6 @@ writes its outputs atomically, and refuses to overwrite an existing output unles
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +68,8 @@ def _load(args: argparse.Namespace):
     overrides = {}
     if getattr(args, "split_key", None):
         overrides["split_key"] = args.split_key
+    # load_data prepares the data as training did (held-out perturbations, CRADLE/GPO extras)
     data = run.load_data(args.data, **overrides) if getattr(args, "data", None) else None
-    if data is not None and run.model.artifact is not None and "qc" not in data.extras:
-        # CRADLE/GPO models read each cell's QC-failure flag; recompute it as training did (MAD flags)
-        from pyrovae.data.gpo import qc_indicator
-
-        data = dataclasses.replace(data, extras={**data.extras, "qc": qc_indicator(data, None, 3.0)})
     return run, data
 
 
@@ -110,7 +105,8 @@ def run_iwelbo(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     suffix = "_prior" if args.score_globals else ""
     out = Path(args.out) if args.out else run_dir / f"iwelbo_{args.split}{suffix}.csv"
-    out_json = out.with_suffix(".json")
+    # the summary sits next to the per-cell table; never on the same path (--out x.json)
+    out_json = out.with_name(out.stem + "_summary.json")
     _refuse_existing([out, out_json], args.overwrite)
     run, data = _load(args)
     if len(data.indices(args.split)) == 0:
@@ -239,7 +235,7 @@ def run_ate(args: argparse.Namespace) -> int:
         scope = "all cells (every split, training cells included: the reference's version, not held out)"
     else:
         rows = data.indices(args.split)
-        scope = f"held-out {args.split} cells"
+        scope = f"held-out {args.split} cells" if args.split != "train" else "training cells (not held out)"
     if len(rows) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
     post = Posterior.from_run(run)
@@ -354,7 +350,11 @@ def register(sub) -> None:
         action="store_true",
         help="also score the global draws (bound on the prior-predictive marginal likelihood)",
     )
-    p.add_argument("--out", default=None, help="per-cell CSV (default RUN/iwelbo_<split>.csv; summary .json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="per-cell CSV (default RUN/iwelbo_<split>.csv; the summary goes to <stem>_summary.json)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_iwelbo)
 

@@ -11,6 +11,7 @@ import yaml
 
 from pyrovae.commands.common import add_data_args, data_options, parse_overrides
 from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
 from pyrovae.infer.runs import CONFIG, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
@@ -52,11 +53,9 @@ def run(args: argparse.Namespace) -> int:
         mcfg = model_config(args.model, **m_over)
         tcfg = TrainConfig().replace(**t_over)
     likelihood_counts = mcfg.likelihood != "normal"
-    data = load_perturbation_data(args.data, require_counts=likelihood_counts, **opts)
-    if mcfg.family == "gpo" or mcfg.artifact:
-        from pyrovae.data.gpo import prepare_gpo_data
-
-        data = prepare_gpo_data(data, seed=opts.get("split_seed", 0))
+    load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
+    data = load_perturbation_data(args.data, require_counts=likelihood_counts, **load_opts)
+    data = prepare_for_model(data, mcfg.family, mcfg.artifact, opts)
     run_ = train_run(
         data,
         mcfg,

@@ -334,6 +334,39 @@ def prepare_gpo_data(
     return dataclasses.replace(data, dosage=dosage, treatments=treatments, extras=extras, obs=obs, uns=uns)
 
 
+#: data options (kept in a run's ``config.json``) that configure :func:`prepare_for_model`.
+MODEL_DATA_OPTIONS = ("holdout_perturbations", "qc_key", "extra_genes", "pairing_method", "pairing_reg")
+
+
+def prepare_for_model(
+    data: PerturbationData, family: str, artifact: bool, options: dict[str, Any] | None = None
+) -> PerturbationData:
+    """What a model needs beyond the plain data, applied the same way for training and for evaluation.
+
+    1. ``options["holdout_perturbations"]`` (names): :func:`holdout_perturbations` (any model);
+    2. GPO-VAE (``family == "gpo"``): :func:`prepare_gpo_data` (GRN nodes, pairing, delta_x, QC, cfx);
+       CRADLE-VAE (``artifact``): the same with ``grn=False`` (QC flags and counterfactuals only).
+
+    Options used: ``qc_key``, ``extra_genes``, ``pairing_method``, ``pairing_reg`` and ``split_seed``
+    (which seeds the pairing and the counterfactual draws). Other keys are ignored.
+    """
+    options = options or {}
+    held = options.get("holdout_perturbations")
+    if held:
+        data = holdout_perturbations(data, held)
+    if family == "gpo" or artifact:
+        data = prepare_gpo_data(
+            data,
+            extra_genes=options.get("extra_genes"),
+            qc_key=options.get("qc_key"),
+            pairing_method=options.get("pairing_method") or "auto",
+            pairing_reg=float(options.get("pairing_reg") or 0.05),
+            seed=int(options.get("split_seed") or 0),
+            grn=family == "gpo",
+        )
+    return data
+
+
 def prepare_cradle_data(data: PerturbationData, **kw: Any) -> PerturbationData:
     """:func:`prepare_gpo_data` with ``grn=False``: only the CRADLE-VAE extras ``qc``, ``cfx``, ``has_cf``."""
     return prepare_gpo_data(data, grn=False, **kw)

@@ -25,6 +25,7 @@ What is here, and how it departs from the reference code (reference §5.3, §5.7
 from __future__ import annotations
 
 import math
+import re
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -519,6 +520,7 @@ def qc_metrics(
     mt_prefix: str = "MT-",
     ribo_prefixes: Sequence[str] = ("RPS", "RPL"),
     case_sensitive: bool = False,
+    hb_pattern: str = r"^HB[^P]",
 ) -> pd.DataFrame:
     """Per-cell QC metrics (reference §5.3).
 
@@ -529,11 +531,12 @@ def qc_metrics(
         ribo_prefixes: prefixes of ribosomal genes.
         case_sensitive: match prefixes case-sensitively (default False, so ``"MT-"`` also finds mouse
             ``"mt-"`` genes and ``"RPS"`` finds ``"Rps"``).
+        hb_pattern: regular expression of haemoglobin genes (scanpy's convention: HBA1, HBB, not HBP1).
 
     Returns:
         DataFrame (n_cells rows, RangeIndex) with ``total_counts`` (float), ``n_genes_by_counts`` (int,
-        genes with a count > 0), ``pct_counts_mt`` and ``pct_counts_ribo`` (percent of the cell's total,
-        0-100; 0 for empty cells).
+        genes with a count > 0), ``pct_counts_mt``, ``pct_counts_ribo`` and ``pct_counts_hb`` (percent of
+        the cell's total, 0-100; 0 for empty cells).
     """
     counts = _prepare(counts)
     n, g = _n_rows_cols(counts)
@@ -560,6 +563,15 @@ def qc_metrics(
             "n_genes_by_counts": n_genes,
             "pct_counts_mt": pct(starts((mt_prefix,))),
             "pct_counts_ribo": pct(starts(tuple(ribo_prefixes))),
+            "pct_counts_hb": pct(
+                np.array(
+                    [
+                        re.match(hb_pattern, s, 0 if case_sensitive else re.IGNORECASE) is not None
+                        for s in names
+                    ],
+                    dtype=bool,
+                )
+            ),
         }
     )
 

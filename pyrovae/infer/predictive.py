@@ -427,8 +427,8 @@ class Posterior:
     ):
         """An :class:`arviz.InferenceData` with
 
-        - ``posterior``: every global site (and ``effect``), dims (chain=1, draw, treatment, latent) with the
-          treatment names as coordinates (artifact rows: (chain, draw, qc_row, latent));
+        - ``posterior``: every global site (and ``effect``), dims (chain=1, draw, treatment, effect_latent)
+          with the treatment names as coordinates (artifact rows: (chain, draw, qc_row, qc_latent));
         - ``posterior_predictive``: ``counts`` with dims (chain=1, draw, cell, gene): at draw j, one cell per
           perturbation (coordinate ``cell`` = the perturbation labels; default: control and every
           treatment alone), sampled as in :meth:`predict`.
@@ -444,7 +444,11 @@ class Posterior:
         for name, v in self.global_samples(n_draws, seed).items():
             rest = v.shape[1:]
             row_dim = "treatment" if rest and rest[0] == T and name != "qc_E" else "qc_row"
-            names = [row_dim] + [("latent" if i == 0 else f"{name}_dim{i}") for i in range(len(rest) - 1)]
+            # The trailing axis is named after its space, so sites of different widths never share a dim
+            # (GPO-VAE's effect space has T entries while its artifact rows have n_latent; one shared name
+            # would make xarray outer-join them and pad with NaN).
+            last = "qc_latent" if row_dim == "qc_row" else "effect_latent"
+            names = [row_dim] + [(last if i == 0 else f"{name}_dim{i}") for i in range(len(rest) - 1)]
             post[name] = v[None]
             dims[name] = names
         if perturbations is None:

@@ -8,6 +8,7 @@ an existing run is never overwritten unless ``overwrite=True`` is passed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data
+from pyrovae.data.gpo import UNS_KEY, prepare_for_model
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model
@@ -130,7 +132,12 @@ class Run:
         }
         opts.update(overrides)
         opts["require_counts"] = self.model_cfg.likelihood != "normal"
-        return load_perturbation_data(data, schema=self.schema, **opts)
+        loaded = load_perturbation_data(data, schema=self.schema, **opts)
+        if self.schema.get("gpo"):
+            # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
+            loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: dict(self.schema["gpo"])})
+        prep = {**self.data_options, **{k: v for k, v in overrides.items() if k == "split_seed"}}
+        return prepare_for_model(loaded, self.model_cfg.family, self.model_cfg.artifact, prep)
 
 
 def save_run_config(
@@ -145,6 +152,9 @@ def save_run_config(
     )
     schema = data.schema()
     schema["norm_log"] = data.is_count_data
+    rec = data.uns.get(UNS_KEY)
+    if isinstance(rec, dict) and "n_perturbed" in rec:
+        schema["gpo"] = {"n_perturbed": int(rec["n_perturbed"]), "extended": list(rec.get("extended", []))}
     write_json(run_dir / SCHEMA, schema)
 
 

@@ -167,7 +167,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        return float(loss), {k: float(v) for k, v in extras.items()}
+        return float(loss), {k: float(v.detach()) for k, v in extras.items()}
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""

@@ -230,7 +230,13 @@ def test_qc_metrics_values():
     counts = np.array([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 1.0]])
     genes = ["MT-CO1", "RPS3", "RPL7", "ACTB"]
     m = qc_metrics(sp.csr_matrix(counts), genes)
-    assert list(m.columns) == ["total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo"]
+    assert list(m.columns) == [
+        "total_counts",
+        "n_genes_by_counts",
+        "pct_counts_mt",
+        "pct_counts_ribo",
+        "pct_counts_hb",
+    ]
     np.testing.assert_allclose(m["total_counts"], [4, 0, 4])
     np.testing.assert_array_equal(m["n_genes_by_counts"], [3, 0, 2])
     np.testing.assert_allclose(m["pct_counts_mt"], [50.0, 0.0, 0.0])
@@ -338,3 +344,10 @@ def test_counterfactual_sampling_is_seeded_and_without_replacement():
     assert len(medians) > 1 and medians <= {10.0, 20.0, 30.0}  # a median of 3 distinct pool cells
     # every cell of a group shares one median
     assert np.all(a[:n_pass] == a[0])
+
+
+def test_qc_metrics_haemoglobin_fraction_excludes_hbp():
+    counts = np.array([[1.0, 1.0, 2.0, 4.0], [0.0, 0.0, 5.0, 5.0]])
+    genes = ["HBB", "HBA1", "HBP1", "ACTB"]  # HBP1 is not a haemoglobin gene
+    m = qc_metrics(counts, genes)
+    np.testing.assert_allclose(m["pct_counts_hb"], [25.0, 0.0])

@@ -142,7 +142,7 @@ def test_to_arviz_groups_and_dims(tiny_data):
     idata = post.to_arviz(n_draws=7, perturbations=["control", "A+B"], seed=0)
     assert set(idata.groups()) >= {"posterior", "posterior_predictive"}
     E = idata.posterior["E"]
-    assert E.dims == ("chain", "draw", "treatment", "latent")
+    assert E.dims == ("chain", "draw", "treatment", "effect_latent")
     assert E.shape == (1, 7, 2, 3)
     assert list(E.coords["treatment"].values) == ["A", "B"]
     assert "effect" in idata.posterior and "mask" in idata.posterior
