@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 from tqdm.auto import tqdm
 
@@ -102,14 +104,29 @@ def evaluate_loss(
     batch_size: int = 512,
     device: str = "cpu",
 ) -> float:
-    """Held-out predictive negative ELBO per cell of ``split`` (globals drawn from q, not scored)."""
+    """Held-out predictive negative ELBO per cell of ``split`` (globals drawn from q, not scored).
+
+    Treatments with no training cell are drawn from their prior, as at prediction time
+    (:meth:`PerturbationVAE.sample_globals`), so early stopping scores the predictor that is used.
+    """
     loader = MinibatchLoader(data, split, batch_size, device=device)
     elbo = make_elbo(n_particles)
     n = loader.n_cells
+    untrained = torch.as_tensor(data.treatment_counts("train"), device=device) == 0
+    model_fn, guide_fn = model.model, model.guide
     total = 0.0
     for batch in loader:
+        if bool(untrained.any()) and model.effect.has_globals:
+            g = model.sample_globals(n_particles, untrained=untrained)
+            if n_particles == 1:
+                g = {k: v[0] for k, v in g.items()}
+            model_fn = poutine.condition(model.model, data=g)
+            guide_fn = poutine.condition(model.guide, data=g)
         w = model.global_weights(batch, {}, n, "none")
-        total += elbo.loss(model.model, model.guide, batch, n, w, 1.0 / n) * batch["x"].shape[0]
+        with warnings.catch_warnings():
+            # conditioned globals are 'observed' in both programs; they carry weight 0 here either way
+            warnings.filterwarnings("ignore", message="Found non-auxiliary vars in guide but not model")
+            total += elbo.loss(model_fn, guide_fn, batch, n, w, 1.0 / n) * batch["x"].shape[0]
     return total / n
 
 

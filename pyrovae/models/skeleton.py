@@ -268,9 +268,11 @@ class PerturbationVAE(nn.Module):
             with poutine.trace() as trp, pyro.plate("_particles", n, dim=-2):
                 self._globals("model", None)
             for k in out:
-                if k in trp.trace.nodes and out[k].shape[-2] == untrained.shape[0]:
-                    prior_val = trp.trace.nodes[k]["value"]
-                    out[k] = torch.where(untrained.unsqueeze(-1), prior_val, out[k])
+                site = trp.trace.nodes.get(k)
+                # only sites of the perturbation plate have one row per treatment (not e.g. qc_E)
+                if site is None or PERTURBATION_PLATE not in {f.name for f in site["cond_indep_stack"]}:
+                    continue
+                out[k] = torch.where(untrained.unsqueeze(-1), site["value"], out[k])
         return out
 
     def config(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import math
 import pickle
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -90,3 +91,33 @@ def test_training_on_non_counts_with_count_likelihood_is_refused(tiny_data, tmp_
         train_run(
             logged, model_config("sams_vae", **SMALL), TrainConfig(**FAST), tmp_path / "r", progress=False
         )
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_mf", "cpa_vae"])
+def test_validation_loss_draws_untrained_treatments_from_the_prior(name, tiny_data):
+    """A treatment with no training cell is scored with its prior, whatever its (untouched) q holds."""
+    from pyrovae.data.gpo import holdout_perturbations
+    from pyrovae.infer.train import evaluate_loss
+
+    data = holdout_perturbations(tiny_data, ["B"])  # every B and A+B cell goes to test: N_B = 0
+    assert data.treatment_counts("train")[data.treatments.index("B")] == 0
+    model = build_model(
+        model_config(name, **SMALL), data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=0
+    )
+
+    def loss():
+        pyro.set_rng_seed(0)
+        return evaluate_loss(model, data, "test", n_particles=2, batch_size=64)
+
+    before = loss()
+    b = data.treatments.index("B")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("q_E_loc", "q_mask_logits")):
+                p[b] += 5.0  # q of B is moved far away; the prior fallback must ignore it
+    assert math.isfinite(before) and loss() == pytest.approx(before, rel=1e-6)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("q_E_loc", "q_mask_logits")):
+                p[data.treatments.index("A")] += 5.0  # A is trained: its q matters
+    assert loss() != pytest.approx(before, rel=1e-6)
