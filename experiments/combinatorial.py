@@ -17,7 +17,7 @@ seeds.
 Usage::
 
     python experiments/combinatorial.py --out runs/exp/combinatorial                 # simulated, small
-    python experiments/combinatorial.py --data norman.h5ad --perturbation-key guide_identity \\
+    python experiments/combinatorial.py --data norman.h5ad --perturbation-key condition \\
         --control-label ctrl --layer counts --gene-key highly_variable --full --out runs/exp/norman_ood
 """
 

@@ -12,7 +12,7 @@ over split seeds.
 Usage::
 
     python experiments/data_efficiency.py --out runs/exp/data_efficiency               # simulated, small
-    python experiments/data_efficiency.py --data norman.h5ad --perturbation-key guide_identity \\
+    python experiments/data_efficiency.py --data norman.h5ad --perturbation-key condition \\
         --control-label ctrl --layer counts --gene-key highly_variable --full --out runs/exp/norman_eff
 """
 

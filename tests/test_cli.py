@@ -178,3 +178,17 @@ def test_full_demo(tmp_path, capsys):
         assert (out / f).exists(), f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_seconds"] < 600
+
+
+def test_demo_on_the_tiny_preset(tmp_path, capsys):
+    """The main job end to end (one epoch on the tiny preset): one table, figures, mask recovery."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "tiny", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert "| SAMS-VAE |" in capsys.readouterr().out
+    table = pd.read_csv(out / "comparison.csv", index_col="method")
+    assert np.isfinite(table.loc["CPA-VAE", "IWELBO held-out combos"])
+    assert 0.0 <= table.loc["SAMS-VAE", "mask F1"] <= 1.0
+    assert (out / "ate_scatter_heldout_combos.png").exists() and (out / "mask_heatmap.png").exists()
+    # an existing run is never overwritten without --overwrite: exit status 2 and a message naming the fix
+    assert main(["demo", "--preset", "tiny", "--epochs", "1", "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import pandas as pd
 # larger step (lr 2e-3, kept stable by the global gradient clipping at 100) on batches of 256 cells, 3
 # ELBO particles, and a fixed epoch budget (early stopping on the validation loss still picks the best).
 DEMO_TRAIN = dict(lr=2e-3, batch_size=256, n_particles=3, patience=10, val_particles=3)
-DEMO_EPOCHS = {"tiny": 30, "default": 25, "large": 3}
+DEMO_EPOCHS = {"tiny": 30, "default": 120, "large": 3}
 MODELS = (("SAMS-VAE", "sams_vae"), ("CPA-VAE", "cpa_vae"))
 HELDOUT_FRACTION = 0.25
 IWELBO_PARTICLES, IWELBO_SEEDS = 100, (0, 1, 2)

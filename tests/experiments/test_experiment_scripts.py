@@ -1,0 +1,47 @@
+"""Each experiment script end to end in a tiny setting (slow: run with `python -m pytest -m slow`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--preset", "tiny", "--set", "max_epochs=2", "iwelbo_particles=4", "ate_samples=40"]
+
+
+def _script(name: str):
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"experiments.{name}")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, extra, metric",
+    [
+        ("combinatorial", ["--fractions", "0.0", "1.0"], "iwelbo"),
+        ("data_efficiency", [], "iwelbo"),
+        ("heldout_cells", [], "iwelbo"),
+        ("grn_recovery", [], "auprc"),
+    ],
+)
+def test_experiment_script_writes_tables_and_figures(name, extra, metric, tmp_path):
+    out = tmp_path / name
+    assert _script(name).main(["--out", str(out), *TINY, *extra]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) > 0
+    cols = [c for c in results.columns if metric in c.lower()]
+    assert cols, f"no {metric} column in {list(results.columns)}"
+    assert np.isfinite(results[cols].to_numpy(dtype=float)).any()
+    assert (out / "summary.csv").exists() and (out / "summary.md").read_text().strip()
+    assert list(out.glob("*.png")), "no figure written"
+    # never overwrite a finished experiment without being asked
+    with pytest.raises((FileExistsError, SystemExit)):
+        _script(name).main(["--out", str(out), *TINY, *extra])
