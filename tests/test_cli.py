@@ -192,3 +192,21 @@ def test_demo_on_the_tiny_preset(tmp_path, capsys):
     # an existing run is never overwritten without --overwrite: exit status 2 and a message naming the fix
     assert main(["demo", "--preset", "tiny", "--epochs", "1", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_simulate_command_writes_the_seeded_dataset_and_refuses_to_overwrite(tmp_path, capsys):
+    import anndata as ad
+
+    from pyrovae.data.simulate import simulate_perturbseq
+
+    out = tmp_path / "sim.h5ad"
+    assert main(["simulate", "--preset", "tiny", "--seed", "3", "--out", str(out)]) == 0
+    written, again = ad.read_h5ad(out), simulate_perturbseq("tiny", seed=3)
+    np.testing.assert_array_equal(
+        np.asarray(written.X.todense() if hasattr(written.X, "todense") else written.X),
+        np.asarray(again.X.todense() if hasattr(again.X, "todense") else again.X),
+    )
+    assert main(["simulate", "--preset", "tiny", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["simulate", "--preset", "tiny", "--out", str(tmp_path / "sim")]) == 2
+    assert "must end in .h5ad" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from pyrovae.infer.runs import atomic_write
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if out.suffix != ".h5ad":
+        raise ValueError(f"--out {out} must end in .h5ad (the format every other command reads)")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     adata = simulate_perturbseq(args.preset, seed=args.seed)

@@ -9,6 +9,7 @@ library sizes and the training-split normalisation statistics. Inside the packag
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,13 @@ def make_split(
         combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
         if not combos:
             raise ValueError("split mode 'combinations' needs combination labels (like 'A+B'); none found")
-        if heldout is None or isinstance(heldout, float):
+        if heldout is None or isinstance(heldout, numbers.Real):
             frac = 0.25 if heldout is None else float(heldout)
+            if not 0.0 < frac <= 1.0:
+                raise ValueError(
+                    f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), "
+                    "or pass a list of combination labels"
+                )
             n_held = max(1, int(np.ceil(frac * len(combos))))
             held = set(rng.permutation(combos)[:n_held].tolist())
         else:

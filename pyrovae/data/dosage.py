@@ -23,7 +23,6 @@ COMMON_CONTROL_LABELS: tuple[str, ...] = (
     "non_targeting",
     "nontargeting",
     "non-targeting control",
-    "nt",
     "negative_control",
 )
 

@@ -706,3 +706,19 @@ def test_rows_unsorted_indices(tmp_path, mode):
         np.testing.assert_array_equal(block, x[idx])
     if not mode.startswith("backed"):  # the source matrix is untouched
         assert sp.issparse(data.counts) == mode.endswith("sparse")
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.2])
+def test_heldout_fraction_out_of_range_is_refused(bad):
+    from conftest import make_adata
+
+    with pytest.raises(ValueError, match=r"fraction of the combinations must be in \(0, 1\]"):
+        load_perturbation_data(make_adata(), split_mode="combinations", heldout=bad)
+
+
+def test_heldout_fraction_accepts_any_real_number():
+    from conftest import make_adata
+
+    data = load_perturbation_data(make_adata(), split_mode="combinations", heldout=np.float32(1.0))
+    assert set(data.split[data.labels == "A+B"]) == {"test"}
+    assert load_perturbation_data(make_adata(), split_mode="combinations", heldout=1).n_cells > 0
