@@ -311,6 +311,7 @@ def statistical_evaluation(
     alpha: float = 0.05,
     min_cells: int = 2,
     return_tables: bool = False,
+    exclude_edges: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """CausalBench-style statistical evaluation of predicted edges on interventional data.
 
@@ -335,6 +336,8 @@ def statistical_evaluation(
         min_cells: parents with fewer cells are skipped.
         return_tables: also return the per-pair DataFrames ``edge_results`` and ``negative_results``
             (columns parent, child, p_value, significant, wasserstein).
+        exclude_edges: further predicted edges that are not tested (e.g. another block of the GRN) but
+            must never be drawn as negatives either.
 
     Returns:
         dict: true_positives, false_positives, n_tested, precision (TP / n_tested), mean_wasserstein,
@@ -382,7 +385,8 @@ def statistical_evaluation(
     n = len(genes)
     ppos = {a: i for i, a in enumerate(testable)}
     excluded = {ppos[a] * n + a for a in testable}
-    excluded |= {ppos[gpos[a]] * n + gpos[b] for a, b in edge_list if gpos[a] in ppos}
+    predicted = edge_list + [(str(a), str(b)) for a, b in exclude_edges if str(a) in gpos and str(b) in gpos]
+    excluded |= {ppos[gpos[a]] * n + gpos[b] for a, b in predicted if gpos[a] in ppos}
     neg_pairs, n_cand = _sample_negatives(testable, n, excluded, n_negative, np.random.default_rng(seed))
     neg_df = _test_pairs(x, ctrl_idx, cells, neg_pairs, genes, alpha)
 

@@ -71,7 +71,9 @@ class CounterfactualKL(nn.Module):
     Departures from the reference code (shared/reference/gpo_vae_cradle_vae.md §4.4, §10.1): the exact
     Gaussian KL (the reference omits the 1/sigma_2^2 on the mean term); averaged over the batch like the
     ELBO rather than summed (so ``weight`` does not depend on the batch size); both encodings share one draw
-    of the global sites.
+    of the global sites. Because the reference summed over the batch (512 cells) while its ELBO was a
+    per-cell mean, the same nominal weight is about 500 times weaker here; ``cf_weight = 0.1 * batch_size``
+    matches the reference's strength on the mean-vs-sum axis (its KL also lacked the 1/sigma^2 factor).
 
     Needs ``batch["qc"]`` (B, Q), ``batch["cfx"]`` (B, G) and ``batch["has_cf"]`` (B,).
     """

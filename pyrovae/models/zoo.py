@@ -43,12 +43,12 @@ class ModelConfig:
     # CRADLE-VAE quality-control component
     artifact: bool = False
     n_qc: int = 1
-    cf_weight: float = 0.1
+    cf_weight: float = 0.1  # per-cell mean here, a batch sum in the reference (see CounterfactualKL)
     # GPO-VAE GRN-aligned optimisation
     grn_weight: float = 100.0
-    grn_threshold: float = 0.5
+    grn_threshold: float = 0.5  # reference: 0.4 Adamson, 0.8 K562, 0.5 RPE1
     grn_hops: int = 5
-    sparsity_weight: float = 1.0
+    sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
 
     def replace(self, **kw: Any) -> ModelConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

@@ -211,6 +211,16 @@ def test_statistical_evaluation_planted_edges_and_false_omission():
     assert again == pytest.approx(good)
 
 
+def test_statistical_evaluation_excluded_edges_are_neither_tested_nor_negatives():
+    x, labels = _shift_data()
+    out = statistical_evaluation(
+        x, labels, GENES, EDGES, "ctrl", return_tables=True, exclude_edges=[("g0", "g3")]
+    )
+    assert out["n_tested"] == 2  # the excluded edge is not tested
+    negs = set(map(tuple, out["negative_results"][["parent", "child"]].to_numpy()))
+    assert negs == {("g0", "g4")} and out["n_negative_candidates"] == 1
+
+
 def test_statistical_evaluation_errors():
     x, labels = _shift_data()
     with pytest.raises(ValueError, match=r"edges name 2 gene\(s\) not in genes: \['gX', 'gY'\]"):
