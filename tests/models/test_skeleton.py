@@ -107,7 +107,7 @@ def _integrand(model, batch, n, weights, values):
     cond["z_basal"] = values["z_basal"][batch["idx"]]
     gtr = poutine.trace(poutine.condition(model.guide, data=cond)).get_trace(batch, n, weights)
     mtr = poutine.trace(poutine.condition(model.model, data=cond)).get_trace(batch, n, weights)
-    return float(mtr.log_prob_sum() - gtr.log_prob_sum())
+    return float((mtr.log_prob_sum() - gtr.log_prob_sum()).detach())
 
 
 @pytest.mark.parametrize("scaling", ["per_treatment", "standard"])
