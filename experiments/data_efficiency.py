@@ -28,16 +28,9 @@ from experiments import common
 from pyrovae.data.protocols import canonical_labels, data_efficiency_split, split_summary
 
 NAME = "data_efficiency"
-METRICS = {
-    "test_iwelbo": "test IWELBO",
-    "test_iwelbo_rel": "test IWELBO rel.",
-    "ate_r": "ATE r (test)",
-    "ate_r_top20": "ATE r top-20 (test)",
-    "val_iwelbo": "val IWELBO",
-}
-HELDOUT_METRICS = {"ate_r_heldout": "ATE r (test cells)", "ate_r_top20_heldout": "ATE r top-20 (test cells)"}
-BASELINES = ("additive", "train_mean")  # no-model ATE references (training cells only)
-FMTS = {"test_iwelbo": "{:.2f}", "test_iwelbo_rel": "{:.2f}", "val_iwelbo": "{:.2f}"}
+# the two combination protocols report the same metrics
+METRICS, HELDOUT_METRICS = common.COMBO_METRICS, common.COMBO_HELDOUT_METRICS
+BASELINES, FMTS = common.COMBO_BASELINES, common.COMBO_FMTS
 
 
 def build_parser():
