@@ -29,13 +29,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import common
-from pyrovae.data.protocols import POOLS, canonical_labels, combinatorial_split, split_summary
+from experiments import combo_protocols, common
+from pyrovae.data.protocols import POOLS, combinatorial_split
 
 NAME = "combinatorial"
-# the two combination protocols report the same metrics
-METRICS, HELDOUT_METRICS = common.COMBO_METRICS, common.COMBO_HELDOUT_METRICS
-BASELINES, FMTS = common.COMBO_BASELINES, common.COMBO_FMTS
 
 
 def build_parser():
@@ -60,50 +57,29 @@ def build_parser():
 
 
 def summarise(exp: common.Experiment) -> str:
-    res = exp.results_frame()
-    ref = exp.settings.get("reference_model", "sams_vae")
-    res = common.add_relative(res, "test_iwelbo", {"model": ref, "frac": 0.0}, match=("seed",))
-    common.write_frame(exp.out / "results.csv", res)
-    by = ["frac", "model"]
-    order = {"model": exp.models}
-    agg = common.aggregate(res, by, list(METRICS) + list(HELDOUT_METRICS) + ["train_s"], order=order)
-    agg = agg.sort_values("frac", kind="stable").reset_index(drop=True)
-    table = common.format_summary(agg, by, {**METRICS, **HELDOUT_METRICS}, FMTS)
-    table = table.rename(columns={"frac": "frac. combos in train", "n": "seeds"})
+    pool = exp.settings["protocol"]["pool"]
     notes = [
-        f"{exp.source['description']}; budget {exp.settings['budget']}; split seeds {exp.seeds}.",
         "Test = the test cells of the held-out combinations (last ceil(frac_test C) of a seeded shuffle); "
-        f"combination pool {exp.settings['protocol']['pool']!r}"
+        f"combination pool {pool!r}"
         + (
             " (at f = 1 the held-out combinations' other cells are in training, as in the reference)."
-            if exp.settings["protocol"]["pool"] == "all"
+            if pool == "all"
             else "."
         ),
-        f"test IWELBO rel. = test IWELBO minus that of {ref} at f = 0 for the same split seed.",
-        "baseline rows (no model; ATE from the training cells only): additive = the sum of the singles' "
-        "training ATEs; per-perturbation train mean = the combination's own training ATE (none for a "
-        "combination without training cells).",
         "ATE r: Pearson r between model and empirical ATE of the held-out combinations (empirical ATE on all "
         "cells, the reference's); 'test cells': against the empirical ATE of the test cells only.",
         "svae_plus encodes every combination as its own treatment (it cannot compose); held-out "
         "combinations are drawn from its prior.",
     ]
-    md = exp.write_table(
-        "summary", table, "Combinatorial generalisation (held-out combinations)", notes, raw=agg
-    )
-    common.plot_lines(
-        agg,
-        "frac",
-        {
-            "test_iwelbo_rel": "test IWELBO rel. (nats/cell)",
-            "ate_r": "ATE Pearson r",
-            "ate_r_top20": "ATE Pearson r, top-20 genes",
-        },
-        exp.out / "combinatorial.png",
+    return combo_protocols.summarise(
+        exp,
+        "frac. combos in train",
+        "Combinatorial generalisation (held-out combinations)",
+        notes,
+        "combinatorial.png",
         xlabel="fraction of combinations in training",
-        title="held-out combinations",
+        figure_title="held-out combinations",
     )
-    return md
 
 
 def main(argv=None) -> int:
@@ -117,48 +93,24 @@ def main(argv=None) -> int:
     if args.combo_pool is not None:
         proto["pool"] = args.combo_pool
     exp.settings["protocol"] = proto
-    fractions = [
-        float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))
-    ]
-    labels, ctrl = exp.labels()
-    canon, n_pert, _ = canonical_labels(labels, ctrl, args.combo_sep)
-    unique_models = set(exp.settings.get("unique_encoding", ["svae_plus"]))
-    splits = {}
-    for seed in exp.seeds:
-        for f in fractions:
-            split = combinatorial_split(
-                labels, f, ctrl, args.combo_sep, frac_test=proto["frac_test"], seed=seed, pool=proto["pool"]
-            )
-            splits[(seed, f)] = split_summary(split, labels, ctrl, args.combo_sep)
-            test_perts = sorted(set(canon[(split == "test") & (n_pert > 1)]))
-            exp.log(
-                f"split seed {seed}, f = {f}: {splits[(seed, f)]['train']['combination_labels']} training "
-                f"combinations, {len(test_perts)} held-out, {int((split == 'test').sum())} test cells"
-            )
-            loaded = {False: exp.load(split)}
-            exp.score_baselines(loaded[False], test_perts, {"frac": f, "seed": seed}, which=BASELINES)
-            for model in exp.models:
-                unique = model in unique_models
-                if unique not in loaded:
-                    loaded[unique] = exp.load(split, encode_combos_as_unique=unique)
-                mcfg, tcfg = exp.configs(model, seed=int(exp.settings.get("train_seed", 0)))
-                exp.fit_and_score(
-                    loaded[unique],
-                    model,
-                    mcfg,
-                    tcfg,
-                    f"seed{seed}/f{f:g}/{model}",
-                    test_perts,
-                    tags={"model": model, "frac": f, "seed": seed, "n_test_combos": len(test_perts)},
-                )
-    md = summarise(exp)
-    exp.finish(
-        {
-            "protocol": proto,
-            "fractions": fractions,
-            "splits": {f"seed{s}_f{f:g}": v for (s, f), v in splits.items()},
-        }
+    fracs = [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+
+    def make_split(labels, f, ctrl, seed):
+        return combinatorial_split(
+            labels, f, ctrl, args.combo_sep, frac_test=proto["frac_test"], seed=seed, pool=proto["pool"]
+        )
+
+    def describe(split, n_pert, summary, test_perts):
+        return (
+            f"{summary['train']['combination_labels']} training combinations, {len(test_perts)} held-out, "
+            f"{int((split == 'test').sum())} test cells"
+        )
+
+    splits = combo_protocols.run(
+        exp, fracs, args.combo_sep, make_split, describe, lambda perts: {"n_test_combos": len(perts)}
     )
+    md = summarise(exp)
+    exp.finish({"protocol": proto, "fractions": fracs, "splits": splits})
     print(md)
     return 0
 

@@ -54,22 +54,6 @@ PRESETS = ("tiny", "default", "large")
 # ------------------------------------------------------------------------------------------- options
 
 
-#: metrics of the combination protocols (combinatorial.py, data_efficiency.py): key -> table header.
-COMBO_METRICS = {
-    "test_iwelbo": "test IWELBO",
-    "test_iwelbo_rel": "test IWELBO rel.",
-    "ate_r": "ATE r (test)",
-    "ate_r_top20": "ATE r top-20 (test)",
-    "val_iwelbo": "val IWELBO",
-}
-COMBO_HELDOUT_METRICS = {
-    "ate_r_heldout": "ATE r (test cells)",
-    "ate_r_top20_heldout": "ATE r top-20 (test cells)",
-}
-COMBO_BASELINES = ("additive", "train_mean")  # no-model ATE references (training cells only)
-COMBO_FMTS = {"test_iwelbo": "{:.2f}", "test_iwelbo_rel": "{:.2f}", "val_iwelbo": "{:.2f}"}
-
-
 def add_data_options(p: argparse.ArgumentParser) -> None:
     """The data layer's column options (as ``pyrovae train``'s), minus the split options: the protocol
     makes the split."""
