@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if args.combo_pool is not None:
         proto["pool"] = args.combo_pool
     exp.settings["protocol"] = proto
-    fracs = [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+    fracs = combo_protocols.fractions(args, exp)
 
     def make_split(labels, f, ctrl, seed):
         return combinatorial_split(

@@ -37,6 +37,11 @@ BASELINE_NOTE = (
 )
 
 
+def fractions(args, exp: common.Experiment) -> list[float]:
+    """The fractions f to run: ``--fractions``, else the config's, else the papers' grid."""
+    return [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+
+
 def run(
     exp: common.Experiment,
     fractions: Sequence[float],

@@ -349,6 +349,13 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _plottable(agg: pd.DataFrame, metrics: Mapping[str, str]) -> dict[str, str]:
+    """The metrics of ``metrics`` that have at least one value in ``agg`` (none if ``agg`` is empty)."""
+    if not len(agg):
+        return {}
+    return {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+
+
 def plot_lines(
     agg: pd.DataFrame,
     x: str,
@@ -359,10 +366,8 @@ def plot_lines(
     title: str | None = None,
 ) -> Path | None:
     """One panel per metric: mean ± std (error bars) against ``x``, one line per ``series`` value."""
-    metrics = {
-        m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()
-    }
-    if not metrics or not len(agg):
+    metrics = _plottable(agg, metrics)
+    if not metrics:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
@@ -392,10 +397,8 @@ def plot_bars(
     agg: pd.DataFrame, label: str, metrics: Mapping[str, str], path: str | Path, title: str | None = None
 ) -> Path | None:
     """One horizontal bar panel per metric: mean ± std per row label."""
-    metrics = {
-        m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()
-    }
-    if not metrics or not len(agg):
+    metrics = _plottable(agg, metrics)
+    if not metrics:
         return None
     plt = _pyplot()
     n = len(agg)

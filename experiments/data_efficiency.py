@@ -65,7 +65,7 @@ def summarise(exp: common.Experiment) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    fracs = [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]
+    fracs = combo_protocols.fractions(args, exp)
 
     def make_split(labels, f, ctrl, seed):
         return data_efficiency_split(labels, f, ctrl, args.combo_sep, seed=seed)

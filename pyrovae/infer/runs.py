@@ -136,7 +136,7 @@ class Run:
         if self.schema.get("gpo"):
             # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
             loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: dict(self.schema["gpo"])})
-        prep = {**self.data_options, **{k: v for k, v in overrides.items() if k == "split_seed"}}
+        prep = {**self.data_options, **overrides}  # prepare_for_model reads only its own keys
         return prepare_for_model(loaded, self.model_cfg.family, self.model_cfg.artifact, prep)
 
 
