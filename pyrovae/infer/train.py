@@ -10,6 +10,14 @@ The ELBO is computed with every site scaled by 1/N (N = training cells), so the 
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
 the global sites drawn from q but not scored (they were fitted on the training cells).
+
+Mask learning rate (``mask_lr``). The straight-through gradient of the q(M) logits has a low
+signal-to-noise ratio: a mask that is on and fitted gets ~0 likelihood gradient, one that is off gets a
+gradient whose sign depends on the sampled embedding. With Adam a noisy gradient moves a parameter by about
+``lr * SNR`` per step, so at the network learning rate most mask probabilities stay near their
+initialisation (on the default simulation, 232 of 240 were still in (0.2, 0.8) after 100 epochs at
+lr 2e-3). A separate, larger Adam learning rate for the logits only (e.g. 0.05) lets them reach a decision;
+the objective is unchanged (it is the same ELBO), only the optimiser's step sizes differ.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class TrainConfig:
     """Optimisation settings (saved in a run's ``config.json``). Defaults follow the reference."""
 
     lr: float = 3e-4
+    #: Adam learning rate of the q(M) mask logits; ``None``: ``lr`` (reference parity). See module docstring.
+    mask_lr: float | None = None
     batch_size: int = 512
     max_epochs: int = 100
     max_steps: int | None = None
@@ -80,13 +90,24 @@ def split_counts(
     return out
 
 
-def _param_groups(model: PerturbationVAE, weight_decay: float) -> list[dict[str, Any]]:
+#: parameters that get ``TrainConfig.mask_lr``: the Bernoulli mask logits of q(M) (SAMS-VAE, GPO-VAE).
+MASK_LOGIT_PARAMS = ("q_mask_logits",)
+
+
+def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
     # Weight decay regularises network weights only; variational parameters (q_*) and the action mean
     # are left alone so the optimum is the ELBO's (the reference decays everything; §10.12).
-    decay, no_decay = [], []
+    decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
-        (no_decay if name.split(".")[-1].startswith(("q_", "action_mean")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        leaf = name.split(".")[-1]
+        if leaf in MASK_LOGIT_PARAMS and cfg.mask_lr is not None:
+            masks.append(p)
+        else:
+            (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+    return groups
 
 
 def make_elbo(n_particles: int) -> TraceGraph_ELBO:
@@ -145,7 +166,7 @@ class Trainer:
         model.effect.check_dosage(torch.as_tensor(data.dosage))
         self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
         self.checkpoint = checkpoint
-        self.optimizer = torch.optim.Adam(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
         self.elbo = make_elbo(cfg.n_particles)
         self.history: list[dict[str, float]] = []
         self.epoch = 0

@@ -45,6 +45,27 @@ def test_same_seed_same_numbers(tiny_data):
     assert [h["train_loss"] for h in h1] != [h["train_loss"] for h in h3]
 
 
+def test_mask_lr_moves_only_the_mask_logits_faster(tiny_data):
+    def one_step(mask_lr):
+        model = build_model(
+            model_config("sams_vae", **SMALL), tiny_data.n_genes, tiny_data.n_treatments, seed=0
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = Trainer(model, tiny_data, TrainConfig(seed=0, mask_lr=mask_lr, **{**FAST, "max_epochs": 1}))
+        lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+        trainer.fit(progress=False)
+        moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+        return lrs, moved
+
+    lrs_default, moved_default = one_step(None)
+    lrs_fast, moved_fast = one_step(0.5)
+    assert lrs_default == [FAST["lr"]] * 2 and lrs_fast == [FAST["lr"]] * 2 + [0.5]
+    # Adam steps are ~lr in size: the logits move much further, every other parameter as far as before
+    assert moved_fast["effect.q_mask_logits"] > 10 * moved_default["effect.q_mask_logits"]
+    others = [n for n in moved_default if n != "effect.q_mask_logits"]
+    assert max(moved_fast[n] for n in others) < 2 * max(moved_default[n] for n in others)
+
+
 def test_early_stopping_stops(tiny_data):
     _, hist = _fit("cpa_vae", tiny_data, max_epochs=200, patience=2, lr=0.05)
     assert len(hist) < 200
