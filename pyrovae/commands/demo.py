@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Settings chosen for the demo's budget (2.5 min measured on 2 CPU cores for the default preset, < 10 min):
+# Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
 # larger step (lr 2e-3, kept stable by the global gradient clipping at 100) on batches of 256 cells, 3
 # ELBO particles, and a fixed epoch budget (early stopping on the validation loss still picks the best).
