@@ -38,13 +38,7 @@ NAME = "combinatorial"
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument(
-        "--fractions",
-        type=float,
-        nargs="+",
-        default=None,
-        help="fractions f of combinations in training (default: the config's)",
-    )
+    combo_protocols.add_fractions_option(g, "combinations in training")
     g.add_argument("--frac-test", type=float, default=None, help="fraction of combinations held out (0.25)")
     g.add_argument(
         "--combo-pool",

@@ -37,6 +37,17 @@ BASELINE_NOTE = (
 )
 
 
+def add_fractions_option(group, what: str) -> None:
+    """``--fractions`` (read by :func:`fractions`); ``what`` says what f is a fraction of."""
+    group.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"fractions f of {what} (default: the config's)",
+    )
+
+
 def fractions(args, exp: common.Experiment) -> list[float]:
     """The fractions f to run: ``--fractions``, else the config's, else the papers' grid."""
     return [float(f) for f in (args.fractions or exp.settings.get("fractions", [0.0, 0.25, 0.5, 0.75, 1.0]))]

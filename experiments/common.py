@@ -129,6 +129,20 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+def add_split_seed_option(group) -> None:
+    """``--split-seed`` of the scripts with one fixed cell split (resolved by :func:`split_seed`)."""
+    group.add_argument(
+        "--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)"
+    )
+
+
+def split_seed(args: argparse.Namespace, exp: Experiment) -> int:
+    """The cell-split seed: ``--split-seed``, else the config's, else 0; recorded in ``exp.settings``."""
+    seed = int(args.split_seed if args.split_seed is not None else exp.settings.get("split_seed", 0))
+    exp.settings["split_seed"] = seed
+    return seed
+
+
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

@@ -33,13 +33,7 @@ NAME = "data_efficiency"
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument(
-        "--fractions",
-        type=float,
-        nargs="+",
-        default=None,
-        help="fractions f of the 64%% training part of combination cells (default: the config's)",
-    )
+    combo_protocols.add_fractions_option(g, "the 64%% training part of combination cells")
     return p
 
 

@@ -60,9 +60,7 @@ FMTS = {"test_iwelbo": "{:.2f}", "edges": "{:.1f}"}
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument(
-        "--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)"
-    )
+    common.add_split_seed_option(g)
     g.add_argument(
         "--grn-truth",
         default=None,
@@ -174,8 +172,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    split_seed = int(args.split_seed if args.split_seed is not None else exp.settings.get("split_seed", 0))
-    exp.settings["split_seed"] = split_seed
+    split_seed = common.split_seed(args, exp)
     truth = reference_grn(exp, args.grn_truth)
     exp.settings["grn_truth"] = "simulated" if truth is not None and not args.grn_truth else args.grn_truth
     labels, ctrl = exp.labels()

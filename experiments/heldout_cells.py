@@ -50,9 +50,7 @@ FMTS = {"val_iwelbo": "{:.2f}", "test_iwelbo": "{:.2f}"}
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     g = p.add_argument_group(NAME)
-    g.add_argument(
-        "--split-seed", type=int, default=None, help="seed of the cell split (default: the config's, 0)"
-    )
+    common.add_split_seed_option(g)
     g.add_argument("--stratify", action="store_true", help="stratify the cell split by perturbation")
     return p
 
@@ -132,8 +130,7 @@ def summarise(exp: common.Experiment) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    split_seed = int(args.split_seed if args.split_seed is not None else exp.settings.get("split_seed", 0))
-    exp.settings["split_seed"] = split_seed
+    split_seed = common.split_seed(args, exp)
     labels, ctrl = exp.labels()
     split = cell_split(labels, seed=split_seed, stratify=args.stratify)
     summary = split_summary(split, labels, ctrl, args.combo_sep)
