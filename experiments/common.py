@@ -663,6 +663,7 @@ class Experiment:
         tags: Mapping[str, Any],
         posterior_factory: Callable | None = None,
         extra: Callable[[Any], Mapping[str, Any]] | None = None,
+        prepare: Callable[[Any], None] | None = None,
     ) -> Scored:
         """Train one model on ``data`` (its split), then score it.
 
@@ -671,6 +672,7 @@ class Experiment:
             tags: columns identifying the run in the results (model, fraction, seed, ...).
             posterior_factory: ``run -> Posterior`` (default :meth:`Posterior.from_run`).
             extra: ``run -> {metric: value}``, further metrics of the run (e.g. GRN recovery).
+            prepare: ``model -> None``, called on the built model before training (e.g. fixing masks).
 
         Returns:
             :class:`Scored` with the metrics row (tags + metrics + timings) also appended to the results.
@@ -690,6 +692,7 @@ class Experiment:
             data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
             overwrite=True,
             progress=self.args.progress,
+            prepare=prepare,
         )
         t_train = time.perf_counter() - t0
         hist = run.metrics()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,13 @@ def train_run(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    prepare: Callable[[PerturbationVAE], None] | None = None,
 ) -> Run:
-    """Train a model into a run directory (or resume the run there) and return the best checkpoint's run."""
+    """Train a model into a run directory (or resume the run there) and return the best checkpoint's run.
+
+    ``prepare`` is called on the freshly built model before training (and before a resumed state is
+    loaded), e.g. ``lambda m: m.effect.fix_masks(masks)`` to train with known masks.
+    """
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     model = build_model(
         model_cfg,
@@ -223,6 +229,8 @@ def train_run(
         raise ValueError(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data"
         )
+    if prepare is not None:
+        prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
     if resume:
         state = torch.load(run_dir / LAST, map_location=train_cfg.device, weights_only=True)

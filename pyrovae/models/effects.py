@@ -25,6 +25,8 @@ from pyrovae.models.distributions import StraightThroughBernoulli
 from pyrovae.nn.mlp import GaussianMLP
 
 PERTURBATION_PLATE = "perturbations"
+#: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
+FIXED_MASK_LOGIT = 12.0
 
 
 @contextmanager
@@ -167,6 +169,34 @@ class AdditiveEffect(EffectBlock):
 
     def effect_rows(self, g):
         return g["E"] * g["mask"] if self.use_masks else g["E"]
+
+    def fix_masks(self, masks: torch.Tensor) -> None:
+        """Fix q(M) at known masks and stop training it (a control, e.g. a simulation's planted masks).
+
+        q(m_tk) becomes Bernoulli(sigmoid(+-FIXED_MASK_LOGIT)), a point mass up to 6e-6, and
+        ``q_mask_logits`` turns from a parameter into a buffer of the same name, so no optimiser sees it and
+        a checkpoint keeps it (call this again after rebuilding a model to resume training it). The ELBO is
+        unchanged: it still scores log p(M) - log q(M) at the fixed masks, so the run's ELBO is that of the
+        given mask structure with everything else trained.
+
+        Args:
+            masks: (T, effect_dim) 0/1 masks, rows in this model's treatment order.
+        """
+        if not self.use_masks:
+            raise ValueError("this effect block has no masks (CPA-VAE); fix_masks needs SAMS-VAE or GPO-VAE")
+        old = self.q_mask_logits
+        m = torch.as_tensor(masks)
+        if tuple(m.shape) != tuple(old.shape):
+            raise ValueError(
+                f"masks have shape {tuple(m.shape)} but the model's masks are (T, K) = {tuple(old.shape)}; "
+                "give one row per treatment (the model's order) and one column per latent dimension "
+                "(n_latent must match the masks' width)"
+            )
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("masks must be 0/1")
+        logits = torch.where(m.to(old.device) > 0, FIXED_MASK_LOGIT, -FIXED_MASK_LOGIT).to(old.dtype)
+        del self.q_mask_logits
+        self.register_buffer("q_mask_logits", logits)
 
     def shift(self, d, g):
         return _matmul_dosage(d, self.effect_rows(g))

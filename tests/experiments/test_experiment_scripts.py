@@ -30,6 +30,7 @@ def _script(name: str):
         ("data_efficiency", [], "iwelbo"),
         ("heldout_cells", [], "iwelbo"),
         ("grn_recovery", [], "auprc"),
+        ("mask_recovery", ["--seeds", "0"], "mask_f1"),
     ],
 )
 def test_experiment_script_writes_tables_and_figures(name, extra, metric, tmp_path):
@@ -45,3 +46,26 @@ def test_experiment_script_writes_tables_and_figures(name, extra, metric, tmp_pa
     # never overwrite a finished experiment without being asked
     with pytest.raises((FileExistsError, SystemExit)):
         _script(name).main(["--out", str(out), *TINY, *extra])
+
+
+@pytest.mark.slow
+def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
+    out = tmp_path / "masks"
+    assert _script("mask_recovery").main(["--out", str(out), *TINY, "--seeds", "0"]) == 0
+    res = pd.read_csv(out / "results.csv").set_index("model")
+    assert res.loc["sams_vae_planted", "mask_f1"] == 1.0  # q(M) fixed at the planted masks
+    assert np.isnan(res.loc["cpa_vae", "mask_f1"])  # no masks to score
+    assert res.loc["cpa_vae", "test_iwelbo_vs_cpa"] == 0.0
+
+
+def test_mask_recovery_refuses_data_without_planted_masks(tmp_path):
+    import anndata as ad
+
+    from pyrovae.data.simulate import simulate_perturbseq
+
+    adata = simulate_perturbseq("tiny", seed=0)
+    del adata.uns["ground_truth"]
+    path = tmp_path / "real.h5ad"
+    ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var).write_h5ad(path)
+    with pytest.raises(ValueError, match="planted masks"):
+        _script("mask_recovery").main(["--data", str(path), "--out", str(tmp_path / "o"), *TINY])

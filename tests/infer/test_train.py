@@ -12,6 +12,7 @@ import torch
 
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig, Trainer
+from pyrovae.models.effects import FIXED_MASK_LOGIT
 from pyrovae.models.zoo import build_model, model_config
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
@@ -64,6 +65,34 @@ def test_mask_lr_moves_only_the_mask_logits_faster(tiny_data):
     assert moved_fast["effect.q_mask_logits"] > 10 * moved_default["effect.q_mask_logits"]
     others = [n for n in moved_default if n != "effect.q_mask_logits"]
     assert max(moved_fast[n] for n in others) < 2 * max(moved_default[n] for n in others)
+
+
+def test_fix_masks_trains_with_known_masks_only(tiny_data, tmp_path):
+    T, K = tiny_data.n_treatments, SMALL["n_latent"]
+    masks = (torch.arange(T * K).reshape(T, K) % 3 == 0).float()
+    run = train_run(
+        tiny_data,
+        model_config("sams_vae", **SMALL),
+        TrainConfig(**{**FAST, "max_epochs": 2, "mask_lr": 0.5}),
+        tmp_path / "fixed",
+        progress=False,
+        prepare=lambda m: m.effect.fix_masks(masks),
+    )
+    hist = run.metrics()
+    assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+    # the trained checkpoint keeps the fixed logits (no optimiser step touched them) ...
+    expected = torch.where(masks > 0, FIXED_MASK_LOGIT, -FIXED_MASK_LOGIT)
+    assert torch.equal(run.model.effect.q_mask_logits.detach(), expected)
+    # ... and q(M) draws are the given masks
+    assert torch.equal(run.model.sample_globals(20)["mask"], masks.expand(20, T, K))
+    model = build_model(model_config("sams_vae", **SMALL), tiny_data.n_genes, T, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        model.effect.fix_masks(masks[:, :-1])
+    with pytest.raises(ValueError, match="0/1"):
+        model.effect.fix_masks(masks * 2)
+    cpa = build_model(model_config("cpa_vae", **SMALL), tiny_data.n_genes, T, seed=0)
+    with pytest.raises(ValueError, match="no masks"):
+        cpa.effect.fix_masks(masks)
 
 
 def test_early_stopping_stops(tiny_data):
