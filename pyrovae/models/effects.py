@@ -72,6 +72,14 @@ class EffectBlock(nn.Module):
     def decoder_input(self, z: torch.Tensor, d: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor:
         return z
 
+    def untrained_fallback(
+        self, g: dict[str, torch.Tensor], untrained: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Global draws for treatments without a training cell, after their rows were redrawn from the
+        prior (``untrained`` (T,) bool). Blocks whose per-treatment values are parameters without a prior
+        (SVAE+'s action mean) replace them here; the default keeps the prior draws."""
+        return g
+
     def effect_rows(self, g: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(..., T, shift_dim) per-treatment latent effect (for interpretation), if the block has one."""
         return None
@@ -267,6 +275,12 @@ class BetaBernoulliActionEffect(EffectBlock):
 
     def effect_rows(self, g):
         return g["mask"] * self.action_mean
+
+    def untrained_fallback(self, g, untrained):
+        # mu_t is a parameter with no prior, so an untrained treatment has no prior to fall back to and mu_t
+        # would stay at its random initialisation; its masks are set to 0 instead, so the treatment gets
+        # the control's prior N(0, I) (no shift).
+        return {**g, "mask": torch.where(untrained.unsqueeze(-1), torch.zeros_like(g["mask"]), g["mask"])}
 
     def prior_loc(self, d, g):
         return _matmul_dosage(d, self.effect_rows(g))

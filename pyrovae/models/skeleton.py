@@ -257,7 +257,8 @@ class PerturbationVAE(nn.Module):
 
         Args:
             untrained: (T,) bool; these treatments' rows are drawn from the *prior* instead of q
-                (treatments with no training cell carry no information in q).
+                (treatments with no training cell carry no information in q); SVAE+, whose action mean
+                has no prior, gives them no shift (see ``EffectBlock.untrained_fallback``).
             source: ``"guide"`` (posterior) or ``"prior"``.
         """
         which = "guide" if source == "guide" else "model"
@@ -273,6 +274,7 @@ class PerturbationVAE(nn.Module):
                 if site is None or PERTURBATION_PLATE not in {f.name for f in site["cond_indep_stack"]}:
                     continue
                 out[k] = torch.where(untrained.unsqueeze(-1), site["value"], out[k])
+            out = self.effect.untrained_fallback(out, untrained)
         return out
 
     def config(self) -> dict[str, Any]:

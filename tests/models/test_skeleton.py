@@ -263,6 +263,24 @@ def test_untrained_treatments_fall_back_to_prior(tiny_data):
     assert abs(float(g["E"][:, 1].mean())) < 0.1 and float(g["E"][:, 0].mean()) > 4.5
 
 
+def test_svae_plus_untrained_treatment_gets_no_shift_not_its_init(tiny_data_unique):
+    model = _build("svae_plus", tiny_data_unique)
+    T = tiny_data_unique.n_treatments
+    with torch.no_grad():
+        model.effect.q_mask_prob_logits.fill_(20.0)  # q says "all masks on" (pi clamped at 1 - 1e-6)
+    torch.manual_seed(0)
+    assert bool((model.effect.action_mean != 0).all())  # the random initialisation
+    untrained = torch.zeros(T, dtype=torch.bool)
+    untrained[0] = True
+    g = model.sample_globals(50, untrained=untrained)
+    rows = model.effect.effect_rows(g)
+    # mu_t has no prior: the untrained row shifts nothing (the control's prior), trained rows use q
+    assert torch.equal(rows[:, 0], torch.zeros_like(rows[:, 0]))
+    assert torch.allclose(rows[:, 1:], model.effect.action_mean[1:].detach().expand(50, T - 1, 3))
+    d = torch.eye(T)[:1]
+    assert torch.equal(model.effect.prior_loc(d, g), torch.zeros(50, 1, 3))
+
+
 def test_svae_plus_rejects_combinations(tiny_data):
     model = _build("svae_plus", tiny_data)
     d = torch.as_tensor(tiny_data.dosage)
