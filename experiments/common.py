@@ -69,6 +69,14 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated dataset (default 0)")
     g.add_argument(
+        "--sim-set",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="override fields of the simulation preset (pyrovae.data.simulate.SimulationConfig), e.g. "
+        "knockdown=0 effect_mean=3",
+    )
+    g.add_argument(
         "--perturbation-key", default="perturbation", help="obs column with labels (default: perturbation)"
     )
     g.add_argument(
@@ -575,12 +583,15 @@ class Experiment:
         else:
             from pyrovae.data.simulate import simulate_perturbseq
 
-            adata = simulate_perturbseq(args.preset, seed=args.sim_seed)
+            sim_over = parse_set(args.sim_set)
+            adata = simulate_perturbseq(args.preset, seed=args.sim_seed, **sim_over)
+            shown = "".join(f", {k}={v}" for k, v in sim_over.items())
             source = {
                 "kind": "simulated",
                 "preset": args.preset,
                 "seed": args.sim_seed,
-                "description": f"simulated preset {args.preset!r} (seed {args.sim_seed})",
+                "overrides": sim_over,
+                "description": f"simulated preset {args.preset!r} (seed {args.sim_seed}{shown})",
             }
         if args.gene_key:
             if args.gene_key not in adata.var.columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def test_experiment_script_writes_tables_and_figures(name, extra, metric, tmp_pa
 @pytest.mark.slow
 def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
     out = tmp_path / "masks"
-    assert _script("mask_recovery").main(["--out", str(out), *TINY, "--seeds", "0"]) == 0
+    args = ["--out", str(out), *TINY, "--seeds", "0", "--sim-set", "knockdown=0"]
+    assert _script("mask_recovery").main(args) == 0
+    assert json.loads((out / "experiment.json").read_text())["data"]["overrides"] == {"knockdown": 0}
     res = pd.read_csv(out / "results.csv").set_index("model")
     assert res.loc["sams_vae_planted", "mask_f1"] == 1.0  # q(M) fixed at the planted masks
     assert np.isnan(res.loc["cpa_vae", "mask_f1"])  # no masks to score
