@@ -278,6 +278,12 @@ def make_split(
     split = np.full(len(labels), "train", dtype=object)
     if mode not in ("cells", "combinations"):
         raise ValueError(f"unknown split mode {mode!r}; use 'cells' or 'combinations'")
+    if mode == "cells" and heldout is not None:
+        # a silently ignored hold-out would train on the combinations the user meant to keep unseen
+        raise ValueError(
+            f"heldout={heldout!r} only applies to split mode 'combinations' (the split mode is 'cells'); "
+            "pass split_mode='combinations' (CLI: --split-mode combinations) or drop heldout"
+        )
     held: set[str] = set()
     if mode == "combinations":
         combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
@@ -351,6 +357,11 @@ def load_perturbation_data(
             label reading and normalisation statistics are taken from it.
         backed: open the ``.h5ad`` in backed mode and load only the count matrix (not other layers).
     """
+    if split_key is not None and heldout is not None:
+        raise ValueError(
+            f"heldout={heldout!r} cannot be used with the split column {split_key!r}: the column already "
+            "fixes the split. Drop heldout, or omit split_key to let pyrovae make the split"
+        )
     adata = _read(data, backed)
     if perturbation_key not in adata.obs.columns:
         raise ValueError(

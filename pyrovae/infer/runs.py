@@ -132,6 +132,8 @@ class Run:
             if k in ("perturbation_key", "layer", "split_key", "split_mode", "split_seed", "heldout")
         }
         opts.update(overrides)
+        if opts.get("split_key") is not None:
+            opts.pop("heldout", None)  # a split column fixes the split; the run's hold-out only made one
         opts["require_counts"] = self.model_cfg.likelihood != "normal"
         loaded = load_perturbation_data(data, schema=self.schema, **opts)
         if self.schema.get("gpo"):

@@ -722,3 +722,15 @@ def test_heldout_fraction_accepts_any_real_number():
     data = load_perturbation_data(make_adata(), split_mode="combinations", heldout=np.float32(1.0))
     assert set(data.split[data.labels == "A+B"]) == {"test"}
     assert load_perturbation_data(make_adata(), split_mode="combinations", heldout=1).n_cells > 0
+
+
+def test_heldout_without_combination_split_is_refused():
+    """A hold-out that would be ignored (cells split, or a split column) is an error, not a no-op."""
+    from conftest import make_adata
+
+    with pytest.raises(ValueError, match="only applies to split mode 'combinations'"):
+        load_perturbation_data(make_adata(), heldout=["A+B"])
+    a = make_adata()
+    a.obs["split"] = "train"
+    with pytest.raises(ValueError, match="cannot be used with the split column 'split'"):
+        load_perturbation_data(a, split_key="split", split_mode="combinations", heldout=0.5)

@@ -133,6 +133,25 @@ def test_loading_a_checkpoint_never_unpickles_code(tiny_data, tmp_path):
         load_run(run.path)
 
 
+def test_run_trained_with_a_holdout_reloads_data_with_a_split_column(tmp_path):
+    """The run's recorded hold-out made its split; a split column given later replaces it without error."""
+    from conftest import make_adata
+
+    from pyrovae.data.anndata import load_perturbation_data
+
+    opts = {"split_mode": "combinations", "heldout": ["A+B"]}
+    data = load_perturbation_data(make_adata(), **opts)
+    cfg = model_config("cpa_vae", **SMALL)
+    run = train_run(
+        data, cfg, TrainConfig(**{**FAST, "max_epochs": 1}), tmp_path / "r", data_options=opts, progress=False
+    )
+    a = make_adata()
+    a.obs["split"] = np.where(np.arange(a.n_obs) % 2 == 0, "train", "test")
+    again = run.load_data(a, split_key="split")
+    np.testing.assert_array_equal(again.split, a.obs["split"].to_numpy())
+    assert set(run.load_data(make_adata()).split[data.labels == "A+B"]) == {"test"}
+
+
 def test_training_on_non_counts_with_count_likelihood_is_refused(tiny_data, tmp_path):
     import dataclasses
 
