@@ -269,7 +269,7 @@ def make_split(
             the held-out combination labels all go to ``test`` (never to train/val); all other cells are
             split train/val.
         heldout: with ``mode="combinations"``: the labels to hold out, or the fraction of combination
-            labels to hold out at random (default 0.25).
+            labels to hold out at random (default 0.25). Passing it with ``mode="cells"`` is an error.
 
     Returns:
         (N,) array of ``"train"``/``"val"``/``"test"``.
