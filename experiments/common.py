@@ -50,6 +50,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = EXPERIMENTS_DIR / "configs"
 SPLIT_COLUMN = "_experiment_split"
 PRESETS = ("tiny", "default", "large")
+SIMULATORS = ("perturbseq", "sams_reference")
 
 # ------------------------------------------------------------------------------------------- options
 
@@ -62,10 +63,17 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         "--data", default=None, help="input .h5ad with raw counts (default: simulate, see --preset)"
     )
     g.add_argument(
+        "--simulator",
+        default="perturbseq",
+        choices=SIMULATORS,
+        help="simulator when no --data: 'perturbseq' (counts, pyrovae.data.simulate, see --preset) or "
+        "'sams_reference' (the SAMS-VAE reference simulation's regime, continuous: --set likelihood=normal)",
+    )
+    g.add_argument(
         "--preset",
         default="default",
         choices=PRESETS,
-        help="simulated preset when no --data (default: default)",
+        help="simulated preset of the perturbseq simulator (default: default)",
     )
     g.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated dataset (default 0)")
     g.add_argument(
@@ -73,8 +81,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="KEY=VALUE",
-        help="override fields of the simulation preset (pyrovae.data.simulate.SimulationConfig), e.g. "
-        "knockdown=0 effect_mean=3",
+        help="override fields of the simulation (pyrovae.data.simulate.SimulationConfig, or "
+        "pyrovae.data.simulate_sams.SamsReferenceConfig), e.g. knockdown=0 effect_mean=3",
     )
     g.add_argument(
         "--perturbation-key", default="perturbation", help="obs column with labels (default: perturbation)"
@@ -581,17 +589,26 @@ class Experiment:
             adata = ad.read_h5ad(path)
             source = {"kind": "file", "path": str(path.resolve()), "description": f"data {path}"}
         else:
-            from pyrovae.data.simulate import simulate_perturbseq
-
             sim_over = parse_set(args.sim_set)
-            adata = simulate_perturbseq(args.preset, seed=args.sim_seed, **sim_over)
             shown = "".join(f", {k}={v}" for k, v in sim_over.items())
+            simulator = getattr(args, "simulator", "perturbseq")
+            if simulator == "sams_reference":
+                from pyrovae.data.simulate_sams import simulate_sams_reference
+
+                adata = simulate_sams_reference(seed=args.sim_seed, **sim_over)
+                what = "SAMS-VAE reference-regime simulation"
+            else:
+                from pyrovae.data.simulate import simulate_perturbseq
+
+                adata = simulate_perturbseq(args.preset, seed=args.sim_seed, **sim_over)
+                what = f"simulated preset {args.preset!r}"
             source = {
                 "kind": "simulated",
-                "preset": args.preset,
+                "simulator": simulator,
+                "preset": args.preset if simulator == "perturbseq" else simulator,
                 "seed": args.sim_seed,
                 "overrides": sim_over,
-                "description": f"simulated preset {args.preset!r} (seed {args.sim_seed}{shown})",
+                "description": f"{what} (seed {args.sim_seed}{shown})",
             }
         if args.gene_key:
             if args.gene_key not in adata.var.columns:
@@ -632,6 +649,8 @@ class Experiment:
             self.adata,
             split_key=SPLIT_COLUMN,
             encode_combos_as_unique=encode_combos_as_unique,
+            # continuous data loads; training refuses it with a count likelihood (train_run)
+            require_counts=False,
             **self.data_opts,
         )
 

@@ -348,14 +348,22 @@ def _stream(seed: int, k: int) -> np.random.Generator:
     return np.random.default_rng([seed, k])
 
 
-def _mechanisms(cfg: SimulationConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(T, K) int8 masks with >= 1 active entry per row and (T, K) float64 embeddings."""
-    T, K = cfg.n_perturbed, cfg.n_latent
-    masks = (rng.random((T, K)) < cfg.mask_prob).astype(np.int8)
+def planted_mechanisms(
+    n_treatments: int,
+    n_latent: int,
+    mask_prob: float,
+    effect_mean: float,
+    effect_sd: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(T, K) int8 masks ``m_tk ~ Bernoulli(mask_prob)`` with >= 1 active entry per row, and (T, K)
+    float64 embeddings ``|N(effect_mean, effect_sd)|`` with a random sign (shared by the simulators)."""
+    T, K = n_treatments, n_latent
+    masks = (rng.random((T, K)) < mask_prob).astype(np.int8)
     fallback = rng.integers(K, size=T)
     empty = masks.sum(axis=1) == 0
     masks[np.flatnonzero(empty), fallback[empty]] = 1
-    magnitude = np.abs(rng.normal(cfg.effect_mean, cfg.effect_sd, size=(T, K)))
+    magnitude = np.abs(rng.normal(effect_mean, effect_sd, size=(T, K)))
     sign = np.where(rng.random((T, K)) < 0.5, -1.0, 1.0)
     return masks, magnitude * sign
 
@@ -436,7 +444,9 @@ def simulate_perturbseq(
     mt_idx = np.arange(G - len(MT_GENES), G)
 
     # 2. latent mechanisms
-    masks, embeddings = _mechanisms(cfg, _stream(seed, _S_MECH))
+    masks, embeddings = planted_mechanisms(
+        cfg.n_perturbed, cfg.n_latent, cfg.mask_prob, cfg.effect_mean, cfg.effect_sd, _stream(seed, _S_MECH)
+    )
     latent_effects = masks * embeddings
 
     # 4. decoder and baselines

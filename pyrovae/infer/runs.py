@@ -217,6 +217,11 @@ def train_run(
     ``prepare`` is called on the freshly built model before training (and before a resumed state is
     loaded), e.g. ``lambda m: m.effect.fix_masks(masks)`` to train with known masks.
     """
+    if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
+        raise ValueError(
+            "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "
+            "(CLI and experiment scripts: --set likelihood=normal)"
+        )
     run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     model = build_model(
         model_cfg,
@@ -227,10 +232,6 @@ def train_run(
         data.is_count_data,
         seed=train_cfg.seed,
     )
-    if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
-        raise ValueError(
-            "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data"
-        )
     if prepare is not None:
         prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
