@@ -591,7 +591,7 @@ class Experiment:
         else:
             sim_over = parse_set(args.sim_set)
             shown = "".join(f", {k}={v}" for k, v in sim_over.items())
-            simulator = getattr(args, "simulator", "perturbseq")
+            simulator = args.simulator
             if simulator == "sams_reference":
                 from pyrovae.data.simulate_sams import simulate_sams_reference
 

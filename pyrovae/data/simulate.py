@@ -339,6 +339,13 @@ def _resolve_config(
     return config, name
 
 
+def check_seed(seed: Any) -> int:
+    """The seed as an int; a clear error unless it is a non-negative integer (shared by the simulators)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 def _names(prefix: str, n: int, width: int) -> list[str]:
     w = max(width, len(str(n)))
     return [f"{prefix}{i + 1:0{w}d}" for i in range(n)]
@@ -429,9 +436,7 @@ def simulate_perturbseq(
         TypeError: an override that is not a :class:`SimulationConfig` field.
     """
     config, preset_name = _resolve_config(preset, overrides)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
+    seed = check_seed(seed)
     cfg = config
     T, E, K, H, G = cfg.n_perturbed, cfg.n_extra_grn_genes, cfg.n_latent, cfg.decoder_hidden, cfg.n_genes
     n_grn = T + E
