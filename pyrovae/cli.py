@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+from pyrovae import __version__
+from pyrovae.data.anndata import PyrovaeWarning
 
 COMMAND_MODULES = (
     "pyrovae.commands.simulate",
@@ -21,19 +25,47 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrovae", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+#: errors that are the user's to fix (bad input, existing outputs, missing files): one line, exit code 2
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+
+
+def _one_line_warnings(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"pyrovae {command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    saved = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(args.command)
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"pyrovae {args.command}: error: {err}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", PyrovaeWarning)
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(
+            f"pyrovae {args.command}: interrupted; every file already written is complete "
+            "(a training run continues with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except USER_ERRORS as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)):
+            msg = f"{err.strerror or err.__class__.__name__}: {err.filename or msg}" if err.filename else msg
+        print(f"pyrovae {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = saved
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import yaml
+from pyrovae.config import parse_overrides, read_options_file
+
+__all__ = ["add_data_args", "data_options", "gather_overrides", "parse_overrides", "positive_int", "seed_int"]
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -32,7 +34,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         choices=["cells", "combinations"],
         help="seeded split by cell or by held-out combination",
     )
-    g.add_argument("--split-seed", type=int, default=0)
+    g.add_argument("--split-seed", type=seed_int, default=0)
     g.add_argument(
         "--heldout",
         default=None,
@@ -60,7 +62,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         choices=["auto", "emd", "sinkhorn"],
         help="GPO: OT pairing of perturbed cells with controls (auto: exact EMD for small groups)",
     )
-    m.add_argument("--pairing-reg", type=float, default=0.05, help="GPO: Sinkhorn entropic regulariser")
+    m.add_argument(
+        "--pairing-reg", type=positive_float, default=0.05, help="GPO: Sinkhorn entropic regulariser"
+    )
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -92,12 +96,41 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["n_latent=20", "lr=1e-3"]`` -> ``{"n_latent": 20, "lr": 0.001}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. n_latent=20)")
-        k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+def positive_float(value: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        out = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value!r}") from None
+    if not out > 0 or out == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
+    return out
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (``--n-samples 0`` is an error, not an empty result)."""
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}") from None
+    if out < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value!r}")
+    return out
+
+
+def seed_int(value: str) -> int:
+    """argparse type: a seed, an integer >= 0."""
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed must be a whole number >= 0, got {value!r}") from None
+    if out < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value!r}")
+    return out
+
+
+def gather_overrides(config_file: str | None, items: list[str] | None) -> dict[str, Any]:
+    """Options of ``--config FILE`` then ``--set key=value`` (the latter win), still untyped."""
+    out = read_options_file(config_file) if config_file else {}
+    out.update(parse_overrides(items))
     return out

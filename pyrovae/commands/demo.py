@@ -17,13 +17,15 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pyrovae.commands.common import positive_int, seed_int
+from pyrovae.outputs import clear_output_dir, mark_output_dir
 
 # Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
@@ -93,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(
                 f"{out} already exists and is not empty; choose another --out or pass --overwrite"
             )
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        clear_output_dir(out, "demo")  # only a demo directory pyrovae wrote, holding nothing else
+    mark_output_dir(out, "demo")
     log = print if not args.quiet else (lambda *a, **k: None)
 
     # ------------------------------------------------------------------ data: simulate, split, write
@@ -282,8 +284,10 @@ def register(sub) -> None:
         choices=["tiny", "default", "large"],
         help="simulated dataset (default: default)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per model (default: per preset)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="training epochs per model (default: per preset)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--quiet", action="store_true", help="no progress bars or log lines (the table is printed)"

@@ -7,13 +7,24 @@ writes its outputs atomically, and refuses to overwrite an existing output unles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pyrovae.commands.common import positive_int, seed_int
+from pyrovae.config import PyrovaeWarning
+from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+from pyrovae.infer.iwelbo import iwelbo_over_seeds
+from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.runs import load_run
+from pyrovae.outputs import atomic_write, atomic_write_all, dir_lock, json_writer, staged_dir, write_json
+from pyrovae.plot import plot_ate_scatter
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -62,8 +73,6 @@ def _library_arg(value: str) -> str | float:
 
 
 def _load(args: argparse.Namespace):
-    from pyrovae.infer.runs import load_run
-
     run = load_run(args.run, checkpoint=getattr(args, "checkpoint", "best"))
     overrides = {}
     if getattr(args, "split_key", None):
@@ -98,16 +107,26 @@ def iwelbo_summary(res: dict[str, Any], split_name: str) -> dict[str, Any]:
     }
 
 
-def run_iwelbo(args: argparse.Namespace) -> int:
-    from pyrovae.infer.iwelbo import iwelbo_over_seeds
-    from pyrovae.infer.runs import atomic_write, write_json
+def _run_lock_if_inside(out: Path, run_dir: Path):
+    """The run directory's lock when ``out`` is written inside it (a training there must not interleave)."""
+    inside = out.resolve().is_relative_to(run_dir.resolve())
+    return dir_lock(run_dir) if inside else contextlib.nullcontext()
 
+
+def run_iwelbo(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     suffix = "_prior" if args.score_globals else ""
     out = Path(args.out) if args.out else run_dir / f"iwelbo_{args.split}{suffix}.csv"
-    # the summary sits next to the per-cell table; never on the same path (--out x.json)
+    if out.suffix != ".csv":
+        raise ValueError(f"--out {out} must end in .csv (the per-cell table; the summary goes beside it)")
+    # the summary sits next to the per-cell table; never on the same path
     out_json = out.with_name(out.stem + "_summary.json")
-    _refuse_existing([out, out_json], args.overwrite)
+    if out.exists() and not out_json.exists():
+        warnings.warn(
+            f"{out} has no summary (an interrupted run wrote it); replacing it", PyrovaeWarning, stacklevel=2
+        )
+    else:
+        _refuse_existing([out, out_json], args.overwrite)
     run, data = _load(args)
     if len(data.indices(args.split)) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
@@ -123,10 +142,15 @@ def run_iwelbo(args: argparse.Namespace) -> int:
         score_globals=args.score_globals,
     )
     cells = res["cells"]
-    atomic_write(out, lambda tmp: cells.to_csv(tmp, index_label="cell"))
     summary = iwelbo_summary(res, args.split)
     summary.update({"run": str(run_dir), "data": str(args.data), "per_cell_csv": str(out)})
-    write_json(out_json, summary)
+    with _run_lock_if_inside(out, run_dir):
+        atomic_write_all(
+            {
+                out: lambda tmp: cells.to_csv(tmp, index_label="cell"),
+                out_json: json_writer(summary),
+            }
+        )
     spread = (
         f" ± {res['std']:.3f} (MC spread: std over seeds {list(args.seeds)})" if len(args.seeds) > 1 else ""
     )
@@ -183,8 +207,6 @@ def ate_report(
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
         ``perturbations``.
     """
-    from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
-
     rows = np.asarray(rows)
     labels = data.labels[rows]
     ctrl = data.control_label
@@ -222,12 +244,9 @@ def ate_report(
 
 
 def run_ate(args: argparse.Namespace) -> int:
-    from pyrovae.infer.predictive import Posterior
-    from pyrovae.infer.runs import atomic_write, write_json
-
     tag = "all" if args.all_cells else args.split
     out_dir = Path(args.out) if args.out else Path(args.run) / f"ate_{tag}"
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+    if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already holds ATE results; pass --overwrite to replace them")
     run, data = _load(args)
     if args.all_cells:
@@ -250,37 +269,40 @@ def run_ate(args: argparse.Namespace) -> int:
         model_name=run.model_cfg.family if args.name is None else args.name,
     )
     table = rep["table"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
-    atomic_write(out_dir / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
-    atomic_write(
-        out_dir / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
-    )
-    atomic_write(out_dir / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
-    for name, df in rep["preds"].items():
-        atomic_write(out_dir / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
-    write_json(
-        out_dir / "ate_summary.json",
-        {
-            "run": str(args.run),
-            "data": str(args.data),
-            "scope": scope,
-            "control_reference": rep["control_source"],
-            "library_size": args.library,
-            "n_samples": args.n_samples,
-            "top_k": args.top_k,
-            "seed": args.seed,
-            "perturbations": rep["perturbations"],
-            "metrics": table.reset_index().to_dict(orient="records"),
-        },
-    )
     fig = None
-    try:
-        from pyrovae.plot import plot_ate_scatter
-
-        fig = plot_ate_scatter(rep["ate_true"], rep["preds"], out_dir / "ate_scatter.png", top_k=args.top_k)
-    except ImportError as err:
-        print(f"(no figure: {err})")
+    # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
+    # without its summary after a kill
+    with (
+        _run_lock_if_inside(out_dir, Path(args.run)),
+        staged_dir(out_dir, "ate", args.overwrite, protect=(args.data,)) as stage,
+    ):
+        atomic_write(stage / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
+        atomic_write(stage / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
+        atomic_write(
+            stage / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
+        )
+        atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
+        for name, df in rep["preds"].items():
+            atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
+        write_json(
+            stage / "ate_summary.json",
+            {
+                "run": str(args.run),
+                "data": str(args.data),
+                "scope": scope,
+                "control_reference": rep["control_source"],
+                "library_size": args.library,
+                "n_samples": args.n_samples,
+                "top_k": args.top_k,
+                "seed": args.seed,
+                "perturbations": rep["perturbations"],
+                "metrics": table.reset_index().to_dict(orient="records"),
+            },
+        )
+        try:
+            fig = plot_ate_scatter(rep["ate_true"], rep["preds"], stage / "ate_scatter.png", top_k=args.top_k)
+        except ImportError as err:
+            print(f"(no figure: {err})")
     print(
         f"ATE on {scope}; {len(rep['perturbations'])} perturbations; controls: {rep['control_source']}; "
         f"model library size: {args.library}"
@@ -302,10 +324,9 @@ def _slug(name: str) -> str:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from pyrovae.infer.predictive import Posterior
-    from pyrovae.infer.runs import atomic_write
-
     out = Path(args.out)
+    if args.data and out.resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {out} is the input --data; write the samples to another file")
     _refuse_existing([out], args.overwrite)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out must end in .h5ad, got {out}")
@@ -335,12 +356,14 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help=".h5ad with the run's genes (read with the run's settings)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--split-key", default=None, help="obs column with the split (default: the run's)")
-    p.add_argument("--particles", type=int, default=100, help="K global and basal particles (default 100)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--particle-chunk", type=int, default=25, help="particles per vectorised pass")
+    p.add_argument(
+        "--particles", type=positive_int, default=100, help="K global and basal particles (default 100)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--particle-chunk", type=positive_int, default=25, help="particles per vectorised pass")
     p.add_argument(
         "--seeds",
-        type=int,
+        type=seed_int,
         nargs="+",
         default=[0, 1, 2],
         help="evaluation seeds; the spread of the mean over seeds is the Monte Carlo error",
@@ -373,15 +396,17 @@ def register(sub) -> None:
         action="store_true",
         help="empirical ATE on all cells, training cells included (the reference's version)",
     )
-    p.add_argument("--top-k", type=int, default=20, help="top-k DE genes per perturbation (default 20)")
-    p.add_argument("--n-samples", type=int, default=2500, help="model samples (default 2500)")
+    p.add_argument(
+        "--top-k", type=positive_int, default=20, help="top-k DE genes per perturbation (default 20)"
+    )
+    p.add_argument("--n-samples", type=positive_int, default=2500, help="model samples (default 2500)")
     p.add_argument(
         "--library",
         type=_library_arg,
         default=1e4,
         help="model library size: fixed (1e4, default), data (drawn from control cells), or a number",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
     p.add_argument("--out", default=None, help="output directory (default RUN/ate_<split>, RUN/ate_all)")
     p.add_argument("--overwrite", action="store_true")
@@ -396,7 +421,7 @@ def register(sub) -> None:
         required=True,
         help="labels like A, A+B, control (repeat or list several)",
     )
-    p.add_argument("--n-cells", type=int, default=1000, help="cells per perturbation (default 1000)")
+    p.add_argument("--n-cells", type=positive_int, default=1000, help="cells per perturbation (default 1000)")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument(
         "--library",
@@ -405,6 +430,6 @@ def register(sub) -> None:
         help="library size: a number (default 1e4) or data (drawn from --data's matching cells)",
     )
     p.add_argument("--data", default=None, help=".h5ad to draw library sizes from (with --library data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_sample)

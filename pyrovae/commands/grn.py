@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyrovae.commands.common import seed_int
+
 
 def _fmt(v) -> str:
     if isinstance(v, (float, np.floating)):
@@ -148,5 +150,5 @@ def register(sub) -> None:
     )
     p.add_argument("--split", default="test", help="cells of --statistical (default: test)")
     p.add_argument("--edge-threshold", type=float, default=0.5, help="edges of --statistical: probability >")
-    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling of --statistical")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the negative sampling of --statistical")
     p.set_defaults(func=run)

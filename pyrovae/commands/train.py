@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
-import yaml
-
-from pyrovae.commands.common import add_data_args, data_options, parse_overrides
+from pyrovae.commands.common import add_data_args, data_options, gather_overrides
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
-from pyrovae.infer.runs import CONFIG, train_run
+from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 
@@ -34,28 +30,26 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {}
-    if args.config:
-        overrides.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    overrides.update(parse_overrides(args.set))
+    m_over, t_over = split_overrides(gather_overrides(args.config, args.set))
     opts = data_options(args)
     if args.resume:
-        saved = json.loads((Path(args.out) / CONFIG).read_text())
-        mcfg = ModelConfig().replace(**saved["model"])
-        tcfg = TrainConfig().replace(**saved["train"])
-        opts = {**opts, **saved.get("data", {})}
-        m_over, t_over = split_overrides(overrides)
+        if args.overwrite:
+            raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
+        # the stored run decides: its model, options, genes, treatments and split (by cell name)
+        stored = load_run(args.out, checkpoint="last")
         if m_over:
             raise ValueError(f"cannot change model options {sorted(m_over)} when resuming a run")
-        tcfg = tcfg.replace(**t_over)
+        mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
+        opts = {**opts, **stored.data_options}
+        data = stored.load_data(args.data)
+        name = args.model
     else:
-        m_over, t_over = split_overrides(overrides)
-        mcfg = model_config(args.model, **m_over)
+        name = args.model or "sams_vae"
+        mcfg = model_config(name, **m_over)
         tcfg = TrainConfig().replace(**t_over)
-    likelihood_counts = mcfg.likelihood != "normal"
-    load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
-    data = load_perturbation_data(args.data, require_counts=likelihood_counts, **load_opts)
-    data = prepare_for_model(data, mcfg.family, mcfg.artifact, opts)
+        load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
+        data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
+        data = prepare_for_model(data, mcfg.family, mcfg.artifact, opts)
     run_ = train_run(
         data,
         mcfg,
@@ -65,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
+        model_name=name,
+        protect=(args.data, args.config),
     )
     hist = run_.metrics()
     last = hist[-1] if hist else {}
     print(
-        f"trained {args.model} into {args.out}: {int(last.get('epoch', 0))} epochs, "
+        f"trained {name or 'the stored model'} into {args.out}: {int(last.get('epoch', 0))} epochs, "
         f"train loss {last.get('train_loss', float('nan')):.3f}, "
         f"val loss {last.get('val_loss', float('nan')):.3f}"
     )
@@ -79,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run directory")
     add_data_args(p)
-    p.add_argument("--model", default="sams_vae", choices=sorted(MODEL_ZOO))
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(MODEL_ZOO),
+        help="named model (default sams_vae; resume: the run's)",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", default=None, help="YAML file of model/training options")
     p.add_argument(

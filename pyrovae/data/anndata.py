@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.config import PyrovaeWarning
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: fewer training cells than this get a warning (estimates from a handful of cells are noise)
+FEW_CELLS = 50
+
+
 _UNUSED_SPLIT = ""
 _SPLIT_ALIASES = {
     "train": "train",
@@ -129,9 +135,18 @@ def _read(data: str | Path | ad.AnnData, backed: bool) -> ad.AnnData:
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}; pass the path of an .h5ad file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the path of an .h5ad file")
     if path.suffix != ".h5ad":
         raise ValueError(f"{path} is not an .h5ad file; convert it with anndata (adata.write_h5ad)")
-    return ad.read_h5ad(path, backed="r" if backed else None)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:160]
+        raise ValueError(
+            f"cannot read {path}: it is truncated, corrupt or not an AnnData .h5ad ({first}); "
+            "write it again with adata.write_h5ad"
+        ) from None
 
 
 def _get_matrix(adata: ad.AnnData, layer: str | None):
@@ -250,6 +265,74 @@ def _normalise_split_column(values: pd.Series) -> np.ndarray:
     return out.astype(str)
 
 
+def _split_by_name(obs_names: pd.Index, stored: pd.Series) -> np.ndarray:
+    """(N,) split of the cells named ``obs_names`` according to a stored split (name -> split)."""
+    names = pd.Index(obs_names.astype(str))
+    dup = names[names.duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(
+            f"duplicated cell names {dup[:5]} in the data: the run's split is stored by cell name, so names "
+            "must be unique; call adata.obs_names_make_unique() (as before training)"
+        )
+    split = stored.reindex(names)
+    unseen = int(split.isna().sum())
+    if unseen:
+        warnings.warn(
+            f"{unseen} of the data's {len(names)} cells are not in the run's split (the run never saw them); "
+            "they are left out of every split",
+            PyrovaeWarning,
+            stacklevel=3,
+        )
+    present = set(names)
+    for sp_name in SPLITS:
+        want = stored.index[stored.to_numpy() == sp_name]
+        lacking = [c for c in want if c not in present]
+        if lacking:
+            warnings.warn(
+                f"the data lacks {len(lacking)} of the run's {len(want)} {sp_name} cells "
+                f"(e.g. {lacking[:3]}); {sp_name} scores use the {len(want) - len(lacking)} present",
+                PyrovaeWarning,
+                stacklevel=3,
+            )
+    return split.fillna(_UNUSED_SPLIT).to_numpy(dtype=str)
+
+
+def _warn_risky(
+    labels: np.ndarray,
+    split: np.ndarray,
+    dosage: np.ndarray,
+    treatments: Sequence[str],
+    control_label: str,
+    raw_labels: np.ndarray,
+    sep: str,
+) -> None:
+    """Warnings for data that trains, but not as the user probably means."""
+    train = split == "train"
+    n_train = int(train.sum())
+    if 0 < n_train < FEW_CELLS:
+        warnings.warn(
+            f"only {n_train} training cells: estimates from so few cells are mostly noise",
+            PyrovaeWarning,
+            stacklevel=3,
+        )
+    untrained = [t for t, n in zip(treatments, (dosage[train] != 0).sum(0)) if n == 0]
+    if untrained:
+        warnings.warn(
+            f"{len(untrained)} perturbation(s) have no training cell ({', '.join(untrained[:8])}"
+            f"{', ...' if len(untrained) > 8 else ''}): the model cannot learn them and predicts them from "
+            "its prior (GPO-VAE: through its GRN); the output of ate/sample says so",
+            PyrovaeWarning,
+            stacklevel=3,
+        )
+    if sep != "+" and any("+" in lab for lab in np.unique(raw_labels.astype(str))):
+        warnings.warn(
+            f"labels contain '+' but the combination separator is {sep!r}: labels like 'A+B' are read as "
+            "single perturbations; pass combo_sep='+' (--combo-sep +) if they are combinations",
+            PyrovaeWarning,
+            stacklevel=3,
+        )
+
+
 def make_split(
     labels: np.ndarray,
     control_label: str,
@@ -340,6 +423,7 @@ def load_perturbation_data(
     require_counts: bool = True,
     schema: dict[str, Any] | None = None,
     backed: bool = False,
+    stored_split: pd.Series | None = None,
 ) -> PerturbationData:
     """Read and validate perturbation data.
 
@@ -356,6 +440,9 @@ def load_perturbation_data(
         schema: a trained model's :meth:`PerturbationData.schema`: genes must match it and treatments,
             label reading and normalisation statistics are taken from it.
         backed: open the ``.h5ad`` in backed mode and load only the count matrix (not other layers).
+        stored_split: a run's split by cell name (obs_name -> split). Cells are matched by name, whatever
+            their order; cells it does not name get no split (a warning says how many), and a warning names
+            the split's cells that the data lacks. Replaces ``split_key`` / the seeded split.
     """
     if split_key is not None and heldout is not None:
         raise ValueError(
@@ -363,6 +450,10 @@ def load_perturbation_data(
             "fixes the split. Drop heldout, or omit split_key to let pyrovae make the split"
         )
     adata = _read(data, backed)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"the data has {adata.n_obs} cells x {adata.n_vars} genes; it needs cells and genes to model"
+        )
     if perturbation_key not in adata.obs.columns:
         raise ValueError(
             f"obs has no column {perturbation_key!r} with perturbation labels; obs columns are "
@@ -418,7 +509,9 @@ def load_perturbation_data(
     where = f"layer {layer!r}" if layer else "X"
     is_counts = _check_values(matrix, require_counts, where)
 
-    if split_key is not None:
+    if stored_split is not None:
+        split = _split_by_name(adata.obs_names, stored_split)
+    elif split_key is not None:
         if split_key not in adata.obs.columns:
             raise ValueError(
                 f"obs has no split column {split_key!r}; obs columns are {list(adata.obs.columns)}. "
@@ -429,6 +522,26 @@ def load_perturbation_data(
         split = make_split(
             labels, control_label, combo_sep, split_mode, split_seed, val_frac, test_frac, heldout
         )
+    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+        library_size = np.asarray(matrix.sum(1), dtype=np.float32).reshape(-1)
+    else:
+        library_size = np.concatenate([b.sum(1) for _, b in _row_chunks(matrix, 8192)]).astype(np.float32)
+    if is_counts and not (library_size > 0).any():
+        raise ValueError(
+            f"{where} is all zeros: no cell has any count; check the layer (--layer) or the file"
+        )
+    empty = (library_size <= 0) & (split != _UNUSED_SPLIT)
+    if require_counts and empty.any():
+        # log(library size) of a cell without counts is -inf: a count likelihood cannot score it
+        split = split.astype(object)
+        split[empty] = _UNUSED_SPLIT
+        split = split.astype(str)
+        warnings.warn(
+            f"{int(empty.sum())} cells have no counts at all (library size 0); they are left out of every "
+            "split. Filter them (e.g. scanpy.pp.filter_cells(adata, min_counts=1)) to silence this",
+            PyrovaeWarning,
+            stacklevel=2,
+        )
     train_idx = np.flatnonzero(split == "train")
     if len(train_idx) == 0:
         raise ValueError("the training split is empty; check the split column or the split fractions")
@@ -436,11 +549,16 @@ def load_perturbation_data(
         raise ValueError(
             f"no control cells ({control_label!r}) in any split; controls are needed as reference"
         )
+    if not (labels[train_idx] == control_label).any():
+        warnings.warn(
+            f"no control cells ({control_label!r}) in the training split: the basal state is learned from "
+            "perturbed cells only; put some control cells in train",
+            PyrovaeWarning,
+            stacklevel=2,
+        )
 
-    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
-        library_size = np.asarray(matrix.sum(1), dtype=np.float32).reshape(-1)
-    else:
-        library_size = np.concatenate([b.sum(1) for _, b in _row_chunks(matrix, 8192)]).astype(np.float32)
+    if schema is None:
+        _warn_risky(labels, split, dosage, treatments, control_label, labels_raw, combo_sep)
     if schema is not None:
         mean = np.asarray(schema["norm_mean"], dtype=np.float32)
         std = np.asarray(schema["norm_std"], dtype=np.float32)

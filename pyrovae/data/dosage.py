@@ -11,9 +11,13 @@ controls. With ``encode_combos_as_unique=True`` every distinct combination is it
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from pyrovae.config import PyrovaeWarning
 
 #: Control labels recognised when the user does not name one (compared case-insensitively).
 COMMON_CONTROL_LABELS: tuple[str, ...] = (
@@ -53,6 +57,11 @@ def parse_label(label: str, control_label: str, sep: str = "+") -> tuple[str, ..
         )
     tokens = [t for t in tokens if not _is_control_token(t, control_label)]
     return tuple(sorted(set(tokens)))
+
+
+def _has_repeat(label: str, sep: str) -> bool:
+    tokens = [t.strip() for t in label.split(sep)]
+    return len(tokens) > 1 and len(set(tokens)) < len(tokens)
 
 
 def canonical_label(tokens: Sequence[str], control_label: str, sep: str = "+") -> str:
@@ -99,6 +108,14 @@ def build_dosage(
     labels = np.asarray(labels, dtype=object)
     unique, inverse = np.unique(labels.astype(str), return_inverse=True)
     parsed = [parse_label(str(u), control_label, sep) for u in unique]
+    repeated = [str(u) for u in unique if sep and _has_repeat(str(u), sep)]
+    if repeated:
+        warnings.warn(
+            f"label(s) {repeated[:5]} name the same perturbation more than once; they are read as that "
+            "perturbation alone (dose 1). Fix the labels if they mean something else",
+            PyrovaeWarning,
+            stacklevel=2,
+        )
     if treatments is None:
         treatments = treatment_vocabulary(parsed, encode_combos_as_unique, sep)
     treatments = list(treatments)
@@ -142,8 +159,11 @@ def find_control_label(labels: Iterable[str], control_label: str | None) -> str:
     present = {str(v) for v in labels}
     if control_label is not None:
         if control_label not in present:
+            near = [p for p in present if p.lower() == control_label.lower()]
+            near = near or difflib.get_close_matches(control_label, sorted(present), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
             raise ValueError(
-                f"no control cells: no cell has the label {control_label!r}. Labels include "
+                f"no control cells: no cell has the label {control_label!r}; {hint}Labels include "
                 f"{sorted(present)[:8]}; pass control_label=... with the label of unperturbed cells"
             )
         return control_label

@@ -1,98 +1,153 @@
-"""Runs are directories: ``config.json``, ``schema.json``, ``best.pt``, ``last.pt``, ``metrics.csv``, figures.
+"""Runs are directories: ``config.json``, ``schema.json``, ``split.csv``, ``best.pt``, ``last.pt``,
+``metrics.csv``, and the outputs of evaluation commands.
 
 Checkpoints hold tensors and plain numbers only and are read with ``torch.load(weights_only=True)``, so
-loading a run never executes pickled code. Every file is written atomically (temporary file + rename), and
-an existing run is never overwritten unless ``overwrite=True`` is passed.
+loading a run never executes pickled code; ``last.pt`` also holds the metrics history, so ``metrics.csv`` is
+rebuilt from it on resume. The split is stored by cell name (``split.csv``: obs_names -> train/val/test), so
+evaluating or resuming a run uses exactly its cells, whatever the order or subset of the file it is given.
+A process writing a run holds its lock (:func:`pyrovae.outputs.dir_lock`); every file is written
+atomically; an existing run is replaced only with ``overwrite=True`` and only if it holds nothing but
+pyrovae's own files; a run killed before its first checkpoint is replaced by the next training.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
+import pickle
 import shutil
-import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data
+from pyrovae.data.anndata import PerturbationData, PyrovaeWarning, load_perturbation_data
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model
+from pyrovae.outputs import (
+    LOCK,
+    atomic_write,
+    check_replaceable,
+    dir_lock,
+    mark_output_dir,
+    output_kind,
+    read_csv,
+    read_json,
+    write_csv,
+    write_json,
+)
 
-CONFIG, SCHEMA, BEST, LAST, METRICS = "config.json", "schema.json", "best.pt", "last.pt", "metrics.csv"
+CONFIG, SCHEMA, SPLIT = "config.json", "schema.json", "split.csv"
+BEST, LAST, METRICS = "best.pt", "last.pt", "metrics.csv"
+
+__all__ = [
+    "CONFIG",
+    "SCHEMA",
+    "SPLIT",
+    "BEST",
+    "LAST",
+    "METRICS",
+    "Run",
+    "atomic_write",
+    "load_run",
+    "prepare_run_dir",
+    "read_csv",
+    "train_run",
+    "write_csv",
+    "write_json",
+]
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+def cell_names(data: PerturbationData) -> pd.Index:
+    """The cells' names (obs_names); an error if they are not unique (a split is stored by name)."""
+    names = pd.Index(data.obs.index.astype(str))
+    dup = names[names.duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(
+            f"duplicated cell names {dup[:5]}{' ...' if len(dup) > 5 else ''} ({len(dup)} names): a run "
+            "stores its split by cell name, so names must be unique; call adata.obs_names_make_unique()"
+        )
+    return names
+
+
+def save_split(run_dir: Path, data: PerturbationData) -> None:
+    """Write ``split.csv``: every cell with a split, by name."""
+    names = cell_names(data)
+    used = data.split != ""
+    frame = pd.DataFrame({"cell": names[used], "split": data.split[used]})
+    atomic_write(run_dir / SPLIT, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def load_split(run_dir: Path) -> pd.Series | None:
+    """The stored split (cell name -> split), or ``None`` for a run written before splits were stored."""
+    p = run_dir / SPLIT
+    if not p.exists():
+        return None
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        frame = pd.read_csv(p, dtype=str, keep_default_na=False)
+        return pd.Series(frame["split"].to_numpy(), index=pd.Index(frame["cell"], name="cell"))
+    except (KeyError, ValueError, pd.errors.ParserError) as err:
+        raise ValueError(f"{p} (the run's stored split) is corrupt ({err}); restore it or retrain") from None
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-
-    atomic_write(path, w)
+def _is_incomplete(run_dir: Path) -> bool:
+    return output_kind(run_dir) == "run" and not (run_dir / LAST).exists() and not (run_dir / BEST).exists()
 
 
-def _json_default(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+def _empty(run_dir: Path) -> None:
+    """Delete everything in ``run_dir`` but the lock file (held by this process)."""
+    for p in run_dir.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
+def prepare_run_dir(
+    run_dir: str | Path, overwrite: bool = False, resume: bool = False, protect: tuple = ()
+) -> Path:
+    """Make ``run_dir`` ready for training (the caller holds its lock).
 
-    def w(tmp):
-        with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys)
-            wr.writeheader()
-            wr.writerows(rows)
-
-    atomic_write(path, w)
-
-
-def read_csv(path: str | Path) -> list[dict[str, float]]:
-    with open(path) as f:
-        return [
-            {k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()}
-            for r in csv.DictReader(f)
-        ]
-
-
-def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create a run directory; refuse to touch an existing run unless ``overwrite`` or ``resume``."""
+    An existing run is continued (``resume``), replaced (``overwrite``: only if every file in it is one
+    pyrovae writes, and no ``protect``-ed path, e.g. the input data, lies inside), or refused. A run killed
+    before its first checkpoint is incomplete and is replaced without ``overwrite``.
+    """
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            if not (run_dir / LAST).exists():
-                raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint {LAST}")
-            return run_dir
-        if not overwrite:
-            raise FileExistsError(
-                f"{run_dir} already holds a run; choose another --out, pass --resume to continue it, "
-                "or --overwrite to replace it"
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+    if resume:
+        if output_kind(run_dir) != "run":
+            raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
+        if not (run_dir / LAST).exists():
+            raise ValueError(
+                f"cannot resume: {run_dir} stopped before its first epoch ended (no {LAST}); "
+                "train it again without --resume"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    if entries:
+        if _is_incomplete(run_dir):
+            check_replaceable(run_dir, "run", protect)
+            warnings.warn(
+                f"replacing the incomplete run in {run_dir} (it stopped before its first checkpoint)",
+                PyrovaeWarning,
+                stacklevel=2,
+            )
+        elif not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds {'a run' if output_kind(run_dir) == 'run' else 'files'}; choose "
+                "another --out, pass --resume to continue a run, or --overwrite to replace it"
+            )
+        else:
+            check_replaceable(run_dir, "run", protect)
+        _empty(run_dir)
+    mark_output_dir(run_dir, "run")
     return run_dir
 
 
@@ -125,22 +180,46 @@ class Run:
         return read_csv(p) if p.exists() else []
 
     def load_data(self, data, **overrides) -> PerturbationData:
-        """Read data the way this run's model expects (same genes, treatments, normalisation)."""
+        """Read data the way this run's model expects (same genes, treatments, normalisation, split).
+
+        The split is the run's stored one, by cell name (``split.csv``), whatever the order or subset of
+        cells in ``data``: cells the run never saw get no split, and a warning names the run's cells that
+        ``data`` lacks. ``split_key=...`` replaces it with a split column of ``data``.
+        """
         opts = {
             k: v
             for k, v in self.data_options.items()
             if k in ("perturbation_key", "layer", "split_key", "split_mode", "split_seed", "heldout")
         }
         opts.update(overrides)
+        stored = None
         if opts.get("split_key") is not None:
             opts.pop("heldout", None)  # a split column fixes the split; the run's hold-out only made one
+        else:
+            stored = load_split(self.path)
+            if stored is not None:
+                for k in ("split_mode", "split_seed", "heldout"):
+                    opts.pop(k, None)
+            else:
+                warnings.warn(
+                    f"{self.path} has no stored split ({SPLIT}; written by an older pyrovae): the split is "
+                    "recomputed from the data options, by cell position",
+                    PyrovaeWarning,
+                    stacklevel=2,
+                )
         opts["require_counts"] = self.model_cfg.likelihood != "normal"
-        loaded = load_perturbation_data(data, schema=self.schema, **opts)
+        loaded = load_perturbation_data(data, schema=self.schema, stored_split=stored, **opts)
         if self.schema.get("gpo"):
             # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
             loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: dict(self.schema["gpo"])})
         prep = {**self.data_options, **overrides}  # prepare_for_model reads only its own keys
         return prepare_for_model(loaded, self.model_cfg.family, self.model_cfg.artifact, prep)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.path)!r}, family={self.model_cfg.family!r}, genes={len(self.schema['genes'])}, "
+            f"treatments={len(self.schema['treatments'])}, latent={self.model_cfg.n_latent})"
+        )
 
 
 def save_run_config(
@@ -149,16 +228,23 @@ def save_run_config(
     train_cfg: TrainConfig,
     data: PerturbationData,
     data_options: dict[str, Any],
+    model_name: str | None = None,
+    schema: bool = True,
 ) -> None:
-    write_json(
-        run_dir / CONFIG, {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "data": data_options}
-    )
-    schema = data.schema()
-    schema["norm_log"] = data.is_count_data
+    """Write ``config.json`` (and, for a new run, ``schema.json`` and ``split.csv``)."""
+    cfg = {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "data": data_options}
+    if model_name is not None:
+        cfg["model_name"] = model_name
+    write_json(run_dir / CONFIG, cfg)
+    if not schema:
+        return
+    sch = data.schema()
+    sch["norm_log"] = data.is_count_data
     rec = data.uns.get(UNS_KEY)
     if isinstance(rec, dict) and "n_perturbed" in rec:
-        schema["gpo"] = {"n_perturbed": int(rec["n_perturbed"]), "extended": list(rec.get("extended", []))}
-    write_json(run_dir / SCHEMA, schema)
+        sch["gpo"] = {"n_perturbed": int(rec["n_perturbed"]), "extended": list(rec.get("extended", []))}
+    write_json(run_dir / SCHEMA, sch)
+    save_split(run_dir, data)
 
 
 def checkpoint_writer(run_dir: Path):
@@ -170,16 +256,60 @@ def checkpoint_writer(run_dir: Path):
     return save
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
-    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``)."""
-    run_dir = Path(run_dir)
+def read_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
+    """A checkpoint's state (tensors and plain numbers only), or one clear error if it is unreadable."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"checkpoint {path} holds objects other than tensors and numbers; pyrovae refuses to unpickle "
+            "it (that could run code): it was altered or is not a pyrovae checkpoint; retrain or restore it"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:160]
+        raise ValueError(
+            f"checkpoint {path} is corrupt, truncated or not a pyrovae checkpoint ({first}); use the other "
+            "checkpoint (--checkpoint last/best) or retrain"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {path} is not a pyrovae checkpoint (no model state); retrain")
+    return state
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0][:160]
+        raise ValueError(
+            f"checkpoint {path} does not fit the run's model ({first}); it was altered or belongs to "
+            "another run: restore it or retrain"
+        ) from None
+
+
+def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, schema.json) of a run, with clear errors for a directory that is not a (whole) run."""
     for f in (CONFIG, SCHEMA):
         if not (run_dir / f).exists():
             raise FileNotFoundError(
                 f"{run_dir} is not a pyrovae run (no {f}); train one with `pyrovae train`"
             )
-    cfg = json.loads((run_dir / CONFIG).read_text())
-    schema = json.loads((run_dir / SCHEMA).read_text())
+    cfg = read_json(run_dir / CONFIG, "the run's configuration")
+    schema = read_json(run_dir / SCHEMA, "the run's data schema")
+    missing = [k for k in ("model", "train") if k not in cfg] + [
+        k for k in ("genes", "treatments", "norm_mean", "norm_std") if k not in schema
+    ]
+    if missing:
+        raise ValueError(f"{run_dir}: its config/schema lack {missing}; it is damaged: retrain")
+    return cfg, schema
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
+    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``)."""
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    cfg, schema = read_run_config(run_dir)
     model_cfg = ModelConfig().replace(**cfg["model"])
     train_cfg = TrainConfig().replace(**cfg["train"])
     model = build_model(
@@ -193,12 +323,75 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     ckpt = run_dir / (BEST if checkpoint == "best" else LAST)
     if not ckpt.exists():
         raise FileNotFoundError(
-            f"{run_dir} has no checkpoint {ckpt.name}; was training interrupted before an epoch?"
+            f"{run_dir} has no checkpoint {ckpt.name}: its training stopped before the first epoch ended; "
+            "train it again (pyrovae train replaces such an incomplete run)"
         )
-    state = torch.load(ckpt, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
+    state = read_checkpoint(ckpt, device)
+    _load_state(model, state, ckpt)
     model.eval()
     return Run(run_dir, model.to(device), model_cfg, train_cfg, schema, cfg.get("data", {}))
+
+
+def check_resume(
+    run_dir: Path, model_cfg: ModelConfig, data: PerturbationData, model_name: str | None
+) -> None:
+    """Refuse to resume ``run_dir`` with another model or other data (before anything is touched)."""
+    cfg, schema = read_run_config(run_dir)
+    stored_name = cfg.get("model_name")
+    if model_name is not None and stored_name is not None and model_name != stored_name:
+        raise ValueError(
+            f"{run_dir} holds a {stored_name} run, not {model_name}; resume it without --model (or with "
+            f"--model {stored_name}), or train {model_name} into another --out"
+        )
+    stored_cfg = ModelConfig().replace(**cfg["model"])
+    diff = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(stored_cfg, f.name) != getattr(model_cfg, f.name)
+    ]
+    if diff:
+        raise ValueError(
+            f"cannot resume {run_dir} with other model options {diff} (stored: "
+            f"{ {k: getattr(stored_cfg, k) for k in diff} }); model options are fixed once a run exists"
+        )
+    if list(data.genes) != list(schema["genes"]):
+        same = set(data.genes) == set(schema["genes"])
+        raise ValueError(
+            f"cannot resume {run_dir}: the data's genes "
+            + ("are in another order than the run's" if same else "differ from the run's")
+            + f" ({len(data.genes)} vs {len(schema['genes'])}); pass the run's data (adata[:, run_genes])"
+        )
+    if list(data.treatments) != list(schema["treatments"]):
+        raise ValueError(
+            f"cannot resume {run_dir}: the data's perturbations differ from the run's "
+            f"({len(data.treatments)} vs {len(schema['treatments'])} treatments); pass the run's data"
+        )
+    stored = load_split(run_dir)
+    if stored is not None:
+        names = cell_names(data)
+        now = pd.Series(data.split, index=names)
+        for sp in ("train", "val"):
+            want = stored.index[stored.to_numpy() == sp]
+            have = now.reindex(want)
+            lost = int(have.isna().sum())
+            moved = int((have.notna() & (have != sp)).sum())
+            if lost or moved:
+                raise ValueError(
+                    f"cannot resume {run_dir}: {lost + moved} of its {len(want)} {sp} cells are "
+                    f"{'missing from' if lost else 'in another split of'} the data (e.g. "
+                    f"{list(want[have.isna() | (have != sp)][:3])}); resume with the data it was trained on"
+                )
+        extra = int(((now == "train") & ~now.index.isin(stored.index[stored.to_numpy() == "train"])).sum())
+        if extra:
+            raise ValueError(
+                f"cannot resume {run_dir}: the data puts {extra} cells in train that the run did not train "
+                "on; resume with the run's split (the CLI reads it from split.csv)"
+            )
+    if not np.allclose(np.asarray(schema["norm_mean"]), data.norm_mean, atol=1e-5):
+        raise ValueError(
+            f"cannot resume {run_dir}: the data's training cells have other expression statistics than "
+            "the run's; resume with the data it was trained on"
+        )
 
 
 def train_run(
@@ -211,18 +404,51 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     prepare: Callable[[PerturbationVAE], None] | None = None,
+    model_name: str | None = None,
+    protect: tuple = (),
 ) -> Run:
     """Train a model into a run directory (or resume the run there) and return the best checkpoint's run.
 
-    ``prepare`` is called on the freshly built model before training (and before a resumed state is
-    loaded), e.g. ``lambda m: m.effect.fix_masks(masks)`` to train with known masks.
+    The run directory is locked while training. ``resume`` checks that the data and model match the stored
+    run before anything is written (load the data with ``load_run(dir, "last").load_data(...)`` to get the
+    run's split). A run that fails or is interrupted before its first checkpoint leaves no files behind.
+    ``protect``: paths (the input data) that ``overwrite`` must never delete. ``prepare`` is called on the
+    freshly built model before training (and before a resumed state is loaded), e.g.
+    ``lambda m: m.effect.fix_masks(masks)`` to train with known masks.
     """
     if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
         raise ValueError(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "
             "(CLI and experiment scripts: --set likelihood=normal)"
         )
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    cell_names(data)  # a split stored by name needs unique names: refuse before making anything
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a run directory; choose another --out")
+    created = not run_dir.exists()
+    try:
+        with dir_lock(run_dir):
+            if resume:
+                prepare_run_dir(run_dir, resume=True)
+                check_resume(run_dir, model_cfg, data, model_name)
+            else:
+                prepare_run_dir(run_dir, overwrite=overwrite, protect=protect)
+            try:
+                _train_locked(
+                    data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
+                )
+            except BaseException:
+                if not resume and _is_incomplete(run_dir):
+                    _empty(run_dir)  # nothing worth keeping: no checkpoint was written
+                raise
+    except BaseException:
+        if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] in ([], [LOCK]):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return load_run(run_dir, device=train_cfg.device)
+
+
+def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name):
     model = build_model(
         model_cfg,
         data.n_genes,
@@ -236,8 +462,21 @@ def train_run(
         prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
     if resume:
-        state = torch.load(run_dir / LAST, map_location=train_cfg.device, weights_only=True)
-        trainer.load_state(state, read_csv(run_dir / METRICS) if (run_dir / METRICS).exists() else None)
-    save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {})
+        state = read_checkpoint(run_dir / LAST, train_cfg.device)
+        history = state.get("history")
+        if history is None and (run_dir / METRICS).exists():  # checkpoints of older versions
+            history = read_csv(run_dir / METRICS)
+        try:
+            trainer.load_state(state, history)
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"checkpoint {run_dir / LAST} does not fit this run ({str(err).splitlines()[0][:160]}); "
+                "restore it or retrain"
+            ) from None
+        write_csv(run_dir / METRICS, trainer.history)  # a kill between last.pt and metrics.csv loses no row
+        stored = read_json(run_dir / CONFIG, "the run's configuration")
+        name = model_name or stored.get("model_name")
+        save_run_config(run_dir, model_cfg, train_cfg, data, stored.get("data", {}), name, schema=False)
+    else:
+        save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {}, model_name)
     trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
-    return load_run(run_dir, device=train_cfg.device)

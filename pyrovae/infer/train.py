@@ -35,7 +35,8 @@ from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 from tqdm.auto import tqdm
 
-from pyrovae.data.anndata import PerturbationData
+from pyrovae.config import check_range, coerce_fields, replace_checked
+from pyrovae.data.anndata import PerturbationData, PyrovaeWarning
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.effects import PERTURBATION_PLATE
@@ -62,14 +63,35 @@ class TrainConfig:
     device: str = "cpu"
     val_particles: int = 5
 
-    def replace(self, **kw: Any) -> TrainConfig:
-        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
+    def __post_init__(self) -> None:
+        coerce_fields(self)  # "1e-3" (YAML 1.1 reads it as a string) -> 0.001, "10" -> 10, ...
+        for name in ("lr", "mask_lr", "clip_norm"):
+            check_range(name, getattr(self, name), gt=0)
+        for name in ("batch_size", "max_epochs", "max_steps", "n_particles", "patience", "val_particles"):
+            check_range(name, getattr(self, name), ge=1)
+        for name in ("weight_decay", "min_delta", "seed"):
+            check_range(name, getattr(self, name), ge=0)
+        check_range("global_scaling", self.global_scaling, choices=("per_treatment", "standard"))
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
             raise ValueError(
-                f"unknown training option(s) {sorted(unknown)}; "
-                f"valid: {[f.name for f in dataclasses.fields(self)]}"
-            )
-        return dataclasses.replace(self, **kw)
+                f"option device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:0)"
+            ) from None
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return replace_checked(self, "training", **kw)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device, or one clear error when this machine's torch cannot use it."""
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device {str(device)!r} was asked for, but {why}; use device cpu (or auto)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but MPS is not available; use device cpu")
+    return d
 
 
 def seed_everything(seed: int) -> None:
@@ -163,6 +185,7 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
+        check_device(cfg.device)
         model.effect.check_dosage(torch.as_tensor(data.dosage))
         self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
         self.checkpoint = checkpoint
@@ -183,6 +206,7 @@ class Trainer:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "torch_rng": torch.get_rng_state(),
+            "history": [dict(r) for r in self.history],
         }
 
     def load_state(self, state: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
@@ -191,7 +215,7 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         torch.set_rng_state(state["torch_rng"])
-        self.history = list(history or [])
+        self.history = [dict(r) for r in (history if history is not None else state.get("history", []))]
 
     def train_step(self, batch: dict[str, torch.Tensor], n_cells: int, counts: dict[str, torch.Tensor]):
         """One optimisation step; returns (negative ELBO per cell, {penalty: value})."""
@@ -215,6 +239,13 @@ class Trainer:
         train = MinibatchLoader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, device=cfg.device)
         train.epoch = self.epoch
         has_val = len(data.indices("val")) > 0
+        if not has_val and self.epoch == 0:
+            warnings.warn(
+                "no validation cells: early stopping and the best checkpoint follow the training loss; give "
+                "some cells the split 'val' to monitor held-out data",
+                PyrovaeWarning,
+                stacklevel=2,
+            )
         counts = split_counts(model, data, "train", cfg.device)
         n = train.n_cells
         bar = tqdm(

@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import AdditiveEffect, BetaBernoulliActionEffect, ConcatDosageEffect, EffectBlock
 from pyrovae.models.skeleton import PerturbationVAE
+
+#: model families (the effect blocks of :func:`build_effect`)
+FAMILIES = ("sams", "cpa", "svae_plus", "conditional", "gpo")
 
 
 @dataclasses.dataclass
@@ -50,14 +54,25 @@ class ModelConfig:
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
 
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        check_range("family", self.family, choices=FAMILIES)
+        check_range("likelihood", self.likelihood, choices=("nb", "poisson", "normal"))
+        check_range("guide", self.guide, choices=("mean_field", "correlated"))
+        check_range("conditioning", self.conditioning, choices=("x", "x_shift", "x_dosage"))
+        check_range("mask_prior", self.mask_prior, gt=0, lt=1)
+        for name in ("embedding_prior_scale", "temperature", "svae_beta_c1", "svae_beta_c2"):
+            check_range(name, getattr(self, name), gt=0)
+        for name in ("n_latent", "decoder_hidden", "encoder_hidden", "embedding_encoder_hidden", "n_qc"):
+            check_range(name, getattr(self, name), ge=1)
+        for name in ("decoder_layers", "encoder_layers", "embedding_encoder_layers", "grn_hops"):
+            check_range(name, getattr(self, name), ge=0)
+        for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
+            check_range(name, getattr(self, name), ge=0)
+        check_range("mask_init_logits", self.mask_init_logits)
+
     def replace(self, **kw: Any) -> ModelConfig:
-        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(
-                f"unknown model option(s) {sorted(unknown)}; "
-                f"valid: {[f.name for f in dataclasses.fields(self)]}"
-            )
-        return dataclasses.replace(self, **kw)
+        return replace_checked(self, "model", **kw)
 
 
 #: The named models of the two papers.

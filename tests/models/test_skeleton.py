@@ -294,5 +294,5 @@ def test_unknown_model_and_option_errors():
         model_config("nope")
     with pytest.raises(ValueError, match="unknown model option"):
         model_config("sams_vae", n_latnet=3)
-    with pytest.raises(ValueError, match="unknown likelihood"):
+    with pytest.raises(ValueError, match="option likelihood must be one of"):
         build_model(model_config("sams_vae", likelihood="zinb"), 5, 2)
