@@ -23,6 +23,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -81,21 +82,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path, stem: str) -> list[Path]:
-    """Remove the temporary files / staging folders ``.<stem>.<pid>.*`` that a killed pyrovae process left
-    in ``folder`` (those of a live process are kept)."""
+#: ``.<stem>.<pid>.<random>.tmp<suffix>`` / ``.<name>.<pid>.staging-<random>`` / ``.<name>.<pid>.old-<time>``
+_TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.(?:.*\.tmp|staging-|old-)")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of pyrovae's temporary files or staging folders."""
+    return _TEMPORARY.match(name) is not None
+
+
+def remove_stale_temporaries(folder: Path, stem: str | None = None) -> list[Path]:
+    """Remove the temporary files / staging folders that a killed pyrovae process left in ``folder`` (for
+    one target ``stem``, or all); those of a live process are kept."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    prefix = f".{stem}."
     for p in folder.iterdir():
-        rest = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
-        pid = rest.split(".", 1)[0]
-        if not pid.isdigit() or not any(tag in rest for tag in (".tmp", ".staging-", ".old-")):
+        m = _TEMPORARY.match(p.name)
+        if m is None or (stem is not None and m["stem"] != stem) or _pid_alive(int(m["pid"])):
             continue
-        if not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrovae.commands.common import seed_int
+from pyrovae.data.anndata import read_anndata
 
 
 def _fmt(v) -> str:
@@ -59,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     data = None
     adata = None
     if args.data:
-        import anndata as ad
-
-        adata = ad.read_h5ad(args.data)
+        adata = read_anndata(args.data)
         overrides = {"split_key": args.split_key} if args.split_key else {}
         data = run_.load_data(adata, **overrides)
     n_pert = run_n_perturbed(run_, data)

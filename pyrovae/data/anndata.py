@@ -129,7 +129,8 @@ class PerturbationData:
         }
 
 
-def _read(data: str | Path | ad.AnnData, backed: bool) -> ad.AnnData:
+def read_anndata(data: str | Path | ad.AnnData, backed: bool = False) -> ad.AnnData:
+    """An AnnData from a path (checked: exists, .h5ad, readable) or as given."""
     if isinstance(data, ad.AnnData):
         return data
     path = Path(data)
@@ -217,7 +218,8 @@ def _check_values(m, require_counts: bool, where: str, chunk: int = 8192) -> boo
                 raise ValueError(
                     f"{where} has {bad} values, but a count likelihood (negative binomial / Poisson) needs "
                     "raw integer UMI counts. It looks normalised or log-transformed: pass the layer "
-                    "holding raw counts (layer='counts' / --layer counts), or use likelihood='normal'"
+                    "holding raw counts (layer='counts' / --layer counts), or use likelihood='normal' "
+                    "(CLI: --set likelihood=normal)"
                 )
     return is_counts
 
@@ -449,7 +451,7 @@ def load_perturbation_data(
             f"heldout={heldout!r} cannot be used with the split column {split_key!r}: the column already "
             "fixes the split. Drop heldout, or omit split_key to let pyrovae make the split"
         )
-    adata = _read(data, backed)
+    adata = read_anndata(data, backed)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(
             f"the data has {adata.n_obs} cells x {adata.n_vars} genes; it needs cells and genes to model"

@@ -35,10 +35,12 @@ from pyrovae.outputs import (
     atomic_write,
     check_replaceable,
     dir_lock,
+    is_temporary,
     mark_output_dir,
     output_kind,
     read_csv,
     read_json,
+    remove_stale_temporaries,
     write_csv,
     write_json,
 )
@@ -121,6 +123,7 @@ def prepare_run_dir(
     before its first checkpoint is incomplete and is replaced without ``overwrite``.
     """
     run_dir = Path(run_dir)
+    remove_stale_temporaries(run_dir)  # what a killed writer left (we hold the lock: no live writer here)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
     if resume:
         if output_kind(run_dir) != "run":
@@ -260,7 +263,12 @@ def read_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     """A checkpoint's state (tensors and plain numbers only), or one clear error if it is unreadable."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "unsupported global" not in str(err).lower():  # garbage, not a pickled object
+            raise ValueError(
+                f"checkpoint {path} is corrupt, truncated or not a pyrovae checkpoint; use the other "
+                "checkpoint (--checkpoint last/best) or retrain"
+            ) from None
         raise ValueError(
             f"checkpoint {path} holds objects other than tensors and numbers; pyrovae refuses to unpickle "
             "it (that could run code): it was altered or is not a pyrovae checkpoint; retrain or restore it"
@@ -291,6 +299,12 @@ def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, schema.json) of a run, with clear errors for a directory that is not a (whole) run."""
     for f in (CONFIG, SCHEMA):
         if not (run_dir / f).exists():
+            leftovers = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else [None]
+            if output_kind(run_dir) == "run" or (leftovers and all(is_temporary(p.name) for p in leftovers)):
+                raise FileNotFoundError(
+                    f"{run_dir} holds an incomplete run (it stopped before its first checkpoint); train it "
+                    "again without --resume (that replaces it)"
+                )
             raise FileNotFoundError(
                 f"{run_dir} is not a pyrovae run (no {f}); train one with `pyrovae train`"
             )
@@ -323,8 +337,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     ckpt = run_dir / (BEST if checkpoint == "best" else LAST)
     if not ckpt.exists():
         raise FileNotFoundError(
-            f"{run_dir} has no checkpoint {ckpt.name}: its training stopped before the first epoch ended; "
-            "train it again (pyrovae train replaces such an incomplete run)"
+            f"{run_dir} holds an incomplete run: it stopped before its first checkpoint (no {ckpt.name}); "
+            "train it again without --resume (that replaces it)"
         )
     state = read_checkpoint(ckpt, device)
     _load_state(model, state, ckpt)

@@ -1,0 +1,458 @@
+"""The bad-input catalogue: every case runs through the CLI as a user would and must answer with one clear
+line that names the problem (exit code 2), or with a warning line where pyrovae accepts the input (exit 0),
+never with a traceback. ``CASES`` is the catalogue; the README's "Bad input" section summarises it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import make_adata
+
+from pyrovae.cli import main
+from pyrovae.outputs import dir_lock
+
+TINY = [
+    "n_latent=3",
+    "decoder_hidden=8",
+    "encoder_hidden=8",
+    "embedding_encoder_hidden=8",
+    "max_epochs=1",
+    "batch_size=128",
+    "n_particles=1",
+    "val_particles=1",
+]
+
+
+# ------------------------------------------------------------------------------------------- data files
+
+
+def _write(a, path: Path) -> str:
+    a.write_h5ad(path)
+    return str(path)
+
+
+def _variant(name: str, root: Path) -> str:
+    """A data file with one defect (``name``), written on first use."""
+    path = root / f"{name}.h5ad"
+    if path.exists():
+        return str(path)
+    a = make_adata()
+    if name == "good":
+        pass
+    elif name == "float_counts":
+        a.X = sp.csr_matrix(np.log1p(a.X.toarray()))
+    elif name == "negative":
+        x = a.X.toarray()
+        x[0, 0] = -1
+        a.X = sp.csr_matrix(x)
+    elif name == "nan_values":
+        x = a.X.toarray()
+        x[0, 0] = np.nan
+        a.X = x
+    elif name == "nan_labels":
+        a.obs["perturbation"] = a.obs["perturbation"].astype(object)
+        a.obs.iloc[0, a.obs.columns.get_loc("perturbation")] = np.nan
+    elif name == "empty_label":
+        a.obs.iloc[0, a.obs.columns.get_loc("perturbation")] = " "
+    elif name == "dangling_sep":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"A+B": "A+"})
+    elif name == "no_controls":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"control": "A"})
+    elif name == "Control_label":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"control": "Control-NT"})
+    elif name == "only_controls":
+        a.obs["perturbation"] = "control"
+    elif name == "dup_genes":
+        a.var_names = ["g0"] * 2 + [f"g{j}" for j in range(2, a.n_vars)]
+    elif name == "dup_cells":
+        a.obs_names = ["c0"] * 2 + [f"c{i}" for i in range(2, a.n_obs)]
+    elif name == "bad_split":
+        a.obs["split"] = np.where(np.arange(a.n_obs) % 2, "train", "holdout")
+    elif name == "no_train":
+        a.obs["split"] = np.where(np.arange(a.n_obs) % 2, "val", "test")
+    elif name == "all_zero":
+        a.X = sp.csr_matrix(a.shape, dtype=np.float32)
+    elif name == "zero_genes":
+        a = a[:, []].copy()
+    elif name == "zero_cells":
+        a = a[[]].copy()
+    elif name == "singles_only":
+        a = a[a.obs["perturbation"] != "A+B"].copy()
+    elif name == "zero_library":
+        x = a.X.toarray()
+        x[:3] = 0
+        a.X = sp.csr_matrix(x)
+    elif name == "controls_test_only":
+        lab = a.obs["perturbation"].to_numpy()
+        a.obs["split"] = np.where(lab == "control", "test", np.where(np.arange(a.n_obs) % 5, "train", "val"))
+    elif name == "no_val":
+        a.obs["split"] = np.where(np.arange(a.n_obs) % 5, "train", "test")
+    elif name == "test_only_pert":
+        lab = a.obs["perturbation"].astype(str)
+        a.obs["split"] = np.where(lab.str.contains("B"), "test", np.where(np.arange(a.n_obs) % 5, "train", "val"))
+    elif name == "plus_labels":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"A+B": "A+C"})
+    elif name == "repeat_label":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"A+B": "A+A"})
+    elif name == "few_cells":
+        a = a[:24].copy()
+    elif name == "genes_reordered":
+        a = a[:, list(reversed(a.var_names))].copy()
+    elif name == "genes_changed":
+        a.var_names = [f"h{j}" for j in range(a.n_vars)]
+    elif name == "shuffled":
+        a = a[np.random.default_rng(0).permutation(a.n_obs)].copy()
+    elif name == "subset":
+        a = a[20:].copy()
+    elif name == "extra_cells":
+        b = make_adata(n=12, seed=3)
+        b.obs_names = [f"new{i}" for i in range(b.n_obs)]
+        a = ad.concat([a, b])
+    elif name == "unknown_pert":
+        a.obs["perturbation"] = a.obs["perturbation"].replace({"B": "Z"})
+    else:
+        raise KeyError(name)
+    return _write(a, path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    good = _variant("good", root)
+    run = root / "run"
+    assert main(["train", "--data", good, "--out", str(run), "--quiet", "--set", *TINY]) == 0
+    files = {"root": root, "good": good, "run": str(run)}
+    files["locked"] = str(root / "run_locked")
+    shutil.copytree(run, files["locked"])
+    (root / "notes.csv").write_text("a,b\n1,2\n")
+    (root / "text.h5ad").write_text("not hdf5 at all\n")
+    raw = Path(good).read_bytes()
+    (root / "truncated.h5ad").write_bytes(raw[: len(raw) // 3])
+    (root / "broken.yaml").write_text("lr: [1e-3\nn_latent: 4\n")
+    (root / "list.yaml").write_text("- lr\n- 1e-3\n")
+    (root / "nested.yaml").write_text("model:\n  n_latent: 4\n")
+    (root / "typo.yaml").write_text("lr: 1e-3\nbatch_size: lots\n")
+    (root / "userdir").mkdir()
+    (root / "userdir" / "my_notes.txt").write_text("precious")
+    return files
+
+
+def _run_copy(env, name: str) -> str:
+    """A fresh copy of the trained run (for cases that damage it)."""
+    dst = env["root"] / f"run_{name}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(env["run"], dst)
+    return str(dst)
+
+
+def _damage(env, name: str) -> str:
+    run = Path(_run_copy(env, name))
+    if name == "truncated_ckpt":
+        raw = (run / "best.pt").read_bytes()
+        (run / "best.pt").write_bytes(raw[: len(raw) // 2])
+    elif name == "garbage_ckpt":
+        (run / "best.pt").write_bytes(b"\x00garbage" * 50)
+    elif name == "pickled_ckpt":
+        state = torch.load(run / "best.pt", weights_only=True)
+        state["payload"] = _Evil()
+        torch.save(state, run / "best.pt")
+    elif name == "shape_ckpt":
+        state = torch.load(run / "best.pt", weights_only=True)
+        k = next(iter(state["model"]))
+        state["model"][k] = torch.zeros(7, 7, 7)
+        torch.save(state, run / "best.pt")
+    elif name == "corrupt_config":
+        (run / "config.json").write_text('{"model": {"n_lat')
+    elif name == "foreign_file":
+        (run / "my_analysis.ipynb").write_text("{}")
+    elif name == "incomplete":
+        for f in ("best.pt", "last.pt", "metrics.csv"):
+            (run / f).unlink()
+    return str(run)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+# ------------------------------------------------------------------------------------------- catalogue
+
+D = "{data:%s}"  # a data variant
+GOOD, RUN, ROOT = "{good}", "{run}", "{root}"
+
+#: (id, argv, exit code, regex the stderr must match). ``{data:NAME}`` is a data variant, ``{dmg:NAME}`` a
+#: damaged copy of the trained run, ``{new}`` a fresh output path.
+CASES: list[tuple[str, list[str], int, str]] = [
+    # --- files and formats
+    ("missing file", ["train", "--data", "{root}/nope.h5ad", "--out", "{new}"], 2, r"no such file"),
+    ("not h5ad suffix", ["train", "--data", "{root}/notes.csv", "--out", "{new}"], 2, r"is not an \.h5ad"),
+    ("truncated h5ad", ["train", "--data", "{root}/truncated.h5ad", "--out", "{new}"], 2, r"truncated, corrupt"),
+    ("text named h5ad", ["train", "--data", "{root}/text.h5ad", "--out", "{new}"], 2, r"cannot read .*text"),
+    ("directory as data", ["train", "--data", "{root}", "--out", "{new}"], 2, r"is a directory"),
+    ("corrupt h5ad in ate", ["ate", RUN, "--data", "{root}/truncated.h5ad", "--out", "{new}"], 2, r"truncated"),
+    # --- obs / var / X
+    ("missing pert key", ["train", "--data", GOOD, "--out", "{new}", "--perturbation-key", "guide"], 2,
+     r"obs has no column 'guide'"),
+    ("missing layer", ["train", "--data", GOOD, "--out", "{new}", "--layer", "counts"], 2,
+     r"no layer 'counts'"),
+    ("normalised counts", ["train", "--data", D % "float_counts", "--out", "{new}"], 2,
+     r"non-integer values.*likelihood=normal"),
+    ("negative counts", ["train", "--data", D % "negative", "--out", "{new}"], 2, r"negative values"),
+    ("NaN values", ["train", "--data", D % "nan_values", "--out", "{new}"], 2, r"NaN or infinite"),
+    ("NaN labels", ["train", "--data", D % "nan_labels", "--out", "{new}"], 2, r"missing \(NaN\) label"),
+    ("empty label", ["train", "--data", D % "empty_label", "--out", "{new}"], 2, r"empty perturbation label"),
+    ("dangling separator", ["train", "--data", D % "dangling_sep", "--out", "{new}"], 2,
+     r"empty part around the separator"),
+    ("no control cells", ["train", "--data", D % "no_controls", "--out", "{new}"], 2, r"no control cells"),
+    ("control label near match", ["train", "--data", D % "Control_label", "--out", "{new}",
+                                  "--control-label", "control-nt"], 2, r"did you mean 'Control-NT'"),
+    ("only controls", ["train", "--data", D % "only_controls", "--out", "{new}"], 2, r"no perturbed cells"),
+    ("duplicated genes", ["train", "--data", D % "dup_genes", "--out", "{new}"], 2, r"duplicated gene names"),
+    ("duplicated cells", ["train", "--data", D % "dup_cells", "--out", "{new}", "--set", *TINY], 2,
+     r"duplicated cell names.*obs_names_make_unique"),
+    ("all-zero matrix", ["train", "--data", D % "all_zero", "--out", "{new}"], 2, r"is all zeros"),
+    ("zero genes", ["train", "--data", D % "zero_genes", "--out", "{new}"], 2, r"x 0 genes"),
+    ("zero cells", ["train", "--data", D % "zero_cells", "--out", "{new}"], 2, r"0 cells"),
+    # --- splits
+    ("missing split column", ["train", "--data", GOOD, "--out", "{new}", "--split-key", "fold"], 2,
+     r"no split column 'fold'"),
+    ("bad split values", ["train", "--data", D % "bad_split", "--out", "{new}", "--split-key", "split"], 2,
+     r"unknown split value\(s\) \['holdout'\]"),
+    ("empty training split", ["train", "--data", D % "no_train", "--out", "{new}", "--split-key", "split"], 2,
+     r"training split is empty"),
+    ("heldout with cells mode", ["train", "--data", GOOD, "--out", "{new}", "--heldout", "0.5"], 2,
+     r"only applies to split mode 'combinations'"),
+    ("heldout fraction > 1", ["train", "--data", GOOD, "--out", "{new}", "--split-mode", "combinations",
+                              "--heldout", "2"], 2, r"must be in \(0, 1\]"),
+    ("heldout unknown label", ["train", "--data", GOOD, "--out", "{new}", "--split-mode", "combinations",
+                               "--heldout", "A+Q"], 2, r"are not combination labels"),
+    ("combinations without combos", ["train", "--data", D % "singles_only", "--out", "{new}",
+                                     "--split-mode", "combinations"], 2, r"needs combination labels"),
+    ("split seed negative", ["train", "--data", GOOD, "--out", "{new}", "--split-seed", "-1"], 2,
+     r"a seed must be >= 0"),
+    # --- options (--set / --config): typed and ranged
+    ("lr not a number", ["train", "--data", GOOD, "--out", "{new}", "--set", "lr=fast"], 2,
+     r"option lr must be a number"),
+    ("lr nan", ["train", "--data", GOOD, "--out", "{new}", "--set", "lr=nan"], 2, r"option lr must be a finite"),
+    ("batch_size negative", ["train", "--data", GOOD, "--out", "{new}", "--set", "batch_size=-5"], 2,
+     r"option batch_size must be >= 1"),
+    ("batch_size zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "batch_size=0"], 2,
+     r"option batch_size must be >= 1"),
+    ("n_latent zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "n_latent=0"], 2,
+     r"option n_latent must be >= 1"),
+    ("n_latent text", ["train", "--data", GOOD, "--out", "{new}", "--set", "n_latent=abc"], 2,
+     r"option n_latent must be an integer"),
+    ("n_latent fractional", ["train", "--data", GOOD, "--out", "{new}", "--set", "n_latent=2.5"], 2,
+     r"option n_latent must be an integer"),
+    ("n_particles zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "n_particles=0"], 2,
+     r"option n_particles must be >= 1"),
+    ("max_epochs zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "max_epochs=0"], 2,
+     r"option max_epochs must be >= 1"),
+    ("seed text", ["train", "--data", GOOD, "--out", "{new}", "--set", "seed=abc"], 2,
+     r"option seed must be an integer"),
+    ("seed negative", ["train", "--data", GOOD, "--out", "{new}", "--set", "seed=-3"], 2,
+     r"option seed must be >= 0"),
+    ("patience zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "patience=0"], 2,
+     r"option patience must be >= 1"),
+    ("weight_decay negative", ["train", "--data", GOOD, "--out", "{new}", "--set", "weight_decay=-1e-3"], 2,
+     r"option weight_decay must be >= 0"),
+    ("clip_norm zero", ["train", "--data", GOOD, "--out", "{new}", "--set", "clip_norm=0"], 2,
+     r"option clip_norm must be > 0"),
+    ("mask_prior above 1", ["train", "--data", GOOD, "--out", "{new}", "--set", "mask_prior=1.5"], 2,
+     r"option mask_prior must be < 1"),
+    ("mask_lr text", ["train", "--data", GOOD, "--out", "{new}", "--set", "mask_lr=quick"], 2,
+     r"option mask_lr must be a number"),
+    ("unknown likelihood", ["train", "--data", GOOD, "--out", "{new}", "--set", "likelihood=zinb"], 2,
+     r"option likelihood must be one of"),
+    ("unknown guide", ["train", "--data", GOOD, "--out", "{new}", "--set", "guide=full"], 2,
+     r"option guide must be one of"),
+    ("unknown option", ["train", "--data", GOOD, "--out", "{new}", "--set", "n_latnet=3"], 2,
+     r"unknown option\(s\) \['n_latnet'\]"),
+    ("override without =", ["train", "--data", GOOD, "--out", "{new}", "--set", "lr"], 2,
+     r"must look like key=value"),
+    ("device not a device", ["train", "--data", GOOD, "--out", "{new}", "--set", "device=banana"], 2,
+     r"is not a torch device"),
+    ("config file missing", ["train", "--data", GOOD, "--out", "{new}", "--config", "{root}/no.yaml"], 2,
+     r"no such options file"),
+    ("config broken YAML", ["train", "--data", GOOD, "--out", "{new}", "--config", "{root}/broken.yaml"], 2,
+     r"cannot read options file .*line \d+"),
+    ("config is a list", ["train", "--data", GOOD, "--out", "{new}", "--config", "{root}/list.yaml"], 2,
+     r"must be a mapping"),
+    ("config nested", ["train", "--data", GOOD, "--out", "{new}", "--config", "{root}/nested.yaml"], 2,
+     r"nested mappings"),
+    ("config bad value", ["train", "--data", GOOD, "--out", "{new}", "--config", "{root}/typo.yaml"], 2,
+     r"option batch_size must be an integer"),
+    # --- outputs: never lose or leak what the user wrote
+    ("existing run", ["train", "--data", GOOD, "--out", RUN], 2, r"already holds a run.*--resume.*--overwrite"),
+    ("overwrite a user dir", ["train", "--data", GOOD, "--out", "{root}/userdir", "--overwrite"], 2,
+     r"not a directory pyrovae wrote.*nothing was deleted"),
+    ("overwrite a run with user files", ["train", "--data", GOOD, "--out", "{dmg:foreign_file}",
+                                         "--overwrite"], 2, r"holds files pyrovae did not write \(my_analysis"),
+    ("out is a file", ["train", "--data", GOOD, "--out", GOOD, "--overwrite"], 2, r"is a file"),
+    ("data inside out", ["train", "--data", "{root}/good.h5ad", "--out", "{root}", "--overwrite"], 2,
+     r"lies inside .*would delete it|not a directory pyrovae wrote"),
+    ("locked run", ["train", "--data", GOOD, "--out", "{locked}", "--overwrite"], 2,
+     r"is being written by pid \d+"),
+    # --- resume: the stored run decides
+    ("resume non-run", ["train", "--data", GOOD, "--out", "{root}/userdir", "--resume"], 2,
+     r"is not a pyrovae run"),
+    ("resume incomplete run", ["train", "--data", GOOD, "--out", "{dmg:incomplete}", "--resume"], 2,
+     r"stopped before its first (epoch|checkpoint)"),
+    ("resume and overwrite", ["train", "--data", GOOD, "--out", RUN, "--resume", "--overwrite"], 2,
+     r"pass one of them"),
+    ("resume other model", ["train", "--data", GOOD, "--out", RUN, "--resume", "--model", "cpa_vae"], 2,
+     r"holds a sams_vae run, not cpa_vae"),
+    ("resume change model option", ["train", "--data", GOOD, "--out", RUN, "--resume", "--set", "n_latent=5"],
+     2, r"cannot change model options \['n_latent'\]"),
+    ("resume reordered genes", ["train", "--data", D % "genes_reordered", "--out", RUN, "--resume"], 2,
+     r"different order"),
+    ("resume other genes", ["train", "--data", D % "genes_changed", "--out", RUN, "--resume"], 2,
+     r"gene mismatch"),
+    ("resume lacks training cells", ["train", "--data", D % "subset", "--out", "{copy}", "--resume",
+                                     "--set", "max_epochs=2"], 2, r"of its \d+ (train|val) cells are missing"),
+    ("resume bad lr", ["train", "--data", GOOD, "--out", RUN, "--resume", "--set", "lr=fast"], 2,
+     r"option lr must be a number"),
+    # --- evaluation commands
+    ("iwelbo on non-run", ["iwelbo", "{root}/userdir", "--data", GOOD], 2, r"is not a pyrovae run"),
+    ("iwelbo out json", ["iwelbo", RUN, "--data", GOOD, "--out", "{root}/x.json"], 2, r"must end in \.csv"),
+    ("iwelbo zero particles", ["iwelbo", RUN, "--data", GOOD, "--particles", "0"], 2, r"must be >= 1"),
+    ("iwelbo negative seed", ["iwelbo", RUN, "--data", GOOD, "--seeds", "-1"], 2, r"a seed must be >= 0"),
+    ("iwelbo other genes", ["iwelbo", RUN, "--data", D % "genes_changed", "--out", "{new}.csv"], 2,
+     r"gene mismatch"),
+    ("iwelbo reordered genes", ["iwelbo", RUN, "--data", D % "genes_reordered", "--out", "{new}.csv"], 2,
+     r"different order"),
+    ("ate zero samples", ["ate", RUN, "--data", GOOD, "--n-samples", "0"], 2, r"argument --n-samples: must be >= 1"),
+    ("ate zero top-k", ["ate", RUN, "--data", GOOD, "--top-k", "0"], 2, r"argument --top-k: must be >= 1"),
+    ("ate negative library", ["ate", RUN, "--data", GOOD, "--library", "-3"], 2, r"--library must be positive"),
+    ("ate unknown perturbation", ["ate", RUN, "--data", D % "unknown_pert", "--out", "{new}"], 2,
+     r"unknown perturbation\(s\) Z"),
+    ("ate truncated checkpoint", ["ate", "{dmg:truncated_ckpt}", "--data", GOOD, "--out", "{new}"], 2,
+     r"checkpoint .*best\.pt is corrupt, truncated"),
+    ("ate garbage checkpoint", ["ate", "{dmg:garbage_ckpt}", "--data", GOOD, "--out", "{new}"], 2,
+     r"corrupt, truncated or not a pyrovae checkpoint"),
+    ("ate pickled checkpoint", ["ate", "{dmg:pickled_ckpt}", "--data", GOOD, "--out", "{new}"], 2,
+     r"refuses to unpickle"),
+    ("ate tampered shapes", ["ate", "{dmg:shape_ckpt}", "--data", GOOD, "--out", "{new}"], 2,
+     r"does not fit the run's model"),
+    ("corrupt config.json", ["ate", "{dmg:corrupt_config}", "--data", GOOD, "--out", "{new}"], 2,
+     r"config\.json .* is corrupt or truncated"),
+    ("ate overwrite a user dir", ["ate", RUN, "--data", GOOD, "--n-samples", "8", "--out", "{root}/userdir",
+                                  "--overwrite"], 2, r"not a directory pyrovae wrote.*nothing was deleted"),
+    ("sample out not h5ad", ["sample", RUN, "--perturbation", "A", "--out", "{root}/s.csv"], 2,
+     r"must end in \.h5ad"),
+    ("sample library data without data", ["sample", RUN, "--perturbation", "A", "--out", "{new}.h5ad",
+                                          "--library", "data"], 2, r"needs --data"),
+    ("sample zero cells", ["sample", RUN, "--perturbation", "A", "--out", "{new}.h5ad", "--n-cells", "0"], 2,
+     r"must be >= 1"),
+    ("sample unknown perturbation", ["sample", RUN, "--perturbation", "Q", "--out", "{new}.h5ad"], 2,
+     r"unknown perturbation\(s\) Q"),
+    ("sample onto its input", ["sample", RUN, "--perturbation", "A", "--out", GOOD, "--data", GOOD,
+                               "--overwrite"], 2, r"is the input --data"),
+    ("simulate out not h5ad", ["simulate", "--preset", "tiny", "--out", "{root}/sim.csv"], 2, r"must end in \.h5ad"),
+    ("simulate existing", ["simulate", "--preset", "tiny", "--out", GOOD], 2, r"exists; pass --overwrite"),
+    ("simulate negative seed", ["simulate", "--seed", "-1", "--out", "{new}.h5ad"], 2, r"a seed must be >= 0"),
+    ("demo overwrite a user dir", ["demo", "--out", "{root}/userdir", "--overwrite", "--preset", "tiny"], 2,
+     r"not a directory pyrovae wrote"),
+    ("demo zero epochs", ["demo", "--out", "{new}", "--epochs", "0"], 2, r"must be >= 1"),
+    ("grn of a non-GPO run", ["grn", RUN, "--out", "{new}.csv"], 2, r"GPO|gpo"),
+    ("grn min-prob out of range", ["grn", RUN, "--out", "{new}.csv", "--min-prob", "2"], 2, r"must be in \[0, 1\]"),
+    # --- accepted, with a warning line
+    ("warn: zero-library cells", ["train", "--data", D % "zero_library", "--out", "{new}", "--set", *TINY], 0,
+     r"warning: 3 cells have no counts at all"),
+    ("warn: no controls in train", ["train", "--data", D % "controls_test_only", "--out", "{new}",
+                                    "--split-key", "split", "--set", *TINY], 0,
+     r"warning: no control cells .* in the training split"),
+    ("warn: no validation split", ["train", "--data", D % "no_val", "--out", "{new}", "--split-key", "split",
+                                   "--set", *TINY], 0, r"warning: no validation cells"),
+    ("warn: perturbation only in test", ["train", "--data", D % "test_only_pert", "--out", "{new}",
+                                         "--split-key", "split", "--set", *TINY], 0,
+     r"warning: 1 perturbation\(s\) have no training cell \(B\)"),
+    ("warn: '+' labels, other separator", ["train", "--data", D % "plus_labels", "--out", "{new}",
+                                           "--combo-sep", ";", "--set", *TINY], 0,
+     r"warning: labels contain '\+' but the combination separator is ';'"),
+    ("warn: A+A", ["train", "--data", D % "repeat_label", "--out", "{new}", "--set", *TINY], 0,
+     r"warning: label\(s\) \['A\+A'\] name the same perturbation more than once"),
+    ("warn: a handful of cells", ["train", "--data", D % "few_cells", "--out", "{new}", "--set", *TINY], 0,
+     r"warning: only \d+ training cells"),
+    ("warn: replacing an incomplete run", ["train", "--data", GOOD, "--out", "{dmg:incomplete}", "--set", *TINY],
+     0, r"warning: replacing the incomplete run"),
+    ("warn: evaluation data lacks run cells", ["iwelbo", RUN, "--data", D % "subset", "--particles", "2",
+                                               "--seeds", "0", "--out", "{new}.csv"], 0,
+     r"warning: the data lacks \d+ of the run's \d+ test cells"),
+    ("warn: cells the run never saw", ["iwelbo", RUN, "--data", D % "extra_cells", "--particles", "2",
+                                       "--seeds", "0", "--out", "{new}.csv"], 0,
+     r"warning: 12 of the data's \d+ cells are not in the run's split"),
+]  # fmt: skip
+
+
+def _fill(arg: str, env, counter: list[int]) -> str:
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key.startswith("data:"):
+            return _variant(key[5:], env["root"])
+        if key.startswith("dmg:"):
+            return _damage(env, key[4:])
+        if key == "new":
+            counter[0] += 1
+            return str(env["root"] / f"out{counter[0]:03d}")
+        if key == "copy":
+            return _run_copy(env, "copy")
+        return str(env[key])
+
+    return re.sub(r"\{([a-z]+(?::[A-Za-z_]+)?)\}", sub, arg)
+
+
+_COUNTER = [0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_catalogue(case, env, capsys):
+    name, argv, code, pattern = case
+    argv = [_fill(a, env, _COUNTER) for a in argv]
+    holder = None
+    if "{locked}" in case[1]:  # another process holds the run's lock
+        holder = dir_lock(env["locked"])
+        holder.__enter__()
+    try:
+        try:
+            rc = main(argv)
+        except SystemExit as err:  # argparse's own errors (usage + one error line)
+            rc = err.code
+    finally:
+        if holder is not None:
+            holder.__exit__(None, None, None)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    assert rc == code, (name, rc, out.err[-800:])
+    assert re.search(pattern, out.err, re.S), (name, out.err[-800:])
+    if code == 2:
+        errors = [ln for ln in out.err.splitlines() if "error:" in ln]
+        assert len(errors) == 1, errors
+
+
+def test_catalogue_size_and_classes():
+    assert len(CASES) >= 60
+    warned = [c for c in CASES if c[2] == 0]
+    assert warned and all("warning:" in c[3] for c in warned)
+
+
+def test_failed_runs_leave_nothing_and_user_files_survive(env):
+    """None of the refusals above deleted the user's directory or left half-made runs behind."""
+    assert (env["root"] / "userdir" / "my_notes.txt").read_text() == "precious"
+    assert Path(env["good"]).exists()
+    for p in env["root"].glob("out*"):
+        if p.is_dir():  # outputs of accepted cases are complete runs; refused ones left no directory
+            assert (p / "config.json").exists() or (p / "ate_summary.json").exists(), p
+    json.loads((Path(env["run"]) / "config.json").read_text())
+    pd.read_csv(Path(env["run"]) / "split.csv")
