@@ -99,7 +99,7 @@ def load_split(run_dir: Path) -> pd.Series | None:
 
 
 def _is_incomplete(run_dir: Path) -> bool:
-    return output_kind(run_dir) == "run" and not (run_dir / LAST).exists() and not (run_dir / BEST).exists()
+    return output_kind(run_dir) == "run" and not (run_dir / LAST).exists()  # best.pt alone: killed in epoch 1
 
 
 def _empty(run_dir: Path) -> None:

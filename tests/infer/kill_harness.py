@@ -61,11 +61,14 @@ def _inject(kind: str, n: int) -> None:
         raise ValueError(kind)
 
 
-def _fork(argv: list[str], kill: tuple[str, int] | None = None) -> int:
-    """Run ``pyrovae ARGV`` in a forked child; its exit code, or -signal if it was killed."""
+def _fork(argv: list[str], log: Path, kill: tuple[str, int] | None = None) -> int:
+    """Run ``pyrovae ARGV`` in a forked child (stderr to ``log``); its exit code, or -signal if killed."""
     pid = os.fork()
     if pid == 0:  # child
         code = 99
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 2)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
         try:
             torch.set_num_threads(1)
             if kill is not None:
@@ -83,15 +86,16 @@ def run(spec: dict) -> dict:
     build_parser()  # import every command module here, once, not in each child
     root = Path(spec["root"])
     base = ["train", "--data", spec["data"], "--quiet", *spec["args"]]
-    out = {"reference": _fork([*base[:1], "--out", str(root / "ref"), *base[1:]]), "points": []}
+    ref = _fork([*base[:1], "--out", str(root / "ref"), *base[1:]], root / "ref.err")
+    out = {"reference": ref, "points": []}
     for i, (kind, n) in enumerate(spec["points"]):
         d = root / f"k{i:02d}"
-        killed = _fork([*base[:1], "--out", str(d), *base[1:]], kill=(kind, int(n)))
+        killed = _fork([*base[:1], "--out", str(d), *base[1:]], root / f"k{i:02d}.killed.err", (kind, int(n)))
         had_last = (d / "last.pt").exists()
-        resumed = _fork([*base[:1], "--out", str(d), "--resume", *base[1:]])
+        resumed = _fork([*base[:1], "--out", str(d), "--resume", *base[1:]], root / f"k{i:02d}.resumed.err")
         fresh = None
         if resumed != 0 and not had_last:  # died before its first checkpoint: train again, no --resume
-            fresh = _fork([*base[:1], "--out", str(d), *base[1:]])
+            fresh = _fork([*base[:1], "--out", str(d), *base[1:]], root / f"k{i:02d}.fresh.err")
         out["points"].append(
             {"kind": kind, "n": int(n), "dir": str(d), "killed": killed, "had_last": had_last,
              "resumed": resumed, "fresh": fresh}

@@ -94,7 +94,8 @@ def _check(result: dict) -> int:
     killed = 0
     for p in result["points"]:
         d = Path(p["dir"])
-        label = f"{p['kind']}:{p['n']}"
+        logs = "".join(q.read_text()[-600:] for q in sorted(d.parent.glob(f"{d.name}.*.err")))
+        label = f"{p['kind']}:{p['n']} {logs}"
         killed += p["killed"] == -9
         if p["killed"] == 0:  # the point lies beyond the run's last write/step: nothing was killed
             continue

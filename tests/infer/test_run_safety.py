@@ -1,0 +1,354 @@
+"""One test per reliability defect: split identity by cell name, safe overwrite, checked resume, typed
+options, locks, clean interruption, consistent outputs after failures, umask-respecting files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_adata
+
+from pyrovae.cli import main
+from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.infer.iwelbo import iwelbo_over_seeds
+from pyrovae.infer.runs import load_run, train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import model_config
+from pyrovae.outputs import atomic_write, dir_lock, staged_dir
+
+SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
+ONE_EPOCH = TrainConfig(max_epochs=1, batch_size=64, n_particles=1, val_particles=1)
+TINY = [f"{k}={v}" for k, v in SMALL.items()] + ["max_epochs=1", "batch_size=64", "n_particles=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    data_path = root / "data.h5ad"
+    make_adata().write_h5ad(data_path)
+    run = root / "run"
+    assert main(["train", "--data", str(data_path), "--out", str(run), "--quiet", "--set", *TINY]) == 0
+    return root, data_path, run
+
+
+# ---------------------------------------------------------------- 1. the split is stored by cell name
+
+
+def test_evaluation_uses_the_runs_split_by_name_under_shuffle_and_subset(trained):
+    root, data_path, run_dir = trained
+    run = load_run(run_dir)
+    base = run.load_data(str(data_path))
+    stored = pd.read_csv(run_dir / "split.csv").set_index("cell")["split"]
+    a = make_adata()
+    shuffled = a[np.random.default_rng(1).permutation(a.n_obs)].copy()
+    again = run.load_data(shuffled)
+    # every cell keeps the split it had at training, whatever its position
+    np.testing.assert_array_equal(again.split, stored.reindex(shuffled.obs_names).to_numpy())
+    subset = a[20:].copy()
+    with pytest.warns(UserWarning, match=r"the data lacks \d+ of the run's \d+ (train|val|test) cells"):
+        part = run.load_data(subset)
+    np.testing.assert_array_equal(part.split, stored.reindex(subset.obs_names).to_numpy())
+    # no training cell turns into a test cell: the held-out IWELBO is the same cells' score
+    test_names = set(base.obs.index[base.split == "test"])
+    assert set(again.obs.index[again.split == "test"]) == test_names
+    # what evaluation did before: the split recomputed by position turns training cells into test cells
+    by_position = load_perturbation_data(shuffled, schema=run.schema)
+    leaked = set(by_position.obs.index[by_position.split == "test"]) - test_names
+    assert len(leaked) > len(test_names) // 2
+    res = iwelbo_over_seeds(run.model, again, "test", seeds=[0], n_particles=4)
+    assert res["n_cells"] == len(test_names)
+
+
+def test_cells_the_run_never_saw_get_no_split(trained):
+    _, data_path, run_dir = trained
+    a = make_adata()
+    b = make_adata(n=12, seed=5)
+    b.obs_names = [f"new{i}" for i in range(12)]
+    import anndata as ad
+
+    both = ad.concat([a, b])
+    with pytest.warns(UserWarning, match="12 of the data's 252 cells are not in the run's split"):
+        data = load_run(run_dir).load_data(both)
+    assert (data.split[-12:] == "").all()
+
+
+def test_duplicated_cell_names_are_refused_before_a_run_is_made(tmp_path):
+    a = make_adata()
+    a.obs_names = ["c0"] * a.n_obs
+    data = load_perturbation_data(a)
+    with pytest.raises(ValueError, match="duplicated cell names"):
+        train_run(data, model_config("cpa_vae", **SMALL), ONE_EPOCH, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------- 2. --overwrite deletes only pyrovae's own
+
+
+def test_overwrite_never_deletes_user_files_or_the_input(trained, tmp_path, capsys):
+    _, data_path, _ = trained
+    user = tmp_path / "analysis"
+    user.mkdir()
+    (user / "input.h5ad").write_bytes(Path(data_path).read_bytes())
+    (user / "notes.txt").write_text("mine")
+    rc = main(
+        ["train", "--data", str(user / "input.h5ad"), "--out", str(user), "--overwrite", "--set", *TINY]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and ("lies inside" in err or "nothing was deleted" in err), err
+    assert (user / "notes.txt").read_text() == "mine" and (user / "input.h5ad").exists()
+    # a real run is replaced; a run with a user's file in it is not
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data_path), "--out", str(run), "--quiet", "--set", *TINY]
+    assert main(args) == 0
+    assert main([*args, "--overwrite"]) == 0
+    (run / "notebook.ipynb").write_text("{}")
+    assert main([*args, "--overwrite"]) == 2
+    assert "notebook.ipynb" in capsys.readouterr().err and (run / "notebook.ipynb").exists()
+
+
+def test_demo_overwrite_refuses_a_directory_it_did_not_write(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "thesis.tex").write_text("x")
+    assert main(["demo", "--out", str(d), "--overwrite", "--preset", "tiny"]) == 2
+    assert "not a directory pyrovae wrote" in capsys.readouterr().err
+    assert (d / "thesis.tex").exists()
+
+
+# -------------------------------------------------------------------------- 3. resume checks the data
+
+
+def test_resume_refuses_reordered_genes_other_models_and_leaves_the_run_untouched(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".pyrovae.lock"}
+    a = make_adata()
+    rev = tmp_path / "rev.h5ad"
+    a[:, list(reversed(a.var_names))].copy().write_h5ad(rev)
+    assert main(["train", "--data", str(rev), "--out", str(run_dir), "--resume"]) == 2
+    assert "different order" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", str(data_path), "--out", str(run_dir), "--resume", "--model", "cpa_vae"])
+        == 2
+    )
+    assert "holds a sams_vae run, not cpa_vae" in capsys.readouterr().err
+    other = tmp_path / "other.h5ad"
+    b = make_adata(g=25)
+    b.write_h5ad(other)
+    assert main(["train", "--data", str(other), "--out", str(run_dir), "--resume"]) == 2
+    assert "gene mismatch" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".pyrovae.lock"}
+    assert after == before  # schema.json, config.json, checkpoints: nothing touched
+
+
+def test_resume_continues_with_the_stored_split_on_a_shuffled_file(trained, tmp_path):
+    _, data_path, run_dir = trained
+    run = tmp_path / "r"
+    args = ["--quiet", "--set", *TINY]
+    assert main(["train", "--data", str(data_path), "--out", str(run), *args]) == 0
+    a = make_adata()
+    shuffled = tmp_path / "shuffled.h5ad"
+    a[np.random.default_rng(2).permutation(a.n_obs)].copy().write_h5ad(shuffled)
+    split_before = (run / "split.csv").read_bytes()
+    assert (
+        main(["train", "--data", str(shuffled), "--out", str(run), "--resume", "--set", "max_epochs=2"]) == 0
+    )
+    assert (run / "split.csv").read_bytes() == split_before
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2]
+
+
+# ------------------------------------------------------------------ 4. options are typed, ranges checked
+
+
+def test_e_notation_options_are_numbers(trained, tmp_path):
+    _, data_path, _ = trained
+    cfg = tmp_path / "opts.yaml"
+    cfg.write_text("lr: 1e-3\nweight_decay: 1e-6\nmin_delta: 1e-4\n")
+    run = tmp_path / "r"
+    args = ["train", "--data", str(data_path), "--out", str(run), "--quiet", "--config", str(cfg)]
+    assert main([*args, "--set", *TINY, "clip_norm=1e2", "mask_prior=5e-2", "mask_lr=1e-2"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and isinstance(saved["train"]["lr"], float)
+    assert saved["train"]["clip_norm"] == 100.0 and isinstance(saved["train"]["clip_norm"], float)
+    assert saved["train"]["min_delta"] == 1e-4 and saved["train"]["mask_lr"] == 1e-2
+    assert saved["model"]["mask_prior"] == 0.05
+
+
+def test_configs_coerce_and_validate_in_python_too():
+    assert TrainConfig(lr="1e-3", batch_size="32", clip_norm="none").clip_norm is None
+    assert TrainConfig(lr="1e-3").lr == 1e-3
+    with pytest.raises(ValueError, match="option batch_size must be >= 1, got -5"):
+        TrainConfig(batch_size=-5)
+    with pytest.raises(ValueError, match="option n_latent must be >= 1"):
+        model_config("sams_vae", n_latent=0)
+    with pytest.raises(ValueError, match="option max_steps must be an integer"):
+        TrainConfig(max_steps="many")
+
+
+# --------------------------------------------------------------------------------------------- 5. locks
+
+
+def test_a_second_writer_fails_fast_naming_the_holder(trained, tmp_path, capsys):
+    _, data_path, _ = trained
+    run = tmp_path / "r"
+    with dir_lock(run):
+        t0 = time.perf_counter()
+        assert main(["train", "--data", str(data_path), "--out", str(run), "--set", *TINY]) == 2
+        assert time.perf_counter() - t0 < 30
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err and "being written by" in err
+    # released: now it trains
+    assert main(["train", "--data", str(data_path), "--out", str(run), "--quiet", "--set", *TINY]) == 0
+
+
+# ------------------------------------------------------------------- 6. Ctrl-C: one line, checkpoints ok
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(trained, tmp_path):
+    _, data_path, _ = trained
+    run = tmp_path / "r"
+    net = [f"{k}={v}" for k, v in SMALL.items()]
+    cmd = [sys.executable, "-m", "pyrovae.cli", "train", "--data", str(data_path), "--out", str(run)]
+    cmd += ["--quiet", "--set", *net, "max_epochs=400", "batch_size=32"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "pyrovae train: interrupted; every file already written is complete (a training run continues with "
+        "--resume)"
+    ]
+    run_ = load_run(run, checkpoint="last")  # checkpoints intact
+    epochs = len(pd.read_csv(run / "metrics.csv"))
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == epochs == len(run_.metrics())
+
+
+# --------------------------------------------------------------------------- 7. no half-made state
+
+
+def test_a_run_failing_before_its_first_epoch_leaves_nothing(tmp_path):
+    data = load_perturbation_data(make_adata())
+
+    def boom(model):
+        raise RuntimeError("failed while building")
+
+    with pytest.raises(RuntimeError):
+        train_run(
+            data, model_config("cpa_vae", **SMALL), ONE_EPOCH, tmp_path / "r", progress=False, prepare=boom
+        )
+    assert not (tmp_path / "r").exists()
+    # and the rerun is not blocked
+    train_run(data, model_config("cpa_vae", **SMALL), ONE_EPOCH, tmp_path / "r", progress=False)
+
+
+def test_temporary_files_of_a_killed_writer_are_cleaned(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    stale = tmp_path / f".table.{pid}.abc123.tmp.csv"
+    stale.write_text("half")
+    live = tmp_path / f".table.{os.getpid()}.zzz.tmp.csv"
+    live.write_text("in progress")
+    atomic_write(tmp_path / "table.csv", lambda tmp: Path(tmp).write_text("done"))
+    assert not stale.exists() and live.exists() and (tmp_path / "table.csv").read_text() == "done"
+
+
+def test_ate_overwrite_drops_stale_files_and_a_failed_ate_keeps_the_old_output(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    out = tmp_path / "ate"
+    base = ["ate", str(run_dir), "--data", str(data_path), "--n-samples", "16", "--out", str(out)]
+    assert main([*base, "--name", "first"]) == 0
+    assert (out / "ate_pred_first.csv").exists()
+    assert main([*base, "--name", "second", "--overwrite"]) == 0
+    assert not (out / "ate_pred_first.csv").exists() and (out / "ate_pred_second.csv").exists()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RuntimeError), staged_dir(out, "ate", overwrite=True) as stage:
+        (stage / "ate_metrics.csv").write_text("partial")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert "partial" not in (out / "ate_metrics.csv").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_iwelbo_table_without_summary_is_rerun_without_overwrite(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    out = tmp_path / "iw.csv"
+    out.write_text("cell,iwelbo\n")  # an interrupted earlier run: table, no summary
+    args = [
+        "iwelbo",
+        str(run_dir),
+        "--data",
+        str(data_path),
+        "--particles",
+        "2",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "has no summary" in capsys.readouterr().err
+    assert json.loads((tmp_path / "iw_summary.json").read_text())["n_particles"] == 2
+
+
+def test_resumed_metrics_keep_integer_columns(trained, tmp_path):
+    _, data_path, _ = trained
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(data_path), "--out", str(run), "--quiet", "--set", *TINY]) == 0
+    assert main(["train", "--data", str(data_path), "--out", str(run), "--resume", "--quiet",
+                 "--set", "max_epochs=2"]) == 0  # fmt: skip
+    table = pd.read_csv(run / "metrics.csv", dtype=str)
+    assert list(table["epoch"]) == ["1", "2"]  # not "1.0": integers stay integers after a resume
+    assert all(v.isdigit() for v in table["step"])
+
+
+# ---------------------------------------------------------------------------------------- 9. umask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_files_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        atomic_write(tmp_path / "f.csv", lambda tmp: Path(tmp).write_text("x"))
+        with staged_dir(tmp_path / "ate_x", "ate", overwrite=False) as stage:
+            atomic_write(stage / "ate_metrics.csv", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.csv").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "ate_x" / "ate_metrics.csv").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "ate_x").stat().st_mode) == 0o777 & ~mask
+
+
+# ---------------------------------------------------------------------------------------- 10. small
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--version"])
+    assert err.value.code == 0 and capsys.readouterr().out.startswith("pyrovae ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_a_cpu_only_torch_is_one_line(trained, tmp_path, capsys):
+    _, data_path, _ = trained
+    rc = main(
+        ["train", "--data", str(data_path), "--out", str(tmp_path / "r"), "--set", *TINY, "device=cuda"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "device 'cuda' was asked for" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
