@@ -92,6 +92,24 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (:func:`pyrovae.infer.device.resolve_device`)."""
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="{auto,cpu,cuda,cuda:N,mps}",
+        help="where the model runs: auto (CUDA when torch sees a GPU, else CPU; the default), cpu, cuda, "
+        "cuda:N or mps",
+    )
+
+
+def command_device(args: argparse.Namespace, fallback: str = "auto") -> str:
+    """The resolved ``--device`` of a command (``fallback`` when not given), as a string like ``cuda:0``."""
+    from pyrovae.infer.device import resolve_device
+
+    return str(resolve_device(args.device if getattr(args, "device", None) is not None else fallback))
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["n_latent=20", "lr=1e-3"]`` -> ``{"n_latent": 20, "lr": 0.001}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}

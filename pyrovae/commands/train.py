@@ -9,7 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from pyrovae.commands.common import add_data_args, data_options, parse_overrides
+from pyrovae.commands.common import (
+    add_data_args,
+    add_device_arg,
+    command_device,
+    data_options,
+    parse_overrides,
+)
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
 from pyrovae.infer.runs import CONFIG, train_run
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         m_over, t_over = split_overrides(overrides)
         mcfg = model_config(args.model, **m_over)
         tcfg = TrainConfig().replace(**t_over)
+    # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
+    tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     likelihood_counts = mcfg.likelihood != "normal"
     load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
     data = load_perturbation_data(args.data, require_counts=likelihood_counts, **load_opts)
@@ -92,4 +100,5 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_arg(p)
     p.set_defaults(func=run)

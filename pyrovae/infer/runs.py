@@ -21,6 +21,7 @@ import torch
 
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
+from pyrovae.infer.device import resolve_device
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model
@@ -171,8 +172,10 @@ def checkpoint_writer(run_dir: Path):
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
-    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``)."""
+    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``) on ``device``
+    (``cpu``, ``cuda``, ``auto``, ...: :func:`~pyrovae.infer.device.resolve_device`)."""
     run_dir = Path(run_dir)
+    device = resolve_device(device)
     for f in (CONFIG, SCHEMA):
         if not (run_dir / f).exists():
             raise FileNotFoundError(
@@ -236,7 +239,8 @@ def train_run(
         prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
     if resume:
-        state = torch.load(run_dir / LAST, map_location=train_cfg.device, weights_only=True)
+        # on the CPU: RNG states must stay there; parameters and optimiser state move when loaded
+        state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         trainer.load_state(state, read_csv(run_dir / METRICS) if (run_dir / METRICS).exists() else None)
     save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {})
     trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
