@@ -2,8 +2,8 @@
 
 The two ArviZ lines convert the same nested arrays with different calls:
 
-- ArviZ 0.x (<= 0.23, the last that installs on Python 3.11): ``from_dict(posterior=..., posterior_predictive=...,
-  coords=..., dims=...)`` returns an ``arviz.InferenceData``;
+- ArviZ 0.x (<= 0.23, the last line that installs on Python 3.10/3.11): ``from_dict(posterior=...,
+  posterior_predictive=..., coords=..., dims=...)`` returns an ``arviz.InferenceData``;
 - ArviZ 1.x (Python >= 3.12; its ``from_dict`` is ``arviz_base.from_dict``): ``from_dict({group: {var:
   array}}, coords=..., dims=...)`` returns an ``xarray.DataTree``.
 
@@ -128,5 +128,7 @@ def to_arviz(
     from_dict: Callable[..., Any] | None = None,
 ):
     """:func:`posterior_groups` converted by the installed ArviZ (see the module docstring)."""
-    groups, coords, dims = posterior_groups(posterior, n_draws, perturbations, library_size, data, seed, chunk)
+    groups, coords, dims = posterior_groups(
+        posterior, n_draws, perturbations, library_size, data, seed, chunk
+    )
     return convert(groups, coords, dims, from_dict)

@@ -101,6 +101,13 @@ class Posterior:
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
         )
 
+    def __repr__(self) -> str:
+        n_untrained = 0 if self.untrained is None else int(self.untrained.sum())
+        return (
+            f"{type(self).__name__}({len(self.genes)} genes, {len(self.treatments)} treatments "
+            f"({n_untrained} untrained), likelihood {self.model.likelihood}, on {self.device})"
+        )
+
     @classmethod
     def from_run(cls, run) -> Posterior:
         """The posterior of a :class:`~pyrovae.infer.runs.Run` (its untrained treatments use the prior)."""

@@ -112,6 +112,13 @@ class Run:
         self.path, self.model, self.model_cfg, self.train_cfg = path, model, model_cfg, train_cfg
         self.schema, self.data_options = schema, data_options
 
+    def __repr__(self) -> str:
+        cfg = self.model_cfg
+        return (
+            f"Run({str(self.path)!r}, {cfg.family} (n_latent={cfg.n_latent}, {cfg.likelihood}), "
+            f"{len(self.schema['genes'])} genes, {len(self.schema['treatments'])} treatments)"
+        )
+
     @property
     def treatments(self) -> list[str]:
         return list(self.schema["treatments"])
