@@ -276,6 +276,11 @@ class Model:
         return self
 
     @property
+    def data(self) -> PerturbationData:
+        """The validated data of the model's AnnData (counts, dosage, split, ...), as the library takes it."""
+        return self._data
+
+    @property
     def is_trained(self) -> bool:
         return self.run is not None
 

@@ -3,6 +3,7 @@ AnnData, reprs; and the README's Python example, run as written (with fast setti
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -281,3 +282,17 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert "model" in namespace and namespace["model"].is_trained
     assert "X_pyrovae" in namespace["adata"].obsm
     assert (tmp_path / "runs" / "example" / "best.pt").exists()
+
+
+def test_scvi_style_example_runs(tmp_path, capsys):
+    """examples/scvi_style.py on the tiny preset (2 epochs): figure, saved model, annotated AnnData."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("scvi_style", ROOT / "examples" / "scvi_style.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "ex"
+    assert example.main(["--out", str(out), "--preset", "tiny", "--epochs", "2", "--device", "cpu"]) == 0
+    assert "identical predictions: True" in capsys.readouterr().out
+    assert (out / "ate_scatter.png").exists() and (out / "model" / "best.pt").exists()
+    back = ad.read_h5ad(out / "annotated.h5ad")
+    assert back.obsm["X_pyrovae"].shape == (back.n_obs, 10) and "pyrovae_effects" in back.uns
