@@ -1,6 +1,6 @@
 """pyrovae the scvi-tools way: setup, train, latent into obsm, perturbation effects, ATE plot, save, load.
 
-    python examples/scvi_style.py --out runs/scvi_style                  # default simulated dataset
+    python examples/scvi_style.py --out runs/scvi_style                  # default dataset, ~3 min on 2 CPUs
     python examples/scvi_style.py --out /tmp/x --preset tiny --epochs 5  # a few seconds
     python examples/scvi_style.py --data screen.h5ad --perturbation-key guide --out runs/screen
 

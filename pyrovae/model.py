@@ -347,7 +347,8 @@ class Model:
         model was trained (its genes in the model's order, known perturbations, the run's split options);
         a mismatch raises ``ValueError`` naming the problem and the fix.
         """
-        run = load_run(dir_path, checkpoint=checkpoint, device=str(resolve_device(device or accelerator)))
+        chosen = device if device is not None else accelerator
+        run = load_run(dir_path, checkpoint=checkpoint, device=str(resolve_device(chosen)))
         if adata is None:
             saved = Path(dir_path) / ADATA_FILE
             if not saved.exists():
@@ -362,13 +363,8 @@ class Model:
                 f"{dir_path} holds a {name!r} model, not {cls.fixed_model!r}; use pyrovae.Model.load"
             )
         self = cls.__new__(cls)
-        self.model_name, self.model_cfg, self.adata, self.run, self._tmp = (
-            name,
-            run.model_cfg,
-            adata,
-            run,
-            None,
-        )
+        self.model_name, self.model_cfg, self.adata = name, run.model_cfg, adata
+        self.run, self._tmp = run, None
         self.setup = {k: v for k, v in run.data_options.items() if k in SETUP_OPTIONS}
         self._data = run.load_data(adata)
         return self
@@ -419,6 +415,8 @@ class Model:
             n_samples: global draws averaged with ``give_mean``.
             inplace: write the result to ``adata.obsm[key_added]`` and return ``None``.
         """
+        if inplace and indices is not None:
+            raise ValueError("inplace=True writes every cell's latent to obsm; drop indices=...")
         target = self.adata if adata is None else adata
         data = self._data_for(adata)
         rows = self._rows(data, indices)
@@ -438,14 +436,15 @@ class Model:
             for k, v in self.posterior().global_samples(n, seed).items()
             if k != "effect"
         }
-        names = data.obs.index.to_numpy()
-        out = []
+        names = data.obs.index.to_numpy()[rows]
+        out, start = [], 0
         for batch in MinibatchLoader(data, None, batch_size, indices=rows, device=self.device):
             loc, scale = vae.encoder_dist(batch["x"], batch, g)  # (n, B, K), or (B, K) without globals
+            b = batch["d"].shape[0]
+            cells, start = names[start : start + b], start + b  # the loader yields the rows in order
             if give_mean:
                 z = loc
             else:
-                cells = names[batch["rows"].cpu().numpy()]
                 eps = torch.as_tensor(_cell_noise(cells, seed, vae.n_latent), device=self.device)
                 z = loc + scale * eps
             if kind == "basal":
@@ -453,11 +452,9 @@ class Model:
                 z = z if prior is None else z - prior
             else:
                 z = vae.effect.decoder_input(z, batch["d"], g)
-            out.append((z.reshape(-1, *z.shape[-2:]).mean(0)).cpu())
-        latent = torch.cat(out).numpy()
+            out.append(z.reshape(-1, *z.shape[-2:]).mean(0))
+        latent = torch.cat(out).cpu().numpy()
         if inplace:
-            if indices is not None:
-                raise ValueError("inplace=True writes every cell's latent; drop indices=...")
             target.obsm[key_added] = latent
             return None
         return latent
