@@ -70,6 +70,17 @@ def test_a_written_and_reread_setup_is_used(tiny_adata, tmp_path):
     assert held.any() and (m._data.split[held] == "test").all()
 
 
+def test_layer_of_raw_counts(tiny_adata):
+    adata = tiny_adata.copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()  # what scanpy users keep in X
+    with pytest.raises(ValueError, match="non-integer values"):
+        pyrovae.Model(adata, model="cpa_vae", **SMALL)
+    m = pyrovae.Model(adata, model="cpa_vae", layer="counts", **SMALL).train(max_epochs=1, progress=False)
+    assert m.data.is_count_data and m.setup["layer"] == "counts"
+    assert m.get_latent_representation().shape == (adata.n_obs, 4)
+
+
 def test_reprs_are_short(trained):
     adata, model = trained
     for obj in (model, model._data, model.run, model.posterior()):
