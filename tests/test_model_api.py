@@ -66,8 +66,8 @@ def test_a_written_and_reread_setup_is_used(tiny_adata, tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     m = pyrovae.Model(back, model="cpa_vae", **SMALL)
-    held = m._data.labels == "PG02+PG03"
-    assert held.any() and (m._data.split[held] == "test").all()
+    held = m.data.labels == "PG02+PG03"
+    assert held.any() and (m.data.split[held] == "test").all()
 
 
 def test_layer_of_raw_counts(tiny_adata):
@@ -83,10 +83,10 @@ def test_layer_of_raw_counts(tiny_adata):
 
 def test_reprs_are_short(trained):
     adata, model = trained
-    for obj in (model, model._data, model.run, model.posterior()):
+    for obj in (model, model.data, model.run, model.posterior()):
         text = repr(obj)
         assert len(text) < 300, text
-    assert "390 cells x 40 genes" in repr(model._data) and "trained 3 epochs" in repr(model)
+    assert "390 cells x 40 genes" in repr(model.data) and "trained 3 epochs" in repr(model)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -114,7 +114,7 @@ def test_train_then_ate_on_the_tiny_dataset(trained):
     assert list(ate.index) == ["PG01+PG02", "PG01", "control"] and list(ate.columns) == list(adata.var_names)
     assert np.isfinite(ate.to_numpy()).all()
     assert np.all(ate.loc["control"].to_numpy() == 0.0)  # common random numbers: control vs itself
-    assert set(model.get_ate(n_samples=20).index) == set(model._data.groups())
+    assert set(model.get_ate(n_samples=20).index) == set(model.data.groups())
     with pytest.raises(ValueError, match="unknown"):
         model.get_ate(["PG99"])
 
@@ -151,7 +151,7 @@ def test_shifted_minus_basal_is_the_perturbation_effect(trained):
     basal = model.get_latent_representation(n_samples=25)
     shifted = model.get_latent_representation(kind="shifted", n_samples=25)
     effect = model.get_perturbation_effects(n_samples=25)["effect"]
-    labels = model._data.labels
+    labels = model.data.labels
     for lab in ("control", "PG03", "PG02+PG03"):
         rows = labels == lab
         want = np.zeros(4) if lab == "control" else effect.loc[lab.split("+")].sum(0).to_numpy()
@@ -204,7 +204,7 @@ def test_svae_plus_basal_removes_the_prior_shift(tiny_adata):
     assert m.setup["encode_combos_as_unique"] is True
     basal = m.get_latent_representation(n_samples=10)
     shifted = m.get_latent_representation(kind="shifted", n_samples=10)
-    ctrl = m._data.labels == "control"
+    ctrl = m.data.labels == "control"
     np.testing.assert_allclose(basal[ctrl], shifted[ctrl], atol=1e-6)  # controls have no shift
     assert np.abs(basal[~ctrl] - shifted[~ctrl]).max() > 0
 
@@ -256,7 +256,7 @@ def test_a_backed_anndata_stays_on_disk_and_gives_the_same_model(tiny_adata, tmp
     tiny_adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     m = pyrovae.Model(backed, model="cpa_vae", **SMALL)
-    assert not isinstance(m._data.counts, np.ndarray) and "backed" in repr(m._data)
+    assert not isinstance(m.data.counts, np.ndarray) and "backed" in repr(m.data)
     mem = pyrovae.Model(tiny_adata.copy(), model="cpa_vae", **SMALL)
     m.train(**FAST)
     mem.train(**FAST)
@@ -307,3 +307,16 @@ def test_scvi_style_example_runs(tmp_path, capsys):
     assert (out / "ate_scatter.png").exists() and (out / "model" / "best.pt").exists()
     back = ad.read_h5ad(out / "annotated.h5ad")
     assert back.obsm["X_pyrovae"].shape == (back.n_obs, 10) and "pyrovae_effects" in back.uns
+
+
+def test_a_cli_run_loads_into_the_python_api(tiny_adata, tmp_path):
+    from pyrovae.cli import main
+
+    path = tmp_path / "tiny.h5ad"
+    tiny_adata.write_h5ad(path)
+    net = [f"{k}={v}" for k, v in SMALL.items()]
+    args = ["train", "--data", str(path), "--model", "cpa_vae", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "--device", "cpu", "--set", *net, "max_epochs=1"]) == 0
+    model = pyrovae.CPAVAE.load(tmp_path / "run", ad.read_h5ad(path), accelerator="cpu")
+    assert model.model_name == "cpa_vae" and len(model.history) == 1
+    assert model.get_latent_representation().shape == (tiny_adata.n_obs, 4)
