@@ -4,22 +4,43 @@ SAMS-VAE and its baselines (CPA-VAE, SVAE+, conditional VAE) and GPO-VAE / CRADL
 model/guide pairs on one shared skeleton, trained with SVI + TraceGraph_ELBO, evaluated by held-out
 IWELBO and average-treatment-effect checks.
 
-Typical use::
+Typical use (the scvi-tools-style API of :mod:`pyrovae.model`)::
 
     import pyrovae
+    pyrovae.Model.setup_anndata(adata, perturbation_key="perturbation")
+    model = pyrovae.Model(adata, model="sams_vae", n_latent=10)
+    model.train(max_epochs=100)
+    adata.obsm["X_pyrovae"] = model.get_latent_representation()
+
+or the library underneath::
+
     data = pyrovae.load_perturbation_data("screen.h5ad", perturbation_key="perturbation")
     run = pyrovae.train_run(data, pyrovae.model_config("sams_vae"), pyrovae.TrainConfig(), "runs/r1")
 """
 
 from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
+from pyrovae.infer.arviz import to_arviz
+from pyrovae.infer.device import resolve_device
+from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import Run, load_run, train_run
 from pyrovae.infer.train import TrainConfig, Trainer
+from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Model",
+    "SAMSVAE",
+    "CPAVAE",
+    "SVAEPlus",
+    "ConditionalVAE",
+    "CRADLEVAE",
+    "GPOVAE",
+    "Posterior",
+    "to_arviz",
+    "resolve_device",
     "MinibatchLoader",
     "PerturbationData",
     "load_perturbation_data",

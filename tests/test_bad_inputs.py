@@ -98,7 +98,9 @@ def _variant(name: str, root: Path) -> str:
         a.obs["split"] = np.where(np.arange(a.n_obs) % 5, "train", "test")
     elif name == "test_only_pert":
         lab = a.obs["perturbation"].astype(str)
-        a.obs["split"] = np.where(lab.str.contains("B"), "test", np.where(np.arange(a.n_obs) % 5, "train", "val"))
+        a.obs["split"] = np.where(
+            lab.str.contains("B"), "test", np.where(np.arange(a.n_obs) % 5, "train", "val")
+        )
     elif name == "plus_labels":
         a.obs["perturbation"] = a.obs["perturbation"].replace({"A+B": "A+C"})
     elif name == "repeat_label":

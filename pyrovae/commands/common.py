@@ -6,8 +6,19 @@ import argparse
 from typing import Any
 
 from pyrovae.config import parse_overrides, read_options_file
+from pyrovae.infer.device import resolve_device
 
-__all__ = ["add_data_args", "data_options", "gather_overrides", "parse_overrides", "positive_int", "seed_int"]
+__all__ = [
+    "add_data_args",
+    "add_device_arg",
+    "command_device",
+    "data_options",
+    "gather_overrides",
+    "parse_overrides",
+    "positive_float",
+    "positive_int",
+    "seed_int",
+]
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -127,6 +138,22 @@ def seed_int(value: str) -> int:
     if out < 0:
         raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value!r}")
     return out
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (:func:`pyrovae.infer.device.resolve_device`)."""
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="{auto,cpu,cuda,cuda:N,mps}",
+        help="where the model runs: auto (CUDA when torch sees a GPU, else CPU; the default), cpu, cuda, "
+        "cuda:N or mps",
+    )
+
+
+def command_device(args: argparse.Namespace, fallback: str = "auto") -> str:
+    """The resolved ``--device`` of a command (``fallback`` when not given), as a string like ``cuda:0``."""
+    return str(resolve_device(args.device if getattr(args, "device", None) is not None else fallback))
 
 
 def gather_overrides(config_file: str | None, items: list[str] | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pyrovae.commands.common import positive_int, seed_int
+from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.outputs import clear_output_dir, mark_output_dir
 
 # Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from pyrovae.models.zoo import model_config
 
     t0 = time.perf_counter()
+    device = command_device(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not args.overwrite:
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     for label, name in MODELS:
         ts = time.perf_counter()
         cfg = model_config(name, n_latent=n_latent, **DEMO_MODEL_OPTIONS.get(name, {}))
-        tcfg = TrainConfig(max_epochs=epochs, seed=args.seed, **DEMO_TRAIN)
+        tcfg = TrainConfig(max_epochs=epochs, seed=args.seed, device=device, **DEMO_TRAIN)
         log(f"training {label} ({epochs} epochs, lr {tcfg.lr}, batch {tcfg.batch_size})")
         runs[label] = train_run(data, cfg, tcfg, out / name, data_options=opts, progress=not args.quiet)
         seconds[label] = time.perf_counter() - ts
@@ -253,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             "n_latent": n_latent,
             "heldout_combinations": held,
             "torch_threads": torch.get_num_threads(),
+            "device": device,
             "train_seconds": seconds,
             "wall_seconds": wall,
             "iwelbo": {f"{m} / {s}": iwelbo_summary(res, s) for (m, s), res in iw.items()},
@@ -292,4 +294,5 @@ def register(sub) -> None:
     p.add_argument(
         "--quiet", action="store_true", help="no progress bars or log lines (the table is printed)"
     )
+    add_device_arg(p)
     p.set_defaults(func=run)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pyrovae.commands.common import positive_int, seed_int
+from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.config import PyrovaeWarning
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
@@ -73,7 +73,7 @@ def _library_arg(value: str) -> str | float:
 
 
 def _load(args: argparse.Namespace):
-    run = load_run(args.run, checkpoint=getattr(args, "checkpoint", "best"))
+    run = load_run(args.run, checkpoint=getattr(args, "checkpoint", "best"), device=command_device(args))
     overrides = {}
     if getattr(args, "split_key", None):
         overrides["split_key"] = args.split_key
@@ -379,6 +379,7 @@ def register(sub) -> None:
         help="per-cell CSV (default RUN/iwelbo_<split>.csv; the summary goes to <stem>_summary.json)",
     )
     p.add_argument("--overwrite", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=run_iwelbo)
 
     p = sub.add_parser("ate", help="empirical vs model average treatment effects, with baselines")
@@ -410,6 +411,7 @@ def register(sub) -> None:
     p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
     p.add_argument("--out", default=None, help="output directory (default RUN/ate_<split>, RUN/ate_all)")
     p.add_argument("--overwrite", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=run_ate)
 
     p = sub.add_parser("sample", help="sample posterior-predictive counts for perturbations (an .h5ad)")
@@ -432,4 +434,5 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help=".h5ad to draw library sizes from (with --library data)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=run_sample)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrovae.commands.common import seed_int
+from pyrovae.commands.common import add_device_arg, command_device, seed_int
 from pyrovae.data.anndata import read_anndata
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--truth and --statistical need the data (--data x.h5ad)")
     if args.min_prob < 0 or args.min_prob > 1:
         raise ValueError(f"--min-prob must be in [0, 1], got {args.min_prob}")
-    run_ = load_run(args.run, checkpoint=args.checkpoint)
+    run_ = load_run(args.run, checkpoint=args.checkpoint, device=command_device(args))
     data = None
     adata = None
     if args.data:
@@ -150,4 +150,5 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", help="cells of --statistical (default: test)")
     p.add_argument("--edge-threshold", type=float, default=0.5, help="edges of --statistical: probability >")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the negative sampling of --statistical")
+    add_device_arg(p)
     p.set_defaults(func=run)

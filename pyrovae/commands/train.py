@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from pyrovae.commands.common import add_data_args, data_options, gather_overrides
+from pyrovae.commands.common import (
+    add_data_args,
+    add_device_arg,
+    command_device,
+    data_options,
+    gather_overrides,
+)
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
 from pyrovae.infer.runs import load_run, read_run_config, train_run
@@ -38,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
         # the stored run decides: its model, options, genes, treatments and split (by cell name)
         stored = load_run(args.out, checkpoint="last")
-        if m_over:
-            raise ValueError(f"cannot change model options {sorted(m_over)} when resuming a run")
+        asked = stored.model_cfg.replace(**m_over)  # repeating the run's own options is fine
+        changed = sorted(k for k in m_over if getattr(asked, k) != getattr(stored.model_cfg, k))
+        if changed:
+            raise ValueError(f"cannot change model options {changed} when resuming a run")
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
         opts = {**opts, **stored.data_options}
         data = stored.load_data(args.data)
@@ -51,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
         data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
         data = prepare_for_model(data, mcfg.family, mcfg.artifact, opts)
+    # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
+    tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     run_ = train_run(
         data,
         mcfg,
@@ -94,4 +104,5 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_arg(p)
     p.set_defaults(func=run)

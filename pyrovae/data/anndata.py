@@ -115,6 +115,23 @@ class PerturbationData:
         labs = self.labels[self.indices(split)]
         return sorted({str(v) for v in labs} - {self.control_label})
 
+    def __repr__(self) -> str:  # the dataclass default prints every array (~35,000 characters)
+        kind = (
+            "dense"
+            if isinstance(self.counts, np.ndarray)
+            else "sparse"
+            if sp.issparse(self.counts)
+            else "backed"
+        )
+        splits = ", ".join(f"{s} {int((self.split == s).sum())}" for s in SPLITS)
+        shown = ", ".join(self.treatments[:5]) + (", ..." if self.n_treatments > 5 else "")
+        extras = f", extras {sorted(self.extras)}" if self.extras else ""
+        return (
+            f"PerturbationData({self.n_cells} cells x {self.n_genes} genes ({kind}"
+            f"{'' if self.is_count_data else ', not counts'}), {self.n_treatments} treatments [{shown}], "
+            f"control {self.control_label!r}, split {splits}{extras})"
+        )
+
     def schema(self) -> dict[str, Any]:
         """What a model trained on this data must remember to read new data the same way."""
         return {
@@ -452,6 +469,7 @@ def load_perturbation_data(
             "fixes the split. Drop heldout, or omit split_key to let pyrovae make the split"
         )
     adata = read_anndata(data, backed)
+    backed = backed or bool(adata.isbacked)  # an AnnData opened backed stays on disk
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(
             f"the data has {adata.n_obs} cells x {adata.n_vars} genes; it needs cells and genes to model"

@@ -29,7 +29,7 @@ class MinibatchLoader:
         batch_size: cells per batch.
         shuffle: reshuffle every epoch with a generator seeded by ``seed`` (epoch e uses ``seed + e``).
         drop_last: drop a last incomplete batch.
-        device: torch device of the tensors.
+        device: torch device of the tensors (each batch is copied there once; from pinned memory on CUDA).
         indices: explicit row positions (overrides ``split``).
     """
 
@@ -64,7 +64,10 @@ class MinibatchLoader:
         return n if self.drop_last or self.n_cells % self.batch_size == 0 else n + 1
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), device=self.device)
+        t = torch.as_tensor(np.ascontiguousarray(a))
+        if self.device.type == "cuda":  # one asynchronous copy from page-locked memory per batch
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def batch(self, pos: np.ndarray) -> Batch:
         """The batch of split positions ``pos`` (int array)."""

@@ -1,4 +1,5 @@
-"""Posterior sampling: global draws, basal latents, posterior-predictive counts, model ATEs, ArviZ export.
+"""Posterior sampling: global draws, basal latents, posterior-predictive counts, model ATEs (ArviZ export:
+:mod:`pyrovae.infer.arviz`).
 
 Everything runs on :class:`pyro.infer.Predictive` over the shared skeleton, vectorised over particles and
 chunked to bound memory; nothing here knows which model family it runs. Shapes: A perturbations, T
@@ -98,6 +99,13 @@ class Posterior:
         self.device = next(iter(model.parameters())).device
         self.untrained = (
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
+        )
+
+    def __repr__(self) -> str:
+        n_untrained = 0 if self.untrained is None else int(self.untrained.sum())
+        return (
+            f"{type(self).__name__}({len(self.genes)} genes, {len(self.treatments)} treatments "
+            f"({n_untrained} untrained), likelihood {self.model.likelihood}, on {self.device})"
         )
 
     @classmethod
@@ -425,42 +433,8 @@ class Posterior:
         seed: int = 0,
         chunk: int = 256,
     ):
-        """An :class:`arviz.InferenceData` with
+        """The global posterior and posterior-predictive counts as an ArviZ ``InferenceData`` (ArviZ 0.x)
+        or ``DataTree`` (1.x): :func:`pyrovae.infer.arviz.to_arviz` (groups, dims and coords there)."""
+        from pyrovae.infer.arviz import to_arviz  # arviz.py imports this module
 
-        - ``posterior``: every global site (and ``effect``), dims (chain=1, draw, treatment, effect_latent)
-          with the treatment names as coordinates (artifact rows: (chain, draw, qc_row, qc_latent));
-        - ``posterior_predictive``: ``counts`` with dims (chain=1, draw, cell, gene): at draw j, one cell per
-          perturbation (coordinate ``cell`` = the perturbation labels; default: control and every
-          treatment alone), sampled as in :meth:`predict`.
-        """
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            import arviz as az
-
-        T = len(self.treatments)
-        post, dims = {}, {}
-        for name, v in self.global_samples(n_draws, seed).items():
-            rest = v.shape[1:]
-            row_dim = "treatment" if rest and rest[0] == T and name != "qc_E" else "qc_row"
-            # The trailing axis is named after its space, so sites of different widths never share a dim
-            # (GPO-VAE's effect space has T entries while its artifact rows have n_latent; one shared name
-            # would make xarray outer-join them and pad with NaN).
-            last = "qc_latent" if row_dim == "qc_row" else "effect_latent"
-            names = [row_dim] + [(last if i == 0 else f"{name}_dim{i}") for i in range(len(rest) - 1)]
-            post[name] = v[None]
-            dims[name] = names
-        if perturbations is None:
-            perturbations = [self.control_label] + list(self.treatments)
-        x, labels, _ = self._predict_tensor(perturbations, n_draws, library_size, data, seed, chunk)
-        coords = {"treatment": self.treatments, "gene": self.genes, "cell": labels}
-        dims["counts"] = ["cell", "gene"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return az.from_dict(
-                posterior=post or None,
-                posterior_predictive={"counts": x.numpy()[None]},
-                coords=coords,
-                dims=dims,
-            )
+        return to_arviz(self, n_draws, perturbations, library_size, data, seed, chunk)

@@ -27,6 +27,7 @@ import torch
 
 from pyrovae.data.anndata import PerturbationData, PyrovaeWarning, load_perturbation_data
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
+from pyrovae.infer.device import resolve_device
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model
@@ -169,6 +170,13 @@ class Run:
         self.path, self.model, self.model_cfg, self.train_cfg = path, model, model_cfg, train_cfg
         self.schema, self.data_options = schema, data_options
 
+    def __repr__(self) -> str:
+        cfg = self.model_cfg
+        return (
+            f"Run({str(self.path)!r}, {cfg.family} (n_latent={cfg.n_latent}, {cfg.likelihood}), "
+            f"{len(self.schema['genes'])} genes, {len(self.schema['treatments'])} treatments)"
+        )
+
     @property
     def treatments(self) -> list[str]:
         return list(self.schema["treatments"])
@@ -217,12 +225,6 @@ class Run:
             loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: dict(self.schema["gpo"])})
         prep = {**self.data_options, **overrides}  # prepare_for_model reads only its own keys
         return prepare_for_model(loaded, self.model_cfg.family, self.model_cfg.artifact, prep)
-
-    def __repr__(self) -> str:
-        return (
-            f"Run({str(self.path)!r}, family={self.model_cfg.family!r}, genes={len(self.schema['genes'])}, "
-            f"treatments={len(self.schema['treatments'])}, latent={self.model_cfg.n_latent})"
-        )
 
 
 def save_run_config(
@@ -319,8 +321,10 @@ def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
-    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``)."""
+    """Rebuild a run's model from its directory (safe: tensors only, ``weights_only=True``) on ``device``
+    (``cpu``, ``cuda``, ``auto``, ...: :func:`~pyrovae.infer.device.resolve_device`)."""
     run_dir = Path(run_dir)
+    device = resolve_device(device)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     cfg, schema = read_run_config(run_dir)
@@ -476,7 +480,8 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
         prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
     if resume:
-        state = read_checkpoint(run_dir / LAST, train_cfg.device)
+        # on the CPU: RNG states must stay there; parameters and optimiser state move when loaded
+        state = read_checkpoint(run_dir / LAST, "cpu")
         history = state.get("history")
         if history is None and (run_dir / METRICS).exists():  # checkpoints of older versions
             history = read_csv(run_dir / METRICS)

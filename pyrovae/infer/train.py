@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.anndata import PerturbationData, PyrovaeWarning
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.effects import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
@@ -60,6 +61,7 @@ class TrainConfig:
     min_delta: float = 0.0
     global_scaling: str = "per_treatment"  # per_treatment | standard
     seed: int = 0
+    #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available; see pyrovae.infer.device)
     device: str = "cpu"
     val_particles: int = 5
 
@@ -72,26 +74,10 @@ class TrainConfig:
         for name in ("weight_decay", "min_delta", "seed"):
             check_range(name, getattr(self, name), ge=0)
         check_range("global_scaling", self.global_scaling, choices=("per_treatment", "standard"))
-        try:
-            torch.device(self.device)
-        except (RuntimeError, ValueError):
-            raise ValueError(
-                f"option device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:0)"
-            ) from None
+        check_device_name(self.device)
 
     def replace(self, **kw: Any) -> TrainConfig:
         return replace_checked(self, "training", **kw)
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device, or one clear error when this machine's torch cannot use it."""
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"device {str(device)!r} was asked for, but {why}; use device cpu (or auto)")
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but MPS is not available; use device cpu")
-    return d
 
 
 def seed_everything(seed: int) -> None:
@@ -155,11 +141,13 @@ def evaluate_loss(
     loader = MinibatchLoader(data, split, batch_size, device=device)
     elbo = make_elbo(n_particles)
     n = loader.n_cells
-    untrained = torch.as_tensor(data.treatment_counts("train"), device=device) == 0
+    counts = data.treatment_counts("train")
+    untrained = torch.as_tensor(counts, device=device) == 0
+    redraw = bool((counts == 0).any()) and model.effect.has_globals  # decided on the host, once
     model_fn, guide_fn = model.model, model.guide
     total = 0.0
     for batch in loader:
-        if bool(untrained.any()) and model.effect.has_globals:
+        if redraw:
             g = model.sample_globals(n_particles, untrained=untrained)
             if n_particles == 1:
                 g = {k: v[0] for k, v in g.items()}
@@ -185,9 +173,9 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
-        check_device(cfg.device)
         model.effect.check_dosage(torch.as_tensor(data.dosage))
-        self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
+        self.device = resolve_device(cfg.device)
+        self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
         self.elbo = make_elbo(cfg.n_particles)
@@ -207,6 +195,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "torch_rng": torch.get_rng_state(),
             "history": [dict(r) for r in self.history],
+            **device_rng_state(self.device),
         }
 
     def load_state(self, state: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
@@ -214,11 +203,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        set_device_rng_state(state, self.device)
         self.history = [dict(r) for r in (history if history is not None else state.get("history", []))]
 
     def train_step(self, batch: dict[str, torch.Tensor], n_cells: int, counts: dict[str, torch.Tensor]):
-        """One optimisation step; returns (negative ELBO per cell, {penalty: value})."""
+        """One optimisation step; returns (negative ELBO per cell, {penalty: detached 0-d tensor}).
+
+        The penalties stay on the device (read once per epoch by :meth:`fit`, so no step waits on them).
+        """
         self.optimizer.zero_grad(set_to_none=True)
         w = self.model.global_weights(batch, counts, n_cells, self.cfg.global_scaling)
         loss = self.elbo.loss_and_grads(self.model.model, self.model.guide, batch, n_cells, w, 1.0 / n_cells)
@@ -229,14 +222,15 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        return float(loss), {k: float(v.detach()) for k, v in extras.items()}
+        return float(loss), {k: v.detach() for k, v in extras.items()}
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""
         cfg, data, model = self.cfg, self.data, self.model
         if self.epoch == 0:
             seed_everything(cfg.seed)
-        train = MinibatchLoader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, device=cfg.device)
+        device = self.device
+        train = MinibatchLoader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
         train.epoch = self.epoch
         has_val = len(data.indices("val")) > 0
         if not has_val and self.epoch == 0:
@@ -246,7 +240,7 @@ class Trainer:
                 PyrovaeWarning,
                 stacklevel=2,
             )
-        counts = split_counts(model, data, "train", cfg.device)
+        counts = split_counts(model, data, "train", device)
         n = train.n_cells
         bar = tqdm(
             total=cfg.max_epochs, initial=self.epoch, disable=not progress, desc="training", unit="epoch"
@@ -270,11 +264,9 @@ class Trainer:
             self.epoch += 1
             model.eval()
             rec = {"epoch": self.epoch, "step": self.step, "train_loss": float(np.mean(losses))}
-            rec.update({k: v / len(losses) for k, v in extras_sum.items()})
+            rec.update({k: float(v) / len(losses) for k, v in extras_sum.items()})
             if has_val:
-                rec["val_loss"] = evaluate_loss(
-                    model, data, "val", cfg.val_particles, cfg.batch_size, cfg.device
-                )
+                rec["val_loss"] = evaluate_loss(model, data, "val", cfg.val_particles, cfg.batch_size, device)
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)
             monitor = rec.get("val_loss", rec["train_loss"])

@@ -350,5 +350,5 @@ def test_cuda_on_a_cpu_only_torch_is_one_line(trained, tmp_path, capsys):
         ["train", "--data", str(data_path), "--out", str(tmp_path / "r"), "--set", *TINY, "device=cuda"]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and "device 'cuda' was asked for" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "device 'cuda' asked for CUDA, but" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
