@@ -49,6 +49,7 @@ from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, Posterior, rng_scope
 from pyrovae.infer.runs import Run, load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.outputs import LOCK, clear_output_dir
 
 #: ``adata.uns`` key where :meth:`Model.setup_anndata` records how to read the AnnData
 SETUP_KEY = "_pyrovae_setup"
@@ -323,8 +324,8 @@ class Model:
             if dest.exists() and any(dest.iterdir()):
                 if not overwrite:
                     raise FileExistsError(f"{dest} is not empty; pass overwrite=True or choose another path")
-                shutil.rmtree(dest)
-            shutil.copytree(self.run.path, dest, dirs_exist_ok=True)
+                clear_output_dir(dest, "run", flag="overwrite=True")  # only a run pyrovae wrote
+            shutil.copytree(self.run.path, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK))
         if save_anndata:
             target = dest / ADATA_FILE
             if self.adata.isbacked:

@@ -46,6 +46,7 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "metrics.csv",
         "iwelbo_*.csv",
         "iwelbo_*_summary.json",
+        "adata.h5ad",  # pyrovae.Model.save(save_anndata=True)
     ),
     "ate": ("ate_*.csv", "ate_*.md", "ate_summary.json", "ate_scatter.png"),
     "demo": (
