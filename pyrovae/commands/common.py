@@ -118,26 +118,24 @@ def positive_float(value: str) -> float:
     return out
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1 (``--n-samples 0`` is an error, not an empty result)."""
+def _int_at_least(value: str, low: int, what: str) -> int:
     try:
         out = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}") from None
-    if out < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value!r}")
+        raise argparse.ArgumentTypeError(f"{what}must be a whole number >= {low}, got {value!r}") from None
+    if out < low:
+        raise argparse.ArgumentTypeError(f"{what}must be >= {low}, got {value!r}")
     return out
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (``--n-samples 0`` is an error, not an empty result)."""
+    return _int_at_least(value, 1, "")
 
 
 def seed_int(value: str) -> int:
     """argparse type: a seed, an integer >= 0."""
-    try:
-        out = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed must be a whole number >= 0, got {value!r}") from None
-    if out < 0:
-        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value!r}")
-    return out
+    return _int_at_least(value, 0, "a seed ")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
