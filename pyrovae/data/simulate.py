@@ -628,7 +628,7 @@ def write_perturbseq_h5ad(
     baseline, theta = truth["baseline"].astype(np.float64), truth["dispersion"].astype(np.float64)
 
     sizes = [cfg.n_control_cells] + [cfg.cells_per_single] * T + [cfg.cells_per_double] * cfg.n_doubles
-    N, G = int(sum(sizes)), cfg.n_genes
+    N = int(sum(sizes))
     rng = _stream(seed, _S_CELLS)
     group_of = rng.permutation(np.repeat(np.arange(len(groups), dtype=np.int32), sizes))
     low_quality = np.zeros(N, dtype=bool)
