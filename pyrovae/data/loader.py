@@ -45,6 +45,10 @@ class MinibatchLoader:
             (default): 1024 when the matrix is on disk (backed) and ``shuffle`` is on, else off;
             ``None``: off (a full permutation, one scattered read per cell for backed data).
         buffer_blocks: blocks pooled and shuffled together.
+        shard: ``(rank, world_size)`` of a data-parallel run (:mod:`pyrovae.infer.distributed`): every epoch
+            is cut into global minibatches of ``world_size * batch_size`` cells (the same on every rank) and
+            this rank gets the ``rank``-th of their ``world_size`` near-equal slices. ``n_cells`` and ``idx``
+            stay those of the whole split. A last global batch with fewer cells than ranks is dropped.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class MinibatchLoader:
         indices: np.ndarray | None = None,
         block_size: int | str | None = "auto",
         buffer_blocks: int = 16,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.data = data
         self.rows = np.asarray(indices) if indices is not None else data.indices(split)
@@ -72,6 +77,9 @@ class MinibatchLoader:
             raise ValueError(f"block_size must be a positive integer, 'auto' or None, got {block_size!r}")
         if int(buffer_blocks) < 1:
             raise ValueError(f"buffer_blocks must be >= 1, got {buffer_blocks}")
+        if shard is not None and not (0 <= int(shard[0]) < int(shard[1])):
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.block_size = None if block_size is None else int(block_size)
         self.buffer_blocks = int(buffer_blocks)
         self.batch_size = int(batch_size)
@@ -86,8 +94,10 @@ class MinibatchLoader:
         return len(self.rows)
 
     def __len__(self) -> int:
-        n = self.n_cells // self.batch_size
-        return n if self.drop_last or self.n_cells % self.batch_size == 0 else n + 1
+        world = 1 if self.shard is None else self.shard[1]
+        size = self.batch_size * world
+        n, rest = divmod(self.n_cells, size)
+        return n if self.drop_last or rest < world else n + 1
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), device=self.device)
@@ -108,20 +118,29 @@ class MinibatchLoader:
         return out
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.shuffle and self.block_size is not None:
-            yield from self._iter_blocks()
-            return
+        rank, world = (0, 1) if self.shard is None else self.shard
+        size = self.batch_size * world
+        blocks = self.shuffle and self.block_size is not None
+        for pos, x in self._iter_blocks(size) if blocks else self._iter_permutation(size):
+            if world > 1:
+                if len(pos) < world:
+                    break
+                sel = np.array_split(np.arange(len(pos)), world)[rank]
+                pos, x = pos[sel], None if x is None else x[sel]
+            yield self.batch(pos, None if x is None else _dense(x))
+
+    def _iter_permutation(self, size: int) -> Iterator[tuple[np.ndarray, None]]:
         order = np.arange(self.n_cells)
         if self.shuffle:
             order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_cells)
             self.epoch += 1
-        for start in range(0, self.n_cells, self.batch_size):
-            pos = order[start : start + self.batch_size]
-            if self.drop_last and len(pos) < self.batch_size:
+        for start in range(0, self.n_cells, size):
+            pos = order[start : start + size]
+            if self.drop_last and len(pos) < size:
                 break
-            yield self.batch(pos)
+            yield pos, None
 
-    def _iter_blocks(self) -> Iterator[Batch]:
+    def _iter_blocks(self, size: int) -> Iterator[tuple[np.ndarray, object]]:
         rng = np.random.default_rng(self.seed + self.epoch)
         self.epoch += 1
         starts = rng.permutation(np.arange(0, self.n_cells, self.block_size))
@@ -136,12 +155,12 @@ class MinibatchLoader:
             x_pool = _stack(([] if x_left is None else [x_left]) + xs)
             perm = rng.permutation(len(pos_pool))
             last = b + self.buffer_blocks >= len(starts)
-            n_full = len(perm) if last else len(perm) - len(perm) % self.batch_size
-            for s in range(0, n_full, self.batch_size):
-                sel = perm[s : s + self.batch_size]
-                if self.drop_last and len(sel) < self.batch_size:
+            n_full = len(perm) if last else len(perm) - len(perm) % size
+            for s in range(0, n_full, size):
+                sel = perm[s : s + size]
+                if self.drop_last and len(sel) < size:
                     break
-                yield self.batch(pos_pool[sel], _dense(x_pool[sel]))
+                yield pos_pool[sel], x_pool[sel]
             pos_left, x_left = pos_pool[perm[n_full:]], x_pool[perm[n_full:]]
 
 

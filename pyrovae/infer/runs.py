@@ -21,6 +21,7 @@ import torch
 
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
+from pyrovae.infer import distributed
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model
@@ -222,7 +223,12 @@ def train_run(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "
             "(CLI and experiment scripts: --set likelihood=normal)"
         )
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    ddp = distributed.context(train_cfg.device)  # under torchrun: rank 0 owns the directory
+    if ddp is None or ddp.is_main:
+        run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    if ddp is not None:
+        ddp.barrier()
+    run_dir = Path(run_dir)
     model = build_model(
         model_cfg,
         data.n_genes,
@@ -238,6 +244,7 @@ def train_run(
     if resume:
         state = torch.load(run_dir / LAST, map_location=train_cfg.device, weights_only=True)
         trainer.load_state(state, read_csv(run_dir / METRICS) if (run_dir / METRICS).exists() else None)
-    save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {})
+    if ddp is None or ddp.is_main:
+        save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {})
     trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
     return load_run(run_dir, device=train_cfg.device)
