@@ -297,3 +297,22 @@ def test_block_sampling_in_memory_drop_last(drop_last):
         assert sum(sizes) == len(want) and all(s == 4 for s in sizes[:-1])
     for b in batches:
         np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
+
+
+@pytest.mark.parametrize("block_size", [None, 6])
+def test_shards_partition_every_global_batch(block_size):
+    data, x = make_data()
+    want = data.indices("train")
+    kw = dict(batch_size=4, shuffle=True, seed=2, block_size=block_size, buffer_blocks=2)
+    full = collect(MinibatchLoader(data, "train", **{**kw, "batch_size": 8}))
+    shards = [collect(MinibatchLoader(data, "train", shard=(r, 2), **kw)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(MinibatchLoader(data, "train", shard=(1, 2), **kw))
+    for g, b0, b1 in zip(full, *shards):  # the ranks' minibatches are the halves of the global one
+        np.testing.assert_array_equal(np.concatenate([b0["idx"], b1["idx"]]), g["idx"].numpy())
+        for b in (b0, b1):
+            np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
+    idx = np.concatenate([b["idx"].numpy() for s in shards for b in s])
+    lost = len(want) - len(idx)  # only a last global batch with fewer cells than ranks is dropped
+    assert len(np.unique(idx)) == len(idx) and 0 <= lost < 2
+    with pytest.raises(ValueError, match="shard"):
+        MinibatchLoader(data, "train", shard=(2, 2))
