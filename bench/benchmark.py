@@ -24,10 +24,14 @@ step in one process, so a load change on a shared machine hits them alike):
   networks take (:meth:`pyrovae.nn.mlp.ResidualMLP.forward_parts`): the x block of the encoder's first layer
   once per cell instead of once per particle, the one-hot block as a row lookup of the weight.
   ``pyro / torch_fused`` is Pyro's own overhead; ``pyro / torch`` the figure against a plain
-  implementation of the reference's networks.
+  implementation of the reference's networks;
+- ``pyro_before`` (with ``--before``): each model with pyrovae's speed paths switched off
+  (:func:`plain_paths`: the code before they were added, the same function), so ``vs_before`` is the
+  speed-up of the cuts measured in the same process.
 
 Columns: ``cells_per_s`` (training throughput), ``step_ms``, ``step_iqr_ms`` (spread), ``vs_torch``
-(cells/s over the plain-torch SAMS-VAE's), ``gflop_step`` (matmul FLOPs of one step, forward and backward,
+(cells/s over the plain-torch SAMS-VAE's), ``vs_before`` (over the same model's ``pyro_before``),
+``gflop_step`` (matmul FLOPs of one step, forward and backward,
 counted with :class:`torch.utils.flop_counter.FlopCounterMode`), ``mflop_cell``, ``gflops`` (achieved),
 ``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start and
 after every round, since a shared machine's load comes and goes),
@@ -61,13 +65,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pyro.distributions as dist  # noqa: E402
+
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.infer.iwelbo import predictive_iwelbo  # noqa: E402
 from pyrovae.infer.predictive import Posterior  # noqa: E402
 from pyrovae.infer.train import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
+from pyrovae.models import effects, penalties  # noqa: E402
 from pyrovae.models.skeleton import PerturbationVAE  # noqa: E402
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config  # noqa: E402
+from pyrovae.nn import likelihoods  # noqa: E402
+from pyrovae.nn.mlp import GaussianMLP  # noqa: E402
 
 #: benchmark sizes: the Replogle setting and a tiny one for the smoke test.
 SIZES: dict[str, dict[str, int]] = {
@@ -112,6 +121,7 @@ COLUMNS = [
     "step_ms",
     "step_iqr_ms",
     "vs_torch",
+    "vs_before",
     "gflop_step",
     "mflop_cell",
     "gflops",
@@ -123,6 +133,8 @@ COLUMNS = [
 ]
 #: columns left empty on the plain-torch rows (no evaluation there).
 EVAL_COLUMNS = ("iwelbo_cells_per_s", "ate_samples_per_s", "eval_peak_mb")
+#: columns that may be empty: the evaluation ones, and vs_before (filled with --before, on "pyro" rows)
+OPTIONAL_COLUMNS = EVAL_COLUMNS + ("vs_before",)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -175,6 +187,36 @@ def nb_log_prob(x: torch.Tensor, concentration: torch.Tensor, rate: torch.Tensor
 def _standard_normal(shape, like: torch.Tensor) -> torch.Tensor:
     # the call Pyro's Normal.rsample makes, so the same seed gives the same draws
     return torch.empty(shape, dtype=like.dtype, device=like.device).normal_()
+
+
+def _concat_parts(net, parts: list):
+    """``net.forward_parts(parts)`` the plain way: the MLP on the materialised concatenation."""
+    return _mlp(net, parts, fused=False)
+
+
+@contextlib.contextmanager
+def plain_paths():
+    """pyrovae with its speed paths switched off, i.e. the code before they were added: MLPs on
+    materialised concatenations (no split first layer, one-hot blocks multiplied), dense dosage products,
+    Pyro's GammaPoisson (lgamma on the particle-broadcast shape). The same function (tested in
+    tests/models/test_fast_paths.py), so ``pyro_before`` rows measure the cuts in the same process."""
+    from unittest import mock
+
+    with (
+        mock.patch.object(GaussianMLP, "forward_parts", _concat_parts),
+        mock.patch.object(effects, "matmul_dosage", torch.matmul),
+        mock.patch.object(penalties, "matmul_dosage", torch.matmul),
+        mock.patch.object(likelihoods, "GammaPoissonSharedConcentration", dist.GammaPoisson),
+    ):
+        yield
+
+
+def _in(ctx, fn):
+    def call(*args, **kw):
+        with ctx():
+            return fn(*args, **kw)
+
+    return call
 
 
 def _mlp(net, parts: list, fused: bool):
@@ -345,8 +387,12 @@ def run_benchmark(
     seed: int = 0,
     eval_models: list[str] | None = None,
     log: Callable[[str], None] = print,
+    before: bool = False,
 ) -> tuple[list[dict[str, float | str]], dict[str, float]]:
-    """Measure every implementation; returns (rows with :data:`COLUMNS`, machine info)."""
+    """Measure every implementation; returns (rows with :data:`COLUMNS`, machine info).
+
+    ``before``: also a ``pyro_before`` row per model, the same model run under :func:`plain_paths`.
+    """
     s = SIZES[size]
     models = list(MODEL_ZOO) if models is None else models
     eval_models = models if eval_models is None else eval_models
@@ -372,20 +418,22 @@ def run_benchmark(
     n = loader.n_cells
 
     impls: list[tuple[str, str, Callable[[dict], object], object]] = []
-    trainers: dict[str, Trainer] = {}
+    trainers: dict[tuple[str, str], Trainer] = {}
     for name in models:
-        model = build_model(
-            model_config(name, **overrides),
-            data.n_genes,
-            data.n_treatments,
-            data.norm_mean,
-            data.norm_std,
-            seed=seed,
-        )
-        trainer = Trainer(model, data, tcfg)
-        counts = split_counts(model, data, "train", device)
-        trainers[name] = trainer
-        impls.append((name, "pyro", lambda b, tr=trainer, c=counts: tr.train_step(b, n, c), model))
+        for impl in ("pyro", "pyro_before") if before else ("pyro",):
+            model = build_model(
+                model_config(name, **overrides),
+                data.n_genes,
+                data.n_treatments,
+                data.norm_mean,
+                data.norm_std,
+                seed=seed,
+            )
+            trainer = Trainer(model, data, tcfg)
+            counts = split_counts(model, data, "train", device)
+            trainers[(name, impl)] = trainer
+            step = lambda b, tr=trainer, c=counts: tr.train_step(b, n, c)  # noqa: E731
+            impls.append((name, impl, _in(plain_paths, step) if impl == "pyro_before" else step, model))
         if name == "sams_vae":
             n_t = counts["perturbations"]
             for impl, fused in (("torch", False), ("torch_fused", True)):
@@ -434,18 +482,23 @@ def run_benchmark(
             }
         )
     ref = next((r["cells_per_s"] for r in rows if r["impl"] == "torch"), None)
+    by_key = {(r["model"], r["impl"]): r for r in rows}
     for r in rows:
         r["vs_torch"] = r["cells_per_s"] / ref if ref else float("nan")
+        old = by_key.get((r["model"], "pyro_before"))
+        if r["impl"] == "pyro" and old is not None:
+            r["vs_before"] = r["cells_per_s"] / old["cells_per_s"]
 
     # evaluation throughput (Pyro models only)
     eval_rows = data.indices("train")[: s["iwelbo_cells"]]
     perts = list(data.treatments[: s["ate_perturbations"]])
     for r in rows:
-        if r["impl"] != "pyro" or r["model"] not in eval_models:
+        if r["impl"] not in ("pyro", "pyro_before") or r["model"] not in eval_models:
             continue
-        model = trainers[r["model"]].model.eval()
+        model = trainers[(r["model"], r["impl"])].model.eval()
         mem: list[float] = []
-        with peak_memory(device, mem):
+        paths = plain_paths() if r["impl"] == "pyro_before" else contextlib.nullcontext()
+        with peak_memory(device, mem), paths:
             dt = timed(
                 lambda m=model: predictive_iwelbo(
                     m, data, eval_rows, n_particles=s["iwelbo_particles"], batch_size=128, seed=seed
@@ -462,7 +515,7 @@ def run_benchmark(
                 )
             r["ate_samples_per_s"] = s["ate_samples"] / t_ate
         r["eval_peak_mb"] = mem[0]
-        log(f"evaluated {r['model']}")
+        log(f"evaluated {r['model']} ({r['impl']})")
     info = {
         "peak_gflops": peak,
         "threads": torch.get_num_threads(),
@@ -516,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--before", action="store_true", help="also each model with the speed paths off (pyro_before rows)"
+    )
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0 or a.threads < 1:
         p.error("--steps and --threads must be >= 1 and --warmup >= 0")
@@ -540,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seed,
         split(a.eval_models),
         log=lambda m: print(m, file=sys.stderr),
+        before=a.before,
     )
     print(format_table(rows, info))
     write_rows(a.out, rows)

@@ -51,25 +51,40 @@ def test_plain_torch_loss_equals_pyro_loss_on_the_same_draws(fused, n_treatments
 
 def test_quick_benchmark_writes_the_table(tmp_path):
     out = tmp_path / "quick.csv"
-    assert (
-        benchmark.main(["--quick", "--models", "sams_vae,cpa_vae", "--out", str(out), "--warmup", "1"]) == 0
-    )
+    argv = ["--quick", "--models", "sams_vae,cpa_vae", "--out", str(out), "--warmup", "1", "--before"]
+    assert benchmark.main(argv) == 0
     with open(out) as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == benchmark.COLUMNS
     assert [(r["model"], r["impl"]) for r in rows] == [
         ("sams_vae", "pyro"),
+        ("sams_vae", "pyro_before"),
         ("sams_vae", "torch"),
         ("sams_vae", "torch_fused"),
         ("cpa_vae", "pyro"),
+        ("cpa_vae", "pyro_before"),
     ]
     for r in rows:
         for c in benchmark.COLUMNS[2:]:
-            if r["impl"] != "pyro" and c in benchmark.EVAL_COLUMNS:
-                assert r[c] == ""
+            if c in benchmark.OPTIONAL_COLUMNS and r[c] == "":
+                assert r["impl"].startswith("torch") or (c == "vs_before" and r["impl"] == "pyro_before"), (
+                    c,
+                    r,
+                )
                 continue
             v = float(r[c])
             assert math.isfinite(v), (c, r)
             assert v >= 0 if c.endswith("_mb") or c == "step_iqr_ms" else v > 0, (c, r)
-    assert float(rows[1]["vs_torch"]) == 1.0
+    assert float(rows[2]["vs_torch"]) == 1.0
+    assert rows[0]["vs_before"] != ""
+
+
+def test_plain_paths_restore_the_fast_paths():
+    from pyrovae.models import effects
+    from pyrovae.nn.mlp import GaussianMLP
+
+    fast = (GaussianMLP.forward_parts, effects.matmul_dosage)
+    with benchmark.plain_paths():
+        assert effects.matmul_dosage is torch.matmul
+    assert (GaussianMLP.forward_parts, effects.matmul_dosage) == fast
