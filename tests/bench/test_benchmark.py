@@ -88,3 +88,36 @@ def test_plain_paths_restore_the_fast_paths():
     with benchmark.plain_paths():
         assert effects.matmul_dosage is torch.matmul
     assert (GaussianMLP.forward_parts, effects.matmul_dosage) == fast
+
+
+def test_scale_run_smoke(tmp_path):
+    from bench import scale_run
+
+    out = tmp_path / "scale.csv"
+    argv = [
+        "scale",
+        "--cells",
+        "1200",
+        "--genes",
+        "60",
+        "--perturbations",
+        "8",
+        "--latent",
+        "4",
+        "--hidden",
+        "16",
+    ]
+    argv += ["--batch-size", "128", "--iwelbo-particles", "4", "--workdir", str(tmp_path), "--out", str(out)]
+    assert scale_run.main(argv) == 0
+    with open(out) as f:
+        rows = {r["phase"]: r for r in csv.DictReader(f)}
+    assert list(rows) == [
+        "write h5ad (chunked)",
+        "read backed + validate",
+        "train 1 epoch (+ validation)",
+        "IWELBO (4 particles)",
+    ]
+    for r in rows.values():
+        assert float(r["seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
+    assert math.isfinite(float(rows["IWELBO (4 particles)"]["iwelbo"]))
+    assert int(float(rows["train 1 epoch (+ validation)"]["cells"])) > 0
