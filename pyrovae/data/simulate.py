@@ -63,9 +63,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -78,6 +80,7 @@ __all__ = [
     "GROUND_TRUTH_DESCRIPTION",
     "MT_GENES",
     "CONTROL_LABEL",
+    "write_perturbseq_h5ad",
 ]
 
 #: obs label of control cells.
@@ -409,6 +412,30 @@ def _csr(
     )
 
 
+def _sample_counts(
+    z: np.ndarray,
+    grn_shift: np.ndarray,
+    low_quality: np.ndarray,
+    library: np.ndarray,
+    decoder: tuple[np.ndarray, np.ndarray, np.ndarray],
+    baseline: np.ndarray,
+    theta: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(n, G) NB counts of n cells (steps 4-7): latent z (n, K), GRN log-fold shift (n, n_grn),
+    low-quality flags (n,), library sizes (n,) (the low-quality factor already applied)."""
+    W1, b1, W2 = decoder
+    eta = np.tanh(z @ W1 + b1) @ W2 + baseline
+    eta[:, : grn_shift.shape[1]] += grn_shift
+    eta[np.ix_(low_quality, np.arange(len(baseline) - len(MT_GENES), len(baseline)))] += (
+        LOW_QUALITY_MT_LOG_BOOST
+    )
+    eta -= eta.max(axis=1, keepdims=True)
+    mu = np.exp(eta, out=eta)  # softmax(eta) * library, in place
+    mu *= (library / mu.sum(axis=1))[:, None]
+    return rng.poisson(rng.gamma(theta, mu / theta))
+
+
 def _str_array(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=str) if values else np.array([], dtype="<U1")
 
@@ -501,13 +528,9 @@ def simulate_perturbseq(
     data, indices, row_nnz = [], [], []
     for start in range(0, N, _CHUNK_CELLS):
         sl = slice(start, min(start + _CHUNK_CELLS, N))
-        eta = np.tanh(z[sl] @ W1 + b1) @ W2 + baseline
-        eta[:, :n_grn] += group_grn[group_of[sl]]
-        eta[np.ix_(low_quality[sl], mt_idx)] += LOW_QUALITY_MT_LOG_BOOST
-        eta -= eta.max(axis=1, keepdims=True)
-        mu = np.exp(eta, out=eta)  # softmax(eta) * library, in place
-        mu *= (library[sl] / mu.sum(axis=1))[:, None]
-        counts = rng.poisson(rng.gamma(theta, mu / theta))
+        counts = _sample_counts(
+            z[sl], group_grn[group_of[sl]], low_quality[sl], library[sl], (W1, b1, W2), baseline, theta, rng
+        )
         nonzero = counts != 0
         data.append(counts[nonzero].astype(np.float32))  # row-major: CSR order
         indices.append(np.nonzero(nonzero)[1].astype(np.int32))
@@ -558,6 +581,86 @@ def simulate_perturbseq(
     }
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     return ad.AnnData(X=X, obs=obs, var=var, uns={"ground_truth": truth, "simulation_config": config_dict})
+
+
+# ------------------------------------------------------------------------------------ chunked writer
+def write_perturbseq_h5ad(
+    path: str | Path,
+    preset: str | SimulationConfig = "large",
+    seed: int = 0,
+    chunk_cells: int = 4096,
+    **overrides: Any,
+) -> Path:
+    """Simulate a dataset of any size straight into an ``.h5ad`` file, one chunk of cells at a time.
+
+    The same generative process and the same parameters (masks, embeddings, decoder, baselines, GRN,
+    dispersions, doubles: the streams of :func:`simulate_perturbseq` with this seed and configuration)
+    and the same ``uns``; the cells are drawn chunk by chunk (chunk c from ``default_rng([seed, 6, c + 1])``
+    after the cell groups and low-quality flags), so the counts differ from :func:`simulate_perturbseq`'s
+    but are again fixed by the seed (and ``chunk_cells``). Memory: O(chunk_cells * G) for one dense chunk
+    plus O(N) for the labels; ``X`` is appended to the file as CSR chunk by chunk and never held whole.
+
+    Returns:
+        the path written (overwritten if it exists).
+    """
+    config, preset_name = _resolve_config(preset, overrides)
+    seed = check_seed(seed)
+    if int(chunk_cells) < 1:
+        raise ValueError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    cfg, path = config, Path(path)
+    # the parameters: a one-cell simulation draws them from the same streams (they do not depend on N)
+    head = simulate_perturbseq(
+        dataclasses.replace(cfg, n_control_cells=1, cells_per_single=0, cells_per_double=0), seed
+    )
+    truth = ground_truth(head)
+    T, K = cfg.n_perturbed, cfg.n_latent
+    groups = [CONTROL_LABEL] + truth["treatments"] + truth["doubles"]
+    dosage = np.zeros((len(groups), T))
+    dosage[1 + np.arange(T), np.arange(T)] = 1.0
+    col = {t: j for j, t in enumerate(truth["treatments"])}
+    for r, pair in enumerate(truth["doubles"]):
+        dosage[1 + T + r, [col[g] for g in pair.split("+")]] = 1.0
+    group_latent = dosage @ truth["latent_effects"].astype(np.float64)
+    propagate = truth["grn_total_effect"].astype(np.float64) + np.eye(len(truth["grn_genes"]))
+    group_grn = (cfg.knockdown * dosage) @ propagate[:T]
+    dec = truth["decoder"]
+    decoder = (dec["W1"].astype(np.float64), dec["b1"].astype(np.float64), dec["W2"].astype(np.float64))
+    baseline, theta = truth["baseline"].astype(np.float64), truth["dispersion"].astype(np.float64)
+
+    sizes = [cfg.n_control_cells] + [cfg.cells_per_single] * T + [cfg.cells_per_double] * cfg.n_doubles
+    N = int(sum(sizes))
+    rng = _stream(seed, _S_CELLS)
+    group_of = rng.permutation(np.repeat(np.arange(len(groups), dtype=np.int32), sizes))
+    low_quality = np.zeros(N, dtype=bool)
+    low_quality[rng.choice(N, size=int(round(cfg.frac_low_quality * N)), replace=False)] = True
+    width = max(5, len(str(N - 1)))
+    obs = pd.DataFrame(
+        {"perturbation": pd.Categorical.from_codes(group_of, categories=groups), "low_quality": low_quality},
+        index=pd.Index([f"cell{i:0{width}d}" for i in range(N)]),
+    )
+    uns = dict(head.uns)
+    uns["ground_truth"] = {**head.uns["ground_truth"], "preset": preset_name}
+    uns["simulation_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ad.AnnData(obs=obs, var=head.var.copy(), uns=uns).write_h5ad(path)
+    del obs
+    with h5py.File(path, "a") as f:
+        for c, start in enumerate(range(0, N, int(chunk_cells))):
+            sl = slice(start, min(start + int(chunk_cells), N))
+            crng = np.random.default_rng([seed, _S_CELLS, c + 1])
+            n = sl.stop - sl.start
+            z = crng.standard_normal((n, K)) + group_latent[group_of[sl]]
+            library = crng.lognormal(cfg.library_log_mean, cfg.library_log_sd, size=n)
+            library[low_quality[sl]] *= LOW_QUALITY_LIBRARY_FACTOR
+            counts = _sample_counts(
+                z, group_grn[group_of[sl]], low_quality[sl], library, decoder, baseline, theta, crng
+            )
+            chunk = sp.csr_matrix(counts.astype(np.float32))
+            if c == 0:
+                ad.io.write_elem(f, "X", chunk)
+            else:
+                ad.io.sparse_dataset(f["X"]).append(chunk)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ reading back

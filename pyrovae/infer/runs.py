@@ -27,6 +27,7 @@ import torch
 
 from pyrovae.data.anndata import PerturbationData, PyrovaeWarning, load_perturbation_data
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
+from pyrovae.infer import distributed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
@@ -443,6 +444,13 @@ def train_run(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a run directory; choose another --out")
+    ddp = distributed.context(train_cfg.device)  # under torchrun: rank 0 owns (and locks) the directory
+    if ddp is not None and not ddp.is_main:
+        ddp.barrier()  # rank 0 has prepared the directory
+        _train_locked(
+            data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
+        )
+        return load_run(run_dir, device=train_cfg.device)
     created = not run_dir.exists()
     try:
         with dir_lock(run_dir):
@@ -451,6 +459,8 @@ def train_run(
                 check_resume(run_dir, model_cfg, data, model_name)
             else:
                 prepare_run_dir(run_dir, overwrite=overwrite, protect=protect)
+            if ddp is not None:
+                ddp.barrier()
             try:
                 _train_locked(
                     data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
@@ -467,6 +477,8 @@ def train_run(
 
 
 def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name):
+    """Build, (resume,) and fit; only the main process (rank 0 under torchrun) writes files."""
+    main = distributed.is_main_process()
     model = build_model(
         model_cfg,
         data.n_genes,
@@ -492,10 +504,13 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
                 f"checkpoint {run_dir / LAST} does not fit this run ({str(err).splitlines()[0][:160]}); "
                 "restore it or retrain"
             ) from None
-        write_csv(run_dir / METRICS, trainer.history)  # a kill between last.pt and metrics.csv loses no row
-        stored = read_json(run_dir / CONFIG, "the run's configuration")
-        name = model_name or stored.get("model_name")
-        save_run_config(run_dir, model_cfg, train_cfg, data, stored.get("data", {}), name, schema=False)
-    else:
+        if main:
+            write_csv(
+                run_dir / METRICS, trainer.history
+            )  # a kill between last.pt and metrics.csv: no row lost
+            stored = read_json(run_dir / CONFIG, "the run's configuration")
+            name = model_name or stored.get("model_name")
+            save_run_config(run_dir, model_cfg, train_cfg, data, stored.get("data", {}), name, schema=False)
+    elif main:
         save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {}, model_name)
     trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))

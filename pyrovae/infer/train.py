@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.anndata import PerturbationData, PyrovaeWarning
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.effects import PERTURBATION_PLATE
@@ -67,7 +68,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # "1e-3" (YAML 1.1 reads it as a string) -> 0.001, "10" -> 10, ...
-        for name in ("lr", "mask_lr", "clip_norm"):
+        check_range("lr", self.lr, ge=0)  # 0 freezes the parameters (gradient checks use it)
+        for name in ("mask_lr", "clip_norm"):
             check_range(name, getattr(self, name), gt=0)
         for name in ("batch_size", "max_epochs", "max_steps", "n_particles", "patience", "val_particles"):
             check_range(name, getattr(self, name), ge=1)
@@ -175,6 +177,8 @@ class Trainer:
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
         model.effect.check_dosage(torch.as_tensor(data.dosage))
         self.device = resolve_device(cfg.device)
+        #: data-parallel context under torchrun (None in one process); see pyrovae.infer.distributed
+        self.ddp = distributed.context(self.device)
         self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
@@ -218,6 +222,8 @@ class Trainer:
         extras = self.model.extra_losses(batch)
         if extras:
             sum(extras.values()).backward()
+        if self.ddp is not None:  # average gradients (and the loss) over the ranks' minibatches
+            loss = self.ddp.reduce_step(self.model.parameters(), loss)
         if self.cfg.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
@@ -227,10 +233,26 @@ class Trainer:
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""
         cfg, data, model = self.cfg, self.data, self.model
+        ddp = self.ddp
         if self.epoch == 0:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.seed if ddp is None else cfg.seed + ddp.rank)
         device = self.device
-        train = MinibatchLoader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+        if ddp is not None:
+            if self.epoch > 0 and not ddp.is_main:  # resumed: the checkpoint holds rank 0's RNG state
+                seed_everything(
+                    int(np.random.SeedSequence([cfg.seed, ddp.rank, self.epoch]).generate_state(1)[0])
+                )
+            ddp.broadcast_module(model)
+            progress = progress and ddp.is_main
+        train = MinibatchLoader(
+            data,
+            "train",
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            device=device,
+            shard=None if ddp is None else ddp.shard,
+        )
         train.epoch = self.epoch
         has_val = len(data.indices("val")) > 0
         if not has_val and self.epoch == 0:
@@ -267,6 +289,8 @@ class Trainer:
             rec.update({k: float(v) / len(losses) for k, v in extras_sum.items()})
             if has_val:
                 rec["val_loss"] = evaluate_loss(model, data, "val", cfg.val_particles, cfg.batch_size, device)
+            if ddp is not None:  # the same numbers on every rank, so that they stop together
+                rec = {k: ddp.mean(v) if k.endswith("loss") else v for k, v in rec.items()}
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)
             monitor = rec.get("val_loss", rec["train_loss"])
@@ -275,15 +299,17 @@ class Trainer:
                 self.best, self.bad_epochs = monitor, 0
             else:
                 self.bad_epochs += 1
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and (ddp is None or ddp.is_main):
                 if improved:
                     self.checkpoint("best", self.state())
                 self.checkpoint("last", self.state())
-            if on_epoch is not None:
+            if on_epoch is not None and (ddp is None or ddp.is_main):
                 on_epoch(self.history)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['train_loss']:.2f}", val=f"{rec.get('val_loss', float('nan')):.2f}")
             if self.bad_epochs >= cfg.patience:
                 break
         bar.close()
+        if ddp is not None:
+            ddp.barrier()  # rank 0's last checkpoint is written before any rank reads it
         return self.history

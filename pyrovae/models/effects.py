@@ -43,8 +43,20 @@ def weighted_plate(name: str, size: int, weights: torch.Tensor | None):
                 yield
 
 
-def _matmul_dosage(d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, T) @ (..., T, K) -> (..., B, K)."""
+def matmul_dosage(d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, T) @ (..., T, K) -> (..., B, K).
+
+    A sparse dosage matrix (at most one entry in 8 non-zero, as the one- or few-hot rows of a screen with
+    more than 8 treatments) is applied as a gather of the rows of its non-zero entries and a scatter-add
+    over cells: O(nnz K) instead of O(B T K), the same sums (exact for one-hot rows, up to float rounding
+    otherwise). Gradients flow to ``rows`` (and to ``d``'s non-zero values) as through the product.
+    """
+    if d.dim() == 2 and d.shape[-1] > 8:
+        i, t = torch.nonzero(d, as_tuple=True)
+        if 8 * i.numel() <= d.numel():
+            vals = d[i, t].unsqueeze(-1).to(rows.dtype)
+            out = rows.new_zeros(rows.shape[:-2] + (d.shape[0], rows.shape[-1]))
+            return out.index_add(-2, i, rows[..., t, :] * vals)
     return torch.matmul(d, rows)
 
 
@@ -167,9 +179,8 @@ class AdditiveEffect(EffectBlock):
                     StraightThroughBernoulli(self.temperature, logits=self.q_mask_logits).to_event(1),
                 )
             if self.use_masks and self.guide_kind == "correlated":
-                m = out["mask"]
-                inp = torch.cat([m, self.eye.expand(m.shape[:-1] + (T,))], dim=-1)
-                loc, scale = self.q_E_net(inp)
+                # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
+                loc, scale = self.q_E_net.forward_parts([out["mask"], T])
             else:
                 loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
             out["E"] = pyro.sample("E", dist.Normal(loc, scale).to_event(1))
@@ -207,7 +218,7 @@ class AdditiveEffect(EffectBlock):
         self.register_buffer("q_mask_logits", logits)
 
     def shift(self, d, g):
-        return _matmul_dosage(d, self.effect_rows(g))
+        return matmul_dosage(d, self.effect_rows(g))
 
     def decoder_in_dim(self, n_latent: int) -> int:
         if self.compose == "add":
@@ -283,7 +294,7 @@ class BetaBernoulliActionEffect(EffectBlock):
         return {**g, "mask": torch.where(untrained.unsqueeze(-1), torch.zeros_like(g["mask"]), g["mask"])}
 
     def prior_loc(self, d, g):
-        return _matmul_dosage(d, self.effect_rows(g))
+        return matmul_dosage(d, self.effect_rows(g))
 
 
 class ConcatDosageEffect(EffectBlock):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pyrovae.models.artifact import gaussian_kl
+from pyrovae.models.effects import matmul_dosage
 
 
 def k_hop_accumulation(w: torch.Tensor, hops: int) -> torch.Tensor:
@@ -53,7 +54,7 @@ class GRNAlignment(nn.Module):
         w = model.effect.q_mask_logits
         s = k_hop_accumulation(w, self.hops)
         target = batch["delta_x"] - self.threshold
-        align = (batch["d"] @ s - target).abs().mean()
+        align = (matmul_dosage(batch["d"], s) - target).abs().mean()
         sparsity = torch.sigmoid(w).mean()
         return {"grn_alignment": self.weight * align, "grn_sparsity": self.sparsity_weight * sparsity}
 

@@ -173,9 +173,8 @@ class PerturbationVAE(nn.Module):
         art = self._artifact_input(batch, g, flip_qc)
         if art is not None:
             parts.append(art)
-        lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
-        inp = torch.cat([p.expand(lead + p.shape[-1:]) for p in parts], dim=-1)
-        return self.encoder(inp)
+        # the encoder on cat(parts): x's block of the first layer runs once, not once per particle
+        return self.encoder.forward_parts(parts)
 
     def decoder_dist(
         self, z: torch.Tensor, batch: dict[str, torch.Tensor], g: dict[str, torch.Tensor]

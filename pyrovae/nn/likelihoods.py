@@ -12,6 +12,42 @@ LIKELIHOODS = ("nb", "poisson", "normal")
 COUNT_LIKELIHOODS = ("nb", "poisson")
 
 
+class GammaPoissonSharedConcentration(dist.GammaPoisson):
+    """``dist.GammaPoisson`` whose ``log_prob`` keeps the concentration at its own shape.
+
+    Pyro's version broadcasts the concentration to the full batch shape, so with a per-gene concentration
+    (G,) and P particles its lgamma terms (and their digamma gradients) run on (P, B, G) elements although
+    concentration + x has only (B, G) distinct values. Here they run on (B, G) (the same density, up to float
+    rounding: lgamma(c + x) - lgamma(c) - lgamma(x + 1) + c log r - (c + x) log(1 + r)); only the terms in
+    the rate have the full shape. In a SAMS-VAE step at the Replogle sizes this was half the step's time.
+    """
+
+    def __init__(self, concentration, rate, validate_args=None):
+        super().__init__(concentration, rate, validate_args=validate_args)
+        self._own_concentration = torch.as_tensor(
+            concentration, dtype=self.rate.dtype, device=self.rate.device
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GammaPoissonSharedConcentration, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._own_concentration = self._own_concentration
+        return new
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        c, rate = self._own_concentration, self.rate
+        post = c + value
+        return (
+            torch.lgamma(post)
+            - torch.lgamma(c)
+            - torch.lgamma(value + 1.0)
+            + c * rate.log()
+            - post * torch.log1p(rate)
+        )
+
+
 class Decoder(nn.Module):
     """p(x | u, library size) with an event of G genes.
 
@@ -49,4 +85,4 @@ class Decoder(nn.Module):
         if self.likelihood == "poisson":
             return dist.Poisson(mu + 1e-8).to_event(1)
         theta = self.log_theta.exp()
-        return dist.GammaPoisson(theta, (theta / (mu + 1e-4)).clamp(min=1e-6)).to_event(1)
+        return GammaPoissonSharedConcentration(theta, (theta / (mu + 1e-4)).clamp(min=1e-6)).to_event(1)

@@ -8,7 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.data import loader as loader_mod
+from pyrovae.data.anndata import PerturbationData, load_perturbation_data
 from pyrovae.data.loader import MinibatchLoader
 
 N, G = 50, 7
@@ -225,3 +226,93 @@ def test_unknown_split_raises():
     data, _ = make_data()
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         MinibatchLoader(data, "dev")
+
+
+# ------------------------------------------------------------------------------------- block sampling
+def _backed(tmp_path, n=203, g=6, dense=False):
+    x = np.random.default_rng(7).poisson(1.5, size=(n, g)).astype(np.float32)
+    a = ad.AnnData(x if dense else sp.csr_matrix(x))
+    a.obs_names = [f"c{i}" for i in range(n)]
+    a.var_names = [f"g{j}" for j in range(g)]
+    a.obs["perturbation"] = np.array(["control", "A", "B", "A+B"] * n)[:n]
+    path = tmp_path / "b.h5ad"
+    a.write_h5ad(path)
+    return load_perturbation_data(path, backed=True), x
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_backed_training_reads_blocks_and_covers_every_cell_once(tmp_path, monkeypatch, dense):
+    data, x = _backed(tmp_path, dense=dense)
+    loader = MinibatchLoader(
+        data, "train", batch_size=16, shuffle=True, seed=4, block_size=20, buffer_blocks=3
+    )
+    reads = []
+    orig = loader_mod.read_rows
+    monkeypatch.setattr(loader_mod, "read_rows", lambda m, rows: reads.append(len(rows)) or orig(m, rows))
+    monkeypatch.setattr(PerturbationData, "rows", lambda self, idx: pytest.fail("scattered per-cell read"))
+    want = data.indices("train")
+    epochs = []
+    for _ in range(2):
+        batches = collect(loader)
+        rows = torch.cat([b["rows"] for b in batches]).numpy()
+        idx = torch.cat([b["idx"] for b in batches]).numpy()
+        np.testing.assert_array_equal(np.sort(idx), np.arange(len(want)))  # every cell once
+        np.testing.assert_array_equal(want[idx], rows)
+        for b in batches:
+            np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
+            np.testing.assert_array_equal(b["d"].numpy(), data.dosage[b["rows"].numpy()])
+        assert [len(b["idx"]) for b in batches[:-1]] == [16] * (len(batches) - 1)  # full batches
+        epochs.append(idx)
+    assert len(reads) == 2 * int(np.ceil(len(want) / 20))  # one read per block of 20 cells
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+    again = MinibatchLoader(
+        data, "train", batch_size=16, shuffle=True, seed=4, block_size=20, buffer_blocks=3
+    )
+    np.testing.assert_array_equal(torch.cat([b["idx"] for b in again]).numpy(), epochs[0])  # reproducible
+
+
+def test_block_sampling_auto_only_for_backed_data(tmp_path):
+    data, _ = _backed(tmp_path)
+    assert MinibatchLoader(data, "train", shuffle=True).block_size == 1024
+    assert MinibatchLoader(data, "train", shuffle=False).block_size is None
+    assert MinibatchLoader(data, "train", shuffle=True, block_size=None).block_size is None
+    mem, _ = make_data()
+    assert MinibatchLoader(mem, "train", shuffle=True).block_size is None
+    with pytest.raises(ValueError, match="block_size"):
+        MinibatchLoader(mem, "train", block_size=0)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_block_sampling_in_memory_drop_last(drop_last):
+    data, x = make_data()
+    want = data.indices("train")
+    loader = MinibatchLoader(
+        data, "train", 4, shuffle=True, seed=1, block_size=3, buffer_blocks=2, drop_last=drop_last
+    )
+    batches = collect(loader)
+    sizes = [len(b["idx"]) for b in batches]
+    if drop_last:
+        assert sizes == [4] * (len(want) // 4)
+    else:
+        assert sum(sizes) == len(want) and all(s == 4 for s in sizes[:-1])
+    for b in batches:
+        np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
+
+
+@pytest.mark.parametrize("block_size", [None, 6])
+def test_shards_partition_every_global_batch(block_size):
+    data, x = make_data()
+    want = data.indices("train")
+    kw = dict(batch_size=4, shuffle=True, seed=2, block_size=block_size, buffer_blocks=2)
+    full = collect(MinibatchLoader(data, "train", **{**kw, "batch_size": 8}))
+    shards = [collect(MinibatchLoader(data, "train", shard=(r, 2), **kw)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(MinibatchLoader(data, "train", shard=(1, 2), **kw))
+    for g, b0, b1 in zip(full, *shards):  # the ranks' minibatches are the halves of the global one
+        np.testing.assert_array_equal(np.concatenate([b0["idx"], b1["idx"]]), g["idx"].numpy())
+        for b in (b0, b1):
+            np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
+    idx = np.concatenate([b["idx"].numpy() for s in shards for b in s])
+    lost = len(want) - len(idx)  # only a last global batch with fewer cells than ranks is dropped
+    assert len(np.unique(idx)) == len(idx) and 0 <= lost < 2
+    with pytest.raises(ValueError, match="shard"):
+        MinibatchLoader(data, "train", shard=(2, 2))

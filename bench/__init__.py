@@ -1,0 +1,1 @@
+"""Benchmarks and scale runs (see bench/README.md); scripts, not timed tests."""

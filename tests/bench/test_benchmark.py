@@ -1,0 +1,123 @@
+"""The benchmark script: its plain-torch SAMS-VAE is the same objective as pyrovae's, and --quick runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench import benchmark  # noqa: E402
+from pyrovae.data.loader import MinibatchLoader  # noqa: E402
+from pyrovae.infer.train import make_elbo, split_counts  # noqa: E402
+from pyrovae.models.zoo import build_model, model_config  # noqa: E402
+
+
+@pytest.mark.parametrize("n_treatments", [5, 12])  # 12: pyrovae takes its sparse dosage path
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_torch_loss_equals_pyro_loss_on_the_same_draws(fused, n_treatments):
+    data = benchmark.synthetic_data(120, 15, n_treatments, seed=1)
+    model = build_model(
+        model_config("sams_vae", n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=6),
+        data.n_genes,
+        data.n_treatments,
+        data.norm_mean,
+        data.norm_std,
+        seed=0,
+    )
+    with torch.no_grad():  # masks away from 0.5 so that hard draws differ between rows
+        model.effect.q_mask_logits.normal_(0.0, 2.0)
+    batch = next(iter(MinibatchLoader(data, "train", 40, shuffle=True, seed=0)))
+    counts = split_counts(model, data, "train", "cpu")
+    n = len(data.indices("train"))
+    w = model.global_weights(batch, counts, n, "per_treatment")
+    pyro.set_rng_seed(3)
+    want = make_elbo(4).loss(model.model, model.guide, batch, n, w, 1.0 / n)
+    pyro.set_rng_seed(3)
+    got = benchmark.plain_sams_loss(model, batch, n, counts["perturbations"], 4, fused=fused)
+    assert math.isfinite(want)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+    got.backward()  # and it is differentiable in every network
+    assert model.effect.q_E_net.loc.weight.grad is not None and model.encoder.loc.weight.grad is not None
+    assert model.effect.q_mask_logits.grad.abs().sum() > 0
+
+
+def test_quick_benchmark_writes_the_table(tmp_path):
+    out = tmp_path / "quick.csv"
+    argv = ["--quick", "--models", "sams_vae,cpa_vae", "--out", str(out), "--warmup", "1", "--before"]
+    assert benchmark.main(argv) == 0
+    with open(out) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == benchmark.COLUMNS
+    assert [(r["model"], r["impl"]) for r in rows] == [
+        ("sams_vae", "pyro"),
+        ("sams_vae", "pyro_before"),
+        ("sams_vae", "torch"),
+        ("sams_vae", "torch_fused"),
+        ("cpa_vae", "pyro"),
+        ("cpa_vae", "pyro_before"),
+    ]
+    for r in rows:
+        for c in benchmark.COLUMNS[2:]:
+            if c in benchmark.OPTIONAL_COLUMNS and r[c] == "":
+                assert r["impl"].startswith("torch") or (c == "vs_before" and r["impl"] == "pyro_before"), (
+                    c,
+                    r,
+                )
+                continue
+            v = float(r[c])
+            assert math.isfinite(v), (c, r)
+            assert v >= 0 if c.endswith("_mb") or c == "step_iqr_ms" else v > 0, (c, r)
+    assert float(rows[2]["vs_torch"]) == 1.0
+    assert rows[0]["vs_before"] != ""
+
+
+def test_plain_paths_restore_the_fast_paths():
+    from pyrovae.models import effects
+    from pyrovae.nn.mlp import GaussianMLP
+
+    fast = (GaussianMLP.forward_parts, effects.matmul_dosage)
+    with benchmark.plain_paths():
+        assert effects.matmul_dosage is torch.matmul
+    assert (GaussianMLP.forward_parts, effects.matmul_dosage) == fast
+
+
+def test_scale_run_smoke(tmp_path):
+    from bench import scale_run
+
+    out = tmp_path / "scale.csv"
+    argv = [
+        "scale",
+        "--cells",
+        "1200",
+        "--genes",
+        "60",
+        "--perturbations",
+        "8",
+        "--latent",
+        "4",
+        "--hidden",
+        "16",
+    ]
+    argv += ["--batch-size", "128", "--iwelbo-particles", "4", "--workdir", str(tmp_path), "--out", str(out)]
+    assert scale_run.main(argv) == 0
+    with open(out) as f:
+        rows = {r["phase"]: r for r in csv.DictReader(f)}
+    assert list(rows) == [
+        "write h5ad (chunked)",
+        "read backed + validate",
+        "train 1 epoch (+ validation)",
+        "IWELBO (4 particles)",
+    ]
+    for r in rows.values():
+        assert float(r["seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
+    assert math.isfinite(float(rows["IWELBO (4 particles)"]["iwelbo"]))
+    assert int(float(rows["train 1 epoch (+ validation)"]["cells"])) > 0

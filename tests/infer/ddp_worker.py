@@ -1,0 +1,61 @@
+"""One rank of the 2-process data-parallel tests (launched by tests/infer/test_distributed.py via torchrun).
+
+``ddp_worker.py grad OUT`` writes ``grad_rank{r}.pt`` (the rank's minibatch positions and its all-reduced
+gradients of one step at a fixed seed); ``ddp_worker.py train OUT`` trains into ``OUT/run``, then resumes it
+for more epochs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pyrovae.data.loader import MinibatchLoader  # noqa: E402
+from pyrovae.infer import distributed  # noqa: E402
+from pyrovae.infer.runs import train_run  # noqa: E402
+from pyrovae.infer.train import Trainer, split_counts  # noqa: E402
+from pyrovae.models.zoo import model_config  # noqa: E402
+from tests.infer.test_distributed import (  # noqa: E402
+    BATCH,
+    EPOCHS,
+    GRAD_SEED,
+    MODEL,
+    MORE_EPOCHS,
+    make_data,
+    make_model,
+    train_config,
+)
+
+
+def main(mode: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    pyro.enable_validation(True)
+    data = make_data()
+    ddp = distributed.context()
+    assert ddp is not None and ddp.world_size == 2
+    if mode == "train":  # training, then resuming for more epochs
+        mcfg = model_config("sams_vae", **MODEL)
+        train_run(data, mcfg, train_config(BATCH, max_epochs=EPOCHS), out / "run", progress=False)
+        train_run(
+            data, mcfg, train_config(BATCH, max_epochs=MORE_EPOCHS), out / "run", resume=True, progress=False
+        )
+        return
+    # one step: the all-reduced gradient
+    model = make_model(data)
+    trainer = Trainer(model, data, train_config(BATCH, clip_norm=None, lr=0.0))
+    batch = next(iter(MinibatchLoader(data, "train", BATCH, shuffle=True, seed=0, shard=ddp.shard)))
+    counts = split_counts(model, data, "train", "cpu")
+    pyro.set_rng_seed(GRAD_SEED)  # the same global particles and basal noise on both ranks
+    loss, _ = trainer.train_step(batch, len(data.indices("train")), counts)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    torch.save({"idx": batch["idx"], "grads": grads, "loss": loss}, out / f"grad_rank{ddp.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
