@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.models.artifact import QC_PLATE
-from pyrovae.models.effects import PERTURBATION_PLATE
+from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -110,8 +110,24 @@ def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, An
     return groups
 
 
+class SurrogateTraceGraphELBO(TraceGraph_ELBO):
+    """``TraceGraph_ELBO`` plus the surrogate terms guide sites ask for in ``infer[SURROGATE_ELBO]``.
+
+    Such a term changes the gradient only, never the ELBO's value (the mask estimators of
+    :class:`~pyrovae.models.effects.AdditiveEffect` use it).
+    """
+
+    def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
+        elbo, surrogate_loss = super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
+        for site in guide_trace.nodes.values():
+            term = site.get("infer", {}).get(SURROGATE_ELBO) if site["type"] == "sample" else None
+            if term is not None:
+                surrogate_loss = surrogate_loss - term(model_trace, guide_trace)
+        return elbo, surrogate_loss
+
+
 def make_elbo(n_particles: int) -> TraceGraph_ELBO:
-    return TraceGraph_ELBO(
+    return SurrogateTraceGraphELBO(
         num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1
     )
 

@@ -23,3 +23,47 @@ class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):
     @property
     def mode(self) -> torch.Tensor:
         return (self.probs > 0.5).to(self.probs.dtype)
+
+
+class DetachedBernoulli(dist.Bernoulli):
+    """q(m) = Bernoulli(logits) whose samples carry no gradient, marked reparameterised.
+
+    Pyro then adds no score-function term of its own for the site (and tracks no provenance); the mask
+    estimator supplies the whole gradient of the logits through a surrogate term instead (the
+    leave-one-out estimator of :class:`~pyrovae.models.effects.AdditiveEffect`). ``log_prob`` is the
+    Bernoulli one.
+    """
+
+    has_rsample = True
+
+    def rsample(self, sample_shape=()):
+        return self.sample(torch.Size(sample_shape))
+
+
+class RelaxedBernoulliMask(dist.RelaxedBernoulli):
+    """Binary Concrete q(m) at a temperature, scored as the Bernoulli draw it relaxes.
+
+    While gradients are recorded (training) ``rsample`` returns the soft value
+    s = sigmoid((logit u + logits) / temperature); otherwise (prediction, evaluation) the hard value
+    1[s > 0.5] = 1[logit u + logits > 0], an exact Bernoulli(sigmoid(logits)) draw. ``log_prob(value)`` is
+    the Bernoulli log-probability of the hard value 1[value > 0.5], never the Concrete density (which would be
+    meaningless next to a Bernoulli prior, shared/reference/sams_vae.md §9.2).
+    """
+
+    support = dist.constraints.unit_interval
+
+    def rsample(self, sample_shape=()):
+        s = super().rsample(torch.Size(sample_shape))
+        return s if torch.is_grad_enabled() else (s > 0.5).to(s.dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return dist.Bernoulli(logits=self.logits).log_prob((value > 0.5).to(value.dtype))
+
+
+class HardenedBernoulli(dist.Bernoulli):
+    """The Bernoulli prior of a relaxed mask: scores the hard value 1[value > 0.5] of a soft sample."""
+
+    support = dist.constraints.unit_interval
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return super().log_prob((value > 0.5).to(value.dtype))
