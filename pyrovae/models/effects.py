@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.models.distributions import (
+    AntitheticBernoulli,
     DetachedBernoulli,
     HardenedBernoulli,
     RelaxedBernoulliMask,
@@ -38,7 +39,7 @@ CELL_PLATE = "cells"
 #: (:func:`pyrovae.infer.train.make_elbo`).
 SURROGATE_ELBO = "surrogate_elbo"
 #: Estimators of the gradient of the q(M) logits (:class:`AdditiveEffect`).
-MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "relaxed")
+MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "disarm", "relaxed")
 #: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
 #: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
@@ -112,6 +113,30 @@ def leave_one_out_surrogate(model_trace, guide_trace) -> torch.Tensor:
     baseline = (cost.sum(0, keepdim=True) - cost) / (n - 1)
     score = site["fn"].log_prob(site["value"])  # (P, T), unscaled, differentiable in the logits
     return (score * (cost - baseline)).sum()
+
+
+def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
+    """Surrogate-ELBO term of the ``disarm`` estimator (Dong, Mnih & Tucker 2020; gradient only).
+
+    Particles p and p + P/2 are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`). Per pair and
+    entry (t, k) the DisARM gradient of the logit is 1/2 (c_t(b) - c_t(b~)) (-1)^{b~_tk} 1[b_tk != b~_tk]
+    sigmoid(|logit_tk|), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
+    ``loo``, valid here too: the terms left out of c_t do not depend on m_t and the pair's marginals are
+    equal). The term is linear in the logits with the pair-averaged gradient as its (detached) slope,
+    times P because the ELBO averages particles.
+    """
+    site = guide_trace.nodes["mask"]
+    b = site["value"]
+    if b.dim() < 3 or b.shape[0] < 2 or b.shape[0] % 2:
+        raise ValueError("mask_estimator='disarm' needs an even number of vectorised particles (2, 4, ...)")
+    logits = site["fn"].base_dist.logits  # (P, T, K), differentiable
+    cost = per_treatment_costs(model_trace, guide_trace)
+    half = b.shape[0] // 2
+    b1, b2 = b[:half], b[half:]
+    diff = 0.5 * (cost[:half] - cost[half:]).unsqueeze(-1)  # (P/2, T, 1)
+    sign = 1.0 - 2.0 * b2
+    g = (diff * sign * (b1 != b2).to(b.dtype) * torch.sigmoid(logits[:half].abs())).mean(0)
+    return (logits * g.detach()).sum()
 
 
 def analytic_mask_kl_surrogate(model_trace, guide_trace) -> torch.Tensor:
@@ -201,6 +226,8 @@ class AdditiveEffect(EffectBlock):
       and row t's global terms (cell i's terms depend on M only through d_i (E * M)); (ii) the
       leave-one-out baseline over the P vectorised particles (the mean of the other particles' cost of
       treatment t). Needs ``n_particles >= 2``.
+    - ``"disarm"``: DisARM (Dong et al. 2020) on antithetic pairs of particles, with the same
+      per-treatment Rao-Blackwellisation; unbiased. Needs an even ``n_particles``.
     - ``"relaxed"``: the masks the likelihood sees are binary-Concrete samples (Maddison et al. 2017)
       at the (optionally annealed) temperature, so the likelihood gradient is pathwise (biased; exact as
       the temperature goes to 0). The mask term is scored as the hard draw 1[s > 0.5] under the Bernoulli
@@ -335,6 +362,9 @@ class AdditiveEffect(EffectBlock):
         elif est == "loo":
             fn = DetachedBernoulli(logits=logits)
             infer = {SURROGATE_ELBO: leave_one_out_surrogate}
+        elif est == "disarm":
+            fn = AntitheticBernoulli(logits=logits)
+            infer = {SURROGATE_ELBO: disarm_surrogate}
         else:
             fn = RelaxedBernoulliMask(tau, logits=logits)
             infer = {SURROGATE_ELBO: analytic_mask_kl_surrogate}
