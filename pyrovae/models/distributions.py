@@ -72,20 +72,21 @@ class HardenedBernoulli(dist.Bernoulli):
 class AntitheticBernoulli(DetachedBernoulli):
     """q(m) = Bernoulli(logits) drawn in antithetic pairs along the leading (particle) dimension.
 
-    With batch shape (P, ...) and P even, particle p < P/2 is m = 1[u < sigmoid(logits)] and particle
-    p + P/2 is m~ = 1[1 - u < sigmoid(logits)] for the same uniforms u: each particle is an exact Bernoulli
-    draw, the pairs are coupled (the DisARM estimator of :class:`~pyrovae.models.effects.AdditiveEffect`).
-    Samples carry no gradient (see :class:`DetachedBernoulli`). Without a leading dimension of even size the
-    draws are independent.
+    With batch shape (P, ...), h = P // 2: particle p < h is m = 1[u < sigmoid(logits)] and particle p + h
+    is m~ = 1[1 - u < sigmoid(logits)] for the same uniforms u; with P odd the last particle is independent.
+    Each particle is an exact Bernoulli draw, the pairs are coupled (the DisARM estimator of
+    :class:`~pyrovae.models.effects.AdditiveEffect`). Samples carry no gradient (see
+    :class:`DetachedBernoulli`). Without a leading dimension of size >= 2 the draws are independent.
     """
 
     def sample(self, sample_shape=()):
         shape = self._extended_shape(torch.Size(sample_shape))
-        if len(shape) < 2 or shape[0] % 2:
+        if len(shape) < 2 or shape[0] < 2:
             return super().sample(torch.Size(sample_shape))
         p = self.probs.expand(shape)
         half = shape[0] // 2
         with torch.no_grad():
             u = torch.rand((half,) + shape[1:], dtype=p.dtype, device=p.device)
-            u = torch.cat([u, 1.0 - u], dim=0)
+            rest = torch.rand((shape[0] - 2 * half,) + shape[1:], dtype=p.dtype, device=p.device)
+            u = torch.cat([u, 1.0 - u, rest], dim=0)
             return (u < p).to(p.dtype)

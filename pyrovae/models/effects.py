@@ -118,7 +118,8 @@ def leave_one_out_surrogate(model_trace, guide_trace) -> torch.Tensor:
 def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
     """Surrogate-ELBO term of the ``disarm`` estimator (Dong, Mnih & Tucker 2020; gradient only).
 
-    Particles p and p + P/2 are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`). Per pair and
+    Particles p and p + h, h = P // 2, are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`; with P
+    odd the last particle enters the ELBO but not this mask gradient). Per pair and
     entry (t, k) the DisARM gradient of the logit is 1/2 (c_t(b) - c_t(b~)) (-1)^{b~_tk} 1[b_tk != b~_tk]
     sigmoid(|logit_tk|), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
     ``loo``, valid here too: the terms left out of c_t do not depend on m_t and the pair's marginals are
@@ -127,13 +128,13 @@ def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
     """
     site = guide_trace.nodes["mask"]
     b = site["value"]
-    if b.dim() < 3 or b.shape[0] < 2 or b.shape[0] % 2:
-        raise ValueError("mask_estimator='disarm' needs an even number of vectorised particles (2, 4, ...)")
+    if b.dim() < 3 or b.shape[0] < 2:
+        raise ValueError("mask_estimator='disarm' needs at least 2 vectorised particles (n_particles >= 2)")
     logits = site["fn"].base_dist.logits  # (P, T, K), differentiable
     cost = per_treatment_costs(model_trace, guide_trace)
     half = b.shape[0] // 2
-    b1, b2 = b[:half], b[half:]
-    diff = 0.5 * (cost[:half] - cost[half:]).unsqueeze(-1)  # (P/2, T, 1)
+    b1, b2 = b[:half], b[half : 2 * half]
+    diff = 0.5 * (cost[:half] - cost[half : 2 * half]).unsqueeze(-1)  # (h, T, 1)
     sign = 1.0 - 2.0 * b2
     g = (diff * sign * (b1 != b2).to(b.dtype) * torch.sigmoid(logits[:half].abs())).mean(0)
     return (logits * g.detach()).sum()
@@ -227,7 +228,8 @@ class AdditiveEffect(EffectBlock):
       leave-one-out baseline over the P vectorised particles (the mean of the other particles' cost of
       treatment t). Needs ``n_particles >= 2``.
     - ``"disarm"``: DisARM (Dong et al. 2020) on antithetic pairs of particles, with the same
-      per-treatment Rao-Blackwellisation; unbiased. Needs an even ``n_particles``.
+      per-treatment Rao-Blackwellisation; unbiased. Needs ``n_particles >= 2`` (an odd last particle
+      does not enter the mask gradient).
     - ``"relaxed"``: the masks the likelihood sees are binary-Concrete samples (Maddison et al. 2017)
       at the (optionally annealed) temperature, so the likelihood gradient is pathwise (biased; exact as
       the temperature goes to 0). The mask term is scored as the hard draw 1[s > 0.5] under the Bernoulli
