@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     import torch
 
     from pyrovae.infer.runs import train_run
+    from pyrovae.models.effects import MASK_ESTIMATORS
     from pyrovae.models.zoo import build_model
 
     args = build_parser().parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         st["model"]["n_latent"] = int(np.asarray(exp.adata.uns["ground_truth"]["masks"]).shape[1])
     seed = int(st["seed"])
     rows = []
-    for warm in st["warmup_epochs"]:
+    for i_state, warm in enumerate(st["warmup_epochs"]):
         mcfg, tcfg = exp.configs("sams_vae", seed)
         state = None
         if warm:
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
             )
             state = run.model.state_dict()
         ref = None
+        # draw seeds depend on the state and the estimator's name only (a row does not move when the list
+        # of estimators changes)
         for est in [st["reference_estimator"]] + list(st["estimators"]):
             kw = {"mask_estimator": est}
             if est == "relaxed":
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
             if state is not None:
                 model.load_state_dict(state)
             n_draws = int(st["reference_draws"] if ref is None else st["n_draws"])
-            g, sec = gradient_draws(model, data, tcfg, n_draws, seed + 1 + len(rows))
+            draw_seed = seed + 1 + 1000 * i_state + (0 if ref is None else 1 + MASK_ESTIMATORS.index(est))
+            g, sec = gradient_draws(model, data, tcfg, n_draws, draw_seed)
             g = g.reshape(g.shape[0], -1)
             mean, sd = g.mean(0), g.std(0, ddof=1)
             if ref is None:

@@ -142,13 +142,33 @@ def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[s
     return out
 
 
+def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[str]) -> None:
+    """One results row per trivial ATE predictor (training cells only; pyrovae.evaluate.ate.baseline_ates):
+    the per-perturbation training mean and the additive sum of the singles, scored like the models."""
+    from pyrovae.evaluate.ate import baseline_ates
+
+    k = int(exp.settings["eval"]["top_k"])
+    test = data.indices("test")
+    rows = {name: {"model": common.BASELINE_NAMES.get(name, name)} for name in ("train_mean", "additive")}
+    for perts, suffix in ((held, "_combos"), (seen, "_cells")):
+        if not perts:
+            continue
+        truth = common.empirical_ates(data, perts, test)
+        preds = baseline_ates(data, list(perts), method=common.ate_transform(data))
+        for name, row in rows.items():
+            row.update(common.ate_scores(truth, preds[name], k, suffix=suffix))
+    for row in rows.values():
+        exp.record(row)
+
+
 def summarise(exp: common.Experiment, held: list[str]) -> str:
     res = exp.results_frame()
     for metric in ("val_iwelbo", "test_iwelbo"):
         res = common.add_relative(res, metric, {"model": REFERENCE_MODEL}, name=f"{metric}_vs_cpa")
     common.write_frame(exp.out / "results.csv", res)
     metrics = {k: v for k, v in METRICS.items() if k in res.columns}
-    agg = common.aggregate(res, ["model"], list(metrics), order={"model": exp.models})
+    order = exp.models + [m for m in res["model"].unique() if m not in exp.models]
+    agg = common.aggregate(res, ["model"], list(metrics), order={"model": order})
     table = common.format_summary(agg, ["model"], metrics, FMTS).rename(columns={"n": "seeds"})
     n_true = res["mask_true_positives"].dropna() if "mask_true_positives" in res else []
     notes = [
@@ -180,6 +200,7 @@ def main(argv=None) -> int:
         f"split: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
         f"{len(data.indices('test'))} test cells; {len(held)} held-out combinations, {len(seen)} seen labels"
     )
+    score_baselines(exp, data, held, seen)
     for seed in exp.seeds:
         for model in exp.models:
             mcfg, tcfg = exp.configs(model, seed=seed)
