@@ -6,6 +6,8 @@ One step (the one place where the objective is assembled)::
     extra = sum(model.extra_losses(batch))                                               # penalties
     extra.backward(); clip_grad_norm_(params, clip_norm); Adam.step()
 
+``TraceGraph_ELBO`` is subclassed only to add the surrogate terms guide sites ask for (the q(M) gradient
+estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
