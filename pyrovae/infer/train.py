@@ -6,6 +6,8 @@ One step (the one place where the objective is assembled)::
     extra = sum(model.extra_losses(batch))                                               # penalties
     extra.backward(); clip_grad_norm_(params, clip_norm); Adam.step()
 
+``TraceGraph_ELBO`` is subclassed only to add the surrogate terms guide sites ask for (the q(M) gradient
+estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
@@ -41,7 +43,7 @@ from pyrovae.data.loader import MinibatchLoader
 from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
-from pyrovae.models.effects import PERTURBATION_PLATE
+from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -120,8 +122,24 @@ def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, An
     return groups
 
 
+class SurrogateTraceGraphELBO(TraceGraph_ELBO):
+    """``TraceGraph_ELBO`` plus the surrogate terms guide sites ask for in ``infer[SURROGATE_ELBO]``.
+
+    Such a term changes the gradient only, never the ELBO's value (the mask estimators of
+    :class:`~pyrovae.models.effects.AdditiveEffect` use it).
+    """
+
+    def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
+        elbo, surrogate_loss = super()._loss_and_surrogate_loss_particle(model_trace, guide_trace)
+        for site in guide_trace.nodes.values():
+            term = site.get("infer", {}).get(SURROGATE_ELBO) if site["type"] == "sample" else None
+            if term is not None:
+                surrogate_loss = surrogate_loss - term(model_trace, guide_trace)
+        return elbo, surrogate_loss
+
+
 def make_elbo(n_particles: int) -> TraceGraph_ELBO:
-    return TraceGraph_ELBO(
+    return SurrogateTraceGraphELBO(
         num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1
     )
 

@@ -19,12 +19,29 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyrovae.models.distributions import StraightThroughBernoulli
+from pyrovae.models.distributions import (
+    AntitheticBernoulli,
+    DetachedBernoulli,
+    HardenedBernoulli,
+    RelaxedBernoulliMask,
+    StraightThroughBernoulli,
+)
 from pyrovae.nn.mlp import GaussianMLP
 
 PERTURBATION_PLATE = "perturbations"
+CELL_PLATE = "cells"
+#: Key of a guide site's ``infer`` dict holding ``fn(model_trace, guide_trace) -> tensor``, an extra
+#: term of the *surrogate* ELBO (gradient only) that the training ELBO adds
+#: (:func:`pyrovae.infer.train.make_elbo`).
+SURROGATE_ELBO = "surrogate_elbo"
+#: Estimators of the gradient of the q(M) logits (:class:`AdditiveEffect`).
+MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "disarm", "relaxed")
+#: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
+BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
 #: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
 FIXED_MASK_LOGIT = 12.0
 
@@ -58,6 +75,96 @@ def matmul_dosage(d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             out = rows.new_zeros(rows.shape[:-2] + (d.shape[0], rows.shape[-1]))
             return out.index_add(-2, i, rows[..., t, :] * vals)
     return torch.matmul(d, rows)
+
+
+def _dosage_of(trace) -> torch.Tensor:
+    """The (B, T) dosage of the minibatch a skeleton trace was run on (its first argument, the batch)."""
+    try:
+        return trace.nodes["_INPUT"]["args"][0]["d"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(
+            "this mask estimator needs the traces of PerturbationVAE.model/guide(batch, ...)"
+        ) from e
+
+
+def per_treatment_costs(model_trace, guide_trace) -> torch.Tensor:
+    """(P, T) the (detached) ELBO terms that depend on each treatment's masks, per particle.
+
+    Cost of treatment t = sum over the cells that received t (d_it != 0) of their log p - log q terms
+    (sites of the cells plate), plus row t's global terms (sites of the perturbations plate), all with the
+    traces' scales. Every other term of the ELBO is independent of m_t, because a cell's terms depend on M
+    only through d_i (E * M) and the guide's row t of q(E | M) only through m_t.
+    """
+    member = (_dosage_of(guide_trace) != 0).to(torch.get_default_dtype())
+    cells, rows = 0.0, 0.0
+    for tr, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            frames = {f.name for f in site["cond_indep_stack"]}
+            if CELL_PLATE in frames:
+                cells = cells + sign * site["log_prob"].detach()
+            elif PERTURBATION_PLATE in frames:
+                rows = rows + sign * site["log_prob"].detach()
+    return torch.matmul(cells, member.to(cells.dtype)) + rows
+
+
+def leave_one_out_surrogate(model_trace, guide_trace) -> torch.Tensor:
+    """Surrogate-ELBO term of the ``loo`` estimator (gradient only; see :class:`AdditiveEffect`).
+
+    sum_{p, t} log q(m_pt) * (c_pt - mean_{j != p} c_jt), c = :func:`per_treatment_costs`. Its gradient,
+    divided by P (the ELBO averages particles), is unbiased for the gradient of E_q[ELBO] w.r.t. the
+    logits: the baseline of particle p is independent of m_p, and the terms left out of c_t do not
+    depend on m_t. Pyro's own surrogate adds the rest (the explicit -log q(m) term, zero in expectation).
+    """
+    site = guide_trace.nodes["mask"]
+    if site["value"].dim() < 3 or site["value"].shape[0] < 2:
+        raise ValueError("mask_estimator='loo' needs at least 2 vectorised particles (n_particles >= 2)")
+    cost = per_treatment_costs(model_trace, guide_trace)
+    n = cost.shape[0]
+    baseline = (cost.sum(0, keepdim=True) - cost) / (n - 1)
+    score = site["fn"].log_prob(site["value"])  # (P, T), unscaled, differentiable in the logits
+    return (score * (cost - baseline)).sum()
+
+
+def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
+    """Surrogate-ELBO term of the ``disarm`` estimator (Dong, Mnih & Tucker 2020; gradient only).
+
+    Particles p and p + h, h = P // 2, are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`; with P
+    odd the last particle enters the ELBO but not this mask gradient). Per pair and
+    entry (t, k) the DisARM gradient of the logit is 1/2 (c_t(b) - c_t(b~)) (-1)^{b~_tk} 1[b_tk != b~_tk]
+    sigmoid(|logit_tk|), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
+    ``loo``, valid here too: the terms left out of c_t do not depend on m_t and the pair's marginals are
+    equal). The term is linear in the logits with the pair-averaged gradient as its (detached) slope,
+    times P because the ELBO averages particles.
+    """
+    site = guide_trace.nodes["mask"]
+    b = site["value"]
+    if b.dim() < 3 or b.shape[0] < 2:
+        raise ValueError("mask_estimator='disarm' needs at least 2 vectorised particles (n_particles >= 2)")
+    logits = site["fn"].base_dist.logits  # (P, T, K), differentiable
+    cost = per_treatment_costs(model_trace, guide_trace)
+    half = b.shape[0] // 2
+    b1, b2 = b[:half], b[half : 2 * half]
+    diff = 0.5 * (cost[:half] - cost[half : 2 * half]).unsqueeze(-1)  # (h, T, 1)
+    sign = 1.0 - 2.0 * b2
+    g = (diff * sign * (b1 != b2).to(b.dtype) * torch.sigmoid(logits[:half].abs())).mean(0)
+    return (logits * g.detach()).sum()
+
+
+def analytic_mask_kl_surrogate(model_trace, guide_trace) -> torch.Tensor:
+    """Surrogate-ELBO term of the ``relaxed`` estimator: the mask term's gradient becomes -grad KL.
+
+    Removes the gradient of the sampled log p(m) - log q(m) (a relaxed sample's hard value carries none
+    but the zero-mean score of q) and adds that of the analytic -KL(q(m_t) || p(m_t)), with the sites'
+    scales (row weights and 1/N). The ELBO's value keeps the sampled term.
+    """
+    q_site, p_site = guide_trace.nodes["mask"], model_trace.nodes["mask"]
+    sampled = p_site["log_prob"] - q_site["log_prob"]
+    q = dist.Bernoulli(logits=q_site["fn"].base_dist.logits)
+    p = dist.Bernoulli(logits=p_site["fn"].base_dist.logits)
+    kl = scale_and_mask(torch.distributions.kl_divergence(q, p).sum(-1), p_site["scale"], p_site["mask"])
+    return -(sampled - sampled.detach()).sum() - (kl - kl.detach()).sum()
 
 
 class EffectBlock(nn.Module):
@@ -112,8 +219,34 @@ class AdditiveEffect(EffectBlock):
             q(M) q(E | M) with an MLP on [m_t, onehot(t)].
         compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
             ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
-        temperature: relaxation temperature of the straight-through mask estimator.
+        temperature: relaxation temperature of the straight-through / relaxed mask estimators.
         mask_init_logits: initial q(M) logits (0: probability 0.5, as the reference).
+        mask_estimator: gradient estimator of the q(M) logits (see "Mask estimators" below).
+        mask_baseline_beta: decay of the ``score_function`` estimator's moving-average baseline.
+        temperature_final: anneal the temperature geometrically from ``temperature`` to this over
+            ``temperature_anneal_steps`` training steps (``None``: fixed, the reference).
+
+    Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
+    scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):
+
+    - ``"straight_through"`` (reference parity, §3.1): hard masks, gradient through the relaxed sample
+      (biased).
+    - ``"score_function"``: q(M) a plain ``Bernoulli`` site, so Pyro's ``TraceGraph_ELBO`` adds the
+      score-function term with its own variance reduction (provenance-based downstream costs) and a
+      decaying-average baseline per (particle, treatment) (``infer={"baseline": ...}``). Unbiased.
+    - ``"loo"``: REINFORCE with two variance reductions, unbiased: (i) per-treatment Rao-Blackwellisation:
+      the score of m_t is weighted only by the terms that depend on m_t, i.e. the cells that received t
+      and row t's global terms (cell i's terms depend on M only through d_i (E * M)); (ii) the
+      leave-one-out baseline over the P vectorised particles (the mean of the other particles' cost of
+      treatment t). Needs ``n_particles >= 2``.
+    - ``"disarm"``: DisARM (Dong et al. 2020) on antithetic pairs of particles, with the same
+      per-treatment Rao-Blackwellisation; unbiased. Needs ``n_particles >= 2`` (an odd last particle
+      does not enter the mask gradient).
+    - ``"relaxed"``: the masks the likelihood sees are binary-Concrete samples (Maddison et al. 2017)
+      at the (optionally annealed) temperature, so the likelihood gradient is pathwise (biased; exact as
+      the temperature goes to 0). The mask term is scored as the hard draw 1[s > 0.5] under the Bernoulli
+      q and prior, and its gradient is the exact analytic KL(q(M) || p(M)) gradient. Departure from the
+      paper's objective during training only: the likelihood term is that of relaxed masks.
     """
 
     def __init__(
@@ -128,8 +261,29 @@ class AdditiveEffect(EffectBlock):
         mask_init_logits: float = 0.0,
         embedding_encoder_hidden: int = 200,
         embedding_encoder_layers: int = 2,
+        mask_estimator: str = "straight_through",
+        mask_baseline_beta: float = 0.9,
+        temperature_final: float | None = None,
+        temperature_anneal_steps: int = 1000,
     ) -> None:
         super().__init__()
+        if mask_estimator not in MASK_ESTIMATORS:
+            raise ValueError(f"unknown mask_estimator {mask_estimator!r}; use one of {MASK_ESTIMATORS}")
+        if not 0.0 <= mask_baseline_beta < 1.0:
+            raise ValueError(f"mask_baseline_beta must be in [0, 1), got {mask_baseline_beta}")
+        if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
+            raise ValueError("mask temperatures must be > 0")
+        if temperature_anneal_steps < 1:
+            raise ValueError(f"temperature_anneal_steps must be >= 1, got {temperature_anneal_steps}")
+        self.mask_estimator, self.mask_baseline_beta = mask_estimator, float(mask_baseline_beta)
+        self.temperature_final, self.temperature_anneal_steps = (
+            temperature_final,
+            int(temperature_anneal_steps),
+        )
+        self._fresh_baseline = True
+        if temperature_final is not None:
+            # training steps taken (a buffer, so a resumed run continues the schedule)
+            self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
         if guide not in ("mean_field", "correlated"):
             raise ValueError(f"unknown guide {guide!r}; use 'mean_field' or 'correlated'")
         if compose not in ("add", "concat"):
@@ -158,33 +312,77 @@ class AdditiveEffect(EffectBlock):
         out = {}
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             if self.use_masks:
-                out["mask"] = pyro.sample(
-                    "mask", dist.Bernoulli(probs=self.mask_prior.expand(T, K)).to_event(1)
-                )
-            out["E"] = pyro.sample(
-                "E",
-                dist.Normal(
-                    torch.zeros_like(self.eye[:, :1]).expand(T, K), self.embedding_prior_scale
-                ).to_event(1),
-            )
+                out["mask"] = pyro.sample("mask", self._prior_mask(self.mask_prior.expand(T, K)))
+            out["E"] = self._sample_p_E()
         return out
+
+    def _sample_p_E(self) -> torch.Tensor:
+        T, K = self.n_treatments, self.shift_dim
+        loc = torch.zeros_like(self.eye[:, :1]).expand(T, K)
+        return pyro.sample("E", dist.Normal(loc, self.embedding_prior_scale).to_event(1))
 
     def guide_globals(self, weights):
         T = self.n_treatments
         out = {}
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             if self.use_masks:
-                out["mask"] = pyro.sample(
-                    "mask",
-                    StraightThroughBernoulli(self.temperature, logits=self.q_mask_logits).to_event(1),
-                )
-            if self.use_masks and self.guide_kind == "correlated":
-                # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
-                loc, scale = self.q_E_net.forward_parts([out["mask"], T])
-            else:
-                loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
-            out["E"] = pyro.sample("E", dist.Normal(loc, scale).to_event(1))
+                out["mask"] = self._sample_q_mask(self.q_mask_logits)
+            out["E"] = self._sample_q_E(out.get("mask"))
         return out
+
+    def _sample_q_E(self, m: torch.Tensor | None) -> torch.Tensor:
+        """q(E) (mean-field) or q(E | M) (correlated) inside the perturbations plate; (..., T, K)."""
+        if m is not None and self.guide_kind == "correlated":
+            # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
+            loc, scale = self.q_E_net.forward_parts([m, self.n_treatments])
+        else:
+            loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
+        return pyro.sample("E", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------------------------- mask estimators
+    def current_temperature(self) -> torch.Tensor:
+        """The relaxation temperature at the current training step (see ``temperature_final``)."""
+        if self.temperature_final is None:
+            return self.temperature
+        frac = min(1.0, float(self.mask_step) / self.temperature_anneal_steps)
+        return self.temperature * (self.temperature_final / self.temperature) ** frac
+
+    def _prior_mask(self, probs: torch.Tensor) -> dist.Distribution:
+        """p(m) with batch shape (T,) and event (K,); a relaxed mask is scored by its hard value."""
+        fn = HardenedBernoulli if self.mask_estimator == "relaxed" else dist.Bernoulli
+        return fn(probs=probs).to_event(1)
+
+    def _sample_q_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """The q(M) site (inside the perturbations plate) for this block's estimator; (..., T, K)."""
+        training = self.training and torch.is_grad_enabled()
+        tau = self.current_temperature()
+        if training and self.temperature_final is not None:
+            self.mask_step += 1
+        est, infer = self.mask_estimator, {}
+        if est == "straight_through":
+            fn = StraightThroughBernoulli(tau, logits=logits)
+        elif est == "score_function":
+            fn = dist.Bernoulli(logits=logits)
+            infer = {
+                "baseline": {"use_decaying_avg_baseline": True, "baseline_beta": self.mask_baseline_beta}
+            }
+            if training and self._fresh_baseline:
+                # Pyro keeps the moving average in the global param store under the site's name: start
+                # each model's training from zero (reproducible, and no stale shape from another model)
+                store = pyro.get_param_store()
+                if BASELINE_PARAM in store:
+                    del store[BASELINE_PARAM]
+                self._fresh_baseline = False
+        elif est == "loo":
+            fn = DetachedBernoulli(logits=logits)
+            infer = {SURROGATE_ELBO: leave_one_out_surrogate}
+        elif est == "disarm":
+            fn = AntitheticBernoulli(logits=logits)
+            infer = {SURROGATE_ELBO: disarm_surrogate}
+        else:
+            fn = RelaxedBernoulliMask(tau, logits=logits)
+            infer = {SURROGATE_ELBO: analytic_mask_kl_surrogate}
+        return pyro.sample("mask", fn.to_event(1), infer=infer)
 
     def effect_rows(self, g):
         return g["E"] * g["mask"] if self.use_masks else g["E"]
@@ -232,6 +430,45 @@ class AdditiveEffect(EffectBlock):
         if self.compose == "add":
             return z + zp
         return torch.cat([z, zp.expand(z.shape[:-1] + zp.shape[-1:])], dim=-1)
+
+
+class BetaBernoulliMaskEffect(AdditiveEffect):
+    """SAMS-VAE with Beta-Bernoulli masks (reference ``sams_vae_beta_bernoulli``, §2.5): a learned sparsity.
+
+    pi_tk ~ Beta(a, b), m_tk | pi_tk ~ Bernoulli(pi_tk), e_t ~ N(0, s^2 I), z = z_basal + D (E * M).
+    Guide (the reference's first two guides): q(pi) = Delta(sigmoid(lambda)) (a MAP estimate of each
+    entry's mask probability, ``q_mask_logits`` = lambda), q(m | pi) = Bernoulli(pi) sampled with the
+    block's mask estimator, then q(E) or q(E | M) as in SAMS-VAE. So log p(m | pi) - log q(m | pi) = 0
+    exactly and the mask's regulariser is the MAP penalty log Beta(pi; a, b) in place of SAMS-VAE's
+    Bernoulli KL: the sparsity level each entry is pulled to is learned from the data, not fixed.
+
+    Args:
+        beta_a, beta_b: the Beta prior (a = 1, b > 1 favours sparse masks; prior mean a / (a + b)).
+        **kw: as :class:`AdditiveEffect` (``mask_prior`` is not used).
+    """
+
+    def __init__(self, n_treatments: int, effect_dim: int, beta_a: float = 1.0, beta_b: float = 2.0, **kw):
+        if beta_a <= 0 or beta_b <= 0:
+            raise ValueError(f"Beta prior concentrations must be > 0, got ({beta_a}, {beta_b})")
+        super().__init__(n_treatments, effect_dim, mask_prior=0.5, **kw)
+        self.register_buffer("beta_a", torch.tensor(float(beta_a)))
+        self.register_buffer("beta_b", torch.tensor(float(beta_b)))
+
+    def model_globals(self, weights):
+        T, K = self.n_treatments, self.shift_dim
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            pi = pyro.sample(
+                "mask_prob", dist.Beta(self.beta_a.expand(T, K), self.beta_b.expand(T, K)).to_event(1)
+            )
+            m = pyro.sample("mask", self._prior_mask(pi))
+            return {"mask_prob": pi, "mask": m, "E": self._sample_p_E()}
+
+    def guide_globals(self, weights):
+        with weighted_plate(PERTURBATION_PLATE, self.n_treatments, weights):
+            pi = torch.sigmoid(self.q_mask_logits).clamp(1e-6, 1 - 1e-6)
+            pi = pyro.sample("mask_prob", dist.Delta(pi, event_dim=1))
+            m = self._sample_q_mask(torch.logit(pi))
+            return {"mask_prob": pi, "mask": m, "E": self._sample_q_E(m)}
 
 
 class BetaBernoulliActionEffect(EffectBlock):

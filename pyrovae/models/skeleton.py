@@ -38,7 +38,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.models.artifact import QC_PLATE, ArtifactBlock
-from pyrovae.models.effects import PERTURBATION_PLATE, EffectBlock
+from pyrovae.models.effects import CELL_PLATE, PERTURBATION_PLATE, EffectBlock
 from pyrovae.nn.likelihoods import Decoder
 from pyrovae.nn.mlp import GaussianMLP
 
@@ -201,7 +201,7 @@ class PerturbationVAE(nn.Module):
         n_cells, idx = (n_cells, batch.get("idx")) if n_cells is not None else (d.shape[0], None)
         with poutine.scale(scale=scale):
             g = self._globals("model", weights)
-            with pyro.plate("cells", n_cells, subsample=idx, dim=-1):
+            with pyro.plate(CELL_PLATE, n_cells, subsample=idx, dim=-1):
                 loc = self.effect.prior_loc(d, g)
                 if loc is None:
                     loc = d.new_zeros(d.shape[:-1] + (self.n_latent,))
@@ -221,7 +221,7 @@ class PerturbationVAE(nn.Module):
         n_cells, idx = (n_cells, batch.get("idx")) if n_cells is not None else (d.shape[0], None)
         with poutine.scale(scale=scale):
             g = self._globals("guide", weights)
-            with pyro.plate("cells", n_cells, subsample=idx, dim=-1):
+            with pyro.plate(CELL_PLATE, n_cells, subsample=idx, dim=-1):
                 loc, sd = self.encoder_dist(batch["x"], batch, g)
                 pyro.sample("z_basal", dist.Normal(loc, sd).to_event(1))
 

@@ -16,18 +16,25 @@ import torch
 
 from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.models.artifact import ArtifactBlock
-from pyrovae.models.effects import AdditiveEffect, BetaBernoulliActionEffect, ConcatDosageEffect, EffectBlock
+from pyrovae.models.effects import (
+    MASK_ESTIMATORS,
+    AdditiveEffect,
+    BetaBernoulliActionEffect,
+    BetaBernoulliMaskEffect,
+    ConcatDosageEffect,
+    EffectBlock,
+)
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
-FAMILIES = ("sams", "cpa", "svae_plus", "conditional", "gpo")
+FAMILIES = ("sams", "sams_beta_bernoulli", "cpa", "svae_plus", "conditional", "gpo")
 
 
 @dataclasses.dataclass
 class ModelConfig:
     """Everything that defines a model (saved in a run's ``config.json``)."""
 
-    family: str = "sams"  # sams | cpa | svae_plus | conditional | gpo
+    family: str = "sams"  # sams | sams_beta_bernoulli | cpa | svae_plus | conditional | gpo
     n_latent: int = 10
     likelihood: str = "nb"
     guide: str = "correlated"  # q(E) family: mean_field | correlated
@@ -36,13 +43,19 @@ class ModelConfig:
     embedding_prior_scale: float = 1.0
     temperature: float = 1.0
     mask_init_logits: float = 0.0
+    # gradient estimator of the q(M) logits: straight_through (reference) | score_function | loo | relaxed
+    # (see pyrovae.models.effects.AdditiveEffect); the temperature anneals to temperature_final if set
+    mask_estimator: str = "straight_through"
+    mask_baseline_beta: float = 0.9
+    temperature_final: float | None = None
+    temperature_anneal_steps: int = 1000
     decoder_hidden: int = 128
     decoder_layers: int = 1
     encoder_hidden: int = 128
     encoder_layers: int = 1
     embedding_encoder_hidden: int = 128
     embedding_encoder_layers: int = 2
-    svae_beta_c1: float = 1.0
+    svae_beta_c1: float = 1.0  # Beta(c1, c2) prior of the mask probabilities: SVAE+, sams_beta_bernoulli
     svae_beta_c2: float = 2.0
     # CRADLE-VAE quality-control component
     artifact: bool = False
@@ -70,6 +83,10 @@ class ModelConfig:
         for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
             check_range(name, getattr(self, name), ge=0)
         check_range("mask_init_logits", self.mask_init_logits)
+        check_range("mask_estimator", self.mask_estimator, choices=MASK_ESTIMATORS)
+        check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
+        check_range("temperature_final", self.temperature_final, gt=0)
+        check_range("temperature_anneal_steps", self.temperature_anneal_steps, ge=1)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return replace_checked(self, "model", **kw)
@@ -79,6 +96,7 @@ class ModelConfig:
 MODEL_ZOO: dict[str, dict[str, Any]] = {
     "sams_vae": {"family": "sams", "guide": "correlated"},
     "sams_vae_mf": {"family": "sams", "guide": "mean_field"},
+    "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", "guide": "correlated"},
     "cpa_vae": {"family": "cpa", "guide": "mean_field"},
     "svae_plus": {"family": "svae_plus", "conditioning": "x"},
     "conditional_vae": {"family": "conditional", "conditioning": "x_dosage"},
@@ -103,9 +121,17 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         mask_init_logits=cfg.mask_init_logits,
         embedding_encoder_hidden=cfg.embedding_encoder_hidden,
         embedding_encoder_layers=cfg.embedding_encoder_layers,
+        mask_estimator=cfg.mask_estimator,
+        mask_baseline_beta=cfg.mask_baseline_beta,
+        temperature_final=cfg.temperature_final,
+        temperature_anneal_steps=cfg.temperature_anneal_steps,
     )
     if cfg.family == "sams":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
+    if cfg.family == "sams_beta_bernoulli":
+        return BetaBernoulliMaskEffect(
+            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **common
+        )
     if cfg.family == "cpa":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)
     if cfg.family == "gpo":

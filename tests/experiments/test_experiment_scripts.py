@@ -100,3 +100,42 @@ def test_mask_recovery_on_the_reference_simulator(tmp_path):
     with pytest.raises(ValueError, match="--set likelihood=normal"):
         _script("mask_recovery").main(["--out", str(tmp_path / "nb"), *REF_SIM, *TINY[2:], "--seeds", "0"])
     assert not (tmp_path / "nb" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_mask_inference_scores_estimators_and_baselines(tmp_path):
+    out = tmp_path / "mi"
+    args = ["--out", str(out), *TINY, "--seeds", "0", "--models", "cpa_vae", "sams_loo", "sams_relaxed"]
+    assert _script("mask_inference").main(args) == 0
+    res = pd.read_csv(out / "results.csv")
+    models = set(res["model"])
+    assert {"cpa_vae", "sams_loo", "sams_relaxed"} <= models
+    assert any(m.startswith("baseline: additive") for m in models)
+    sams = res[res["model"] == "sams_loo"].iloc[0]
+    for col in ("ate_r_combos", "ate_r_cells", "test_iwelbo", "mask_f1", "undecided_mean", "effect_mcc"):
+        assert np.isfinite(sams[col]), col
+    assert 0.0 <= sams["undecided_mean"] <= 1.0
+    assert (out / "summary.md").read_text().strip()
+
+
+@pytest.mark.slow
+def test_mask_estimators_reports_every_estimator(tmp_path):
+    cfg = tmp_path / "est.yaml"
+    cfg.write_text(
+        "estimators: [straight_through, score_function, loo, disarm, relaxed]\n"
+        "reference_estimator: loo\nrelaxed_temperature: 0.5\n"
+        "model: {mask_init_logits: -1.5}\n"
+        "train: {lr: 0.002, mask_lr: 0.05, batch_size: 64, n_particles: 3, val_particles: 3}\n"
+        "small: {seed: 0, warmup_epochs: [0, 1], n_draws: 5, reference_draws: 10}\n"
+    )
+    out = tmp_path / "est"
+    assert _script("mask_estimators").main(["--out", str(out), "--preset", "tiny", "--config", str(cfg)]) == 0
+    res = pd.read_csv(out / "results.csv")
+    assert len(res) == 10 and set(res["estimator"]) == {
+        "straight_through",
+        "score_function",
+        "loo",
+        "disarm",
+        "relaxed",
+    }
+    assert np.isfinite(res[["mean_variance", "median_snr", "seconds_per_step"]].to_numpy()).all()

@@ -27,7 +27,9 @@ def _fit(name, data, seed=0, **train):
     return model, hist
 
 
-@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_mf", "cpa_vae", "svae_plus", "conditional_vae"])
+@pytest.mark.parametrize(
+    "name", ["sams_vae", "sams_vae_mf", "sams_vae_beta_bernoulli", "cpa_vae", "svae_plus", "conditional_vae"]
+)
 def test_every_model_trains_with_decreasing_loss(name, tiny_data, tiny_data_unique):
     data = tiny_data_unique if name == "svae_plus" else tiny_data
     _, hist = _fit(name, data)

@@ -19,7 +19,7 @@ from pyrovae.models.distributions import StraightThroughBernoulli
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
-FAMILIES = ["sams_vae", "sams_vae_mf", "cpa_vae", "svae_plus", "conditional_vae"]
+FAMILIES = ["sams_vae", "sams_vae_mf", "sams_vae_beta_bernoulli", "cpa_vae", "svae_plus", "conditional_vae"]
 
 
 def _build(name, data, **kw):
@@ -111,7 +111,7 @@ def _integrand(model, batch, n, weights, values):
 
 
 @pytest.mark.parametrize("scaling", ["per_treatment", "standard"])
-@pytest.mark.parametrize("name", ["sams_vae", "cpa_vae", "svae_plus"])
+@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_beta_bernoulli", "cpa_vae", "svae_plus"])
 def test_minibatch_objective_is_unbiased(name, scaling, tiny_data, tiny_data_unique):
     """The average of the minibatch objective over all size-B subsets equals the full-data objective."""
     data = _data_for(name, tiny_data, tiny_data_unique)
@@ -165,7 +165,9 @@ def _randomise_variational(model) -> None:
                 p.add_(0.7 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_mf", "cpa_vae", "svae_plus"])
+@pytest.mark.parametrize(
+    "name", ["sams_vae", "sams_vae_mf", "sams_vae_beta_bernoulli", "cpa_vae", "svae_plus"]
+)
 def test_minibatch_objective_matches_independent_full_data_elbo(name, tiny_data, tiny_data_unique):
     """Average of the per_treatment-scaled minibatch integrand over every size-B subset == the full-data
     integrand computed by hand (cells once, trained global rows once), with non-trivial globals."""

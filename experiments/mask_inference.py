@@ -1,0 +1,233 @@
+"""Mask inference protocol: SAMS-VAE with each q(M) estimator against its dense ablation (CPA-VAE).
+
+Per regime (one invocation = one simulated regime: ``--preset``/``--sim-set`` or ``--simulator
+sams_reference``), with the demo's split where the data has combinations (a seeded quarter of the doubles
+held out, test only, plus 10 % held-out cells of every other label; :func:`pyrovae.commands.demo.demo_split`)
+or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE and SAMS-VAE
+with the straight-through (reference), score-function (Pyro TraceGraph_ELBO), leave-one-out and relaxed
+estimators, and the Beta-Bernoulli SAMS-VAE; every model gets the same training budget (the demo's
+epochs and optimiser settings; the seconds are reported, so equal epochs can be read as wall-clock).
+
+Metrics per model and training seed:
+
+- ATE Pearson r and R² (all genes and each perturbation's top-20 by |empirical ATE|) of the held-out
+  combinations (``_combos``; empirical ATE of their cells, all in test) and of the seen perturbations on
+  their held-out test cells (``_cells``);
+- validation and test IWELBO (nats per cell);
+- mask precision / recall / F1 after latent matching, the chance F1 of as many random positives, the
+  number of positives, the effect MCC (:func:`experiments.mask_recovery.structure_metrics`);
+- ``undecided``: the fraction of q(m) in (0.2, 0.8), at the end and averaged over training steps;
+- training seconds.
+
+Usage::
+
+    python experiments/mask_inference.py --out runs/exp/masks_default
+    python experiments/mask_inference.py --out runs/exp/masks_ref --simulator sams_reference \\
+        --set likelihood=normal
+    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.3 n_latent=16
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `experiments` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from experiments import common
+from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
+from pyrovae.data.protocols import cell_split, split_summary
+
+NAME = "mask_inference"
+REFERENCE_MODEL = "cpa_vae"
+METRICS = {
+    "ate_r_combos": "ATE r (held-out combos)",
+    "ate_r2_combos": "ATE R² (combos)",
+    "ate_r_top20_combos": "ATE r top-20 (combos)",
+    "ate_r2_top20_combos": "ATE R² top-20 (combos)",
+    "ate_r_cells": "ATE r (held-out cells)",
+    "ate_r2_cells": "ATE R² (cells)",
+    "val_iwelbo": "val IWELBO",
+    "test_iwelbo": "test IWELBO",
+    "test_iwelbo_vs_cpa": "test IWELBO - CPA",
+    "mask_precision": "mask P",
+    "mask_recall": "mask R",
+    "mask_f1": "mask F1",
+    "mask_chance_f1": "chance F1",
+    "mask_positives": "positives",
+    "undecided_final": "q(m) in (0.2,0.8), end",
+    "undecided_mean": "q(m) in (0.2,0.8), mean over training",
+    "effect_mcc": "effect MCC",
+    "train_s": "train s",
+}
+FMTS = {
+    "val_iwelbo": "{:.1f}",
+    "test_iwelbo": "{:.1f}",
+    "test_iwelbo_vs_cpa": "{:.2f}",
+    "mask_positives": "{:.0f}",
+    "train_s": "{:.0f}",
+}
+
+
+def build_parser():
+    return common.build_parser(NAME, __doc__)
+
+
+def make_split(exp: common.Experiment):
+    """(split, held-out combination labels): the demo's split with combinations, else 80/10/10 cells."""
+    from pyrovae.commands.demo import demo_split
+    from pyrovae.data.dosage import build_dosage, parse_label
+
+    labels, ctrl = exp.labels()
+    _, _, canon = build_dosage(labels, ctrl, exp.args.combo_sep)
+    canon = np.asarray(canon).astype(str)
+    if any(len(parse_label(x, ctrl, exp.args.combo_sep)) > 1 for x in set(canon)):
+        split, held = demo_split(canon, ctrl, exp.args.combo_sep, int(exp.settings["split_seed"]))
+        return split, held, labels, ctrl
+    seed = int(exp.settings["split_seed"])
+    split = cell_split(labels, seed=seed, test_frac=0.1, val_frac=1 / 9, stratify=True)
+    return split, [], labels, ctrl
+
+
+class MaskTracker:
+    """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits)."""
+
+    def __init__(self):
+        self.fractions: list[float] = []
+
+    def __call__(self, model) -> None:
+        import torch
+
+        logits = getattr(model.effect, "q_mask_logits", None)
+        if logits is None or not logits.requires_grad:
+            return
+
+        def hook(grad, logits=logits):
+            p = torch.sigmoid(logits.detach())
+            self.fractions.append(float(((p > 0.2) & (p < 0.8)).float().mean()))
+            return grad
+
+        logits.register_hook(hook)
+
+    def summary(self) -> dict[str, float]:
+        if not self.fractions:
+            return {}
+        return {"undecided_final": self.fractions[-1], "undecided_mean": float(np.mean(self.fractions))}
+
+
+def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[str]) -> dict[str, float]:
+    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells."""
+    from pyrovae.infer.predictive import Posterior
+
+    ev = exp.settings["eval"]
+    post = Posterior.from_run(run)
+    k = int(ev["top_k"])
+    test = data.indices("test")
+    out: dict[str, float] = {}
+    for perts, suffix in ((held, "_combos"), (seen, "_cells")):
+        if not perts:
+            continue
+        pred = post.model_ate(
+            list(perts),
+            n_samples=int(ev["ate_samples"]),
+            library_size=float(ev["library_size"]),
+            seed=int(ev["eval_seed"]),
+            chunk=int(ev["ate_chunk"]),
+            transform=common.ate_transform(data),
+        )
+        out.update(common.ate_scores(common.empirical_ates(data, perts, test), pred, k, suffix=suffix))
+    return out
+
+
+def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[str]) -> None:
+    """One results row per trivial ATE predictor (training cells only; pyrovae.evaluate.ate.baseline_ates):
+    the per-perturbation training mean and the additive sum of the singles, scored like the models."""
+    from pyrovae.evaluate.ate import baseline_ates
+
+    k = int(exp.settings["eval"]["top_k"])
+    test = data.indices("test")
+    rows = {name: {"model": common.BASELINE_NAMES.get(name, name)} for name in ("train_mean", "additive")}
+    for perts, suffix in ((held, "_combos"), (seen, "_cells")):
+        if not perts:
+            continue
+        truth = common.empirical_ates(data, perts, test)
+        preds = baseline_ates(data, list(perts), method=common.ate_transform(data))
+        for name, row in rows.items():
+            row.update(common.ate_scores(truth, preds[name], k, suffix=suffix))
+    for row in rows.values():
+        exp.record(row)
+
+
+def summarise(exp: common.Experiment, held: list[str]) -> str:
+    res = exp.results_frame()
+    for metric in ("val_iwelbo", "test_iwelbo"):
+        res = common.add_relative(res, metric, {"model": REFERENCE_MODEL}, name=f"{metric}_vs_cpa")
+    common.write_frame(exp.out / "results.csv", res)
+    metrics = {k: v for k, v in METRICS.items() if k in res.columns}
+    order = exp.models + [m for m in res["model"].unique() if m not in exp.models]
+    agg = common.aggregate(res, ["model"], list(metrics), order={"model": order})
+    table = common.format_summary(agg, ["model"], metrics, FMTS).rename(columns={"n": "seeds"})
+    n_true = res["mask_true_positives"].dropna() if "mask_true_positives" in res else []
+    notes = [
+        f"{exp.source['description']}; budget {exp.settings['budget']} (every model: "
+        f"{exp.settings['train'].get('max_epochs')} epochs, the same optimiser settings); training seeds "
+        f"{exp.seeds}; split seed {exp.settings['split_seed']}.",
+        (f"held-out combinations (test only): {', '.join(held)}; " if held else "no combinations; ")
+        + "held-out cells: the test cells (10 %) of every seen perturbation.",
+        "ATE: model ATE from q against the empirical ATE of the held-out (test) cells; "
+        f"{exp.settings['eval']['ate_samples']} samples.",
+        "Mask metrics after latent matching, estimated mask = q(m) > 0.5"
+        + (f"; {int(n_true.iloc[0])} planted positives." if len(n_true) else ".")
+        + " chance F1: as many random positives, matched the same way.",
+        "IWELBO: nats per cell; '- CPA' is the paired difference to CPA-VAE of the same seed (> 0: better).",
+    ]
+    return exp.write_table("summary", table, "Mask inference: estimators against CPA-VAE", notes, raw=agg)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    exp = common.Experiment(NAME, args)
+    truth = planted_truth(exp)
+    exp.settings["model"].setdefault("n_latent", int(np.asarray(truth["masks"]).shape[1]))
+    split, held, labels, ctrl = make_split(exp)
+    data = exp.load(split)
+    rows = truth_rows(data, truth)
+    seen = data.groups("train")
+    exp.log(
+        f"split: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
+        f"{len(data.indices('test'))} test cells; {len(held)} held-out combinations, {len(seen)} seen labels"
+    )
+    score_baselines(exp, data, held, seen)
+    for seed in exp.seeds:
+        for model in exp.models:
+            mcfg, tcfg = exp.configs(model, seed=seed)
+            tracker = MaskTracker()
+
+            def extra(run, seed=seed, tracker=tracker):
+                out = structure_metrics(run, truth, rows, seed)
+                out.update(tracker.summary())
+                out.update(ate_metrics(exp, run, data, held, seen))
+                return out
+
+            exp.fit_and_score(
+                data,
+                model,
+                mcfg,
+                tcfg,
+                f"seed{seed}/{model}",
+                None,
+                {"model": model, "seed": seed},
+                extra=extra,
+                prepare=tracker,
+            )
+    md = summarise(exp, held)
+    exp.finish({"split": split_summary(split, labels, ctrl, args.combo_sep), "heldout_combinations": held})
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
