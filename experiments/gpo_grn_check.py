@@ -161,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def unseen_check(run, data, held, n_pert, n_samples, seed):
     """ATE of the held-out perturbations (test cells vs test controls) against: the GRN-based prediction
-    (GRNPosterior), the prior fallback (Posterior), zero (the control state, what the reference's
+    (``Posterior``, whose GPO block transfers unseen rows through the GRN), the prior fallback
+    (``Posterior(transfer=False)``), zero (the control state, what the reference's
     mask_test predicts) and the mean ATE of the seen single perturbations on the training cells."""
     import pandas as pd
 
     from pyrovae.evaluate.ate import ate_table, empirical_ate
-    from pyrovae.evaluate.grn_export import GRNPosterior
     from pyrovae.infer.predictive import Posterior
 
     te = data.indices("test")
@@ -180,8 +180,8 @@ def unseen_check(run, data, held, n_pert, n_samples, seed):
         data.rows(tr), data.labels[tr], data.control_label, groups=seen, genes=data.genes
     )
     preds = {
-        "gpo_grn_prediction": GRNPosterior.from_run(run, unseen=held).model_ate(groups, n_samples, seed=seed),
-        "prior_fallback": Posterior.from_run(run).model_ate(groups, n_samples, seed=seed),
+        "gpo_grn_prediction": Posterior.from_run(run).model_ate(groups, n_samples, seed=seed),
+        "prior_fallback": Posterior.from_run(run, transfer=False).model_ate(groups, n_samples, seed=seed),
         "zero_effect": pd.DataFrame(0.0, index=truth.index, columns=truth.columns),
         "seen_mean": pd.DataFrame(
             np.tile(seen_ate.to_numpy().mean(0), (len(groups), 1)), index=truth.index, columns=truth.columns

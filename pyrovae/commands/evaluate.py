@@ -171,6 +171,7 @@ def ate_report(
     model_name: str = "model",
     baselines: bool = True,
     extra_models: dict[str, Any] | None = None,
+    extra_preds: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
 
@@ -178,10 +179,14 @@ def ate_report(
     ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
     held-out combinations only). Baselines are computed from the training cells only.
 
+    ``extra_preds``: further predictions ({name: A x G DataFrame}, rows indexed by label), e.g. the
+    unseen-perturbation baselines of :func:`pyrovae.evaluate.grn.unseen_perturbation_baselines`.
+
     Returns:
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
-        ``perturbations``.
+        ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
     """
     from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
 
@@ -211,6 +216,8 @@ def ate_report(
         )
     if baselines:
         preds.update(baseline_ates(data, perts, method=transform))
+    for name, df in (extra_preds or {}).items():
+        preds[name] = df.loc[perts]
     return {
         "ate_true": ate_true,
         "preds": preds,
@@ -218,6 +225,7 @@ def ate_report(
         "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
         "control_source": control_source,
         "perturbations": perts,
+        "prediction": dict(preds[model_name].attrs.get("prediction", {})),
     }
 
 
@@ -239,6 +247,20 @@ def run_ate(args: argparse.Namespace) -> int:
     if len(rows) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
     post = Posterior.from_run(run)
+    model_name = run.model_cfg.family if args.name is None else args.name
+    unseen = _unseen_labels(post, data, rows)
+    extra_preds = None
+    if unseen:
+        from pyrovae.evaluate.grn import unseen_perturbation_baselines
+
+        names = [t for t, u in zip(post.treatments, post.untrained.tolist()) if u]
+        transform = "perturbseq" if run.model.likelihood != "normal" else "mean"
+        # rows of the seen labels stay NaN: these baselines are about the unseen ones
+        perts = sorted({str(lab) for lab in data.labels[rows]} - {data.control_label})
+        extra_preds = {
+            k: df.reindex(perts)
+            for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
+        }
     rep = ate_report(
         post,
         data,
@@ -247,15 +269,31 @@ def run_ate(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         library_size=args.library,
         seed=args.seed,
-        model_name=run.model_cfg.family if args.name is None else args.name,
+        model_name=model_name,
+        extra_preds=extra_preds,
     )
     table = rep["table"]
+    method_of = rep["prediction"]
+    per_pert = rep["per_perturbation"]
+    per_pert["prediction"] = [
+        method_of.get(p, "trained") if m == model_name else "baseline"
+        for m, p in zip(per_pert["method"], per_pert["perturbation"])
+    ]
+    unseen_table = None
+    if unseen:
+        from pyrovae.evaluate.ate import ate_table
+
+        unseen_table = ate_table(
+            rep["ate_true"].loc[unseen],
+            {k: v.loc[unseen] for k, v in rep["preds"].items() if not v.loc[unseen].isna().all().all()},
+            args.top_k,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
     atomic_write(out_dir / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
-    atomic_write(
-        out_dir / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
-    )
+    atomic_write(out_dir / "ate_per_perturbation.csv", lambda tmp: per_pert.to_csv(tmp, index=False))
+    if unseen_table is not None:
+        atomic_write(out_dir / "ate_metrics_unseen.csv", lambda tmp: unseen_table.to_csv(tmp))
     atomic_write(out_dir / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
     for name, df in rep["preds"].items():
         atomic_write(out_dir / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
@@ -272,6 +310,13 @@ def run_ate(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "perturbations": rep["perturbations"],
             "metrics": table.reset_index().to_dict(orient="records"),
+            "unseen_prediction": {
+                "method": post.untrained_method,
+                "perturbations": {p: method_of.get(p, "trained") for p in unseen},
+            },
+            "metrics_unseen": None
+            if unseen_table is None
+            else unseen_table.reset_index().to_dict(orient="records"),
         },
     )
     fig = None
@@ -287,11 +332,25 @@ def run_ate(args: argparse.Namespace) -> int:
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
     print(markdown_table(table[shown]))
+    if unseen:
+        print(
+            f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
+            f"{model_name} with {post.untrained_method}"
+            + (" (a prior draw: no information about them)" if post.untrained_method == "prior_draw" else "")
+        )
+        print(markdown_table(unseen_table[[c for c in shown if c in unseen_table.columns]]))
     print(
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
-        f"ate_empirical.csv, ate_pred_*.csv{', ate_scatter.png' if fig else ''})"
+        f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"
+        f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
+
+
+def _unseen_labels(post, data, rows: np.ndarray) -> list[str]:
+    """The perturbation labels among ``rows`` with a treatment that has no training cell (sorted)."""
+    perts = sorted({str(v) for v in data.labels[rows]} - {data.control_label})
+    return [p for p, m in post.prediction_methods(perts).items() if m != "trained"] if perts else []
 
 
 def _slug(name: str) -> str:
@@ -316,6 +375,7 @@ def run_sample(args: argparse.Namespace) -> int:
     adata = post.predict(
         args.perturbation, n_cells=args.n_cells, library_size=args.library, data=data, seed=args.seed
     )
+    unseen = {k: v for k, v in adata.uns["pyrovae_sample"]["prediction"].items() if v != "trained"}
     adata.uns["pyrovae_sample"]["run"] = str(args.run)
     atomic_write(out, lambda tmp: adata.write_h5ad(tmp))
     counts = ", ".join(f"{k}: {v}" for k, v in adata.obs["perturbation"].value_counts(sort=False).items())
@@ -323,6 +383,12 @@ def run_sample(args: argparse.Namespace) -> int:
         f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes "
         f"({counts}; library size {args.library}, seed {args.seed})"
     )
+    if unseen:
+        print(
+            f"unseen perturbations (a treatment with no training cell): {', '.join(sorted(unseen))}; "
+            f"predicted "
+            f"with {post.untrained_method} (obs['prediction'], uns['pyrovae_sample']['prediction'])"
+        )
     return 0
 
 

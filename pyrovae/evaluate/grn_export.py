@@ -11,8 +11,10 @@ columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, t
   the sparsity penalty); the two are never pooled in a metric;
 - self-loops are dropped unless asked for (a knockdown trivially "regulates" its own target).
 
-Unseen perturbations: :func:`gpo_unseen_globals` / :class:`GRNPosterior` (see their docstrings and
-:mod:`pyrovae.data.gpo` for what the model can and cannot do for a perturbation it never saw).
+Unseen perturbations: the GPO block's ``predict_untrained`` hook (:func:`pyrovae.models.effects.grn_transfer`)
+makes every :class:`~pyrovae.infer.predictive.Posterior` of a GPO-VAE run predict them from the GRN;
+:func:`gpo_unseen_globals` exposes it with chosen row sets (see :mod:`pyrovae.data.gpo` for what the model
+can and cannot do for a perturbation it never saw).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.models.effects import grn_transfer
 from pyrovae.models.skeleton import PerturbationVAE
 
 BLOCKS = ("perturbed", "extended")
@@ -262,96 +265,20 @@ def gpo_unseen_globals(
 ) -> dict[str, torch.Tensor]:
     """n draws of the global sites in which the rows of ``unseen`` perturbations are predicted from the GRN.
 
-    For an unseen perturbation of gene j (no training cell, so its E_j row got no ELBO signal):
-
-    - mask row M_j ~ q(M_j) = Bernoulli(sigmoid(W_j)): gene j's outgoing GRN edges, trained only through the
-      K-hop terms of the GRN loss (paths t -> j -> k of seen perturbations t) and the sparsity penalty;
-      with ``self_effect`` M_jj = 1 (a CRISPR perturbation acts on its own target gene);
-    - effect row E_j, coordinate k: the mean of E_tk over the seen perturbations t whose (same-draw) masks
-      reach both j and k (M_tj = M_tk = 1): how gene k's coordinate moves when a seen perturbation moves j
-      and k together. Where no seen perturbation reaches j and k, the mean of E_tk over seen t with
-      M_tk = 1; where none acts on k, 0.
-
-    The prediction is z_p = d (E ⊙ M) with these rows, exactly as for seen perturbations, so combinations
-    that include an unseen gene also work. Rows that are neither seen nor in ``unseen`` (e.g. extended
-    genes) are drawn from the prior as usual. What this cannot do: learn anything about j that no seen
-    perturbation's path through j reveals; the W_j row gets only 1/T-scaled gradients (see
-    :mod:`pyrovae.data.gpo`).
-
-    Args:
-        model: a GPO-VAE model.
-        unseen: (T,) bool, rows to predict.
-        n: number of global draws.
-        seen: (T,) bool, rows trained on data (default: every row not in ``unseen``).
+    :func:`pyrovae.models.effects.grn_transfer` (see there) on ``model.sample_globals(n, untrained=...)``:
+    rows that are neither ``seen`` nor ``unseen`` (default: none) come from the prior; ``unseen`` rows are
+    transferred. :class:`~pyrovae.infer.predictive.Posterior` does the same for every untrained row of a
+    GPO-VAE run through the block's public ``predict_untrained`` hook; this function lets a caller choose
+    the row sets.
 
     Returns:
         dict of global samples like :meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals`,
         ``mask`` and ``E`` of shape (n, T, T).
     """
     grn_logits(model)  # raises for non-GPO models
-    dev = model.effect.q_mask_logits.device
+    w = model.effect.q_mask_logits
+    dev = w.device
     unseen = torch.as_tensor(np.asarray(unseen, dtype=bool), device=dev)
     seen_t = ~unseen if seen is None else torch.as_tensor(np.asarray(seen, dtype=bool), device=dev) & ~unseen
-    other = ~(unseen | seen_t)
-    g = model.sample_globals(n, untrained=other if bool(other.any()) else None)
-    mask, E = g["mask"].clone(), g["E"].clone()
-    if not bool(unseen.any()):
-        return g
-    s_idx = torch.nonzero(seen_t).reshape(-1)
-    ms, es = mask[:, s_idx], E[:, s_idx]  # (n, S, T)
-    me = ms * es
-    # fallback: mean effect on coordinate k over seen rows acting on k
-    cnt_k = ms.sum(1)  # (n, T)
-    fb = torch.where(cnt_k > 0, me.sum(1) / cnt_k.clamp_min(1.0), torch.zeros_like(cnt_k))
-    for j in torch.nonzero(unseen).reshape(-1).tolist():
-        a = ms[:, :, j : j + 1]  # (n, S, 1) seen rows reaching j
-        num = (a * me).sum(1)
-        den = (a * ms).sum(1)
-        E[:, j] = torch.where(den > 0, num / den.clamp_min(1.0), fb)
-        if self_effect:
-            mask[:, j, j] = 1.0
-    g["mask"], g["E"] = mask, E
-    return g
-
-
-def _posterior_base():
-    from pyrovae.infer.predictive import Posterior
-
-    return Posterior
-
-
-class GRNPosterior(_posterior_base()):  # type: ignore[misc]
-    """A :class:`~pyrovae.infer.predictive.Posterior` whose untrained *perturbed-gene* rows are predicted by
-    :func:`gpo_unseen_globals` instead of being drawn from the prior.
-
-    Args:
-        unseen: (T,) bool or names of the perturbations to predict from the GRN (default: the untrained
-            treatments among the first ``n_perturbed``; extended genes stay on the prior unless named).
-    """
-
-    def __init__(self, model, schema, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
-        super().__init__(model, schema)
-        T = len(self.treatments)
-        trained = torch.as_tensor(schema["train_treatment_counts"]) > 0
-        if unseen is None:
-            unseen = ~trained
-            if n_perturbed is not None:
-                unseen[n_perturbed:] = False
-        elif len(unseen) and isinstance(next(iter(unseen)), str):
-            pos = {t: i for i, t in enumerate(self.treatments)}
-            bad = [u for u in unseen if u not in pos]
-            if bad:
-                raise ValueError(f"unknown treatment(s) {bad}")
-            m = torch.zeros(T, dtype=torch.bool)
-            m[[pos[u] for u in unseen]] = True
-            unseen = m
-        self.unseen = torch.as_tensor(np.asarray(unseen, dtype=bool)).to(self.device)
-        self.seen = trained.to(self.device) & ~self.unseen
-        self.self_effect = self_effect
-
-    @classmethod
-    def from_run(cls, run, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
-        return cls(run.model, run.schema, unseen, n_perturbed, self_effect)
-
-    def _draw_globals(self, n: int) -> dict[str, torch.Tensor]:
-        return gpo_unseen_globals(self.model, self.unseen, n, seen=self.seen, self_effect=self.self_effect)
+    g = model.sample_globals(n, untrained=~seen_t if bool((~seen_t).any()) else None)
+    return grn_transfer(g, w, unseen, seen_t, self_effect=self_effect)
