@@ -722,6 +722,15 @@ def propagate_knockdown(direct: np.ndarray, knock: np.ndarray, hops: int = 3) ->
     return out
 
 
+def _cut_inputs(direct: np.ndarray, j: int | None) -> np.ndarray:
+    """B without the edges into gene j: an intervention fixes j's shift (an estimated B may have cycles)."""
+    if j is None:
+        return direct
+    out = direct.copy()
+    out[:, j] = 0.0
+    return out
+
+
 def unseen_perturbation_baselines(
     data,
     perturbations: Sequence[str],
@@ -744,7 +753,7 @@ def unseen_perturbation_baselines(
     - ``grn_deconvolved``: the same knock-down pushed (:func:`propagate_knockdown`) through the direct
       effects B of :func:`deconvolved_grn`, fitted on the seen perturbations' ATEs (targets: every gene;
       regulators: the GRN ``nodes``), so j's outgoing edges are estimated from how its shift co-varies with
-      the other genes' across the seen interventions.
+      the other genes' across the seen interventions; the edges into j are cut (the intervention fixes j).
 
     Args:
         data: :class:`~pyrovae.data.anndata.PerturbationData` (read with the run's schema).
@@ -790,7 +799,7 @@ def unseen_perturbation_baselines(
         "zero_effect": lambda j: np.zeros(G),
         "seen_mean": lambda j: ate.mean(0) if len(ate) else np.zeros(G),
         "grn_de": knock,
-        "grn_deconvolved": lambda j: propagate_knockdown(direct, knock(j)),
+        "grn_deconvolved": lambda j: propagate_knockdown(_cut_inputs(direct, gpos.get(j)), knock(j)),
     }
     seen_pos = {t: i for i, t in enumerate(singles)}
     out = {}

@@ -148,7 +148,8 @@ class Posterior:
             shown = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
             warnings.warn(
                 f"{len(bad)} perturbation(s) have a treatment with no training cell ({shown}); their "
-                f"prediction is {how}. Only GPO-VAE predicts unseen perturbations (from its GRN).",
+                f"prediction is {how}. GPO-VAE predicts unseen perturbations from its GRN "
+                "(Posterior(..., transfer=True), the default).",
                 UserWarning,
                 stacklevel=3,
             )

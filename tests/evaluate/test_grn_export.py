@@ -190,3 +190,42 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
     assert _main(["grn", str(run.path), "--out", str(out)]) == 2
     assert _main(["grn", str(run.path), "--out", str(out), "--overwrite", "--self-loops"]) == 0
     assert len(pd.read_csv(out)) == T * T
+
+
+def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    from pyrovae.data.simulate import simulate_perturbseq
+
+    h5ad = tmp_path / "tiny.h5ad"
+    simulate_perturbseq("tiny", seed=0).write_h5ad(h5ad)
+    run_dir = tmp_path / "gpo"
+    opts = "max_epochs=2 n_latent=4 decoder_hidden=16 encoder_hidden=16 embedding_encoder_hidden=16"
+    argv = ["train", "--data", str(h5ad), "--model", "gpo_vae", "--out", str(run_dir), "--quiet"]
+    argv += ["--holdout-perturbations", "PG02", "--qc-key", "low_quality", "--set", *opts.split()]
+    assert _main(argv) == 0
+    capsys.readouterr()
+    assert _main(["ate", str(run_dir), "--data", str(h5ad), "--n-samples", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted by gpo with grn_transfer" in text
+    out = run_dir / "ate_test"
+    summary = json.loads((out / "ate_summary.json").read_text())
+    unseen = summary["unseen_prediction"]
+    assert unseen["method"] == "grn_transfer" and "PG02" in unseen["perturbations"]
+    assert set(unseen["perturbations"].values()) == {"grn_transfer"}
+    table = pd.read_csv(out / "ate_metrics_unseen.csv", index_col=0)
+    assert {"gpo", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved"} <= set(table.index)
+    assert (table["n_perturbations"] == len(unseen["perturbations"])).all()
+    per = pd.read_csv(out / "ate_per_perturbation.csv")
+    model_rows = per[per["method"] == "gpo"].set_index("perturbation")["prediction"]
+    assert model_rows["PG02"] == "grn_transfer" and model_rows["PG01"] == "trained"
+    s = tmp_path / "s.h5ad"
+    assert (
+        _main(["sample", str(run_dir), "--perturbation", "PG02", "PG01", "--n-cells", "4", "--out", str(s)])
+        == 0
+    )
+    assert "PG02; predicted with grn_transfer" in capsys.readouterr().out
+    cells = ad.read_h5ad(s)
+    assert cells.obs["prediction"].tolist() == ["grn_transfer"] * 4 + ["trained"] * 4

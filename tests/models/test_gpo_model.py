@@ -133,3 +133,99 @@ def test_trains_with_penalties_on_tiny_simulation(tiny_gpo_data, name):
         assert model.effect.q_mask_logits.shape == (data.n_treatments, data.n_treatments)
     for p in model.parameters():
         assert torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------------------ unseen perturbations
+def _schema(T: int, G: int, counts: list[int]) -> dict:
+    return {
+        "genes": [f"g{j}" for j in range(G)],
+        "treatments": [f"P{t}" for t in range(T)],
+        "control_label": "control",
+        "sep": "+",
+        "train_treatment_counts": counts,
+    }
+
+
+def _gpo_with_grn(T: int = 4, G: int = 6):
+    model = _gpo(T, G)
+    w = torch.full((T, T), -20.0)
+    w[0, 1] = w[0, 2] = 20.0  # seen P0 reaches P1 and P2
+    w[1, 2] = 20.0  # seen P1 reaches P2
+    w[2, 3] = 20.0  # unseen P2 -> P3 (trained only through K-hop paths)
+    with torch.no_grad():
+        model.effect.q_mask_logits.copy_(w)
+    return model
+
+
+def test_posterior_predicts_unseen_perturbations_by_grn_transfer():
+    import warnings
+
+    from pyrovae.infer.predictive import Posterior
+
+    model = _gpo_with_grn()
+    schema = _schema(4, 6, [10, 10, 0, 0])  # P2 held out, P3 never perturbed
+    post = Posterior(model, schema)
+    assert post.untrained_method == "grn_transfer"
+    assert post.prediction_methods(["P0", "P2", "P0+P2", "control"]) == {
+        "P0": "trained",
+        "P2": "grn_transfer",
+        "P0+P2": "grn_transfer",
+        "control": "trained",
+    }
+    g = post.global_samples(50, seed=3)
+    m, e = torch.as_tensor(g["mask"]), torch.as_tensor(g["E"])
+    # the unseen row's mask is its GRN row (P2 -> P3) plus the self effect; seen rows are q's draws
+    torch.testing.assert_close(m[:, 2], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(50, 4))
+    torch.testing.assert_close(m[:, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]).expand(50, 4))
+    # effect on P2's own coordinate: the mean over the seen rows reaching P2 (P0 and P1)
+    torch.testing.assert_close(e[:, 2, 2], (e[:, 0, 2] + e[:, 1, 2]) / 2)
+    # P3's coordinate: no seen row acts on it, so 0
+    torch.testing.assert_close(e[:, 2, 3], torch.zeros(50))
+    # the same seed gives the same draws; the prior-draw control differs on the unseen row only
+    np.testing.assert_array_equal(post.global_samples(50, seed=3)["E"], g["E"])
+    prior = Posterior(model, schema, transfer=False)
+    assert prior.untrained_method == "prior_draw"
+    gp = prior.global_samples(50, seed=3)
+    np.testing.assert_array_equal(gp["E"][:, :2], g["E"][:, :2])
+    assert not np.allclose(gp["E"][:, 2], g["E"][:, 2])
+    # every output states the method; GPO's transfer does not warn, the prior draw does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ate = post.model_ate(["P0", "P2"], n_samples=20, seed=0)
+        cells = post.predict(["P2", "control"], n_cells=3, seed=0)
+    assert ate.attrs["prediction"] == {"P0": "trained", "P2": "grn_transfer"}
+    assert cells.obs["prediction"].tolist() == ["grn_transfer"] * 3 + ["trained"] * 3
+    assert cells.uns["pyrovae_sample"]["prediction"] == {"P2": "grn_transfer", "control": "trained"}
+    with pytest.warns(UserWarning, match="prior"):
+        assert prior.model_ate(["P2"], n_samples=20).attrs["prediction"] == {"P2": "prior_draw"}
+    # the unseen prediction is not the prior's: the transfer moves P2's own coordinate like P0 and P1 do
+    with pytest.warns(UserWarning, match="prior"):
+        assert not np.allclose(ate.loc["P2"], prior.model_ate(["P2"], n_samples=20).loc["P2"])
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("sams_vae", "prior_draw"),
+        ("cpa_vae", "prior_draw"),
+        ("svae_plus", "no_shift"),
+        ("conditional_vae", "untrained_weights"),
+    ],
+)
+def test_every_model_states_how_it_predicts_unseen_perturbations(name, method):
+    from pyrovae.infer.predictive import Posterior
+
+    cfg = model_config(name, n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
+    model = build_model(cfg, 6, 3, seed=0)
+    post = Posterior(model, _schema(3, 6, [5, 5, 0]))
+    assert model.effect.untrained_method() == method and post.untrained_method == method
+    assert post.prediction_methods(["P0", "P2"]) == {"P0": "trained", "P2": method}
+    if method in ("prior_draw", "untrained_weights"):
+        with pytest.warns(UserWarning, match="no training cell"):
+            post.model_ate(["P2"], n_samples=5)
+    # a trained perturbation never warns
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        post.model_ate(["P0"], n_samples=5)
