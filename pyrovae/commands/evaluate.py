@@ -283,11 +283,20 @@ def run_ate(args: argparse.Namespace) -> int:
     if unseen:
         from pyrovae.evaluate.ate import ate_table
 
-        unseen_table = ate_table(
-            rep["ate_true"].loc[unseen],
-            {k: v.loc[unseen] for k, v in rep["preds"].items() if not v.loc[unseen].isna().all().all()},
-            args.top_k,
-        )
+        # unseen singles apart from combinations with an unseen member (whose seen member carries signal)
+        groups = {
+            "all unseen": unseen,
+            "unseen singles": [p for p in unseen if data.sep not in p],
+            "combinations with an unseen member": [p for p in unseen if data.sep in p],
+        }
+        parts = {}
+        for group, labs in groups.items():
+            if labs and (group == "all unseen" or len(labs) < len(unseen)):
+                preds = {
+                    k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()
+                }
+                parts[group] = ate_table(rep["ate_true"].loc[labs], preds, args.top_k)
+        unseen_table = pd.concat(parts, names=["group"])
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
     atomic_write(out_dir / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
@@ -338,7 +347,9 @@ def run_ate(args: argparse.Namespace) -> int:
             f"{model_name} with {post.untrained_method}"
             + (" (a prior draw: no information about them)" if post.untrained_method == "prior_draw" else "")
         )
-        print(markdown_table(unseen_table[[c for c in shown if c in unseen_table.columns]]))
+        for group, part in unseen_table.groupby(level="group", sort=False):
+            print(f"{group}:")
+            print(markdown_table(part.droplevel("group")[[c for c in shown if c in part.columns]]))
     print(
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
         f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"

@@ -519,10 +519,12 @@ def statistical_evaluation(
 # ------------------------------------------------------------------------------- per-block scores
 
 
-def _flat_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+def _flat_scores(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
     n_true, n_cand = int(y.sum()), int(y.size)
     tp_k = _expected_tp_at(y, s, n_true)
     k_eff = min(n_true, n_cand)
+    pred = s > threshold
+    n_pred, tp = int(pred.sum()), float(y[pred].sum())
     return {
         "auroc": auroc(y, s),
         "auprc": average_precision(y, s),
@@ -530,6 +532,10 @@ def _flat_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
         "precision_at_k": tp_k / k_eff if k_eff else float("nan"),
         "recall_at_k": tp_k / n_true if n_true else float("nan"),
         "k": float(n_true),
+        "precision": tp / n_pred if n_pred else 0.0,
+        "recall": tp / n_true if n_true else 0.0,
+        "n_pred_edges": float(n_pred),
+        "n_true_edges": float(n_true),
         "n_candidates": float(n_cand),
     }
 
@@ -539,6 +545,7 @@ def score_blocks(
     scores: np.ndarray,
     n_perturbed: int,
     signs: np.ndarray | None = None,
+    threshold: float = 0.5,
 ) -> pd.DataFrame:
     """Edge scores against a true adjacency, per block of the GRN, self-loops excluded.
 
@@ -548,7 +555,8 @@ def score_blocks(
     density), precision_at_k / recall_at_k at k = the block's number of true edges (ties split, see
     :func:`score_grn`), and with ``signs`` (a signed (n, n) estimate, e.g. DE shifts or deconvolved
     effects) ``sign_accuracy``: the fraction of the block's true edges whose estimated sign matches the
-    truth's (NaN without signs or true edges; a zero estimate counts as wrong).
+    truth's (NaN without signs or true edges; a zero estimate counts as wrong); and precision, recall and
+    n_pred_edges of the scores above ``threshold`` (meaningful for probabilities, e.g. sigma(W) > 0.5).
 
     Args:
         adjacency_true: (n, n) weighted or 0/1 adjacency, row = parent.
@@ -581,7 +589,7 @@ def score_blocks(
         if not sel.any():
             continue
         y = (truth[sel] != 0).astype(np.float64)
-        row: dict[str, Any] = {"block": name, **_flat_scores(y, s[sel])}
+        row: dict[str, Any] = {"block": name, **_flat_scores(y, s[sel], threshold)}
         if signs is not None and y.sum():
             t, e = truth[sel][y > 0], np.asarray(signs, dtype=np.float64)[sel][y > 0]
             row["sign_accuracy"] = float((np.sign(e) == np.sign(t)).mean())

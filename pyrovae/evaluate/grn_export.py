@@ -143,36 +143,56 @@ def edge_counts(edges: pd.DataFrame, threshold: float = 0.5) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------ scoring
 def _truth_on(nodes: Sequence[str], ground_truth: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(true adjacency restricted/reordered to ``nodes`` ∩ GRN genes, positions of those nodes)."""
+    """(true weighted adjacency restricted/reordered to ``nodes`` ∩ GRN genes, positions of those nodes)."""
     genes = [str(g) for g in np.asarray(ground_truth["grn_genes"]).reshape(-1)]
-    adj = np.asarray(ground_truth["grn_adjacency"])
+    adj = np.asarray(ground_truth["grn_adjacency"], dtype=np.float64)
     pos = {g: i for i, g in enumerate(genes)}
     keep = [i for i, n in enumerate(nodes) if n in pos]
     sel = [pos[nodes[i]] for i in keep]
-    return (adj[np.ix_(sel, sel)] != 0).astype(np.int8), np.asarray(keep, dtype=np.int64)
+    return adj[np.ix_(sel, sel)], np.asarray(keep, dtype=np.int64)
+
+
+#: block names of :func:`score_matrix` -> those of :func:`pyrovae.evaluate.grn.score_blocks`.
+SCORE_BLOCKS = {
+    "perturbed": "perturbed->perturbed",
+    "perturbed->extended": "perturbed->extended",
+    "grn_genes": "all",
+}
 
 
 def score_matrix(
-    probs: np.ndarray, nodes: Sequence[str], ground_truth: dict[str, Any], n_perturbed: int
+    probs: np.ndarray,
+    nodes: Sequence[str],
+    ground_truth: dict[str, Any],
+    n_perturbed: int,
+    signs: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score a (T, T) edge-score matrix against the planted GRN on two node sets.
+    """Score a (T, T) edge-score matrix against the planted GRN, per block.
 
-    ``"perturbed"``: the perturbed genes that are GRN genes of the truth; ``"grn_genes"``: every node that
-    is a GRN gene of the truth (perturbed and extended). Self-loops excluded. Returns
-    ``{block: evaluate.grn.score_grn(...)}``.
+    Nodes: those of ``nodes`` that are GRN genes of the truth (the first ``n_perturbed`` of ``nodes`` are
+    perturbed genes). Blocks: ``"perturbed"`` (perturbed -> perturbed), ``"perturbed->extended"`` and
+    ``"grn_genes"`` (every pair). Self-loops excluded. Returns ``{block: metrics}`` with the metrics of
+    :func:`pyrovae.evaluate.grn.score_blocks` (AUROC, AUPRC, precision/recall at the true edge count and at
+    0.5, ``sign_accuracy`` with ``signs``).
     """
-    from pyrovae.evaluate.grn import score_grn
+    from pyrovae.evaluate.grn import score_blocks
 
     nodes = [str(n) for n in nodes]
-    out: dict[str, dict[str, float]] = {}
     truth, keep = _truth_on(nodes, ground_truth)
-    blocks = {"perturbed": keep < n_perturbed, "grn_genes": np.ones(len(keep), dtype=bool)}
-    for name, sel in blocks.items():
-        if sel.sum() < 2:
-            continue
-        k = keep[sel]
-        out[name] = dict(score_grn(truth[np.ix_(sel, sel)], probs[np.ix_(k, k)], exclude_self_loops=True))
-    return out
+    if len(keep) < 2:
+        return {}
+    sub = np.ix_(keep, keep)
+    table = score_blocks(
+        truth,
+        np.asarray(probs, dtype=np.float64)[sub],
+        int((keep < n_perturbed).sum()),
+        signs=None if signs is None else np.asarray(signs, dtype=np.float64)[sub],
+    ).set_index("block")
+    return {
+        name: {k: float(v) for k, v in table.loc[b].items()}
+        for name, b in SCORE_BLOCKS.items()
+        if b in table.index
+    }
 
 
 def score_run_grn(
@@ -203,21 +223,15 @@ def score_run_grn(
     for block, m in score_matrix(grn_probabilities(run), nodes, ground_truth, n_pert).items():
         rows.append({"method": "gpo_vae", "block": block, **m})
     if baselines and data is not None:
-        for name, scores in baseline_scores(data, nodes, split).items():
-            for block, m in score_matrix(scores, nodes, ground_truth, n_pert).items():
+        signed = baseline_scores(data, nodes, split, signed=True)
+        for name, scores in signed.items():
+            signs = None if name == "correlation" else scores
+            for block, m in score_matrix(np.abs(scores), nodes, ground_truth, n_pert, signs).items():
                 rows.append({"method": name, "block": block, **m})
     if baselines:
-        truth, keep = _truth_on(nodes, ground_truth)
-        for block, sel in {"perturbed": keep < n_pert, "grn_genes": np.ones(len(keep), bool)}.items():
-            sub = truth[np.ix_(sel, sel)]
-            n = sub.shape[0]
-            if n < 2:
-                continue
-            off = ~np.eye(n, dtype=bool)
-            density = float(sub[off].mean())
-            rows.append(
-                {"method": "random", "block": block, "auroc": 0.5, "auprc": density, "random_auprc": density}
-            )
+        density = {r["block"]: r["random_auprc"] for r in rows if r["method"] == "gpo_vae"}
+        for block, d in density.items():
+            rows.append({"method": "random", "block": block, "auroc": 0.5, "auprc": d, "random_auprc": d})
     return pd.DataFrame(rows)
 
 
@@ -231,12 +245,16 @@ def _rows_matrix(data, idx: np.ndarray):
     return data.rows(idx)
 
 
-def baseline_scores(data, nodes: Sequence[str], split: str | None = "train") -> dict[str, np.ndarray]:
+def baseline_scores(
+    data, nodes: Sequence[str], split: str | None = "train", signed: bool = False, ridge: float = 1e-2
+) -> dict[str, np.ndarray]:
     """(T, T) edge scores of the non-model baselines on the ``split`` cells, in ``nodes`` order.
 
     ``correlation``: |Pearson correlation| of log-normalised expression (symmetric, undirected);
     ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
-    cell perturbs are 0). Both from :mod:`pyrovae.evaluate.grn`.
+    cell perturbs are 0); ``deconvolved_de``: the direct effects of a linear structural regression on
+    those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
+    All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE and deconvolved DE keep their signs.
     """
     from pyrovae.data.pairing import log_normalize
     from pyrovae.evaluate import grn as grn_eval
@@ -248,9 +266,15 @@ def baseline_scores(data, nodes: Sequence[str], split: str | None = "train") -> 
     labels = np.asarray(data.labels)[idx]
     out = {}
     out["correlation"] = np.asarray(grn_eval.correlation_grn(y), dtype=np.float64)
-    out["de"] = np.asarray(
-        grn_eval.de_grn(y, labels, [str(n) for n in nodes], data.control_label, data.sep), dtype=np.float64
+    names = [str(n) for n in nodes]
+    shifts = np.asarray(grn_eval.de_grn(y, labels, names, data.control_label, signed=True), dtype=np.float64)
+    present = set(np.asarray(labels).astype(str).tolist())
+    iv = np.asarray(
+        [j for j, n in enumerate(names) if n in present and n != data.control_label], dtype=np.int64
     )
+    direct = grn_eval.deconvolved_grn(shifts[iv], iv, ridge=ridge)
+    out["de"] = shifts if signed else np.abs(shifts)
+    out["deconvolved_de"] = direct if signed else np.abs(direct)
     return out
 
 
@@ -282,3 +306,47 @@ def gpo_unseen_globals(
     seen_t = ~unseen if seen is None else torch.as_tensor(np.asarray(seen, dtype=bool), device=dev) & ~unseen
     g = model.sample_globals(n, untrained=~seen_t if bool((~seen_t).any()) else None)
     return grn_transfer(g, w, unseen, seen_t, self_effect=self_effect)
+
+
+def statistical_scores(
+    run, data, edges: pd.DataFrame, threshold: float, split: str, n_perturbed: int, seed: int = 0
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """CausalBench-style evaluation of a run's perturbed-block edges above ``threshold`` on ``split`` cells.
+
+    Returns ``(res, matched)``: ``res`` = :func:`pyrovae.evaluate.grn.statistical_evaluation` of those
+    edges over the GRN genes (log-normalised expression; every predicted edge, the extended block too, is
+    kept out of the negatives); ``matched`` = :func:`~pyrovae.evaluate.grn.matched_count_evaluation` of
+    GPO-VAE's sigma(W) and the baselines (:func:`baseline_scores` on the training cells) at k = the
+    number of GPO-VAE edges tested, over the perturbed block (``None`` when no edge was tested).
+    """
+    from pyrovae.data.pairing import log_normalize
+    from pyrovae.evaluate.grn import matched_count_evaluation, statistical_evaluation
+
+    idx = data.indices(split)
+    if len(idx) == 0:
+        raise ValueError(f"the {split!r} split has no cells")
+    nodes = list(run.treatments)
+    gene_pos = {g: i for i, g in enumerate(data.genes)}
+    y = log_normalize(_rows_matrix(data, idx), np.asarray([gene_pos[n] for n in nodes]))
+    labels = np.asarray(data.labels)[idx]
+    above = edges[edges["probability"] > threshold]
+    sel, other = above[above["block"] == "perturbed"], above[above["block"] != "perturbed"]
+    pairs = list(zip(sel["source"].astype(str), sel["target"].astype(str)))
+    res = statistical_evaluation(
+        y,
+        labels,
+        nodes,
+        pairs,
+        data.control_label,
+        seed=seed,
+        exclude_edges=list(zip(other["source"].astype(str), other["target"].astype(str))),
+    )
+    res = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in res.items()}
+    matched = None
+    if res["n_tested"]:
+        methods = {"gpo_vae": grn_probabilities(run), **baseline_scores(data, nodes, "train")}
+        children = np.arange(len(nodes)) < n_perturbed
+        matched = matched_count_evaluation(
+            methods, y, labels, nodes, data.control_label, int(res["n_tested"]), children=children, seed=seed
+        )
+    return res, matched

@@ -185,7 +185,10 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
         rtol=1e-5,
     )
     scores = pd.read_csv(tmp_path / "scores.csv")
-    assert {"gpo_vae", "correlation", "de", "random"} <= set(scores["method"])
+    assert {"gpo_vae", "correlation", "de", "deconvolved_de", "random"} <= set(scores["method"])
+    assert {"perturbed", "perturbed->extended", "grn_genes"} <= set(scores["block"])
+    assert scores.loc[scores["method"] == "de", "sign_accuracy"].notna().all()
+    assert "at a matched edge count" in text
     # refuses to overwrite; --overwrite and --self-loops work
     assert _main(["grn", str(run.path), "--out", str(out)]) == 2
     assert _main(["grn", str(run.path), "--out", str(out), "--overwrite", "--self-loops"]) == 0
@@ -215,9 +218,10 @@ def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_p
     unseen = summary["unseen_prediction"]
     assert unseen["method"] == "grn_transfer" and "PG02" in unseen["perturbations"]
     assert set(unseen["perturbations"].values()) == {"grn_transfer"}
-    table = pd.read_csv(out / "ate_metrics_unseen.csv", index_col=0)
+    table = pd.read_csv(out / "ate_metrics_unseen.csv", index_col=[0, 1]).loc["all unseen"]
     assert {"gpo", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved"} <= set(table.index)
     assert (table["n_perturbations"] == len(unseen["perturbations"])).all()
+    assert "unseen singles:" in text
     per = pd.read_csv(out / "ate_per_perturbation.csv")
     model_rows = per[per["method"] == "gpo"].set_index("perturbation")["prediction"]
     assert model_rows["PG02"] == "grn_transfer" and model_rows["PG01"] == "trained"
