@@ -38,6 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grn-weight", type=float, default=100.0)
     p.add_argument("--hops", type=int, default=5)
     p.add_argument(
+        "--hop-norm",
+        default="T",
+        choices=["T", "knockdown"],
+        help="scaling of the k-hop terms (see GRNAlignment)",
+    )
+    p.add_argument("--mask-prior", type=float, default=0.3)
+    p.add_argument(
+        "--sim",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SimulationConfig overrides of the preset, e.g. grn_edge_prob=0.15 n_genes=100",
+    )
+    p.add_argument(
         "--qc-key", default="low_quality", help="obs column with QC failures ('' = compute MAD QC flags)"
     )
     p.add_argument("--pairing-method", default="auto")
@@ -64,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     from pyrovae.models.zoo import model_config
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())) if args.device == "cpu" else 2)
-    adata = simulate_perturbseq(args.preset, seed=args.seed)
+    sim = {}
+    for item in args.sim:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sim takes KEY=VALUE, got {item!r}")
+        sim[key] = float(value) if any(c in value for c in ".e") else int(value)
+    adata = simulate_perturbseq(args.preset, seed=args.seed, **sim)
     truth = ground_truth(adata)
     data = load_perturbation_data(adata, split_seed=args.seed)
     held = [h.strip() for h in args.holdout.split(",") if h.strip()]
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         sparsity_weight=args.sparsity,
         grn_weight=args.grn_weight,
         grn_hops=args.hops,
+        grn_hop_norm=args.hop_norm,
+        mask_prior=args.mask_prior,
     )
     tcfg = TrainConfig(
         lr=args.lr,
@@ -129,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         "auroc",
         "auprc",
         "random_auprc",
+        "precision_at_k",
         "precision",
         "recall",
         "n_pred_edges",
         "n_true_edges",
+        "sign_accuracy",
     ]
     scores = scores[[c for c in cols if c in scores.columns]]
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
