@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -261,17 +262,24 @@ def run_ate(args: argparse.Namespace) -> int:
             k: df.reindex(perts)
             for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
         }
-    rep = ate_report(
-        post,
-        data,
-        rows,
-        top_k=args.top_k,
-        n_samples=args.n_samples,
-        library_size=args.library,
-        seed=args.seed,
-        model_name=model_name,
-        extra_preds=extra_preds,
-    )
+    # a model that transfers (GPO-VAE) is also shown with prior draws on unseen rows: the transfer's worth
+    control = unseen and post.untrained_method != post.model.effect.untrained_method(transfer=False)
+    extra_models = {f"{model_name}_prior_draw": Posterior.from_run(run, transfer=False)} if control else None
+    with warnings.catch_warnings():
+        if control:  # the deliberate prior-draw control; the model itself does not draw from the prior
+            warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
+        rep = ate_report(
+            post,
+            data,
+            rows,
+            top_k=args.top_k,
+            n_samples=args.n_samples,
+            library_size=args.library,
+            seed=args.seed,
+            model_name=model_name,
+            extra_models=extra_models,
+            extra_preds=extra_preds,
+        )
     table = rep["table"]
     method_of = rep["prediction"]
     per_pert = rep["per_perturbation"]

@@ -48,11 +48,13 @@ What a model can do with such a perturbation (N_t = 0 in training):
   effect, i.e. no information about this perturbation.
 - GPO-VAE: its GRN row W_j (gene j's outgoing edges) is *not* entirely untrained. It receives gradient from
   the K-hop terms of the GRN loss through paths t -> j -> k of seen perturbations t (the W^2, W^3, ...
-  terms of S), and from the sparsity penalty. :func:`pyrovae.evaluate.grn_export.gpo_unseen_globals` uses
-  that row for the mask of the unseen perturbation and transfers effect sizes from the seen perturbations
-  (see its docstring). This is a weak signal: the higher-order terms carry 1/T^(k-1) factors and the direct
-  terms of the seen rows absorb most of the residual, so the prediction is only as good as the learned
-  regulators-of-regulators structure. It is no substitute for observing the perturbation.
+  terms of S), and from the sparsity penalty. Its effect block's ``predict_untrained`` hook
+  (:func:`pyrovae.models.effects.grn_transfer`), which every :class:`~pyrovae.infer.predictive.Posterior`
+  of a GPO-VAE run uses (``pyrovae ate`` / ``sample`` included), takes that row for the mask of the unseen
+  perturbation and transfers effect sizes from the seen perturbations (see its docstring). This is a weak
+  signal: the higher-order terms carry 1/T^(k-1) factors and the direct terms of the seen rows absorb most
+  of the residual, so the prediction is only as good as the learned regulators-of-regulators structure.
+  It is no substitute for observing the perturbation.
 """
 
 from __future__ import annotations
@@ -387,8 +389,8 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
     Their dosage columns are kept (unlike the reference's ``mask_test``), cells with no split stay unused,
     and the training normalisation statistics are recomputed on the remaining training cells. The
     perturbations get N_t = 0 in training, so :attr:`~pyrovae.infer.runs.Run.untrained` marks them and
-    prediction uses the prior for them (or, for GPO-VAE,
-    :func:`pyrovae.evaluate.grn_export.gpo_unseen_globals`).
+    prediction uses the prior for them (or, for GPO-VAE, the GRN transfer
+    :func:`pyrovae.models.effects.grn_transfer`); every prediction states which.
 
     Raises ``ValueError`` for names that are not treatment columns, or if no training cell would remain.
     """

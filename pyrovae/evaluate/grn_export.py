@@ -254,7 +254,8 @@ def baseline_scores(
     ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
     cell perturbs are 0); ``deconvolved_de``: the direct effects of a linear structural regression on
     those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
-    All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE and deconvolved DE keep their signs.
+    All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
+    shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
     """
     from pyrovae.data.pairing import log_normalize
     from pyrovae.evaluate import grn as grn_eval
@@ -273,7 +274,9 @@ def baseline_scores(
         [j for j, n in enumerate(names) if n in present and n != data.control_label], dtype=np.int64
     )
     direct = grn_eval.deconvolved_grn(shifts[iv], iv, ridge=ridge)
-    out["de"] = shifts if signed else np.abs(shifts)
+    # an edge's sign is that of the child's shift relative to the perturbed gene's own (knock-down) shift
+    self_sign = np.sign(np.diag(shifts))
+    out["de"] = shifts * np.where(self_sign == 0, 1.0, self_sign)[:, None] if signed else np.abs(shifts)
     out["deconvolved_de"] = direct if signed else np.abs(direct)
     return out
 

@@ -219,7 +219,9 @@ def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_p
     assert unseen["method"] == "grn_transfer" and "PG02" in unseen["perturbations"]
     assert set(unseen["perturbations"].values()) == {"grn_transfer"}
     table = pd.read_csv(out / "ate_metrics_unseen.csv", index_col=[0, 1]).loc["all unseen"]
-    assert {"gpo", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved"} <= set(table.index)
+    assert {"gpo", "gpo_prior_draw", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved"} <= set(
+        table.index
+    )
     assert (table["n_perturbations"] == len(unseen["perturbations"])).all()
     assert "unseen singles:" in text
     per = pd.read_csv(out / "ate_per_perturbation.csv")
