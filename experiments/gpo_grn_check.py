@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--mask-prior", type=float, default=0.3)
     p.add_argument(
+        "--target", default="cell", choices=["cell", "group"], help="GRN alignment target (see GRNAlignment)"
+    )
+    p.add_argument(
         "--sim",
         nargs="*",
         default=[],
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         grn_weight=args.grn_weight,
         grn_hops=args.hops,
         grn_hop_norm=args.hop_norm,
+        grn_target=args.target,
         mask_prior=args.mask_prior,
     )
     tcfg = TrainConfig(

@@ -48,6 +48,8 @@ def path_accumulation(
 
 #: how :class:`GRNAlignment` scales the k-hop terms.
 HOP_NORMS = ("T", "knockdown")
+#: what :class:`GRNAlignment` aligns to: per-cell |delta_x| (the reference) or its per-perturbation mean.
+GRN_TARGETS = ("cell", "group")
 
 
 class GRNAlignment(nn.Module):
@@ -65,7 +67,12 @@ class GRNAlignment(nn.Module):
     the batch's mean self delta_x (detached), so that the paths can explain indirect effects and W keeps
     the direct ones.
 
-    Needs ``batch["delta_x"]`` (B, T).
+    ``target``: ``"cell"`` (the reference) aligns to the per-cell |delta_x|; ``"group"`` (a departure) to
+    ``batch["delta_x_group"]``, the |mean signed paired difference| of the cell's perturbation
+    (:func:`pyrovae.data.gpo.group_delta_x`), which averages the pairing noise out before the absolute
+    value, as |DE| does.
+
+    Needs ``batch["delta_x"]`` (B, T) (and ``batch["delta_x_group"]`` with ``target="group"``).
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class GRNAlignment(nn.Module):
         hops: int = 5,
         sparsity_weight: float = 1.0,
         hop_norm: str = "T",
+        target: str = "cell",
     ):
         super().__init__()
         if hop_norm not in HOP_NORMS:
@@ -85,7 +93,9 @@ class GRNAlignment(nn.Module):
             hops,
             sparsity_weight,
         )
-        self.hop_norm = hop_norm
+        if target not in GRN_TARGETS:
+            raise ValueError(f"unknown grn_target {target!r}; use one of {GRN_TARGETS}")
+        self.hop_norm, self.target = hop_norm, target
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "delta_x" not in batch:
@@ -93,17 +103,22 @@ class GRNAlignment(nn.Module):
                 "GPO-VAE needs delta_x (OT-paired expression differences) in every batch; prepare the data "
                 "with pyrovae.data.gpo.prepare_gpo_data(...)"
             )
+        key = "delta_x" if self.target == "cell" else "delta_x_group"
+        if key not in batch:
+            raise ValueError(
+                f"grn_target={self.target!r} needs {key} in every batch; prepare the data with "
+                "pyrovae.data.gpo.prepare_gpo_data(...) (again, with force=True, for data prepared before)"
+            )
+        dx = batch[key]
         w = model.effect.q_mask_logits
         if self.hop_norm == "T":
             s = k_hop_accumulation(w, self.hops)
         else:
             d = batch["d"]
             n_self = d.sum()
-            self_dx = (
-                (d * batch["delta_x"]).sum() / n_self.clamp_min(1.0) if bool(n_self > 0) else d.new_ones(())
-            )
+            self_dx = (d * dx).sum() / n_self.clamp_min(1.0) if bool(n_self > 0) else d.new_ones(())
             s = path_accumulation(w, self.hops, self_dx.detach().clamp_min(0.1), self.threshold)
-        target = batch["delta_x"] - self.threshold
+        target = dx - self.threshold
         align = (batch["d"] @ s - target).abs().mean()
         sparsity = torch.sigmoid(w).mean()
         return {"grn_alignment": self.weight * align, "grn_sparsity": self.sparsity_weight * sparsity}

@@ -50,6 +50,7 @@ class ModelConfig:
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
     grn_hop_norm: str = "T"  # reference: k-hop terms / T^(k-1); "knockdown": see penalties.GRNAlignment
+    grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
 
     def replace(self, **kw: Any) -> ModelConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -154,7 +155,12 @@ def build_model(
 
         model.penalties.append(
             GRNAlignment(
-                cfg.grn_weight, cfg.grn_threshold, cfg.grn_hops, cfg.sparsity_weight, cfg.grn_hop_norm
+                cfg.grn_weight,
+                cfg.grn_threshold,
+                cfg.grn_hops,
+                cfg.sparsity_weight,
+                cfg.grn_hop_norm,
+                cfg.grn_target,
             )
         )
     return model

@@ -265,3 +265,17 @@ def test_grn_alignment_knockdown_norm_by_hand():
     s = w + a @ a / h + a @ a @ a / h**2
     expect = 2.0 * (d @ s - (dx - 0.5)).abs().mean()
     assert out["grn_alignment"].item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_grn_alignment_group_target():
+    model = _gpo(T=2)
+    d = torch.tensor([[1.0, 0.0]])
+    batch = {"d": d, "delta_x": torch.tensor([[5.0, 5.0]]), "delta_x_group": torch.tensor([[1.0, 0.2]])}
+    w = model.effect.q_mask_logits.detach()
+    out = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0, target="group")(model, batch)
+    expect = (d @ w - (batch["delta_x_group"] - 0.5)).abs().mean()
+    assert out["grn_alignment"].item() == pytest.approx(expect.item())
+    with pytest.raises(ValueError, match="delta_x_group"):
+        GRNAlignment(target="group")(model, {"d": d, "delta_x": batch["delta_x"]})
+    with pytest.raises(ValueError, match="grn_target"):
+        GRNAlignment(target="bad")
