@@ -256,6 +256,9 @@ def baseline_scores(
     those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
     All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
     shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
+    ``paired_de`` (GPO-prepared data only): |mean OT-paired difference| of each perturbation's cells
+    (``extras["delta_x_group"]``, :func:`pyrovae.data.gpo.group_delta_x`), the statistic GPO-VAE's GRN
+    alignment fits with ``grn_target="group"``, computed without any model: what the pairing alone gives.
     """
     from pyrovae.data.pairing import log_normalize
     from pyrovae.evaluate import grn as grn_eval
@@ -278,6 +281,16 @@ def baseline_scores(
     self_sign = np.sign(np.diag(shifts))
     out["de"] = shifts * np.where(self_sign == 0, 1.0, self_sign)[:, None] if signed else np.abs(shifts)
     out["deconvolved_de"] = direct if signed else np.abs(direct)
+    tpos = {str(t): j for j, t in enumerate(data.treatments)}
+    if "delta_x_group" in data.extras and all(n in tpos for n in names):
+        # GPO-VAE's alignment target without the model: |mean OT-paired difference| of each perturbation
+        dxg = np.asarray(data.extras["delta_x_group"])[idx][:, [tpos[n] for n in names]]
+        paired = np.zeros((len(names), len(names)))
+        for j, n in enumerate(names):
+            sel = labels == n
+            if sel.any() and n != data.control_label:
+                paired[j] = dxg[sel].mean(0)
+        out["paired_de"] = paired
     return out
 
 
@@ -312,18 +325,28 @@ def gpo_unseen_globals(
 
 
 def statistical_scores(
-    run, data, edges: pd.DataFrame, threshold: float, split: str, n_perturbed: int, seed: int = 0
+    run,
+    data,
+    edges: pd.DataFrame,
+    threshold: float,
+    split: str,
+    n_perturbed: int,
+    seed: int = 0,
+    max_path_length: int = 3,
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """CausalBench-style evaluation of a run's perturbed-block edges above ``threshold`` on ``split`` cells.
 
     Returns ``(res, matched)``: ``res`` = :func:`pyrovae.evaluate.grn.statistical_evaluation` of those
     edges over the GRN genes (log-normalised expression; every predicted edge, the extended block too, is
-    kept out of the negatives); ``matched`` = :func:`~pyrovae.evaluate.grn.matched_count_evaluation` of
-    GPO-VAE's sigma(W) and the baselines (:func:`baseline_scores` on the training cells) at k = the
-    number of GPO-VAE edges tested, over the perturbed block (``None`` when no edge was tested).
+    kept out of the negatives), with ``res["path_expansion"]`` = {depth: the test of the edges first
+    reached by a path of that many predicted edges} for depths 2..``max_path_length``
+    (:func:`~pyrovae.evaluate.grn.path_expansion`); ``matched`` =
+    :func:`~pyrovae.evaluate.grn.matched_count_evaluation` of GPO-VAE's sigma(W) and the baselines
+    (:func:`baseline_scores` on the training cells) at k = the number of GPO-VAE edges tested, over the
+    perturbed block (``None`` when no edge was tested).
     """
     from pyrovae.data.pairing import log_normalize
-    from pyrovae.evaluate.grn import matched_count_evaluation, statistical_evaluation
+    from pyrovae.evaluate.grn import matched_count_evaluation, path_expansion, statistical_evaluation
 
     idx = data.indices(split)
     if len(idx) == 0:
@@ -345,6 +368,21 @@ def statistical_scores(
         exclude_edges=list(zip(other["source"].astype(str), other["target"].astype(str))),
     )
     res = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in res.items()}
+    # path expansion (the reference's max_path_length = 3): the edges first reached by paths of 2 and 3
+    pos = {n: i for i, n in enumerate(nodes)}
+    adj = np.zeros((len(nodes), len(nodes)), dtype=bool)
+    for a, b in pairs:
+        adj[pos[a], pos[b]] = True
+    depths = {}
+    for depth, new in path_expansion(adj, max_path_length).items():
+        if depth == 1:
+            continue
+        new_pairs = [(nodes[i], nodes[j]) for i, j in np.argwhere(new)]
+        r = statistical_evaluation(y, labels, nodes, new_pairs, data.control_label, seed=seed, n_negative=0)
+        depths[str(depth)] = {
+            k: r[k] for k in ("n_edges", "n_tested", "true_positives", "precision", "mean_wasserstein")
+        }
+    res["path_expansion"] = depths
     matched = None
     if res["n_tested"]:
         methods = {"gpo_vae": grn_probabilities(run), **baseline_scores(data, nodes, "train")}

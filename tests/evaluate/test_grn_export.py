@@ -185,10 +185,10 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
         rtol=1e-5,
     )
     scores = pd.read_csv(tmp_path / "scores.csv")
-    assert {"gpo_vae", "correlation", "de", "deconvolved_de", "random"} <= set(scores["method"])
+    assert {"gpo_vae", "correlation", "de", "deconvolved_de", "paired_de", "random"} <= set(scores["method"])
     assert {"perturbed", "perturbed->extended", "grn_genes"} <= set(scores["block"])
     assert scores.loc[scores["method"] == "de", "sign_accuracy"].notna().all()
-    assert "at a matched edge count" in text
+    assert "at a matched edge count" in text and "path_expansion" in text
     # refuses to overwrite; --overwrite and --self-loops work
     assert _main(["grn", str(run.path), "--out", str(out)]) == 2
     assert _main(["grn", str(run.path), "--out", str(out), "--overwrite", "--self-loops"]) == 0
