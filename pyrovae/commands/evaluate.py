@@ -299,7 +299,7 @@ def run_ate(args: argparse.Namespace) -> int:
         }
         parts = {}
         for group, labs in groups.items():
-            if labs and (group == "all unseen" or len(labs) < len(unseen)):
+            if labs:
                 preds = {
                     k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()
                 }

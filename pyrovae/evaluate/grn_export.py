@@ -225,7 +225,7 @@ def score_run_grn(
     if baselines and data is not None:
         signed = baseline_scores(data, nodes, split, signed=True)
         for name, scores in signed.items():
-            signs = None if name == "correlation" else scores
+            signs = scores if name in SIGNED_BASELINES else None
             for block, m in score_matrix(np.abs(scores), nodes, ground_truth, n_pert, signs).items():
                 rows.append({"method": name, "block": block, **m})
     if baselines:
@@ -243,6 +243,10 @@ def _rows_matrix(data, idx: np.ndarray):
     if isinstance(m, np.ndarray) or sp.issparse(m):
         return m[idx]
     return data.rows(idx)
+
+
+#: baselines of :func:`baseline_scores` that give edge signs (``signed=True``).
+SIGNED_BASELINES = ("de", "deconvolved_de")
 
 
 def baseline_scores(
