@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--mask-prior", type=float, default=0.3)
     p.add_argument(
+        "--mask-lr",
+        type=float,
+        default=None,
+        help="Adam learning rate of the mask logits W (default: --lr). Adam moves each W entry by about lr "
+        "per step, so with few steps W cannot reach its alignment target (see experiments/README.md)",
+    )
+    p.add_argument(
         "--target", default="cell", choices=["cell", "group"], help="GRN alignment target (see GRNAlignment)"
     )
     p.add_argument(
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tcfg = TrainConfig(
         lr=args.lr,
+        mask_lr=args.mask_lr,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
         n_particles=args.particles,
