@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--mask-prior", type=float, default=0.3)
     p.add_argument(
+        "--singles-only", action="store_true", help="GRN alignment on single-perturbation cells only"
+    )
+    p.add_argument(
         "--mask-lr",
         type=float,
         default=None,
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         grn_hops=args.hops,
         grn_hop_norm=args.hop_norm,
         grn_target=args.target,
+        grn_singles_only=args.singles_only,
         mask_prior=args.mask_prior,
     )
     tcfg = TrainConfig(

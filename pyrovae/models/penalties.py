@@ -72,6 +72,11 @@ class GRNAlignment(nn.Module):
     (:func:`pyrovae.data.gpo.group_delta_x`), which averages the pairing noise out before the absolute
     value, as |DE| does.
 
+    ``singles_only`` (a departure): align on single-perturbation cells only. The reference aligns every
+    cell, and on a combination cell d_i S = S_a + S_b is fitted to delta_x - threshold with the threshold
+    subtracted once for two rows, which pulls both rows towards each other's targets (on simulated data
+    with combinations this costs W its lead over |DE|; see experiments/README.md).
+
     Needs ``batch["delta_x"]`` (B, T) (and ``batch["delta_x_group"]`` with ``target="group"``).
     """
 
@@ -83,6 +88,7 @@ class GRNAlignment(nn.Module):
         sparsity_weight: float = 1.0,
         hop_norm: str = "T",
         target: str = "cell",
+        singles_only: bool = False,
     ):
         super().__init__()
         if hop_norm not in HOP_NORMS:
@@ -95,7 +101,7 @@ class GRNAlignment(nn.Module):
         )
         if target not in GRN_TARGETS:
             raise ValueError(f"unknown grn_target {target!r}; use one of {GRN_TARGETS}")
-        self.hop_norm, self.target = hop_norm, target
+        self.hop_norm, self.target, self.singles_only = hop_norm, target, bool(singles_only)
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "delta_x" not in batch:
@@ -119,7 +125,12 @@ class GRNAlignment(nn.Module):
             self_dx = (d * dx).sum() / n_self.clamp_min(1.0) if bool(n_self > 0) else d.new_ones(())
             s = path_accumulation(w, self.hops, self_dx.detach().clamp_min(0.1), self.threshold)
         target = dx - self.threshold
-        align = (batch["d"] @ s - target).abs().mean()
+        resid = (batch["d"] @ s - target).abs()  # (B, T)
+        if self.singles_only:
+            single = (batch["d"] != 0).sum(-1) == 1
+            align = resid[single].mean() if bool(single.any()) else resid.sum() * 0.0
+        else:
+            align = resid.mean()
         sparsity = torch.sigmoid(w).mean()
         return {"grn_alignment": self.weight * align, "grn_sparsity": self.sparsity_weight * sparsity}
 

@@ -51,6 +51,7 @@ class ModelConfig:
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
     grn_hop_norm: str = "T"  # reference: k-hop terms / T^(k-1); "knockdown": see penalties.GRNAlignment
     grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
+    grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
 
     def replace(self, **kw: Any) -> ModelConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -161,6 +162,7 @@ def build_model(
                 cfg.sparsity_weight,
                 cfg.grn_hop_norm,
                 cfg.grn_target,
+                cfg.grn_singles_only,
             )
         )
     return model

@@ -279,3 +279,21 @@ def test_grn_alignment_group_target():
         GRNAlignment(target="group")(model, {"d": d, "delta_x": batch["delta_x"]})
     with pytest.raises(ValueError, match="grn_target"):
         GRNAlignment(target="bad")
+
+
+def test_grn_alignment_singles_only_ignores_combination_cells():
+    model = _gpo(T=2)
+    d = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # a single and a combination cell
+    dx = torch.tensor([[1.0, 0.2], [3.0, 3.0]])
+    w = model.effect.q_mask_logits.detach()
+    pen = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0, singles_only=True)
+    out = pen(model, {"d": d, "delta_x": dx})
+    expect = (d[:1] @ w - (dx[:1] - 0.5)).abs().mean()
+    assert out["grn_alignment"].item() == pytest.approx(expect.item())
+    every = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0)(
+        model, {"d": d, "delta_x": dx}
+    )
+    assert every["grn_alignment"].item() == pytest.approx((d @ w - (dx - 0.5)).abs().mean().item())
+    # a batch of combinations only: no alignment term, but still a tensor in the graph
+    none = pen(model, {"d": d[1:], "delta_x": dx[1:]})
+    assert none["grn_alignment"].item() == 0.0
