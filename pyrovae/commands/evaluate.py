@@ -20,6 +20,7 @@ import pandas as pd
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.config import PyrovaeWarning
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
 from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run
@@ -195,6 +196,7 @@ def ate_report(
     model_name: str = "model",
     baselines: bool = True,
     extra_models: dict[str, Any] | None = None,
+    extra_preds: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
 
@@ -202,10 +204,14 @@ def ate_report(
     ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
     held-out combinations only). Baselines are computed from the training cells only.
 
+    ``extra_preds``: further predictions ({name: A x G DataFrame}, rows indexed by label), e.g. the
+    unseen-perturbation baselines of :func:`pyrovae.evaluate.grn.unseen_perturbation_baselines`.
+
     Returns:
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
-        ``perturbations``.
+        ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
     """
     rows = np.asarray(rows)
     labels = data.labels[rows]
@@ -233,6 +239,8 @@ def ate_report(
         )
     if baselines:
         preds.update(baseline_ates(data, perts, method=transform))
+    for name, df in (extra_preds or {}).items():
+        preds[name] = df.loc[perts]
     return {
         "ate_true": ate_true,
         "preds": preds,
@@ -240,6 +248,7 @@ def ate_report(
         "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
         "control_source": control_source,
         "perturbations": perts,
+        "prediction": dict(preds[model_name].attrs.get("prediction", {})),
     }
 
 
@@ -258,17 +267,59 @@ def run_ate(args: argparse.Namespace) -> int:
     if len(rows) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
     post = Posterior.from_run(run)
-    rep = ate_report(
-        post,
-        data,
-        rows,
-        top_k=args.top_k,
-        n_samples=args.n_samples,
-        library_size=args.library,
-        seed=args.seed,
-        model_name=run.model_cfg.family if args.name is None else args.name,
-    )
+    model_name = run.model_cfg.family if args.name is None else args.name
+    unseen = _unseen_labels(post, data, rows)
+    extra_preds = None
+    if unseen:
+        names = [t for t, u in zip(post.treatments, post.untrained.tolist()) if u]
+        transform = "perturbseq" if run.model.likelihood != "normal" else "mean"
+        # rows of the seen labels stay NaN: these baselines are about the unseen ones
+        perts = sorted({str(lab) for lab in data.labels[rows]} - {data.control_label})
+        extra_preds = {
+            k: df.reindex(perts)
+            for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
+        }
+    # a model that transfers (GPO-VAE) is also shown with prior draws on unseen rows: the transfer's worth
+    control = unseen and post.untrained_method != post.model.effect.untrained_method(transfer=False)
+    extra_models = {f"{model_name}_prior_draw": Posterior.from_run(run, transfer=False)} if control else None
+    with warnings.catch_warnings():
+        if control:  # the deliberate prior-draw control; the model itself does not draw from the prior
+            warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
+        rep = ate_report(
+            post,
+            data,
+            rows,
+            top_k=args.top_k,
+            n_samples=args.n_samples,
+            library_size=args.library,
+            seed=args.seed,
+            model_name=model_name,
+            extra_models=extra_models,
+            extra_preds=extra_preds,
+        )
     table = rep["table"]
+    method_of = rep["prediction"]
+    per_pert = rep["per_perturbation"]
+    per_pert["prediction"] = [
+        method_of.get(p, "trained") if m == model_name else "baseline"
+        for m, p in zip(per_pert["method"], per_pert["perturbation"])
+    ]
+    unseen_table = None
+    if unseen:
+        # unseen singles apart from combinations with an unseen member (whose seen member carries signal)
+        groups = {
+            "all unseen": unseen,
+            "unseen singles": [p for p in unseen if data.sep not in p],
+            "combinations with an unseen member": [p for p in unseen if data.sep in p],
+        }
+        parts = {}
+        for group, labs in groups.items():
+            if labs:
+                preds = {
+                    k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()
+                }
+                parts[group] = ate_table(rep["ate_true"].loc[labs], preds, args.top_k)
+        unseen_table = pd.concat(parts, names=["group"])
     fig = None
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
@@ -278,9 +329,9 @@ def run_ate(args: argparse.Namespace) -> int:
     ):
         atomic_write(stage / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
         atomic_write(stage / "ate_metrics.md", lambda tmp: Path(tmp).write_text(markdown_table(table) + "\n"))
-        atomic_write(
-            stage / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
-        )
+        atomic_write(stage / "ate_per_perturbation.csv", lambda tmp: per_pert.to_csv(tmp, index=False))
+        if unseen_table is not None:
+            atomic_write(stage / "ate_metrics_unseen.csv", lambda tmp: unseen_table.to_csv(tmp))
         atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
         for name, df in rep["preds"].items():
             atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
@@ -297,6 +348,13 @@ def run_ate(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "perturbations": rep["perturbations"],
                 "metrics": table.reset_index().to_dict(orient="records"),
+                "unseen_prediction": {
+                    "method": post.untrained_method,
+                    "perturbations": {p: method_of.get(p, "trained") for p in unseen},
+                },
+                "metrics_unseen": None
+                if unseen_table is None
+                else unseen_table.reset_index().to_dict(orient="records"),
             },
         )
         try:
@@ -309,11 +367,27 @@ def run_ate(args: argparse.Namespace) -> int:
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
     print(markdown_table(table[shown]))
+    if unseen:
+        print(
+            f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
+            f"{model_name} with {post.untrained_method}"
+            + (" (a prior draw: no information about them)" if post.untrained_method == "prior_draw" else "")
+        )
+        for group, part in unseen_table.groupby(level="group", sort=False):
+            print(f"{group}:")
+            print(markdown_table(part.droplevel("group")[[c for c in shown if c in part.columns]]))
     print(
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
-        f"ate_empirical.csv, ate_pred_*.csv{', ate_scatter.png' if fig else ''})"
+        f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"
+        f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
+
+
+def _unseen_labels(post, data, rows: np.ndarray) -> list[str]:
+    """The perturbation labels among ``rows`` with a treatment that has no training cell (sorted)."""
+    perts = sorted({str(v) for v in data.labels[rows]} - {data.control_label})
+    return [p for p, m in post.prediction_methods(perts).items() if m != "trained"] if perts else []
 
 
 def _slug(name: str) -> str:
@@ -337,6 +411,7 @@ def run_sample(args: argparse.Namespace) -> int:
     adata = post.predict(
         args.perturbation, n_cells=args.n_cells, library_size=args.library, data=data, seed=args.seed
     )
+    unseen = {k: v for k, v in adata.uns["pyrovae_sample"]["prediction"].items() if v != "trained"}
     adata.uns["pyrovae_sample"]["run"] = str(args.run)
     atomic_write(out, lambda tmp: adata.write_h5ad(tmp))
     counts = ", ".join(f"{k}: {v}" for k, v in adata.obs["perturbation"].value_counts(sort=False).items())
@@ -344,6 +419,12 @@ def run_sample(args: argparse.Namespace) -> int:
         f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes "
         f"({counts}; library size {args.library}, seed {args.seed})"
     )
+    if unseen:
+        print(
+            f"unseen perturbations (a treatment with no training cell): {', '.join(sorted(unseen))}; "
+            f"predicted "
+            f"with {post.untrained_method} (obs['prediction'], uns['pyrovae_sample']['prediction'])"
+        )
     return 0
 
 

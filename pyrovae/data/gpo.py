@@ -19,6 +19,8 @@ the GPO/CRADLE penalties can train on (shared/reference/gpo_vae_cradle_vae.md §
   has_cf     (N,)     1 where such cells exist (the counterfactual KL uses only these cells)
   delta_x    (N, T)   |log-normalised expression - that of the OT-matched control| on the T GRN genes,
                       in treatment order (GPO only; ``grn=False`` skips it)
+  delta_x_   (N, T)   |mean of those signed differences over the cell's label and split|
+  group               (:func:`group_delta_x`; the target of ``grn_target="group"``)
   ========== ======== ===========================================================================
 
 - ``uns["pyrovae_gpo"]``: ``{"nodes", "n_perturbed", "extended", "seed", "pairing_method", ...}``.
@@ -48,11 +50,13 @@ What a model can do with such a perturbation (N_t = 0 in training):
   effect, i.e. no information about this perturbation.
 - GPO-VAE: its GRN row W_j (gene j's outgoing edges) is *not* entirely untrained. It receives gradient from
   the K-hop terms of the GRN loss through paths t -> j -> k of seen perturbations t (the W^2, W^3, ...
-  terms of S), and from the sparsity penalty. :func:`pyrovae.evaluate.grn_export.gpo_unseen_globals` uses
-  that row for the mask of the unseen perturbation and transfers effect sizes from the seen perturbations
-  (see its docstring). This is a weak signal: the higher-order terms carry 1/T^(k-1) factors and the direct
-  terms of the seen rows absorb most of the residual, so the prediction is only as good as the learned
-  regulators-of-regulators structure. It is no substitute for observing the perturbation.
+  terms of S), and from the sparsity penalty. Its effect block's ``predict_untrained`` hook
+  (:func:`pyrovae.models.effects.grn_transfer`), which every :class:`~pyrovae.infer.predictive.Posterior`
+  of a GPO-VAE run uses (``pyrovae ate`` / ``sample`` included), takes that row for the mask of the unseen
+  perturbation and transfers effect sizes from the seen perturbations (see its docstring). This is a weak
+  signal: the higher-order terms carry 1/T^(k-1) factors and the direct terms of the seen rows absorb most
+  of the residual, so the prediction is only as good as the learned regulators-of-regulators structure.
+  It is no substitute for observing the perturbation.
 """
 
 from __future__ import annotations
@@ -320,6 +324,10 @@ def prepare_gpo_data(
         if force or "delta_x" not in extras or np.shape(extras["delta_x"])[1:] != (len(nodes),):
             dx = pairing.delta_x(data.counts, matched, node_idx)
             extras["delta_x"] = np.nan_to_num(np.asarray(dx, dtype=np.float32), nan=0.0)
+        if force or "delta_x_group" not in extras or np.shape(extras["delta_x_group"])[1:] != (len(nodes),):
+            extras["delta_x_group"] = group_delta_x(
+                pairing.log_normalize(data.counts, node_idx), matched, data.labels, data.split
+            )
         record.update(
             nodes=list(nodes),
             n_perturbed=len(perturbed),
@@ -332,6 +340,30 @@ def prepare_gpo_data(
     if verbose:
         print("prepare_gpo_data:", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) or "all cached")
     return dataclasses.replace(data, dosage=dosage, treatments=treatments, extras=extras, obs=obs, uns=uns)
+
+
+def group_delta_x(y: np.ndarray, matched: np.ndarray, labels: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """(N, T) float32: for each cell, |mean over the cells of its label and split of (y_i - y_m(i))|.
+
+    The signed OT-paired difference is averaged over the perturbation's cells *before* the absolute value
+    (a departure from the reference's per-cell |y_i - y_m(i)|, §5.7, whose per-cell absolute values keep
+    the pairing noise: their median ranks genes by noise as much as by shift). Cells without a match
+    (``matched == -1``) do not enter the means and get 0; splits are kept apart (no leakage between them).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    m = np.asarray(matched, dtype=np.int64).reshape(-1)
+    out = np.zeros(y.shape, dtype=np.float32)
+    has = m >= 0
+    diff = np.zeros_like(y)
+    diff[has] = y[has] - y[m[has]]
+    key = pd.Series(
+        np.char.add(np.asarray(split).astype(str), np.char.add("\x00", np.asarray(labels).astype(str)))
+    )
+    codes, _ = pd.factorize(key)
+    for c in np.unique(codes[has]):
+        rows = np.flatnonzero((codes == c) & has)
+        out[rows] = np.abs(diff[rows].mean(0)).astype(np.float32)
+    return out
 
 
 #: data options (kept in a run's ``config.json``) that configure :func:`prepare_for_model`.
@@ -387,8 +419,8 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
     Their dosage columns are kept (unlike the reference's ``mask_test``), cells with no split stay unused,
     and the training normalisation statistics are recomputed on the remaining training cells. The
     perturbations get N_t = 0 in training, so :attr:`~pyrovae.infer.runs.Run.untrained` marks them and
-    prediction uses the prior for them (or, for GPO-VAE,
-    :func:`pyrovae.evaluate.grn_export.gpo_unseen_globals`).
+    prediction uses the prior for them (or, for GPO-VAE, the GRN transfer
+    :func:`pyrovae.models.effects.grn_transfer`); every prediction states which.
 
     Raises ``ValueError`` for names that are not treatment columns, or if no training cell would remain.
     """

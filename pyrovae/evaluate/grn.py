@@ -3,7 +3,16 @@
 - :func:`score_grn`: edge scores vs a ground-truth adjacency (AUROC, AUPRC, thresholded and
   matched-count precision/recall), self-loops excluded by default.
 - :func:`correlation_grn`, :func:`de_grn`: simple baselines producing edge scores to feed to
-  :func:`score_grn`.
+  :func:`score_grn`; :func:`deconvolved_grn` / :func:`deconvolved_de_grn`: a linear structural regression
+  on the interventional means that removes indirect effects (direct edges only);
+- :func:`score_blocks`: :func:`score_grn` per block (perturbed -> perturbed, perturbed -> extended) with
+  signs where the method gives them;
+- :func:`top_edges`, :func:`matched_count_evaluation`: the statistical evaluation of several methods at the
+  same number of edges (mu-WD falls with the edge count, so only matched counts compare);
+  :func:`path_expansion`: the new edges of the transitive closure by path length (the reference's
+  ``max_path_length``);
+- :func:`propagate_knockdown`, :func:`unseen_perturbation_baselines`: predictions for perturbations with no
+  training cell (zero effect, mean seen effect, the knock-down pushed through a GRN).
 - :func:`statistical_evaluation`: the statistical (CausalBench-style) evaluation of a predicted edge list
   on interventional data (reference gpo_vae_cradle_vae.md §6.7), without the bugs listed in §10.14:
   self-loops are not counted, negative pairs really exclude the predicted edges, and the false omission
@@ -25,9 +34,17 @@ from scipy.stats import mannwhitneyu, wasserstein_distance
 
 __all__ = [
     "score_grn",
+    "score_blocks",
     "correlation_grn",
     "de_grn",
+    "deconvolved_grn",
+    "deconvolved_de_grn",
     "statistical_evaluation",
+    "top_edges",
+    "matched_count_evaluation",
+    "path_expansion",
+    "propagate_knockdown",
+    "unseen_perturbation_baselines",
     "auroc",
     "average_precision",
 ]
@@ -206,8 +223,11 @@ def de_grn(
     genes: Sequence[str],
     control_label: str,
     sep: str = "+",
+    signed: bool = False,
 ) -> np.ndarray:
     """Differential-expression baseline: score(j -> k) = |mean(x_k | j perturbed) - mean(x_k | control)|.
+
+    ``signed=True``: the difference itself (the interventional mean shifts, for :func:`deconvolved_grn`).
 
     Only single perturbations count: the cells labelled exactly ``genes[j]`` (a combination label such as
     ``"A<sep>B"`` never matches a gene name). Rows of genes that no cell perturbs are 0. The diagonal
@@ -234,8 +254,87 @@ def de_grn(
     out = np.zeros((len(genes), len(genes)), dtype=np.float64)
     for j, g in enumerate(genes):
         if g in cells and g != str(control_label):
-            out[j] = np.abs(mean_of(cells[g]) - ctrl)
+            diff = mean_of(cells[g]) - ctrl
+            out[j] = diff if signed else np.abs(diff)
     return out
+
+
+def deconvolved_grn(
+    shifts: np.ndarray,
+    intervened: Sequence[int] | np.ndarray,
+    ridge: float = 1e-3,
+    regulators: np.ndarray | None = None,
+) -> np.ndarray:
+    """Direct effects B from interventional mean shifts by a linear structural regression.
+
+    Model: under an intervention on gene a, the mean shift of every other gene k obeys the linear
+    structural equation  s_k = sum_{j != k} B_jk s_j  (a's own shift is set by the intervention). For each
+    target k, regress s_k on the shifts of the regulators over the interventions that do not target k
+    (ridge ``ridge * ||X||_F^2 / n_regulators``, dual form when there are fewer interventions than
+    regulators). In a linear DAG the total effect is (I - B)^{-1} - I, which :func:`de_grn` measures; this
+    inverts it, so an indirect effect a -> b -> c gives B_ac = 0 (network deconvolution for
+    interventional data).
+
+    Args:
+        shifts: (I, n) mean shift of each gene (columns) under each intervention (rows), e.g. the
+            perturbed genes' rows of ``de_grn(..., signed=True)``.
+        intervened: (I,) column index of the gene each intervention targets.
+        ridge: relative ridge penalty (0: least squares, minimum-norm where underdetermined).
+        regulators: (n,) bool, genes allowed as regulators (default all); other rows of B are 0.
+
+    Returns:
+        (n, n) signed direct effects B (row = regulator, column = target), zero diagonal.
+    """
+    s = np.asarray(shifts, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"shifts must be (interventions, genes), got shape {s.shape}")
+    iv = np.asarray(intervened, dtype=np.int64).reshape(-1)
+    n_iv, n = s.shape
+    if len(iv) != n_iv:
+        raise ValueError(f"intervened has {len(iv)} entries for {n_iv} interventions")
+    if n_iv and (iv.min() < 0 or iv.max() >= n):
+        raise ValueError(f"intervened indices must be in [0, {n})")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    reg = np.ones(n, dtype=bool) if regulators is None else np.asarray(regulators, dtype=bool).reshape(-1)
+    if len(reg) != n:
+        raise ValueError(f"regulators has {len(reg)} entries for {n} genes")
+    out = np.zeros((n, n), dtype=np.float64)
+    for k in range(n):
+        rows = iv != k
+        cols = reg.copy()
+        cols[k] = False
+        if not rows.any() or not cols.any():
+            continue
+        x, y = s[np.ix_(rows, cols)], s[rows, k]
+        lam = ridge * float((x**2).sum()) / cols.sum()
+        if x.shape[0] >= x.shape[1]:
+            b = np.linalg.lstsq(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y, rcond=None)[0]
+        else:
+            b = x.T @ np.linalg.lstsq(x @ x.T + lam * np.eye(x.shape[0]), y, rcond=None)[0]
+        out[cols, k] = b
+    return out
+
+
+def deconvolved_de_grn(
+    x_lognorm: np.ndarray | sp.spmatrix,
+    labels: Sequence[str] | np.ndarray,
+    genes: Sequence[str],
+    control_label: str,
+    ridge: float = 1e-3,
+    regulators: np.ndarray | None = None,
+) -> np.ndarray:
+    """|B| of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
+    ``de_grn(..., signed=True)`` of genes with cells): direct-edge scores with indirect effects removed.
+    ``regulators`` default: every gene (perturbed or not; unperturbed ones are identified only through how
+    their shifts co-vary across the interventions)."""
+    labels_arr, genes = _check_inputs(x_lognorm, labels, genes, control_label)
+    shifts = de_grn(x_lognorm, labels_arr, genes, control_label, signed=True)
+    present = set(labels_arr.tolist())
+    iv = np.asarray(
+        [j for j, g in enumerate(genes) if g in present and g != str(control_label)], dtype=np.int64
+    )
+    return np.abs(deconvolved_grn(shifts[iv], iv, ridge=ridge, regulators=regulators))
 
 
 # ------------------------------------------------------------------------- statistical evaluation
@@ -414,4 +513,319 @@ def statistical_evaluation(
     if return_tables:
         out["edge_results"] = edge_df.reset_index(drop=True)
         out["negative_results"] = neg_df.reset_index(drop=True)
+    return out
+
+
+# ------------------------------------------------------------------------------- per-block scores
+
+
+def _flat_scores(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
+    n_true, n_cand = int(y.sum()), int(y.size)
+    tp_k = _expected_tp_at(y, s, n_true)
+    k_eff = min(n_true, n_cand)
+    pred = s > threshold
+    n_pred, tp = int(pred.sum()), float(y[pred].sum())
+    return {
+        "auroc": auroc(y, s),
+        "auprc": average_precision(y, s),
+        "random_auprc": n_true / n_cand if n_cand else float("nan"),
+        "precision_at_k": tp_k / k_eff if k_eff else float("nan"),
+        "recall_at_k": tp_k / n_true if n_true else float("nan"),
+        "k": float(n_true),
+        "precision": tp / n_pred if n_pred else 0.0,
+        "recall": tp / n_true if n_true else 0.0,
+        "n_pred_edges": float(n_pred),
+        "n_true_edges": float(n_true),
+        "n_candidates": float(n_cand),
+    }
+
+
+def score_blocks(
+    adjacency_true: np.ndarray,
+    scores: np.ndarray,
+    n_perturbed: int,
+    signs: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> pd.DataFrame:
+    """Edge scores against a true adjacency, per block of the GRN, self-loops excluded.
+
+    Nodes ``[0, n_perturbed)`` are perturbed genes, the rest extended (never perturbed) genes. Blocks:
+    ``perturbed->perturbed`` and ``perturbed->extended`` (rows with interventional data, the edges data can
+    identify), and ``all`` (every off-diagonal pair). Per block: AUROC, AUPRC, random_auprc (= edge
+    density), precision_at_k / recall_at_k at k = the block's number of true edges (ties split, see
+    :func:`score_grn`), and with ``signs`` (a signed (n, n) estimate, e.g. DE shifts or deconvolved
+    effects) ``sign_accuracy``: the fraction of the block's true edges whose estimated sign matches the
+    truth's (NaN without signs or true edges; a zero estimate counts as wrong); and precision, recall and
+    n_pred_edges of the scores above ``threshold`` (meaningful for probabilities, e.g. sigma(W) > 0.5).
+
+    Args:
+        adjacency_true: (n, n) weighted or 0/1 adjacency, row = parent.
+        scores: (n, n) edge scores (higher = more confident).
+        n_perturbed: number of perturbed genes at the front of the node order.
+        signs: optional (n, n) signed estimates.
+
+    Returns:
+        DataFrame, one row per block.
+    """
+    truth = np.asarray(adjacency_true, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    n = truth.shape[0]
+    if truth.shape != (n, n) or s.shape != (n, n):
+        raise ValueError(f"adjacency_true {truth.shape} and scores {s.shape} must both be (n, n)")
+    if not 0 <= n_perturbed <= n:
+        raise ValueError(f"n_perturbed must be in [0, {n}], got {n_perturbed}")
+    if np.isnan(s).any():
+        raise ValueError("scores contains NaN")
+    row_p = np.arange(n)[:, None] < n_perturbed
+    col_p = np.arange(n)[None, :] < n_perturbed
+    off = ~np.eye(n, dtype=bool)
+    blocks = {
+        "perturbed->perturbed": row_p & col_p & off,
+        "perturbed->extended": row_p & ~col_p,
+        "all": off,
+    }
+    rows = []
+    for name, sel in blocks.items():
+        if not sel.any():
+            continue
+        y = (truth[sel] != 0).astype(np.float64)
+        row: dict[str, Any] = {"block": name, **_flat_scores(y, s[sel], threshold)}
+        if signs is not None and y.sum():
+            t, e = truth[sel][y > 0], np.asarray(signs, dtype=np.float64)[sel][y > 0]
+            row["sign_accuracy"] = float((np.sign(e) == np.sign(t)).mean())
+        else:
+            row["sign_accuracy"] = float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------- matched-count evaluation
+
+
+def top_edges(
+    scores: np.ndarray,
+    genes: Sequence[str],
+    k: int,
+    parents: np.ndarray | None = None,
+    children: np.ndarray | None = None,
+) -> list[tuple[str, str]]:
+    """The ``k`` highest-scored off-diagonal edges (parent, child) as gene names.
+
+    ``parents`` / ``children``: (n,) bool masks of the allowed endpoints (default all). Ties are broken by
+    position (row-major), so the list is deterministic. Fewer than ``k`` if there are fewer candidates.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    n = s.shape[0]
+    if s.shape != (n, n) or len(genes) != n:
+        raise ValueError(f"scores must be (n, n) with n = len(genes) = {len(genes)}, got {s.shape}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    ok = ~np.eye(n, dtype=bool)
+    if parents is not None:
+        ok &= np.asarray(parents, dtype=bool).reshape(-1, 1)
+    if children is not None:
+        ok &= np.asarray(children, dtype=bool).reshape(1, -1)
+    flat = np.flatnonzero(ok.reshape(-1))
+    order = flat[np.argsort(-s.reshape(-1)[flat], kind="stable")][:k]
+    return [(str(genes[f // n]), str(genes[f % n])) for f in order]
+
+
+def matched_count_evaluation(
+    methods: dict[str, np.ndarray],
+    x_lognorm: np.ndarray | sp.spmatrix,
+    labels: Sequence[str] | np.ndarray,
+    genes: Sequence[str],
+    control_label: str,
+    k: int,
+    children: np.ndarray | None = None,
+    min_cells: int = 2,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`statistical_evaluation` of each method's top ``k`` edges: every method at the same count.
+
+    mu-WD (the mean Wasserstein distance of the predicted edges) falls as more, weaker edges are predicted,
+    so two networks compare only at a matched edge count. Parents are restricted to the genes with at least
+    ``min_cells`` cells labelled exactly them (the testable ones), so each method has exactly
+    ``min(k, candidates)`` tested edges; ``children`` (n,) bool restricts the targets (e.g. the perturbed
+    block). Extra keyword arguments go to :func:`statistical_evaluation` (``n_negative``, ``seed``...).
+
+    Returns:
+        DataFrame indexed by method: k, n_tested, true_positives, precision, mean_wasserstein,
+        false_omission_rate, negative_mean_wasserstein.
+    """
+    labels_arr, genes = _check_inputs(x_lognorm, labels, genes, control_label)
+    counts = pd.Series(labels_arr).value_counts()
+    parents = np.asarray(
+        [g != str(control_label) and int(counts.get(g, 0)) >= min_cells for g in genes], dtype=bool
+    )
+    rows = {}
+    for name, sc in methods.items():
+        edges = top_edges(sc, genes, k, parents=parents, children=children)
+        res = statistical_evaluation(
+            x_lognorm, labels_arr, genes, edges, control_label, min_cells=min_cells, **kwargs
+        )
+        rows[name] = {
+            "k": len(edges),
+            "n_tested": res["n_tested"],
+            "true_positives": res["true_positives"],
+            "precision": res["precision"],
+            "mean_wasserstein": res["mean_wasserstein"],
+            "false_omission_rate": res["false_omission_rate"],
+            "negative_mean_wasserstein": res["negative_mean_wasserstein"],
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
+
+
+def path_expansion(adjacency: np.ndarray, max_path_length: int = 3) -> dict[int, np.ndarray]:
+    """The edges first reached by a path of each length (the reference's path expansion, §6.7).
+
+    ``{1: the predicted edges (diagonal dropped), d: pairs (a, b), a != b, joined by a directed path of d
+    predicted edges but by none shorter}`` for d = 2..max_path_length; each is an (n, n) bool matrix, to be
+    tested with :func:`statistical_evaluation` like the first-order graph. Unlike the reference (an off-by-
+    one ``<=`` on the children) every depth keeps the node set of the input.
+    """
+    a = np.asarray(adjacency) != 0
+    n = a.shape[0]
+    if a.shape != (n, n):
+        raise ValueError(f"adjacency must be square, got {a.shape}")
+    if max_path_length < 1:
+        raise ValueError(f"max_path_length must be >= 1, got {max_path_length}")
+    off = ~np.eye(n, dtype=bool)
+    a = a & off
+    out = {1: a.copy()}
+    reached, frontier = a.copy(), a.copy()
+    for d in range(2, max_path_length + 1):
+        frontier = (frontier.astype(np.int64) @ a.astype(np.int64)) > 0
+        new = frontier & ~reached & off
+        out[d] = new
+        reached |= new
+    return out
+
+
+# ----------------------------------------------------------------------- unseen perturbations
+
+
+def propagate_knockdown(direct: np.ndarray, knock: np.ndarray, hops: int = 3) -> np.ndarray:
+    """Shift of every gene when the genes of ``knock`` are shifted and it propagates along ``direct``.
+
+    s = knock (I - B)^{-1} with B = ``direct`` (row = regulator) when its spectral radius is below 1 (a
+    DAG's B is nilpotent, so this is exact), else the truncated series knock sum_{h=0}^{hops} B^h (an
+    estimated B with cycles may not converge).
+
+    Args:
+        direct: (n, n) direct effects B.
+        knock: (n,) or (A, n) initial shifts (e.g. the knock-down on the perturbed gene).
+    """
+    b = np.asarray(direct, dtype=np.float64)
+    k = np.asarray(knock, dtype=np.float64)
+    n = b.shape[0]
+    if b.shape != (n, n) or k.shape[-1] != n:
+        raise ValueError(f"direct must be (n, n) and knock (..., n); got {b.shape} and {k.shape}")
+    if n and np.max(np.abs(np.linalg.eigvals(b))) < 1 - 1e-9:
+        return np.linalg.solve((np.eye(n) - b).T, k.T).T
+    out, term = k.copy(), k.copy()
+    for _ in range(hops):
+        term = term @ b
+        out = out + term
+    return out
+
+
+def _cut_inputs(direct: np.ndarray, j: int | None) -> np.ndarray:
+    """B without the edges into gene j: an intervention fixes j's shift (an estimated B may have cycles)."""
+    if j is None:
+        return direct
+    out = direct.copy()
+    out[:, j] = 0.0
+    return out
+
+
+def unseen_perturbation_baselines(
+    data,
+    perturbations: Sequence[str],
+    unseen: Sequence[str],
+    nodes: Sequence[str] | None = None,
+    transform: str = "perturbseq",
+    split: str = "train",
+    ridge: float = 1e-2,
+) -> dict[str, pd.DataFrame]:
+    """Predicted ATEs of perturbation labels some of whose treatments have no training cell.
+
+    Each label is the sum of its components' effects (additive in the ATE scale): a *seen* component
+    contributes its empirical ATE on the ``split`` cells; an *unseen* gene j contributes, per baseline,
+
+    - ``zero_effect``: nothing (the control's state: what a model that ignores j predicts);
+    - ``seen_mean``: the mean ATE of all seen single perturbations;
+    - ``grn_de``: the knock-down of j itself (the mean self-ATE of the seen perturbed genes, on gene j)
+      pushed through the signed DE GRN (seen genes' ATE rows, per unit of their own knock-down). j has no
+      row in a DE GRN (no cell perturbs it), so the push stops at j: only gene j moves;
+    - ``grn_deconvolved``: the same knock-down pushed (:func:`propagate_knockdown`) through the direct
+      effects B of :func:`deconvolved_grn`, fitted on the seen perturbations' ATEs (targets: every gene;
+      regulators: the GRN ``nodes``), so j's outgoing edges are estimated from how its shift co-varies with
+      the other genes' across the seen interventions; the edges into j are cut (the intervention fixes j).
+
+    Args:
+        data: :class:`~pyrovae.data.anndata.PerturbationData` (read with the run's schema).
+        perturbations: target labels (rows of the outputs).
+        unseen: treatment names without training cells.
+        nodes: GRN genes allowed as regulators (default: the data's treatments that are genes).
+        transform: ``"perturbseq"`` or ``"mean"`` (as the ATE being predicted).
+
+    Returns:
+        {name: DataFrame (len(perturbations), G)} indexed by label; a NaN row where a seen component has
+        no ``split`` cell of its own.
+    """
+    from pyrovae.evaluate.ate import empirical_ate
+
+    idx = data.indices(split)
+    labels = np.asarray(data.labels)[idx].astype(str)
+    genes = [str(g) for g in data.genes]
+    gpos = {g: i for i, g in enumerate(genes)}
+    unseen_set = {str(u) for u in unseen}
+    singles = sorted(
+        {lab for lab in labels.tolist() if lab != data.control_label and data.sep not in lab} - unseen_set
+    )
+    seen_ate = empirical_ate(
+        data.rows(idx), labels, data.control_label, groups=singles, genes=genes, method=transform
+    )
+    ate = seen_ate.to_numpy(dtype=np.float64)
+    gene_singles = [i for i, t in enumerate(singles) if t in gpos]
+    iv = np.asarray([gpos[singles[i]] for i in gene_singles], dtype=np.int64)
+    self_shift = float(np.mean(ate[gene_singles, iv])) if len(iv) else 0.0
+    nodes = [t for t in data.treatments if str(t) in gpos] if nodes is None else [str(n) for n in nodes]
+    regulators = np.zeros(len(genes), dtype=bool)
+    regulators[[gpos[n] for n in nodes if n in gpos]] = True
+    direct = deconvolved_grn(ate[gene_singles], iv, ridge=ridge, regulators=regulators)
+    G = len(genes)
+
+    def knock(j: str) -> np.ndarray:
+        v = np.zeros(G)
+        if j in gpos:
+            v[gpos[j]] = self_shift
+        return v
+
+    unseen_rows = {
+        "zero_effect": lambda j: np.zeros(G),
+        "seen_mean": lambda j: ate.mean(0) if len(ate) else np.zeros(G),
+        "grn_de": knock,
+        "grn_deconvolved": lambda j: propagate_knockdown(_cut_inputs(direct, gpos.get(j)), knock(j)),
+    }
+    seen_pos = {t: i for i, t in enumerate(singles)}
+    out = {}
+    for name, fn in unseen_rows.items():
+        rows = []
+        for lab in perturbations:
+            row = np.zeros(G)
+            for comp in [] if str(lab) == data.control_label else str(lab).split(data.sep):
+                if comp in unseen_set:
+                    row = row + fn(comp)
+                elif comp in seen_pos:
+                    row = row + ate[seen_pos[comp]]
+                else:
+                    row = row + np.nan
+            rows.append(row)
+        out[name] = pd.DataFrame(
+            np.asarray(rows).reshape(len(perturbations), G),
+            index=pd.Index([str(p) for p in perturbations], name="perturbation"),
+            columns=genes,
+        )
     return out

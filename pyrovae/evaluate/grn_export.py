@@ -11,8 +11,10 @@ columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, t
   the sparsity penalty); the two are never pooled in a metric;
 - self-loops are dropped unless asked for (a knockdown trivially "regulates" its own target).
 
-Unseen perturbations: :func:`gpo_unseen_globals` / :class:`GRNPosterior` (see their docstrings and
-:mod:`pyrovae.data.gpo` for what the model can and cannot do for a perturbation it never saw).
+Unseen perturbations: the GPO block's ``predict_untrained`` hook (:func:`pyrovae.models.effects.grn_transfer`)
+makes every :class:`~pyrovae.infer.predictive.Posterior` of a GPO-VAE run predict them from the GRN;
+:func:`gpo_unseen_globals` exposes it with chosen row sets (see :mod:`pyrovae.data.gpo` for what the model
+can and cannot do for a perturbation it never saw).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.models.effects import grn_transfer
 from pyrovae.models.skeleton import PerturbationVAE
 
 BLOCKS = ("perturbed", "extended")
@@ -140,36 +143,56 @@ def edge_counts(edges: pd.DataFrame, threshold: float = 0.5) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------ scoring
 def _truth_on(nodes: Sequence[str], ground_truth: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(true adjacency restricted/reordered to ``nodes`` ∩ GRN genes, positions of those nodes)."""
+    """(true weighted adjacency restricted/reordered to ``nodes`` ∩ GRN genes, positions of those nodes)."""
     genes = [str(g) for g in np.asarray(ground_truth["grn_genes"]).reshape(-1)]
-    adj = np.asarray(ground_truth["grn_adjacency"])
+    adj = np.asarray(ground_truth["grn_adjacency"], dtype=np.float64)
     pos = {g: i for i, g in enumerate(genes)}
     keep = [i for i, n in enumerate(nodes) if n in pos]
     sel = [pos[nodes[i]] for i in keep]
-    return (adj[np.ix_(sel, sel)] != 0).astype(np.int8), np.asarray(keep, dtype=np.int64)
+    return adj[np.ix_(sel, sel)], np.asarray(keep, dtype=np.int64)
+
+
+#: block names of :func:`score_matrix` -> those of :func:`pyrovae.evaluate.grn.score_blocks`.
+SCORE_BLOCKS = {
+    "perturbed": "perturbed->perturbed",
+    "perturbed->extended": "perturbed->extended",
+    "grn_genes": "all",
+}
 
 
 def score_matrix(
-    probs: np.ndarray, nodes: Sequence[str], ground_truth: dict[str, Any], n_perturbed: int
+    probs: np.ndarray,
+    nodes: Sequence[str],
+    ground_truth: dict[str, Any],
+    n_perturbed: int,
+    signs: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score a (T, T) edge-score matrix against the planted GRN on two node sets.
+    """Score a (T, T) edge-score matrix against the planted GRN, per block.
 
-    ``"perturbed"``: the perturbed genes that are GRN genes of the truth; ``"grn_genes"``: every node that
-    is a GRN gene of the truth (perturbed and extended). Self-loops excluded. Returns
-    ``{block: evaluate.grn.score_grn(...)}``.
+    Nodes: those of ``nodes`` that are GRN genes of the truth (the first ``n_perturbed`` of ``nodes`` are
+    perturbed genes). Blocks: ``"perturbed"`` (perturbed -> perturbed), ``"perturbed->extended"`` and
+    ``"grn_genes"`` (every pair). Self-loops excluded. Returns ``{block: metrics}`` with the metrics of
+    :func:`pyrovae.evaluate.grn.score_blocks` (AUROC, AUPRC, precision/recall at the true edge count and at
+    0.5, ``sign_accuracy`` with ``signs``).
     """
-    from pyrovae.evaluate.grn import score_grn
+    from pyrovae.evaluate.grn import score_blocks
 
     nodes = [str(n) for n in nodes]
-    out: dict[str, dict[str, float]] = {}
     truth, keep = _truth_on(nodes, ground_truth)
-    blocks = {"perturbed": keep < n_perturbed, "grn_genes": np.ones(len(keep), dtype=bool)}
-    for name, sel in blocks.items():
-        if sel.sum() < 2:
-            continue
-        k = keep[sel]
-        out[name] = dict(score_grn(truth[np.ix_(sel, sel)], probs[np.ix_(k, k)], exclude_self_loops=True))
-    return out
+    if len(keep) < 2:
+        return {}
+    sub = np.ix_(keep, keep)
+    table = score_blocks(
+        truth,
+        np.asarray(probs, dtype=np.float64)[sub],
+        int((keep < n_perturbed).sum()),
+        signs=None if signs is None else np.asarray(signs, dtype=np.float64)[sub],
+    ).set_index("block")
+    return {
+        name: {k: float(v) for k, v in table.loc[b].items()}
+        for name, b in SCORE_BLOCKS.items()
+        if b in table.index
+    }
 
 
 def score_run_grn(
@@ -200,21 +223,15 @@ def score_run_grn(
     for block, m in score_matrix(grn_probabilities(run), nodes, ground_truth, n_pert).items():
         rows.append({"method": "gpo_vae", "block": block, **m})
     if baselines and data is not None:
-        for name, scores in baseline_scores(data, nodes, split).items():
-            for block, m in score_matrix(scores, nodes, ground_truth, n_pert).items():
+        signed = baseline_scores(data, nodes, split, signed=True)
+        for name, scores in signed.items():
+            signs = scores if name in SIGNED_BASELINES else None
+            for block, m in score_matrix(np.abs(scores), nodes, ground_truth, n_pert, signs).items():
                 rows.append({"method": name, "block": block, **m})
     if baselines:
-        truth, keep = _truth_on(nodes, ground_truth)
-        for block, sel in {"perturbed": keep < n_pert, "grn_genes": np.ones(len(keep), bool)}.items():
-            sub = truth[np.ix_(sel, sel)]
-            n = sub.shape[0]
-            if n < 2:
-                continue
-            off = ~np.eye(n, dtype=bool)
-            density = float(sub[off].mean())
-            rows.append(
-                {"method": "random", "block": block, "auroc": 0.5, "auprc": density, "random_auprc": density}
-            )
+        density = {r["block"]: r["random_auprc"] for r in rows if r["method"] == "gpo_vae"}
+        for block, d in density.items():
+            rows.append({"method": "random", "block": block, "auroc": 0.5, "auprc": d, "random_auprc": d})
     return pd.DataFrame(rows)
 
 
@@ -228,12 +245,24 @@ def _rows_matrix(data, idx: np.ndarray):
     return data.rows(idx)
 
 
-def baseline_scores(data, nodes: Sequence[str], split: str | None = "train") -> dict[str, np.ndarray]:
+#: baselines of :func:`baseline_scores` that give edge signs (``signed=True``).
+SIGNED_BASELINES = ("de", "deconvolved_de")
+
+
+def baseline_scores(
+    data, nodes: Sequence[str], split: str | None = "train", signed: bool = False, ridge: float = 1e-2
+) -> dict[str, np.ndarray]:
     """(T, T) edge scores of the non-model baselines on the ``split`` cells, in ``nodes`` order.
 
     ``correlation``: |Pearson correlation| of log-normalised expression (symmetric, undirected);
     ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
-    cell perturbs are 0). Both from :mod:`pyrovae.evaluate.grn`.
+    cell perturbs are 0); ``deconvolved_de``: the direct effects of a linear structural regression on
+    those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
+    All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
+    shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
+    ``paired_de`` (GPO-prepared data only): |mean OT-paired difference| of each perturbation's cells
+    (``extras["delta_x_group"]``, :func:`pyrovae.data.gpo.group_delta_x`), the statistic GPO-VAE's GRN
+    alignment fits with ``grn_target="group"``, computed without any model: what the pairing alone gives.
     """
     from pyrovae.data.pairing import log_normalize
     from pyrovae.evaluate import grn as grn_eval
@@ -245,9 +274,27 @@ def baseline_scores(data, nodes: Sequence[str], split: str | None = "train") -> 
     labels = np.asarray(data.labels)[idx]
     out = {}
     out["correlation"] = np.asarray(grn_eval.correlation_grn(y), dtype=np.float64)
-    out["de"] = np.asarray(
-        grn_eval.de_grn(y, labels, [str(n) for n in nodes], data.control_label, data.sep), dtype=np.float64
+    names = [str(n) for n in nodes]
+    shifts = np.asarray(grn_eval.de_grn(y, labels, names, data.control_label, signed=True), dtype=np.float64)
+    present = set(np.asarray(labels).astype(str).tolist())
+    iv = np.asarray(
+        [j for j, n in enumerate(names) if n in present and n != data.control_label], dtype=np.int64
     )
+    direct = grn_eval.deconvolved_grn(shifts[iv], iv, ridge=ridge)
+    # an edge's sign is that of the child's shift relative to the perturbed gene's own (knock-down) shift
+    self_sign = np.sign(np.diag(shifts))
+    out["de"] = shifts * np.where(self_sign == 0, 1.0, self_sign)[:, None] if signed else np.abs(shifts)
+    out["deconvolved_de"] = direct if signed else np.abs(direct)
+    tpos = {str(t): j for j, t in enumerate(data.treatments)}
+    if "delta_x_group" in data.extras and all(n in tpos for n in names):
+        # GPO-VAE's alignment target without the model: |mean OT-paired difference| of each perturbation
+        dxg = np.asarray(data.extras["delta_x_group"])[idx][:, [tpos[n] for n in names]]
+        paired = np.zeros((len(names), len(names)))
+        for j, n in enumerate(names):
+            sel = labels == n
+            if sel.any() and n != data.control_label:
+                paired[j] = dxg[sel].mean(0)
+        out["paired_de"] = paired
     return out
 
 
@@ -262,96 +309,89 @@ def gpo_unseen_globals(
 ) -> dict[str, torch.Tensor]:
     """n draws of the global sites in which the rows of ``unseen`` perturbations are predicted from the GRN.
 
-    For an unseen perturbation of gene j (no training cell, so its E_j row got no ELBO signal):
-
-    - mask row M_j ~ q(M_j) = Bernoulli(sigmoid(W_j)): gene j's outgoing GRN edges, trained only through the
-      K-hop terms of the GRN loss (paths t -> j -> k of seen perturbations t) and the sparsity penalty;
-      with ``self_effect`` M_jj = 1 (a CRISPR perturbation acts on its own target gene);
-    - effect row E_j, coordinate k: the mean of E_tk over the seen perturbations t whose (same-draw) masks
-      reach both j and k (M_tj = M_tk = 1): how gene k's coordinate moves when a seen perturbation moves j
-      and k together. Where no seen perturbation reaches j and k, the mean of E_tk over seen t with
-      M_tk = 1; where none acts on k, 0.
-
-    The prediction is z_p = d (E ⊙ M) with these rows, exactly as for seen perturbations, so combinations
-    that include an unseen gene also work. Rows that are neither seen nor in ``unseen`` (e.g. extended
-    genes) are drawn from the prior as usual. What this cannot do: learn anything about j that no seen
-    perturbation's path through j reveals; the W_j row gets only 1/T-scaled gradients (see
-    :mod:`pyrovae.data.gpo`).
-
-    Args:
-        model: a GPO-VAE model.
-        unseen: (T,) bool, rows to predict.
-        n: number of global draws.
-        seen: (T,) bool, rows trained on data (default: every row not in ``unseen``).
+    :func:`pyrovae.models.effects.grn_transfer` (see there) on ``model.sample_globals(n, untrained=...)``:
+    rows that are neither ``seen`` nor ``unseen`` (default: none) come from the prior; ``unseen`` rows are
+    transferred. :class:`~pyrovae.infer.predictive.Posterior` does the same for every untrained row of a
+    GPO-VAE run through the block's public ``predict_untrained`` hook; this function lets a caller choose
+    the row sets.
 
     Returns:
         dict of global samples like :meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals`,
         ``mask`` and ``E`` of shape (n, T, T).
     """
     grn_logits(model)  # raises for non-GPO models
-    dev = model.effect.q_mask_logits.device
+    w = model.effect.q_mask_logits
+    dev = w.device
     unseen = torch.as_tensor(np.asarray(unseen, dtype=bool), device=dev)
     seen_t = ~unseen if seen is None else torch.as_tensor(np.asarray(seen, dtype=bool), device=dev) & ~unseen
-    other = ~(unseen | seen_t)
-    g = model.sample_globals(n, untrained=other if bool(other.any()) else None)
-    mask, E = g["mask"].clone(), g["E"].clone()
-    if not bool(unseen.any()):
-        return g
-    s_idx = torch.nonzero(seen_t).reshape(-1)
-    ms, es = mask[:, s_idx], E[:, s_idx]  # (n, S, T)
-    me = ms * es
-    # fallback: mean effect on coordinate k over seen rows acting on k
-    cnt_k = ms.sum(1)  # (n, T)
-    fb = torch.where(cnt_k > 0, me.sum(1) / cnt_k.clamp_min(1.0), torch.zeros_like(cnt_k))
-    for j in torch.nonzero(unseen).reshape(-1).tolist():
-        a = ms[:, :, j : j + 1]  # (n, S, 1) seen rows reaching j
-        num = (a * me).sum(1)
-        den = (a * ms).sum(1)
-        E[:, j] = torch.where(den > 0, num / den.clamp_min(1.0), fb)
-        if self_effect:
-            mask[:, j, j] = 1.0
-    g["mask"], g["E"] = mask, E
-    return g
+    g = model.sample_globals(n, untrained=~seen_t if bool((~seen_t).any()) else None)
+    return grn_transfer(g, w, unseen, seen_t, self_effect=self_effect)
 
 
-def _posterior_base():
-    from pyrovae.infer.predictive import Posterior
+def statistical_scores(
+    run,
+    data,
+    edges: pd.DataFrame,
+    threshold: float,
+    split: str,
+    n_perturbed: int,
+    seed: int = 0,
+    max_path_length: int = 3,
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """CausalBench-style evaluation of a run's perturbed-block edges above ``threshold`` on ``split`` cells.
 
-    return Posterior
-
-
-class GRNPosterior(_posterior_base()):  # type: ignore[misc]
-    """A :class:`~pyrovae.infer.predictive.Posterior` whose untrained *perturbed-gene* rows are predicted by
-    :func:`gpo_unseen_globals` instead of being drawn from the prior.
-
-    Args:
-        unseen: (T,) bool or names of the perturbations to predict from the GRN (default: the untrained
-            treatments among the first ``n_perturbed``; extended genes stay on the prior unless named).
+    Returns ``(res, matched)``: ``res`` = :func:`pyrovae.evaluate.grn.statistical_evaluation` of those
+    edges over the GRN genes (log-normalised expression; every predicted edge, the extended block too, is
+    kept out of the negatives), with ``res["path_expansion"]`` = {depth: the test of the edges first
+    reached by a path of that many predicted edges} for depths 2..``max_path_length``
+    (:func:`~pyrovae.evaluate.grn.path_expansion`); ``matched`` =
+    :func:`~pyrovae.evaluate.grn.matched_count_evaluation` of GPO-VAE's sigma(W) and the baselines
+    (:func:`baseline_scores` on the training cells) at k = the number of GPO-VAE edges tested, over the
+    perturbed block (``None`` when no edge was tested).
     """
+    from pyrovae.data.pairing import log_normalize
+    from pyrovae.evaluate.grn import matched_count_evaluation, path_expansion, statistical_evaluation
 
-    def __init__(self, model, schema, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
-        super().__init__(model, schema)
-        T = len(self.treatments)
-        trained = torch.as_tensor(schema["train_treatment_counts"]) > 0
-        if unseen is None:
-            unseen = ~trained
-            if n_perturbed is not None:
-                unseen[n_perturbed:] = False
-        elif len(unseen) and isinstance(next(iter(unseen)), str):
-            pos = {t: i for i, t in enumerate(self.treatments)}
-            bad = [u for u in unseen if u not in pos]
-            if bad:
-                raise ValueError(f"unknown treatment(s) {bad}")
-            m = torch.zeros(T, dtype=torch.bool)
-            m[[pos[u] for u in unseen]] = True
-            unseen = m
-        self.unseen = torch.as_tensor(np.asarray(unseen, dtype=bool)).to(self.device)
-        self.seen = trained.to(self.device) & ~self.unseen
-        self.self_effect = self_effect
-
-    @classmethod
-    def from_run(cls, run, unseen=None, n_perturbed: int | None = None, self_effect: bool = True):
-        return cls(run.model, run.schema, unseen, n_perturbed, self_effect)
-
-    def _draw_globals(self, n: int) -> dict[str, torch.Tensor]:
-        return gpo_unseen_globals(self.model, self.unseen, n, seen=self.seen, self_effect=self.self_effect)
+    idx = data.indices(split)
+    if len(idx) == 0:
+        raise ValueError(f"the {split!r} split has no cells")
+    nodes = list(run.treatments)
+    gene_pos = {g: i for i, g in enumerate(data.genes)}
+    y = log_normalize(_rows_matrix(data, idx), np.asarray([gene_pos[n] for n in nodes]))
+    labels = np.asarray(data.labels)[idx]
+    above = edges[edges["probability"] > threshold]
+    sel, other = above[above["block"] == "perturbed"], above[above["block"] != "perturbed"]
+    pairs = list(zip(sel["source"].astype(str), sel["target"].astype(str)))
+    res = statistical_evaluation(
+        y,
+        labels,
+        nodes,
+        pairs,
+        data.control_label,
+        seed=seed,
+        exclude_edges=list(zip(other["source"].astype(str), other["target"].astype(str))),
+    )
+    res = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in res.items()}
+    # path expansion (the reference's max_path_length = 3): the edges first reached by paths of 2 and 3
+    pos = {n: i for i, n in enumerate(nodes)}
+    adj = np.zeros((len(nodes), len(nodes)), dtype=bool)
+    for a, b in pairs:
+        adj[pos[a], pos[b]] = True
+    depths = {}
+    for depth, new in path_expansion(adj, max_path_length).items():
+        if depth == 1:
+            continue
+        new_pairs = [(nodes[i], nodes[j]) for i, j in np.argwhere(new)]
+        r = statistical_evaluation(y, labels, nodes, new_pairs, data.control_label, seed=seed, n_negative=0)
+        depths[str(depth)] = {
+            k: r[k] for k in ("n_edges", "n_tested", "true_positives", "precision", "mean_wasserstein")
+        }
+    res["path_expansion"] = depths
+    matched = None
+    if res["n_tested"]:
+        methods = {"gpo_vae": grn_probabilities(run), **baseline_scores(data, nodes, "train")}
+        children = np.arange(len(nodes)) < n_perturbed
+        matched = matched_count_evaluation(
+            methods, y, labels, nodes, data.control_label, int(res["n_tested"]), children=children, seed=seed
+        )
+    return res, matched

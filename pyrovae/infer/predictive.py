@@ -9,15 +9,20 @@ Seeding: every method takes ``seed``; the same seed gives the same numbers. Rand
 :func:`rng_scope`, which seeds torch / numpy / ``random`` and restores the caller's RNG state afterwards,
 so calling these methods never perturbs the caller's random stream.
 
-Untrained treatments (no training cell): their global rows are drawn from the *prior*
-(:meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` with ``untrained``), not from their
-never-updated q (shared/reference/sams_vae.md §10.3).
+Untrained treatments (no training cell, e.g. unseen perturbations): their global rows are drawn from the
+*prior* (:meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` with ``untrained``), not from their
+never-updated q (shared/reference/sams_vae.md §10.3), and then predicted by the effect block's
+:meth:`~pyrovae.models.effects.EffectBlock.predict_untrained` (GPO-VAE: transfer through its GRN; other
+blocks keep the prior draw). Every prediction states how each label was predicted
+(:meth:`Posterior.prediction_methods`: ``trained`` or one of
+:data:`~pyrovae.models.effects.UNTRAINED_METHODS`) and warns when a label rests on a prior draw.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,6 +36,7 @@ from pyro.infer import Predictive
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.models.effects import UNTRAINED_METHODS
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS
 
@@ -82,11 +88,20 @@ class Posterior:
         model: the trained :class:`PerturbationVAE` (put in eval mode).
         schema: the run's data schema (``genes``, ``treatments``, ``control_label``, ``sep``,
             ``encode_combos_as_unique``; optionally ``train_treatment_counts``).
-        untrained: (T,) bool, treatments drawn from the prior. Default: the treatments with zero training
+        untrained: (T,) bool, treatments without training cells. Default: those with zero training
             cells according to ``schema["train_treatment_counts"]`` (none if the schema lacks it).
+        transfer: predict the untrained treatments with the effect block's
+            :meth:`~pyrovae.models.effects.EffectBlock.predict_untrained` (GPO-VAE's GRN transfer);
+            ``False``: keep their prior draws (a control for the transfer).
     """
 
-    def __init__(self, model: PerturbationVAE, schema: dict[str, Any], untrained: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: PerturbationVAE,
+        schema: dict[str, Any],
+        untrained: torch.Tensor | None = None,
+        transfer: bool = True,
+    ):
         self.model = model.eval()
         self.schema = schema
         self.genes = [str(g) for g in schema["genes"]]
@@ -100,6 +115,7 @@ class Posterior:
         self.untrained = (
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
         )
+        self.transfer = bool(transfer)
 
     def __repr__(self) -> str:
         n_untrained = 0 if self.untrained is None else int(self.untrained.sum())
@@ -109,9 +125,42 @@ class Posterior:
         )
 
     @classmethod
-    def from_run(cls, run) -> Posterior:
-        """The posterior of a :class:`~pyrovae.infer.runs.Run` (its untrained treatments use the prior)."""
-        return cls(run.model, run.schema, run.untrained)
+    def from_run(cls, run, transfer: bool = True) -> Posterior:
+        """The posterior of a :class:`~pyrovae.infer.runs.Run` (its untrained treatments as ``transfer``)."""
+        return cls(run.model, run.schema, run.untrained, transfer=transfer)
+
+    @property
+    def untrained_method(self) -> str:
+        """How this posterior predicts a treatment with no training cell (:data:`UNTRAINED_METHODS`)."""
+        method = self.model.effect.untrained_method(transfer=self.transfer)
+        assert method in UNTRAINED_METHODS, method
+        return method
+
+    def prediction_methods(self, perturbations: Sequence[str]) -> dict[str, str]:
+        """{canonical label: how it is predicted}: ``"trained"`` when every treatment of the label has
+        training cells (``"control"`` included), else :attr:`untrained_method`."""
+        d, labels = self.dosage(perturbations)
+        if self.untrained is None:
+            return {lab: "trained" for lab in labels}
+        hit = ((d != 0) & self.untrained.unsqueeze(0)).any(-1).tolist()
+        return {lab: (self.untrained_method if h else "trained") for lab, h in zip(labels, hit)}
+
+    def _warn_untrained(self, methods: dict[str, str]) -> None:
+        bad = sorted({lab for lab, m in methods.items() if m in ("prior_draw", "untrained_weights")})
+        if bad:
+            how = (
+                "drawn from the prior: a random effect that carries no information about them"
+                if self.untrained_method == "prior_draw"
+                else "made by network weights that never saw their dosage columns (no information)"
+            )
+            shown = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+            warnings.warn(
+                f"{len(bad)} perturbation(s) have a treatment with no training cell ({shown}); their "
+                f"prediction is {how}. GPO-VAE predicts unseen perturbations from its GRN "
+                "(Posterior(..., transfer=True), the default).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # --------------------------------------------------------------------------------------- helpers
     def dosage(self, perturbations: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
@@ -129,7 +178,10 @@ class Posterior:
         return torch.as_tensor(d, device=self.device), [str(c) for c in canon]
 
     def _draw_globals(self, n: int) -> dict[str, torch.Tensor]:
-        return self.model.sample_globals(n, untrained=self.untrained)
+        g = self.model.sample_globals(n, untrained=self.untrained)
+        if self.transfer and g and self.untrained is not None and bool(self.untrained.any()):
+            g = self.model.effect.predict_untrained(g, self.untrained)
+        return g
 
     def _batch(self, d: torch.Tensor, library: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         batch = {"d": d}
@@ -319,10 +371,14 @@ class Posterior:
 
         Returns:
             AnnData (A * n_cells, G): X the sampled counts (float32), obs ``perturbation`` (canonical label),
-            ``sample`` (global draw index), ``library_size``; var names = the model's genes.
+            ``sample`` (global draw index), ``library_size``, ``prediction`` (how the label was predicted,
+            :meth:`prediction_methods`; also in ``uns["pyrovae_sample"]["prediction"]``); var names = the
+            model's genes. Warns when a label rests on a prior draw.
         """
         import anndata as ad
 
+        methods = self.prediction_methods(perturbations)
+        self._warn_untrained(methods)
         x, labels, lib = self._predict_tensor(perturbations, n_cells, library_size, data, seed, chunk)
         n, a, g = x.shape
         X = x.permute(1, 0, 2).reshape(a * n, g).numpy().astype(np.float32)
@@ -335,6 +391,7 @@ class Posterior:
                     if lib is None
                     else lib.t().reshape(-1).cpu().numpy().astype(np.float64)
                 ),
+                "prediction": np.repeat([methods[lab] for lab in labels], n).astype(str),
             },
             index=[f"{lab}_{j}" for lab in labels for j in range(n)],
         )
@@ -347,6 +404,8 @@ class Posterior:
             if isinstance(library_size, str) or library_size is None
             else float(library_size),
             "likelihood": self.model.likelihood,
+            "prediction": dict(methods),
+            "untrained_method": self.untrained_method,
         }
         return out
 
@@ -382,8 +441,11 @@ class Posterior:
                 default perturbseq for count likelihoods and identity for the normal likelihood.
 
         Returns:
-            DataFrame (perturbation x genes), index = canonical labels in the given order.
+            DataFrame (perturbation x genes), index = canonical labels in the given order;
+            ``attrs["prediction"]`` = :meth:`prediction_methods` (warns when a label rests on a prior draw).
         """
+        methods = self.prediction_methods(perturbations)
+        self._warn_untrained(methods)
         transform = transform or ("perturbseq" if self._needs_library() else "mean")
         if transform not in ("perturbseq", "mean"):
             raise ValueError(f"unknown transform {transform!r}; use 'perturbseq' or 'mean'")
@@ -421,7 +483,9 @@ class Posterior:
                 total += vals.double().sum(0).cpu()
         avg = total / n_samples
         ate = (avg[inverse[1:]] - avg[inverse[0]]).numpy()
-        return pd.DataFrame(ate, index=pd.Index(labels, name="perturbation"), columns=self.genes)
+        out = pd.DataFrame(ate, index=pd.Index(labels, name="perturbation"), columns=self.genes)
+        out.attrs["prediction"] = dict(methods)
+        return out
 
     # ------------------------------------------------------------------------------------------ ArviZ
     def to_arviz(

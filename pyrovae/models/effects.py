@@ -42,6 +42,11 @@ SURROGATE_ELBO = "surrogate_elbo"
 MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "disarm", "relaxed")
 #: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
+#: how a treatment with no training cell is predicted (:meth:`EffectBlock.untrained_method`):
+#: ``grn_transfer`` (GPO-VAE: mask row from the learned GRN, effect sizes from seen perturbations),
+#: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
+#: ``untrained_weights`` (the conditional VAE: the dosage column meets network weights never trained).
+UNTRAINED_METHODS = ("grn_transfer", "prior_draw", "no_shift", "untrained_weights")
 #: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
 FIXED_MASK_LOGIT = 12.0
 
@@ -197,6 +202,36 @@ class EffectBlock(nn.Module):
         """Global draws for treatments without a training cell, after their rows were redrawn from the
         prior (``untrained`` (T,) bool). Blocks whose per-treatment values are parameters without a prior
         (SVAE+'s action mean) replace them here; the default keeps the prior draws."""
+        return g
+
+    def untrained_method(self, transfer: bool = True) -> str:
+        """How a treatment with no training cell is predicted (one of :data:`UNTRAINED_METHODS`).
+
+        ``"prior_draw"`` (the default): its rows are drawn from the prior, a random effect that carries no
+        information about it. ``transfer=False`` asks for the method without :meth:`predict_untrained`'s
+        transfer (what :meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` alone gives).
+        """
+        return "prior_draw"
+
+    def predict_untrained(
+        self,
+        g: dict[str, torch.Tensor],
+        untrained: torch.Tensor,
+        seen: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Global draws for *predicting* treatments with no training cell (unseen perturbations).
+
+        Args:
+            g: draws of :meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` with
+                ``untrained`` (untrained rows already drawn from the prior, then
+                :meth:`untrained_fallback`), shapes (n, T, ...).
+            untrained: (T,) bool, the rows to predict.
+            seen: (T,) bool, rows trained on data that a transfer may learn from (default ``~untrained``).
+
+        Returns:
+            the draws with the untrained rows predicted as :meth:`untrained_method` says. The default keeps
+            ``g`` (prior draws); GPO-VAE's block transfers effects through its GRN (:func:`grn_transfer`).
+        """
         return g
 
     def effect_rows(self, g: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -387,6 +422,20 @@ class AdditiveEffect(EffectBlock):
     def effect_rows(self, g):
         return g["E"] * g["mask"] if self.use_masks else g["E"]
 
+    @property
+    def is_grn(self) -> bool:
+        """True for GPO-VAE's square gene x gene effect space (masks, concatenated, effect_dim == T)."""
+        return self.use_masks and self.compose == "concat" and self.shift_dim == self.n_treatments
+
+    def untrained_method(self, transfer: bool = True) -> str:
+        return "grn_transfer" if transfer and self.is_grn else "prior_draw"
+
+    def predict_untrained(self, g, untrained, seen=None):
+        """GPO-VAE: :func:`grn_transfer` of the untrained rows; other additive blocks keep the prior draws."""
+        if not self.is_grn or not bool(untrained.any()):
+            return g
+        return grn_transfer(g, self.q_mask_logits, untrained, ~untrained if seen is None else seen)
+
     def fix_masks(self, masks: torch.Tensor) -> None:
         """Fix q(M) at known masks and stop training it (a control, e.g. a simulation's planted masks).
 
@@ -524,6 +573,9 @@ class BetaBernoulliActionEffect(EffectBlock):
     def effect_rows(self, g):
         return g["mask"] * self.action_mean
 
+    def untrained_method(self, transfer: bool = True) -> str:
+        return "no_shift"
+
     def untrained_fallback(self, g, untrained):
         # mu_t is a parameter with no prior, so an untrained treatment has no prior to fall back to and mu_t
         # would stay at its random initialisation; its masks are set to 0 instead, so the treatment gets
@@ -543,8 +595,63 @@ class ConcatDosageEffect(EffectBlock):
         super().__init__()
         self.n_treatments = n_treatments
 
+    def untrained_method(self, transfer: bool = True) -> str:
+        # no global rows: an untrained dosage column reaches encoder and decoder weights that never saw it
+        return "untrained_weights"
+
     def decoder_in_dim(self, n_latent: int) -> int:
         return n_latent + self.n_treatments
 
     def decoder_input(self, z, d, g):
         return torch.cat([z, d.expand(z.shape[:-1] + d.shape[-1:])], dim=-1)
+
+
+@torch.no_grad()
+def grn_transfer(
+    g: dict[str, torch.Tensor],
+    mask_logits: torch.Tensor,
+    unseen: torch.Tensor,
+    seen: torch.Tensor,
+    self_effect: bool = True,
+) -> dict[str, torch.Tensor]:
+    """GPO-VAE's prediction of unseen perturbations from its GRN (W = ``mask_logits``, (T, T)).
+
+    For an unseen perturbation of gene j (no training cell, so its E_j row got no ELBO signal):
+
+    - mask row M_j ~ q(M_j) = Bernoulli(sigmoid(W_j)) (redrawn here): gene j's outgoing GRN edges, trained
+      only through the K-hop terms of the GRN loss (paths t -> j -> k of seen perturbations t) and the
+      sparsity penalty; with ``self_effect`` M_jj = 1 (a CRISPR perturbation acts on its own target gene);
+    - effect row E_j, coordinate k: the mean of E_tk over the seen perturbations t whose (same-draw) masks
+      reach both j and k (M_tj = M_tk = 1): how gene k's coordinate moves when a seen perturbation moves j
+      and k together; where no seen perturbation reaches j and k, the mean of E_tk over seen t with
+      M_tk = 1; where none acts on k, 0.
+
+    Seen rows and rows in neither set are returned unchanged. Departure: the reference has no prediction
+    for unseen perturbations (its ``mask_test`` predicts them as controls, gpo_vae_cradle_vae.md §10.13).
+
+    Args:
+        g: global draws with ``mask`` and ``E`` of shape (n, T, T).
+        unseen, seen: (T,) bool row sets (``seen`` minus ``unseen`` is used).
+
+    Returns:
+        a new dict with the ``mask`` and ``E`` rows of ``unseen`` replaced.
+    """
+    unseen = unseen.to(mask_logits.device).bool()
+    seen = seen.to(mask_logits.device).bool() & ~unseen
+    if not bool(unseen.any()):
+        return g
+    mask, E = g["mask"].clone(), g["E"].clone()
+    u_idx, s_idx = torch.nonzero(unseen).reshape(-1), torch.nonzero(seen).reshape(-1)
+    prob = torch.sigmoid(torch.nan_to_num(mask_logits[u_idx], nan=0.0))
+    m_u = torch.bernoulli(prob.expand(mask.shape[0], *prob.shape))  # (n, U, T)
+    if self_effect:
+        m_u[:, torch.arange(len(u_idx)), u_idx] = 1.0
+    ms, es = mask[:, s_idx], E[:, s_idx]  # (n, S, T)
+    me = ms * es
+    cnt_k = ms.sum(1, keepdim=True)  # (n, 1, T): seen rows acting on k
+    fallback = torch.where(cnt_k > 0, me.sum(1, keepdim=True) / cnt_k.clamp_min(1.0), torch.zeros_like(cnt_k))
+    reach = ms[:, :, u_idx].transpose(1, 2)  # (n, U, S): seen rows reaching j
+    num, den = reach @ me, reach @ ms  # (n, U, T)
+    E[:, u_idx] = torch.where(den > 0, num / den.clamp_min(1.0), fallback.expand_as(num))
+    mask[:, u_idx] = m_u
+    return {**g, "mask": mask, "E": E}

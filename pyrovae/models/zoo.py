@@ -66,6 +66,9 @@ class ModelConfig:
     grn_threshold: float = 0.5  # reference: 0.4 Adamson, 0.8 K562, 0.5 RPE1
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
+    grn_hop_norm: str = "T"  # reference: k-hop terms / T^(k-1); "knockdown": see penalties.GRNAlignment
+    grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
+    grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -193,6 +196,14 @@ def build_model(
         from pyrovae.models.penalties import GRNAlignment
 
         model.penalties.append(
-            GRNAlignment(cfg.grn_weight, cfg.grn_threshold, cfg.grn_hops, cfg.sparsity_weight)
+            GRNAlignment(
+                cfg.grn_weight,
+                cfg.grn_threshold,
+                cfg.grn_hops,
+                cfg.sparsity_weight,
+                cfg.grn_hop_norm,
+                cfg.grn_target,
+                cfg.grn_singles_only,
+            )
         )
     return model

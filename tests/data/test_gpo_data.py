@@ -165,3 +165,18 @@ def test_holdout_never_leaks_and_keeps_dosage():
         holdout_perturbations(data, ["A+B"])
     with pytest.raises(ValueError, match="no perturbed training cell"):
         holdout_perturbations(data, ["A", "B"])
+
+
+def test_group_delta_x_averages_signed_differences_before_the_absolute_value():
+    from pyrovae.data.gpo import group_delta_x
+
+    y = np.array([[0.0, 0.0], [1.0, 2.0], [-1.0, 2.0], [3.0, 0.0], [0.5, 0.5], [9.0, 9.0]])
+    matched = np.array([-1, 0, 0, 0, 0, -1])  # cell 0 is the control; cell 5 has no match
+    labels = np.array(["control", "A", "A", "A", "A", "A"])
+    split = np.array(["train", "train", "train", "test", "test", "train"])
+    out = group_delta_x(y, matched, labels, split)
+    # train A cells 1, 2: differences (1, 2) and (-1, 2): |mean| = (0, 2), not the per-cell |.| mean (1, 2)
+    np.testing.assert_allclose(out[[1, 2]], [[0.0, 2.0], [0.0, 2.0]])
+    # test A cells 3, 4 are averaged on their own (no leakage between splits)
+    np.testing.assert_allclose(out[[3, 4]], [[1.75, 0.25], [1.75, 0.25]])
+    np.testing.assert_allclose(out[[0, 5]], 0.0)

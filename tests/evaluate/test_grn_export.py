@@ -185,8 +185,53 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
         rtol=1e-5,
     )
     scores = pd.read_csv(tmp_path / "scores.csv")
-    assert {"gpo_vae", "correlation", "de", "random"} <= set(scores["method"])
+    assert {"gpo_vae", "correlation", "de", "deconvolved_de", "paired_de", "random"} <= set(scores["method"])
+    assert {"perturbed", "perturbed->extended", "grn_genes"} <= set(scores["block"])
+    assert scores.loc[scores["method"] == "de", "sign_accuracy"].notna().all()
+    assert "at a matched edge count" in text and "path_expansion" in text
     # refuses to overwrite; --overwrite and --self-loops work
     assert _main(["grn", str(run.path), "--out", str(out)]) == 2
     assert _main(["grn", str(run.path), "--out", str(out), "--overwrite", "--self-loops"]) == 0
     assert len(pd.read_csv(out)) == T * T
+
+
+def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    from pyrovae.data.simulate import simulate_perturbseq
+
+    h5ad = tmp_path / "tiny.h5ad"
+    simulate_perturbseq("tiny", seed=0).write_h5ad(h5ad)
+    run_dir = tmp_path / "gpo"
+    opts = "max_epochs=2 n_latent=4 decoder_hidden=16 encoder_hidden=16 embedding_encoder_hidden=16"
+    argv = ["train", "--data", str(h5ad), "--model", "gpo_vae", "--out", str(run_dir), "--quiet"]
+    argv += ["--holdout-perturbations", "PG02", "--qc-key", "low_quality", "--set", *opts.split()]
+    assert _main(argv) == 0
+    capsys.readouterr()
+    assert _main(["ate", str(run_dir), "--data", str(h5ad), "--n-samples", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted by gpo with grn_transfer" in text
+    out = run_dir / "ate_test"
+    summary = json.loads((out / "ate_summary.json").read_text())
+    unseen = summary["unseen_prediction"]
+    assert unseen["method"] == "grn_transfer" and "PG02" in unseen["perturbations"]
+    assert set(unseen["perturbations"].values()) == {"grn_transfer"}
+    table = pd.read_csv(out / "ate_metrics_unseen.csv", index_col=[0, 1]).loc["all unseen"]
+    assert {"gpo", "gpo_prior_draw", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved"} <= set(
+        table.index
+    )
+    assert (table["n_perturbations"] == len(unseen["perturbations"])).all()
+    assert "unseen singles:" in text
+    per = pd.read_csv(out / "ate_per_perturbation.csv")
+    model_rows = per[per["method"] == "gpo"].set_index("perturbation")["prediction"]
+    assert model_rows["PG02"] == "grn_transfer" and model_rows["PG01"] == "trained"
+    s = tmp_path / "s.h5ad"
+    assert (
+        _main(["sample", str(run_dir), "--perturbation", "PG02", "PG01", "--n-cells", "4", "--out", str(s)])
+        == 0
+    )
+    assert "PG02; predicted with grn_transfer" in capsys.readouterr().out
+    cells = ad.read_h5ad(s)
+    assert cells.obs["prediction"].tolist() == ["grn_transfer"] * 4 + ["trained"] * 4

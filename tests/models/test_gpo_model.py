@@ -133,3 +133,167 @@ def test_trains_with_penalties_on_tiny_simulation(tiny_gpo_data, name):
         assert model.effect.q_mask_logits.shape == (data.n_treatments, data.n_treatments)
     for p in model.parameters():
         assert torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------------------ unseen perturbations
+def _schema(T: int, G: int, counts: list[int]) -> dict:
+    return {
+        "genes": [f"g{j}" for j in range(G)],
+        "treatments": [f"P{t}" for t in range(T)],
+        "control_label": "control",
+        "sep": "+",
+        "train_treatment_counts": counts,
+    }
+
+
+def _gpo_with_grn(T: int = 4, G: int = 6):
+    model = _gpo(T, G)
+    w = torch.full((T, T), -20.0)
+    w[0, 1] = w[0, 2] = 20.0  # seen P0 reaches P1 and P2
+    w[1, 2] = 20.0  # seen P1 reaches P2
+    w[2, 3] = 20.0  # unseen P2 -> P3 (trained only through K-hop paths)
+    with torch.no_grad():
+        model.effect.q_mask_logits.copy_(w)
+    return model
+
+
+def test_posterior_predicts_unseen_perturbations_by_grn_transfer():
+    import warnings
+
+    from pyrovae.infer.predictive import Posterior
+
+    model = _gpo_with_grn()
+    schema = _schema(4, 6, [10, 10, 0, 0])  # P2 held out, P3 never perturbed
+    post = Posterior(model, schema)
+    assert post.untrained_method == "grn_transfer"
+    assert post.prediction_methods(["P0", "P2", "P0+P2", "control"]) == {
+        "P0": "trained",
+        "P2": "grn_transfer",
+        "P0+P2": "grn_transfer",
+        "control": "trained",
+    }
+    g = post.global_samples(50, seed=3)
+    m, e = torch.as_tensor(g["mask"]), torch.as_tensor(g["E"])
+    # the unseen row's mask is its GRN row (P2 -> P3) plus the self effect; seen rows are q's draws
+    torch.testing.assert_close(m[:, 2], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(50, 4))
+    torch.testing.assert_close(m[:, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]).expand(50, 4))
+    # effect on P2's own coordinate: the mean over the seen rows reaching P2 (P0 and P1)
+    torch.testing.assert_close(e[:, 2, 2], (e[:, 0, 2] + e[:, 1, 2]) / 2)
+    # P3's coordinate: no seen row acts on it, so 0
+    torch.testing.assert_close(e[:, 2, 3], torch.zeros(50))
+    # the same seed gives the same draws; the prior-draw control differs on the unseen row only
+    np.testing.assert_array_equal(post.global_samples(50, seed=3)["E"], g["E"])
+    prior = Posterior(model, schema, transfer=False)
+    assert prior.untrained_method == "prior_draw"
+    gp = prior.global_samples(50, seed=3)
+    np.testing.assert_array_equal(gp["E"][:, :2], g["E"][:, :2])
+    assert not np.allclose(gp["E"][:, 2], g["E"][:, 2])
+    # every output states the method; GPO's transfer does not warn, the prior draw does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ate = post.model_ate(["P0", "P2"], n_samples=20, seed=0)
+        cells = post.predict(["P2", "control"], n_cells=3, seed=0)
+    assert ate.attrs["prediction"] == {"P0": "trained", "P2": "grn_transfer"}
+    assert cells.obs["prediction"].tolist() == ["grn_transfer"] * 3 + ["trained"] * 3
+    assert cells.uns["pyrovae_sample"]["prediction"] == {"P2": "grn_transfer", "control": "trained"}
+    with pytest.warns(UserWarning, match="prior"):
+        assert prior.model_ate(["P2"], n_samples=20).attrs["prediction"] == {"P2": "prior_draw"}
+    # the unseen prediction is not the prior's: the transfer moves P2's own coordinate like P0 and P1 do
+    with pytest.warns(UserWarning, match="prior"):
+        assert not np.allclose(ate.loc["P2"], prior.model_ate(["P2"], n_samples=20).loc["P2"])
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("sams_vae", "prior_draw"),
+        ("cpa_vae", "prior_draw"),
+        ("svae_plus", "no_shift"),
+        ("conditional_vae", "untrained_weights"),
+    ],
+)
+def test_every_model_states_how_it_predicts_unseen_perturbations(name, method):
+    from pyrovae.infer.predictive import Posterior
+
+    cfg = model_config(name, n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
+    model = build_model(cfg, 6, 3, seed=0)
+    post = Posterior(model, _schema(3, 6, [5, 5, 0]))
+    assert model.effect.untrained_method() == method and post.untrained_method == method
+    assert post.prediction_methods(["P0", "P2"]) == {"P0": "trained", "P2": method}
+    if method in ("prior_draw", "untrained_weights"):
+        with pytest.warns(UserWarning, match="no training cell"):
+            post.model_ate(["P2"], n_samples=5)
+    # a trained perturbation never warns
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        post.model_ate(["P0"], n_samples=5)
+
+
+def test_path_accumulation_explains_an_indirect_effect_on_a_chain():
+    from pyrovae.models.penalties import path_accumulation
+
+    # a -> b -> c, knock-down delta = 1.5 on the delta_x scale, threshold c = 0.5
+    delta, c, b_ab, b_bc = 1.5, 0.5, 0.8, 0.7
+    w = torch.full((3, 3), -c)
+    w[0, 1], w[1, 2] = delta * b_ab - c, delta * b_bc - c  # the direct edges fit delta_x - c
+    w[0, 0] = w[1, 1] = w[2, 2] = delta - c  # self entries: no path through them
+    s = path_accumulation(w, hops=5, scale=delta, threshold=c)
+    # the indirect a -> c is explained by the path (W_ac stays a non-edge): S_ac = delta B_ab B_bc - c
+    assert s[0, 2].item() == pytest.approx(delta * b_ab * b_bc - c)
+    torch.testing.assert_close(s[0, 1], w[0, 1])
+    torch.testing.assert_close(s[1, 0], w[1, 0])
+    # the reference's 1/T scaling leaves the indirect effect unexplained
+    ref = k_hop_accumulation(w.clamp_min(0), 5)
+    assert ref[0, 2].item() < 0.5 * (delta * b_ab * b_bc)
+    with pytest.raises(ValueError, match="grn_hop_norm"):
+        GRNAlignment(hop_norm="bad")
+
+
+def test_grn_alignment_knockdown_norm_by_hand():
+    model = _gpo(T=3)
+    w = torch.tensor([[1.0, 0.7, -0.5], [-0.5, 1.0, 0.55], [-0.5, -0.5, 1.0]])
+    with torch.no_grad():
+        model.effect.q_mask_logits.copy_(w)
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    dx = torch.tensor([[1.4, 1.2, 0.9], [0.1, 1.6, 1.1]])
+    pen = GRNAlignment(weight=2.0, threshold=0.5, hops=2, sparsity_weight=0.0, hop_norm="knockdown")
+    out = pen(model, {"d": d, "delta_x": dx})
+    h = (1.4 + 1.6) / 2  # mean self delta_x
+    a = torch.tensor([[0.0, 1.2, 0.0], [0.0, 0.0, 1.05], [0.0, 0.0, 0.0]])
+    s = w + a @ a / h + a @ a @ a / h**2
+    expect = 2.0 * (d @ s - (dx - 0.5)).abs().mean()
+    assert out["grn_alignment"].item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_grn_alignment_group_target():
+    model = _gpo(T=2)
+    d = torch.tensor([[1.0, 0.0]])
+    batch = {"d": d, "delta_x": torch.tensor([[5.0, 5.0]]), "delta_x_group": torch.tensor([[1.0, 0.2]])}
+    w = model.effect.q_mask_logits.detach()
+    out = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0, target="group")(model, batch)
+    expect = (d @ w - (batch["delta_x_group"] - 0.5)).abs().mean()
+    assert out["grn_alignment"].item() == pytest.approx(expect.item())
+    with pytest.raises(ValueError, match="delta_x_group"):
+        GRNAlignment(target="group")(model, {"d": d, "delta_x": batch["delta_x"]})
+    with pytest.raises(ValueError, match="grn_target"):
+        GRNAlignment(target="bad")
+
+
+def test_grn_alignment_singles_only_ignores_combination_cells():
+    model = _gpo(T=2)
+    d = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # a single and a combination cell
+    dx = torch.tensor([[1.0, 0.2], [3.0, 3.0]])
+    w = model.effect.q_mask_logits.detach()
+    pen = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0, singles_only=True)
+    out = pen(model, {"d": d, "delta_x": dx})
+    expect = (d[:1] @ w - (dx[:1] - 0.5)).abs().mean()
+    assert out["grn_alignment"].item() == pytest.approx(expect.item())
+    every = GRNAlignment(weight=1.0, threshold=0.5, hops=0, sparsity_weight=0.0)(
+        model, {"d": d, "delta_x": dx}
+    )
+    assert every["grn_alignment"].item() == pytest.approx((d @ w - (dx - 0.5)).abs().mean().item())
+    # a batch of combinations only: no alignment term, but still a tensor in the graph
+    none = pen(model, {"d": d[1:], "delta_x": dx[1:]})
+    assert none["grn_alignment"].item() == 0.0
