@@ -102,9 +102,10 @@ class MaskTracker:
     def __call__(self, model) -> None:
         import torch
 
-        logits = getattr(model.effect, "q_mask_logits", None)
-        if logits is None or not logits.requires_grad:
+        trained = model.effect.param_roles()["mask_logits"]  # none without masks or with fixed masks
+        if not trained:
             return
+        (logits,) = trained
 
         def hook(grad, logits=logits):
             p = torch.sigmoid(logits.detach())

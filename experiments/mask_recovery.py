@@ -106,9 +106,9 @@ def structure_metrics(run, truth: dict, rows: np.ndarray, seed: int) -> dict[str
     g = model.sample_globals(N_EFFECT_SAMPLES, untrained=run.untrained)
     effects = model.effect.effect_rows(g).mean(0).cpu().numpy()[rows]
     out = {"effect_mcc": float(effect_recovery(np.asarray(truth["latent_effects"]), effects)["mcc"])}
-    logits = getattr(model.effect, "q_mask_logits", None)
-    if logits is not None:
-        probs = torch.sigmoid(logits.detach()).cpu().numpy()[rows]
+    probs = model.effect.mask_probs()
+    if probs is not None:
+        probs = probs.cpu().numpy()[rows]
         r = mask_recovery(np.asarray(truth["masks"]), probs, seed=seed)
         out.update(
             mask_precision=r["precision"],

@@ -8,8 +8,8 @@
 4. Evaluate on the two held-out sets separately: test IWELBO (100 particles, 3 evaluation seeds: mean and
    Monte Carlo spread), ATE metrics (empirical ATE of held-out cells vs model ATE at library size 1e4, with
    trivial baselines fitted on the training cells), and SAMS-VAE's mask recovery against the simulated
-   masks (mask probabilities sigmoid(q_mask_logits), thresholded at 0.5, latent axes matched) with its
-   chance level.
+   masks (mask probabilities q(m = 1) from the effect block's ``mask_probs``, thresholded at 0.5, latent
+   axes matched) with its chance level.
 5. Print one comparison table (Markdown) and write it (``comparison.csv``, ``comparison.md``), the detailed
    tables, a ``summary.json`` and the figures (training curves, ATE scatter, mask heatmap).
 """
@@ -60,13 +60,6 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
     split = split.astype(object)
     split[np.isin(labels, held)] = "test"
     return split.astype(str), held
-
-
-def _mask_probs(model) -> np.ndarray | None:
-    import torch
-
-    logits = getattr(model.effect, "q_mask_logits", None)
-    return None if logits is None else torch.sigmoid(logits.detach()).cpu().numpy()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     )
     ates = scores["ate"]
     iw = {(m, s): res for m, by_set in scores["iwelbo"].items() for s, res in by_set.items()}
-    probs = _mask_probs(runs["SAMS-VAE"].model)
+    probs = runs["SAMS-VAE"].model.effect.mask_probs().cpu().numpy()
     order = [data.treatments.index(t) for t in truth["treatments"]]
     probs = probs[order]
     mask = mask_recovery(truth["masks"], probs, seed=args.seed)

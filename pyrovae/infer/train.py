@@ -102,24 +102,10 @@ def split_counts(
     return out
 
 
-#: parameters that get ``TrainConfig.mask_lr``: the Bernoulli mask logits of q(M) (SAMS-VAE, GPO-VAE).
-MASK_LOGIT_PARAMS = ("q_mask_logits",)
-
-
 def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
-    # Weight decay regularises network weights only; variational parameters (q_*) and the action mean
-    # are left alone so the optimum is the ELBO's (the reference decays everything; §10.12).
-    decay, no_decay, masks = [], [], []
-    for name, p in model.named_parameters():
-        leaf = name.split(".")[-1]
-        if leaf in MASK_LOGIT_PARAMS and cfg.mask_lr is not None:
-            masks.append(p)
-        else:
-            (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if masks:
-        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
-    return groups
+    # the blocks declare their parameters' roles (network / variational / mask logits): see
+    # pyrovae.models.effects.param_groups for the decay and step-size rules (§10.12)
+    return model.param_groups(cfg)
 
 
 class SurrogateTraceGraphELBO(TraceGraph_ELBO):

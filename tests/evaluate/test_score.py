@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_adata
 
+from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.evaluate.score import ate_report, iwelbo_summary, score_run
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
 from pyrovae.infer.predictive import Posterior
@@ -19,9 +21,6 @@ FAST = dict(max_epochs=2, batch_size=64, lr=5e-3, patience=100, seed=0)
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from pyrovae.data.anndata import load_perturbation_data
-    from tests.conftest import make_adata
-
     data = load_perturbation_data(make_adata())
     root = tmp_path_factory.mktemp("score")
     runs = {
