@@ -87,7 +87,7 @@ def ate_report(
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
         ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods}).
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
     """
     rows = np.asarray(rows)
     labels = data.labels[rows]
