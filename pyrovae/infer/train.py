@@ -1,13 +1,16 @@
 """Training: SVI with TraceGraph_ELBO, penalties, global gradient clipping, early stopping, checkpoints.
 
-One step (the one place where the objective is assembled)::
+One step; the objective is one loss object, :class:`PenalisedELBO` (the one place where it is assembled)::
 
-    loss  = TraceGraph_ELBO(P particles, vectorised).loss_and_grads(model, guide, batch)   # -ELBO / N
-    extra = sum(model.extra_losses(batch))                                               # penalties
-    extra.backward(); clip_grad_norm_(params, clip_norm); Adam.step()
+    loss, penalties = PenalisedELBO(model, P particles, vectorised).loss_terms_and_grads(model, guide, batch)
+    #   gradient of -ELBO / N + sum(model.extra_losses(batch)), in one backward pass
+    clip_grad_norm_(params, clip_norm); Adam.step()
 
-``TraceGraph_ELBO`` is subclassed only to add the surrogate terms guide sites ask for (the q(M) gradient
-estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss).
+``TraceGraph_ELBO`` is subclassed to add the surrogate terms guide sites ask for (the q(M) gradient
+estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss:
+:class:`SurrogateTraceGraphELBO`, also used for validation), and then the penalties (:class:`PenalisedELBO`,
+training only). The optimiser's parameter groups come from the blocks' declared roles
+(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_groups`).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
