@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+from pyrovae import report
 from pyrovae.data.protocols import canonical_labels, split_summary
 
 METRICS = {
@@ -117,11 +118,11 @@ def summarise(
     res = common.add_relative(res, "test_iwelbo", {"model": ref, "frac": 0.0}, match=("seed",))
     common.write_frame(exp.out / "results.csv", res)
     by = ["frac", "model"]
-    agg = common.aggregate(
+    agg = report.aggregate(
         res, by, list(METRICS) + list(HELDOUT_METRICS) + ["train_s"], order={"model": exp.models}
     )
     agg = agg.sort_values("frac", kind="stable").reset_index(drop=True)
-    table = common.format_summary(agg, by, {**METRICS, **HELDOUT_METRICS}, FMTS)
+    table = report.format_summary(agg, by, {**METRICS, **HELDOUT_METRICS}, FMTS)
     table = table.rename(columns={"frac": frac_header, "n": "seeds"})
     all_notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']}; split seeds {exp.seeds}.",

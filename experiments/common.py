@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import platform
 import sys
 import time
@@ -45,6 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+
+from pyrovae.report import markdown_table
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = EXPERIMENTS_DIR / "configs"
@@ -246,85 +247,6 @@ def write_frame(path: str | Path, df: pd.DataFrame, index: bool = False) -> None
     from pyrovae.infer.runs import atomic_write
 
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=index))
-
-
-def markdown(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    """GitHub Markdown table of a DataFrame (its index is not printed)."""
-    from pyrovae.commands.evaluate import markdown_table
-
-    return markdown_table(df, floatfmt=floatfmt, index=False)
-
-
-# ------------------------------------------------------------------------------------------ aggregation
-
-
-def aggregate(
-    results: pd.DataFrame,
-    by: Sequence[str],
-    metrics: Sequence[str],
-    order: Mapping[str, Sequence] | None = None,
-) -> pd.DataFrame:
-    """Mean, std (ddof=1; NaN for a single value) and count of each metric per group.
-
-    Returns a DataFrame with the ``by`` columns, ``n`` (runs in the group) and ``<metric>_mean``,
-    ``<metric>_std`` for every metric present. NaN values are ignored (a metric missing from one run).
-    ``order`` sorts groups by the given value order (e.g. the model order of the config).
-    """
-    metrics = [m for m in metrics if m in results.columns]
-    rows = []
-    for key, grp in results.groupby(list(by), sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        row: dict[str, Any] = dict(zip(by, key))
-        row["n"] = int(len(grp))
-        for m in metrics:
-            vals = pd.to_numeric(grp[m], errors="coerce").to_numpy(dtype=float)
-            vals = vals[np.isfinite(vals)]
-            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else float("nan")
-            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    if order and len(out):
-        keys = []
-        for col in by:
-            if col in order:
-                rank = {v: i for i, v in enumerate(order[col])}
-                keys.append(out[col].map(lambda v, rank=rank: rank.get(v, len(rank))))
-            else:
-                keys.append(out[col])
-        sort_df = pd.DataFrame({f"_k{i}": k for i, k in enumerate(keys)})
-        out = out.iloc[np.lexsort([sort_df[c].to_numpy() for c in reversed(sort_df.columns)])]
-    return out.reset_index(drop=True)
-
-
-def mean_std(mean: float, std: float, fmt: str = "{:.3f}") -> str:
-    """``"m ± s"``; ``"–"`` for NaN."""
-    if mean is None or not math.isfinite(float(mean)):
-        return "–"
-    if std is None or not math.isfinite(float(std)):
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(std)}"
-
-
-def format_summary(
-    agg: pd.DataFrame, by: Sequence[str], metrics: Mapping[str, str], fmts: Mapping[str, str] | None = None
-) -> pd.DataFrame:
-    """A display table: the ``by`` columns, ``n``, then one ``mean ± std`` column per metric.
-
-    Args:
-        metrics: {metric: column title}, in display order; metrics absent from ``agg`` are skipped.
-        fmts: {metric: format} (default ``{:.3f}``; IWELBOs look better with ``{:.2f}``).
-    """
-    fmts = dict(fmts or {})
-    out = agg[list(by) + ["n"]].copy()
-    for col in by:  # numeric keys (fractions, seeds) as compact strings
-        if pd.api.types.is_float_dtype(out[col]):
-            out[col] = [f"{v:.2f}" if math.isfinite(v) else "–" for v in out[col]]
-    for m, title in metrics.items():
-        if f"{m}_mean" not in agg.columns:
-            continue
-        f = fmts.get(m, "{:.3f}")
-        out[title] = [mean_std(a, b, f) for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_std"])]
-    return out
 
 
 def add_relative(
@@ -823,7 +745,7 @@ class Experiment:
     ) -> str:
         """Write ``<stem>.csv`` (``raw`` if given, else ``table``) and ``<stem>.md`` (title, table, notes)."""
         write_frame(self.out / f"{stem}.csv", raw if raw is not None else table)
-        md = f"## {title}\n\n{markdown(table)}\n"
+        md = f"## {title}\n\n{markdown_table(table, index=False)}\n"
         notes = list(notes)
         if notes:
             md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
+from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
 
 NAME = "grn_recovery"
@@ -137,8 +138,8 @@ def baseline_rows(run, data, truth: dict) -> list[dict]:
 
 def summarise(exp: common.Experiment) -> str:
     res = exp.results_frame()
-    agg = common.aggregate(res, ["model"], list(METRICS) + ["train_s"], order={"model": exp.models})
-    table = common.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
+    agg = report.aggregate(res, ["model"], list(METRICS) + ["train_s"], order={"model": exp.models})
+    table = report.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']}; "
         f"training seeds {exp.seeds}; cell split "

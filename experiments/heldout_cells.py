@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 import pandas as pd
 
 from experiments import common
+from pyrovae import report
 from pyrovae.data.protocols import canonical_labels, cell_split, split_summary
 
 NAME = "heldout_cells"
@@ -75,8 +76,8 @@ def summarise(exp: common.Experiment) -> str:
     res = exp.results_frame()
     by = ["model", "setting"]
     order = {"model": exp.models}
-    agg = common.aggregate(res, by, list(METRICS) + ["train_s"], order=order)
-    all_table = common.format_summary(agg, by, METRICS, FMTS).rename(columns={"n": "seeds"})
+    agg = report.aggregate(res, by, list(METRICS) + ["train_s"], order=order)
+    all_table = report.format_summary(agg, by, METRICS, FMTS).rename(columns={"n": "seeds"})
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']}; "
         f"training seeds {exp.seeds}; cell split "
@@ -97,7 +98,7 @@ def summarise(exp: common.Experiment) -> str:
         else:
             picked.append(grp.iloc[0])
     sel = pd.DataFrame(picked).reset_index(drop=True)
-    table = common.format_summary(sel, by, METRICS, FMTS).rename(columns={"n": "seeds"})
+    table = report.format_summary(sel, by, METRICS, FMTS).rename(columns={"n": "seeds"})
     md = exp.write_table(
         "summary", table, "Held-out cells (setting per model chosen on validation IWELBO)", notes, raw=sel
     )

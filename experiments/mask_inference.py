@@ -39,6 +39,7 @@ import numpy as np
 
 from experiments import common
 from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
+from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
 
 NAME = "mask_inference"
@@ -101,9 +102,10 @@ class MaskTracker:
     def __call__(self, model) -> None:
         import torch
 
-        logits = getattr(model.effect, "q_mask_logits", None)
-        if logits is None or not logits.requires_grad:
+        trained = model.effect.param_roles()["mask_logits"]  # none without masks or with fixed masks
+        if not trained:
             return
+        (logits,) = trained
 
         def hook(grad, logits=logits):
             p = torch.sigmoid(logits.detach())
@@ -168,8 +170,8 @@ def summarise(exp: common.Experiment, held: list[str]) -> str:
     common.write_frame(exp.out / "results.csv", res)
     metrics = {k: v for k, v in METRICS.items() if k in res.columns}
     order = exp.models + [m for m in res["model"].unique() if m not in exp.models]
-    agg = common.aggregate(res, ["model"], list(metrics), order={"model": order})
-    table = common.format_summary(agg, ["model"], metrics, FMTS).rename(columns={"n": "seeds"})
+    agg = report.aggregate(res, ["model"], list(metrics), order={"model": order})
+    table = report.format_summary(agg, ["model"], metrics, FMTS).rename(columns={"n": "seeds"})
     n_true = res["mask_true_positives"].dropna() if "mask_true_positives" in res else []
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']} (every model: "

@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 import numpy as np
 
 from experiments import common
+from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
 
 NAME = "mask_recovery"
@@ -105,9 +106,9 @@ def structure_metrics(run, truth: dict, rows: np.ndarray, seed: int) -> dict[str
     g = model.sample_globals(N_EFFECT_SAMPLES, untrained=run.untrained)
     effects = model.effect.effect_rows(g).mean(0).cpu().numpy()[rows]
     out = {"effect_mcc": float(effect_recovery(np.asarray(truth["latent_effects"]), effects)["mcc"])}
-    logits = getattr(model.effect, "q_mask_logits", None)
-    if logits is not None:
-        probs = torch.sigmoid(logits.detach()).cpu().numpy()[rows]
+    probs = model.effect.mask_probs()
+    if probs is not None:
+        probs = probs.cpu().numpy()[rows]
         r = mask_recovery(np.asarray(truth["masks"]), probs, seed=seed)
         out.update(
             mask_precision=r["precision"],
@@ -126,8 +127,8 @@ def summarise(exp: common.Experiment) -> str:
     for metric in ("val_iwelbo", "test_iwelbo"):
         res = common.add_relative(res, metric, {"model": REFERENCE_MODEL}, name=f"{metric}_vs_cpa")
     common.write_frame(exp.out / "results.csv", res)
-    agg = common.aggregate(res, ["model"], list(METRICS) + ["train_s"], order={"model": exp.models})
-    table = common.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
+    agg = report.aggregate(res, ["model"], list(METRICS) + ["train_s"], order={"model": exp.models})
+    table = report.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
     n_true = res["mask_true_positives"].dropna()
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']}; training seeds {exp.seeds}; "

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pyrovae.evaluate.ate import pearson
+
 
 def _pyplot():
     try:
@@ -71,12 +73,6 @@ def _top_k_mask(true, top_k: int) -> np.ndarray:
     return mask
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, top_k: int = 20) -> Path:
     """Model versus empirical ATE, one panel per model; the top-k genes (by |empirical ATE|) of every
     perturbation highlighted, Pearson r (all entries / top-k) in the title.
@@ -104,7 +100,7 @@ def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, to
         lo = float(np.nanmin([t.min(), p.min()]))
         hi = float(np.nanmax([t.max(), p.max()]))
         ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-        r_all, r_top = _pearson(t.ravel(), p.ravel()), _pearson(t[top], p[top])
+        r_all, r_top = pearson(t.ravel(), p.ravel()), pearson(t[top], p[top])
         ax.set_title(f"{name}\nr = {r_all:.2f} (all), {r_top:.2f} (top {top_k})", fontsize=9)
         ax.set_xlabel("empirical ATE")
         ax.set_ylabel("predicted ATE")

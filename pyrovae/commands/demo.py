@@ -8,8 +8,8 @@
 4. Evaluate on the two held-out sets separately: test IWELBO (100 particles, 3 evaluation seeds: mean and
    Monte Carlo spread), ATE metrics (empirical ATE of held-out cells vs model ATE at library size 1e4, with
    trivial baselines fitted on the training cells), and SAMS-VAE's mask recovery against the simulated
-   masks (mask probabilities sigmoid(q_mask_logits), thresholded at 0.5, latent axes matched) with its
-   chance level.
+   masks (mask probabilities q(m = 1) from the effect block's ``mask_probs``, thresholded at 0.5, latent
+   axes matched) with its chance level.
 5. Print one comparison table (Markdown) and write it (``comparison.csv``, ``comparison.md``), the detailed
    tables, a ``summary.json`` and the figures (training curves, ATE scatter, mask heatmap).
 """
@@ -26,6 +26,7 @@ import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.outputs import clear_output_dir, mark_output_dir
+from pyrovae.report import markdown_table, mean_std
 
 # Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
@@ -61,29 +62,14 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
     return split.astype(str), held
 
 
-def _mask_probs(model) -> np.ndarray | None:
-    import torch
-
-    logits = getattr(model.effect, "q_mask_logits", None)
-    return None if logits is None else torch.sigmoid(logits.detach()).cpu().numpy()
-
-
-def _fmt(mean: float, std: float | None = None) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "–"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.3f}"
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pyrovae.commands.evaluate import ate_report, iwelbo_summary, markdown_table
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.dosage import build_dosage
     from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
+    from pyrovae.evaluate.score import score_run
     from pyrovae.evaluate.structure import mask_recovery
-    from pyrovae.infer.iwelbo import iwelbo_over_seeds
-    from pyrovae.infer.predictive import Posterior
     from pyrovae.infer.runs import atomic_write, train_run, write_json
     from pyrovae.infer.train import TrainConfig
     from pyrovae.models.zoo import model_config
@@ -136,30 +122,25 @@ def run(args: argparse.Namespace) -> int:
         "held-out combos": np.concatenate([test[is_held], test[data.labels[test] == data.control_label]]),
     }
     iw_rows = {"held-out cells": test[~is_held], "held-out combos": test[is_held]}
-    posts = {label: Posterior.from_run(r) for label, r in runs.items()}
-    iw: dict[tuple[str, str], dict[str, Any]] = {}
-    for label, r in runs.items():
-        for set_name, rows in iw_rows.items():
-            log(f"IWELBO of {label} on {set_name} ({len(rows)} cells, {IWELBO_PARTICLES} particles)")
-            iw[(label, set_name)] = iwelbo_over_seeds(
-                r.model, data, rows, seeds=IWELBO_SEEDS, n_particles=IWELBO_PARTICLES, untrained=r.untrained
-            )
-    ates = {}
-    first, *others = list(posts)
-    for set_name, rows in sets.items():
-        log(f"ATE on {set_name}")
-        ates[set_name] = ate_report(
-            posts[first],
-            data,
-            rows,
-            top_k=TOP_K,
-            n_samples=ATE_SAMPLES,
-            library_size=1e4,
-            seed=args.seed,
-            model_name=first,
-            extra_models={o: posts[o] for o in others},
-        )
-    probs = _mask_probs(runs["SAMS-VAE"].model)
+    first, *others = list(runs)
+    scores = score_run(
+        runs[first],
+        data,
+        ate_sets=sets,
+        iwelbo_sets=iw_rows,
+        name=first,
+        others={o: runs[o] for o in others},
+        top_k=TOP_K,
+        n_samples=ATE_SAMPLES,
+        library_size=1e4,
+        seed=args.seed,
+        iwelbo_seeds=IWELBO_SEEDS,
+        n_particles=IWELBO_PARTICLES,
+        log=log,
+    )
+    ates = scores["ate"]
+    iw = {(m, s): res for m, by_set in scores["iwelbo"].items() for s, res in by_set.items()}
+    probs = runs["SAMS-VAE"].model.effect.mask_probs().cpu().numpy()
     order = [data.treatments.index(t) for t in truth["treatments"]]
     probs = probs[order]
     mask = mask_recovery(truth["masks"], probs, seed=args.seed)
@@ -175,16 +156,16 @@ def run(args: argparse.Namespace) -> int:
             res = iw.get((m, set_name))
             num[key] = res["mean"] if res else np.nan
             num[f"{key} MC sd"] = res["std"] if res else np.nan
-            md[key] = _fmt(res["mean"], res["std"]) if res else "–"
+            md[key] = mean_std(res["mean"], res["std"], "{:.2f}") if res else "–"
         for set_name in sets:
             tab = ates[set_name]["table"]
             for col, short in (("pearson", "ATE r"), ("pearson_topk", f"ATE r top{TOP_K}")):
                 v = float(tab.loc[m, col]) if m in tab.index else np.nan
                 num[f"{short} {set_name}"] = v
-                md[f"{short} {set_name}"] = _fmt(v)
+                md[f"{short} {set_name}"] = mean_std(v)
         f1 = mask["f1"] if m == "SAMS-VAE" else mask["chance_f1"] if m.startswith("random mask") else np.nan
         num["mask F1"] = f1
-        md["mask F1"] = _fmt(f1)
+        md["mask F1"] = mean_std(f1)
         rows_num.append(num)
         rows_md.append(md)
     table = pd.DataFrame(rows_num).set_index("method")
@@ -227,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for set_name, rep in ates.items():
             slug = set_name.replace(" ", "_").replace("-", "")
-            preds = {k: v for k, v in rep["preds"].items() if k in posts or k == "additive"}
+            preds = {k: v for k, v in rep["preds"].items() if k in runs or k == "additive"}
             figures.append(
                 plot_ate_scatter(rep["ate_true"], preds, out / f"ate_scatter_{slug}.png", top_k=TOP_K)
             )
@@ -257,7 +238,11 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "train_seconds": seconds,
             "wall_seconds": wall,
-            "iwelbo": {f"{m} / {s}": iwelbo_summary(res, s) for (m, s), res in iw.items()},
+            "iwelbo": {
+                f"{m} / {s}": summ
+                for m, by_set in scores["iwelbo_summary"].items()
+                for s, summ in by_set.items()
+            },
             "mask_recovery": mask,
             "comparison": table.reset_index().to_dict(orient="records"),
             "figures": [str(f) for f in figures],

@@ -8,44 +8,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.config import PyrovaeWarning
-from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
-from pyrovae.evaluate.grn import unseen_perturbation_baselines
-from pyrovae.infer.iwelbo import iwelbo_over_seeds
+from pyrovae.evaluate.score import score_run
 from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run
 from pyrovae.outputs import atomic_write, atomic_write_all, dir_lock, json_writer, staged_dir, write_json
 from pyrovae.plot import plot_ate_scatter
+from pyrovae.report import markdown_table
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}", index: bool = True) -> str:
-    """A GitHub-flavoured Markdown table of a DataFrame (no extra dependency)."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "–" if not math.isfinite(float(v)) else floatfmt.format(float(v))
-        if v is None:
-            return "–"
-        return str(v).replace("|", "\\|")
-
-    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for idx, *row in df.itertuples(name=None):  # itertuples keeps each column's dtype (ints stay ints)
-        vals = ([cell(idx)] if index else []) + [cell(v) for v in row]
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
 
 
 def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
@@ -86,28 +65,6 @@ def _load(args: argparse.Namespace):
 # -------------------------------------------------------------------------------------------- iwelbo
 
 
-def iwelbo_summary(res: dict[str, Any], split_name: str) -> dict[str, Any]:
-    """JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds` (plus per-label means)."""
-    cells = res["cells"]
-    return {
-        "split": split_name,
-        "mean_iwelbo": res["mean"],
-        "mc_std_over_seeds": res["std"],
-        "per_seed": res["per_seed"],
-        "n_cells": res["n_cells"],
-        "n_particles": res["n_particles"],
-        "score_globals": res["score_globals"],
-        "bound": (
-            "prior-predictive marginal likelihood (globals scored)"
-            if res["score_globals"]
-            else "posterior-predictive likelihood under q (globals not scored; not the model evidence)"
-        ),
-        "per_label": {
-            str(k): float(v) for k, v in cells.groupby("label", observed=True)["iwelbo"].mean().items()
-        },
-    }
-
-
 def _run_lock_if_inside(out: Path, run_dir: Path):
     """The run directory's lock when ``out`` is written inside it (a training there must not interleave)."""
     inside = out.resolve().is_relative_to(run_dir.resolve())
@@ -131,19 +88,19 @@ def run_iwelbo(args: argparse.Namespace) -> int:
     run, data = _load(args)
     if len(data.indices(args.split)) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
-    res = iwelbo_over_seeds(
-        run.model,
+    scores = score_run(
+        run,
         data,
-        args.split,
-        seeds=args.seeds,
+        iwelbo_sets={args.split: args.split},
+        iwelbo_seeds=args.seeds,
         n_particles=args.particles,
         batch_size=args.batch_size,
         particle_chunk=args.particle_chunk,
-        untrained=run.untrained,
         score_globals=args.score_globals,
     )
+    res = scores["iwelbo"][scores["name"]][args.split]
     cells = res["cells"]
-    summary = iwelbo_summary(res, args.split)
+    summary = scores["iwelbo_summary"][scores["name"]][args.split]
     summary.update({"run": str(run_dir), "data": str(args.data), "per_cell_csv": str(out)})
     with _run_lock_if_inside(out, run_dir):
         atomic_write_all(
@@ -183,75 +140,6 @@ SHOWN_ATE_COLUMNS = (
 )
 
 
-def ate_report(
-    posterior,
-    data,
-    rows: np.ndarray,
-    *,
-    top_k: int = 20,
-    n_samples: int = 2500,
-    library_size: str | float = 1e4,
-    seed: int = 0,
-    chunk: int = 256,
-    model_name: str = "model",
-    baselines: bool = True,
-    extra_models: dict[str, Any] | None = None,
-    extra_preds: dict[str, pd.DataFrame] | None = None,
-) -> dict[str, Any]:
-    """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
-
-    The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
-    ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
-    held-out combinations only). Baselines are computed from the training cells only.
-
-    ``extra_preds``: further predictions ({name: A x G DataFrame}, rows indexed by label), e.g. the
-    unseen-perturbation baselines of :func:`pyrovae.evaluate.grn.unseen_perturbation_baselines`.
-
-    Returns:
-        dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
-        ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
-        ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
-    """
-    rows = np.asarray(rows)
-    labels = data.labels[rows]
-    ctrl = data.control_label
-    perts = sorted({str(v) for v in labels} - {ctrl})
-    if not perts:
-        raise ValueError("the selected cells hold no perturbed cell; nothing to compare")
-    control_source = "selected cells"
-    if not (labels == ctrl).any():
-        rows = np.concatenate([rows, np.flatnonzero((data.labels == ctrl) & (data.split != ""))])
-        control_source = "all control cells (none among the selected cells)"
-    transform = "perturbseq" if posterior.model.likelihood != "normal" else "mean"
-    ate_true = empirical_ate(data.rows(rows), data.labels[rows], ctrl, genes=data.genes, method=transform)
-    ate_true = ate_true.loc[perts]
-    preds: dict[str, pd.DataFrame] = {}
-    for name, post in {model_name: posterior, **(extra_models or {})}.items():
-        preds[name] = post.model_ate(
-            perts,
-            n_samples=n_samples,
-            library_size=library_size,
-            data=data,
-            seed=seed,
-            chunk=chunk,
-            transform=transform,
-        )
-    if baselines:
-        preds.update(baseline_ates(data, perts, method=transform))
-    for name, df in (extra_preds or {}).items():
-        preds[name] = df.loc[perts]
-    return {
-        "ate_true": ate_true,
-        "preds": preds,
-        "table": ate_table(ate_true, preds, top_k),
-        "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
-        "control_source": control_source,
-        "perturbations": perts,
-        "prediction": dict(preds[model_name].attrs.get("prediction", {})),
-    }
-
-
 def run_ate(args: argparse.Namespace) -> int:
     tag = "all" if args.all_cells else args.split
     out_dir = Path(args.out) if args.out else Path(args.run) / f"ate_{tag}"
@@ -266,60 +154,24 @@ def run_ate(args: argparse.Namespace) -> int:
         scope = f"held-out {args.split} cells" if args.split != "train" else "training cells (not held out)"
     if len(rows) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
-    post = Posterior.from_run(run)
     model_name = run.model_cfg.family if args.name is None else args.name
-    unseen = _unseen_labels(post, data, rows)
-    extra_preds = None
-    if unseen:
-        names = [t for t, u in zip(post.treatments, post.untrained.tolist()) if u]
-        transform = "perturbseq" if run.model.likelihood != "normal" else "mean"
-        # rows of the seen labels stay NaN: these baselines are about the unseen ones
-        perts = sorted({str(lab) for lab in data.labels[rows]} - {data.control_label})
-        extra_preds = {
-            k: df.reindex(perts)
-            for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
-        }
-    # a model that transfers (GPO-VAE) is also shown with prior draws on unseen rows: the transfer's worth
-    control = unseen and post.untrained_method != post.model.effect.untrained_method(transfer=False)
-    extra_models = {f"{model_name}_prior_draw": Posterior.from_run(run, transfer=False)} if control else None
-    with warnings.catch_warnings():
-        if control:  # the deliberate prior-draw control; the model itself does not draw from the prior
-            warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
-        rep = ate_report(
-            post,
-            data,
-            rows,
-            top_k=args.top_k,
-            n_samples=args.n_samples,
-            library_size=args.library,
-            seed=args.seed,
-            model_name=model_name,
-            extra_models=extra_models,
-            extra_preds=extra_preds,
-        )
-    table = rep["table"]
+    rep = score_run(
+        run,
+        data,
+        ate_sets={scope: rows},
+        name=model_name,
+        top_k=args.top_k,
+        n_samples=args.n_samples,
+        library_size=args.library,
+        seed=args.seed,
+    )["ate"][scope]
+    table, per_pert, unseen, unseen_table = (
+        rep["table"],
+        rep["per_perturbation"],
+        rep["unseen"],
+        rep["unseen_table"],
+    )
     method_of = rep["prediction"]
-    per_pert = rep["per_perturbation"]
-    per_pert["prediction"] = [
-        method_of.get(p, "trained") if m == model_name else "baseline"
-        for m, p in zip(per_pert["method"], per_pert["perturbation"])
-    ]
-    unseen_table = None
-    if unseen:
-        # unseen singles apart from combinations with an unseen member (whose seen member carries signal)
-        groups = {
-            "all unseen": unseen,
-            "unseen singles": [p for p in unseen if data.sep not in p],
-            "combinations with an unseen member": [p for p in unseen if data.sep in p],
-        }
-        parts = {}
-        for group, labs in groups.items():
-            if labs:
-                preds = {
-                    k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()
-                }
-                parts[group] = ate_table(rep["ate_true"].loc[labs], preds, args.top_k)
-        unseen_table = pd.concat(parts, names=["group"])
     fig = None
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
@@ -349,7 +201,7 @@ def run_ate(args: argparse.Namespace) -> int:
                 "perturbations": rep["perturbations"],
                 "metrics": table.reset_index().to_dict(orient="records"),
                 "unseen_prediction": {
-                    "method": post.untrained_method,
+                    "method": rep["untrained_method"],
                     "perturbations": {p: method_of.get(p, "trained") for p in unseen},
                 },
                 "metrics_unseen": None
@@ -370,8 +222,12 @@ def run_ate(args: argparse.Namespace) -> int:
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
-            f"{model_name} with {post.untrained_method}"
-            + (" (a prior draw: no information about them)" if post.untrained_method == "prior_draw" else "")
+            f"{model_name} with {rep['untrained_method']}"
+            + (
+                " (a prior draw: no information about them)"
+                if rep["untrained_method"] == "prior_draw"
+                else ""
+            )
         )
         for group, part in unseen_table.groupby(level="group", sort=False):
             print(f"{group}:")
@@ -382,12 +238,6 @@ def run_ate(args: argparse.Namespace) -> int:
         f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
-
-
-def _unseen_labels(post, data, rows: np.ndarray) -> list[str]:
-    """The perturbation labels among ``rows`` with a treatment that has no training cell (sorted)."""
-    perts = sorted({str(v) for v in data.labels[rows]} - {data.control_label})
-    return [p for p, m in post.prediction_methods(perts).items() if m != "trained"] if perts else []
 
 
 def _slug(name: str) -> str:

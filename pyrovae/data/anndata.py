@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from pyrovae.config import PyrovaeWarning
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
+from pyrovae.data.matrix import dense_rows
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: fewer training cells than this get a warning (estimates from a handful of cells are noise)
@@ -108,7 +109,7 @@ class PerturbationData:
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 counts of the given rows only, shape (len(idx), G)."""
-        return row_block(self.counts, idx)
+        return dense_rows(self.counts, idx)
 
     def groups(self, split: str | None = None) -> list[str]:
         """Sorted distinct non-control labels present in ``split``."""
@@ -190,26 +191,9 @@ def _as_matrix(m, backed: bool):
     return np.asarray(m, dtype=np.float32)
 
 
-def row_block(m, idx: np.ndarray) -> np.ndarray:
-    """Dense float32 rows ``idx`` (any order) of a dense, CSR or backed (on-disk) matrix."""
-    idx = np.asarray(idx)
-    if isinstance(m, np.ndarray) or sp.issparse(m):
-        block = m[idx]
-    else:  # backed datasets want sorted, unique indices
-        order = np.argsort(idx, kind="stable")
-        uniq, inv = np.unique(idx[order], return_inverse=True)
-        part = m[uniq]
-        part = part.toarray() if sp.issparse(part) else np.asarray(part)
-        block = np.empty((len(idx), part.shape[1]), dtype=np.float32)
-        block[order] = part[inv]
-    if sp.issparse(block):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float32)
-
-
 def _row_chunks(m, chunk: int):
     for i in range(0, m.shape[0], chunk):
-        yield i, row_block(m, np.arange(i, min(i + chunk, m.shape[0])))
+        yield i, dense_rows(m, np.arange(i, min(i + chunk, m.shape[0])))
 
 
 def _check_values(m, require_counts: bool, where: str, chunk: int = 8192) -> bool:
@@ -251,7 +235,7 @@ def log_norm_stats(
     m2 = np.zeros(g, dtype=np.float64)  # sum of squared deviations, merged per chunk (Chan et al.)
     n = 0
     for i in range(0, len(idx), chunk):
-        lb = row_block(counts, idx[i : i + chunk]).astype(np.float64)
+        lb = dense_rows(counts, idx[i : i + chunk]).astype(np.float64)
         lb = np.log1p(lb) if log else lb
         nb = lb.shape[0]
         mb = lb.mean(0)

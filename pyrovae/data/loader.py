@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.matrix import to_dense
 
 Batch = dict[str, torch.Tensor]
 
@@ -130,7 +131,7 @@ class MinibatchLoader:
                     break
                 sel = np.array_split(np.arange(len(pos)), world)[rank]
                 pos, x = pos[sel], None if x is None else x[sel]
-            yield self.batch(pos, None if x is None else _dense(x))
+            yield self.batch(pos, None if x is None else to_dense(x, np.float32))
 
     def _iter_permutation(self, size: int) -> Iterator[tuple[np.ndarray, None]]:
         order = np.arange(self.n_cells)
@@ -185,7 +186,3 @@ def read_rows(m, rows: np.ndarray):
 
 def _stack(parts: list):
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)

@@ -36,6 +36,8 @@ import ot
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.data.matrix import dense_cols, dense_rows
+
 __all__ = [
     "log_normalize",
     "ot_pair",
@@ -88,22 +90,6 @@ def _as_index(idx: Any, n: int, what: str) -> np.ndarray:
     if arr.size and (arr.min() < -n or arr.max() >= n):
         raise ValueError(f"{what} out of range for {n} entries")
     return np.where(arr < 0, arr + n, arr)
-
-
-def _dense_rows(counts: Any, rows: np.ndarray) -> np.ndarray:
-    """Dense float64 (len(rows), n_genes) block of the given rows."""
-    block = counts[rows]
-    if sp.issparse(block):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float64)
-
-
-def _dense_cols(counts: Any, cols: np.ndarray | None) -> np.ndarray:
-    """Dense float64 (n_cells, len(cols)) block of the given columns (all columns when None)."""
-    block = counts if cols is None else counts[:, cols]
-    if sp.issparse(block):
-        block = block.toarray()
-    return np.array(block, dtype=np.float64)  # always a copy: callers modify it in place
 
 
 def _used_split_mask(splits: Any, n: int) -> np.ndarray:
@@ -176,7 +162,7 @@ def log_normalize(
     elif not np.isfinite(target_sum) or target_sum <= 0:
         raise ValueError(f"target_sum must be a positive number, got {target_sum!r}")
     cols = None if genes_idx is None else _as_index(genes_idx, g, "genes_idx")
-    x = _dense_cols(counts, cols)
+    x = dense_cols(counts, cols)
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
     x *= scale[:, None]
     return np.log1p(x, out=x)
@@ -712,6 +698,6 @@ def counterfactual_expression(
         rng = np.random.default_rng(_group_seed(seed, "cfx", split, label, int(status)))
         take = min(int(n_sample), pool.size)
         chosen = np.sort(rng.choice(pool, size=take, replace=False))
-        cfx[target] = np.median(_dense_rows(counts, chosen), axis=0).astype(np.float32)
+        cfx[target] = np.median(dense_rows(counts, chosen, np.float64), axis=0).astype(np.float32)
         has_cf[target] = True
     return cfx, has_cf

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.data.matrix import to_dense
+
 __all__ = [
     "perturbseq_transform",
     "empirical_ate",
@@ -28,6 +30,7 @@ __all__ = [
     "per_perturbation_metrics",
     "baseline_ates",
     "ate_table",
+    "pearson",
 ]
 
 TRANSFORMS = ("perturbseq", "mean")
@@ -41,12 +44,6 @@ def _is_sparse(x: Any) -> bool:
 
 def _n_rows(x: Any) -> int:
     return int(x.shape[0])
-
-
-def _to_dense(block: Any) -> np.ndarray:
-    if _is_sparse(block):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float64)
 
 
 def _resolve_transform(transform: str, method: str | None) -> str:
@@ -89,7 +86,7 @@ def perturbseq_transform(x: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -
 def _apply(block: Any, transform: str, target_sum: float) -> np.ndarray:
     if transform == "perturbseq":
         return perturbseq_transform(block, target_sum)
-    return _to_dense(block)
+    return to_dense(block)
 
 
 def _label_sums(
@@ -242,7 +239,7 @@ def empirical_ate(
 # ---------------------------------------------------------------------------------------- metrics
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson r of two 1-D vectors; NaN (no warning) if shorter than 2 or either is constant."""
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     b = np.asarray(b, dtype=np.float64).reshape(-1)
@@ -309,8 +306,8 @@ def _row_metrics(t: np.ndarray, p: np.ndarray, k: int) -> dict[str, np.ndarray]:
     inter = np.array([len(np.intersect1d(a, b)) for a, b in zip(top_t, top_p)], dtype=np.float64)
     jaccard = inter / (2 * k - inter) if k > 0 else np.full(len(t), np.nan)
     return {
-        "pearson": np.array([_pearson(a, b) for a, b in zip(t, p)]),
-        "pearson_topk": np.array([_pearson(a, b) for a, b in zip(tt, pt)]),
+        "pearson": np.array([pearson(a, b) for a, b in zip(t, p)]),
+        "pearson_topk": np.array([pearson(a, b) for a, b in zip(tt, pt)]),
         "mse": ((t - p) ** 2).mean(1),
         "mse_topk": ((tt - pt) ** 2).mean(1),
         "direction_acc_topk": direction,
@@ -381,9 +378,9 @@ def ate_metrics(ate_true: pd.DataFrame, ate_pred: pd.DataFrame, top_k: int = 20)
     if n_pert == 0 or n_genes == 0:
         return out
     rm = _row_metrics(t, p, k)
-    out["pearson"] = _pearson(t, p)
+    out["pearson"] = pearson(t, p)
     out["r2"] = _r2(t, p)
-    out["pearson_topk"] = _pearson(rm["_tt"], rm["_pt"])
+    out["pearson_topk"] = pearson(rm["_tt"], rm["_pt"])
     out["r2_topk"] = _r2(rm["_tt"], rm["_pt"])
     out["pearson_per_pert_mean"] = _nan_stat(rm["pearson"], np.mean)
     out["pearson_per_pert_median"] = _nan_stat(rm["pearson"], np.median)

@@ -32,6 +32,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import mannwhitneyu, wasserstein_distance
 
+from pyrovae.data.matrix import to_dense
+
 __all__ = [
     "score_grn",
     "score_blocks",
@@ -48,12 +50,6 @@ __all__ = [
     "auroc",
     "average_precision",
 ]
-
-
-def _dense(a: Any) -> np.ndarray:
-    if sp.issparse(a):
-        a = a.toarray()
-    return np.asarray(a, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- ranking metrics
@@ -178,7 +174,7 @@ def correlation_grn(x_lognorm: np.ndarray | sp.spmatrix) -> np.ndarray:
     Returns:
         (n, n) |corr|, diagonal 0; constant genes have 0 correlation with everything.
     """
-    x = _dense(x_lognorm)
+    x = to_dense(x_lognorm)
     if x.ndim != 2:
         raise ValueError(f"x_lognorm must be 2-D (cells, genes), got shape {x.shape}")
     x = x - x.mean(0)
@@ -354,14 +350,14 @@ def _test_pairs(
         return pd.DataFrame(columns=cols)
     needed = sorted({b for _, b in pairs})
     pos = {c: i for i, c in enumerate(needed)}
-    ctrl = _dense(x[ctrl_idx][:, needed])
+    ctrl = to_dense(x[ctrl_idx][:, needed])
     by_parent: dict[int, list[int]] = {}
     for a, b in pairs:
         by_parent.setdefault(a, []).append(b)
     res: dict[tuple[int, int], tuple[float, float]] = {}
     for a, children in by_parent.items():
         sub = sorted(set(children))
-        pert = _dense(x[cells[genes[a]]][:, sub])
+        pert = to_dense(x[cells[genes[a]]][:, sub])
         for j, b in enumerate(sub):
             c_vals, p_vals = ctrl[:, pos[b]], pert[:, j]
             p = float(mannwhitneyu(c_vals, p_vals, alternative="two-sided").pvalue)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.data.matrix import select_rows
 from pyrovae.models.effects import grn_transfer
 from pyrovae.models.skeleton import PerturbationVAE
 
@@ -235,16 +236,6 @@ def score_run_grn(
     return pd.DataFrame(rows)
 
 
-def _rows_matrix(data, idx: np.ndarray):
-    """The count rows ``idx`` (all genes: library sizes need them), CSR or dense, never densified whole."""
-    import scipy.sparse as sp
-
-    m = data.counts
-    if isinstance(m, np.ndarray) or sp.issparse(m):
-        return m[idx]
-    return data.rows(idx)
-
-
 #: baselines of :func:`baseline_scores` that give edge signs (``signed=True``).
 SIGNED_BASELINES = ("de", "deconvolved_de")
 
@@ -270,7 +261,7 @@ def baseline_scores(
     idx = data.indices(split)
     gene_pos = {g: i for i, g in enumerate(data.genes)}
     node_idx = np.asarray([gene_pos[str(n)] for n in nodes], dtype=np.int64)
-    y = log_normalize(_rows_matrix(data, idx), node_idx)
+    y = log_normalize(select_rows(data.counts, idx), node_idx)
     labels = np.asarray(data.labels)[idx]
     out = {}
     out["correlation"] = np.asarray(grn_eval.correlation_grn(y), dtype=np.float64)
@@ -357,7 +348,7 @@ def statistical_scores(
         raise ValueError(f"the {split!r} split has no cells")
     nodes = list(run.treatments)
     gene_pos = {g: i for i, g in enumerate(data.genes)}
-    y = log_normalize(_rows_matrix(data, idx), np.asarray([gene_pos[n] for n in nodes]))
+    y = log_normalize(select_rows(data.counts, idx), np.asarray([gene_pos[n] for n in nodes]))
     labels = np.asarray(data.labels)[idx]
     above = edges[edges["probability"] > threshold]
     sel, other = above[above["block"] == "perturbed"], above[above["block"] != "perturbed"]

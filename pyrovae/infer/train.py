@@ -1,13 +1,16 @@
 """Training: SVI with TraceGraph_ELBO, penalties, global gradient clipping, early stopping, checkpoints.
 
-One step (the one place where the objective is assembled)::
+One step; the objective is one loss object, :class:`PenalisedELBO` (the one place where it is assembled)::
 
-    loss  = TraceGraph_ELBO(P particles, vectorised).loss_and_grads(model, guide, batch)   # -ELBO / N
-    extra = sum(model.extra_losses(batch))                                               # penalties
-    extra.backward(); clip_grad_norm_(params, clip_norm); Adam.step()
+    loss, penalties = PenalisedELBO(model, P particles, vectorised).loss_terms_and_grads(model, guide, batch)
+    #   gradient of -ELBO / N + sum(model.extra_losses(batch)), in one backward pass
+    clip_grad_norm_(params, clip_norm); Adam.step()
 
-``TraceGraph_ELBO`` is subclassed only to add the surrogate terms guide sites ask for (the q(M) gradient
-estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss).
+``TraceGraph_ELBO`` is subclassed to add the surrogate terms guide sites ask for (the q(M) gradient
+estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss:
+:class:`SurrogateTraceGraphELBO`, also used for validation), and then the penalties (:class:`PenalisedELBO`,
+training only). The optimiser's parameter groups come from the blocks' declared roles
+(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_groups`).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
@@ -35,6 +38,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
+from pyro.infer.util import torch_backward, torch_item
+from pyro.util import warn_if_nan
 from tqdm.auto import tqdm
 
 from pyrovae.config import check_range, coerce_fields, replace_checked
@@ -102,24 +107,10 @@ def split_counts(
     return out
 
 
-#: parameters that get ``TrainConfig.mask_lr``: the Bernoulli mask logits of q(M) (SAMS-VAE, GPO-VAE).
-MASK_LOGIT_PARAMS = ("q_mask_logits",)
-
-
 def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
-    # Weight decay regularises network weights only; variational parameters (q_*) and the action mean
-    # are left alone so the optimum is the ELBO's (the reference decays everything; §10.12).
-    decay, no_decay, masks = [], [], []
-    for name, p in model.named_parameters():
-        leaf = name.split(".")[-1]
-        if leaf in MASK_LOGIT_PARAMS and cfg.mask_lr is not None:
-            masks.append(p)
-        else:
-            (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if masks:
-        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
-    return groups
+    # the blocks declare their parameters' roles (network / variational / mask logits): see
+    # pyrovae.models.effects.param_groups for the decay and step-size rules (§10.12)
+    return model.param_groups(cfg)
 
 
 class SurrogateTraceGraphELBO(TraceGraph_ELBO):
@@ -138,9 +129,62 @@ class SurrogateTraceGraphELBO(TraceGraph_ELBO):
         return elbo, surrogate_loss
 
 
+class PenalisedELBO(SurrogateTraceGraphELBO):
+    """The training objective as one loss object: the negative ELBO (with the surrogate terms of
+    :class:`SurrogateTraceGraphELBO`) plus the penalties of the model, ``vae.extra_losses(batch)`` (GRN
+    alignment and sparsity, counterfactual KL: terms that are not log-densities, each in per-cell units).
+
+    The model and guide are those of ``vae``; their first argument is the minibatch (the penalties' input).
+    The penalties are computed after the ELBO's traces (so the random stream is the ELBO's, then the
+    penalties' draw of the globals), and the surrogate loss plus the penalties are differentiated in one
+    backward pass. Validation and the IWELBO score the plain ELBO (:func:`make_elbo`).
+
+    Args:
+        vae: the model whose ``extra_losses`` are added.
+        **kwargs: as :class:`~pyro.infer.TraceGraph_ELBO`.
+    """
+
+    def __init__(self, vae: PerturbationVAE, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vae = vae
+
+    def loss_terms_and_grads(
+        self, model, guide, batch, *args, **kwargs
+    ) -> tuple[float, dict[str, torch.Tensor]]:
+        """Accumulate the gradient of the penalised loss; returns (negative ELBO, {penalty: detached 0-d
+        tensor, on the device}). The two parts stay apart for reporting; their sum is what is minimised."""
+        elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, (batch, *args), kwargs)
+        penalties = self.vae.extra_losses(batch)
+        if penalties:
+            surrogate_loss = surrogate_loss + sum(penalties.values())
+        torch_backward(surrogate_loss, retain_graph=self.retain_graph)
+        loss = -torch_item(elbo)
+        warn_if_nan(loss, "loss")
+        return loss, {k: v.detach() for k, v in penalties.items()}
+
+    def loss_and_grads(self, model, guide, batch, *args, **kwargs) -> float:
+        """Pyro's interface: the penalised loss (negative ELBO + penalties), its gradient accumulated."""
+        loss, penalties = self.loss_terms_and_grads(model, guide, batch, *args, **kwargs)
+        return loss + sum(float(v) for v in penalties.values())
+
+    def loss(self, model, guide, batch, *args, **kwargs) -> float:
+        """The penalised loss without gradients (negative ELBO estimate + penalties)."""
+        with torch.no_grad():
+            penalties = self.vae.extra_losses(batch)
+        return super().loss(model, guide, batch, *args, **kwargs) + sum(float(v) for v in penalties.values())
+
+
 def make_elbo(n_particles: int) -> TraceGraph_ELBO:
+    """The plain ELBO (with the mask estimators' surrogate terms): validation, IWELBO, diagnostics."""
     return SurrogateTraceGraphELBO(
         num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1
+    )
+
+
+def make_training_elbo(model: PerturbationVAE, n_particles: int) -> PenalisedELBO:
+    """The training objective of ``model`` (:class:`PenalisedELBO`), with :func:`make_elbo`'s settings."""
+    return PenalisedELBO(
+        model, num_particles=n_particles, vectorize_particles=n_particles > 1, max_plate_nesting=1
     )
 
 
@@ -200,7 +244,7 @@ class Trainer:
         self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
-        self.elbo = make_elbo(cfg.n_particles)
+        self.elbo = make_training_elbo(model, cfg.n_particles)
         self.history: list[dict[str, float]] = []
         self.epoch = 0
         self.step = 0
@@ -236,17 +280,16 @@ class Trainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         w = self.model.global_weights(batch, counts, n_cells, self.cfg.global_scaling)
-        loss = self.elbo.loss_and_grads(self.model.model, self.model.guide, batch, n_cells, w, 1.0 / n_cells)
-        extras = self.model.extra_losses(batch)
-        if extras:
-            sum(extras.values()).backward()
+        loss, extras = self.elbo.loss_terms_and_grads(
+            self.model.model, self.model.guide, batch, n_cells, w, 1.0 / n_cells
+        )
         if self.ddp is not None:  # average gradients (and the loss) over the ranks' minibatches
             loss = self.ddp.reduce_step(self.model.parameters(), loss)
         if self.cfg.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        return float(loss), {k: v.detach() for k, v in extras.items()}
+        return float(loss), extras
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""

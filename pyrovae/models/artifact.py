@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.models.effects import weighted_plate
+from pyrovae.models.effects import parameter_roles, weighted_plate
 
 QC_PLATE = "qc_rows"
 
@@ -28,6 +28,10 @@ class ArtifactBlock(nn.Module):
         self.register_buffer("prior_scale", torch.tensor(float(prior_scale)))
         self.q_loc = nn.Parameter(torch.zeros(n_qc, n_latent))
         self.q_log_scale = nn.Parameter(torch.zeros(n_qc, n_latent))
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The optimiser roles of the block's parameters: both are variational (no weight decay)."""
+        return parameter_roles(self, variational=[self.q_loc, self.q_log_scale])
 
     def model_globals(self, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
         with weighted_plate(QC_PLATE, self.n_qc, weights):

@@ -13,7 +13,9 @@ dosage row d turns them into a latent shift. The skeleton (:mod:`pyrovae.models.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -172,6 +174,55 @@ def analytic_mask_kl_surrogate(model_trace, guide_trace) -> torch.Tensor:
     return -(sampled - sampled.detach()).sum() - (kl - kl.detach()).sum()
 
 
+#: optimiser roles of a parameter (:meth:`EffectBlock.param_roles`, :func:`param_groups`)
+PARAM_ROLES = ("network", "variational", "mask_logits")
+
+
+def parameter_roles(
+    module: nn.Module, variational: Sequence[nn.Parameter] = (), mask_logits: Sequence[nn.Parameter] = ()
+) -> dict[str, list[nn.Parameter]]:
+    """{role: parameters} of ``module``: the given variational and mask-logit parameters, every other
+    parameter of ``module`` a network weight (roles: :data:`PARAM_ROLES`)."""
+    special = {id(q) for q in (*variational, *mask_logits)}
+    return {
+        "network": [q for q in module.parameters() if id(q) not in special],
+        "variational": list(variational),
+        "mask_logits": list(mask_logits),
+    }
+
+
+def param_groups(module: nn.Module, roles: Mapping[str, Sequence[nn.Parameter]], cfg) -> list[dict[str, Any]]:
+    """Adam parameter groups of ``module.parameters()`` (in their order) by role.
+
+    Weight decay (``cfg.weight_decay``) regularises network weights only; variational parameters and
+    point-estimated per-treatment values get none, so the optimum is the ELBO's (the reference decays
+    everything; §10.12). Mask logits get their own step size ``cfg.mask_lr`` (without decay) when it is
+    set, else they join the variational group. A parameter absent from ``roles`` is a network weight.
+
+    Args:
+        module: the model (or block) whose parameters are grouped.
+        roles: {role: parameters}, roles among :data:`PARAM_ROLES` (e.g. :meth:`EffectBlock.param_roles`).
+        cfg: the training settings (``weight_decay``, ``mask_lr``; a
+            :class:`~pyrovae.infer.train.TrainConfig`).
+
+    Returns:
+        ``[{network, weight_decay}, {variational, weight_decay 0}]`` plus ``{mask logits, weight_decay 0,
+        lr mask_lr}`` when there are mask logits and ``cfg.mask_lr`` is set.
+    """
+    role_of = {id(q): role for role in ("variational", "mask_logits") for q in roles.get(role, ())}
+    decay, no_decay, masks = [], [], []
+    for q in module.parameters():
+        role = role_of.get(id(q), "network")
+        if role == "mask_logits" and cfg.mask_lr is not None:
+            masks.append(q)
+        else:
+            (decay if role == "network" else no_decay).append(q)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+    return groups
+
+
 class EffectBlock(nn.Module):
     """Base class; the defaults describe a block without global sites."""
 
@@ -240,6 +291,20 @@ class EffectBlock(nn.Module):
 
     def check_dosage(self, d: torch.Tensor) -> None:
         """Raise a clear error if this block cannot handle the dosage matrix."""
+
+    def mask_probs(self) -> torch.Tensor | None:
+        """(T, dim) q(m = 1) of the block's mask entries, detached; ``None`` for a block without masks."""
+        return None
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The block's parameters by optimiser role (:data:`PARAM_ROLES`, :func:`param_groups`): network
+        weights, variational parameters (and point-estimated per-treatment values), mask logits. The
+        default: every parameter is a network weight."""
+        return parameter_roles(self)
+
+    def param_groups(self, cfg) -> list[dict[str, Any]]:
+        """Adam parameter groups of this block's parameters under ``cfg`` (:func:`param_groups`)."""
+        return param_groups(self, self.param_roles(), cfg)
 
 
 class AdditiveEffect(EffectBlock):
@@ -422,6 +487,20 @@ class AdditiveEffect(EffectBlock):
     def effect_rows(self, g):
         return g["E"] * g["mask"] if self.use_masks else g["E"]
 
+    def mask_probs(self) -> torch.Tensor | None:
+        return torch.sigmoid(self.q_mask_logits.detach()) if self.use_masks else None
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        # q(E)'s free mean-field parameters are variational; q(E | M)'s network is a network; masks fixed by
+        # fix_masks are a buffer, seen by no optimiser
+        free_e = self.guide_kind == "mean_field" or not self.use_masks
+        logits = self.q_mask_logits if self.use_masks else None
+        return parameter_roles(
+            self,
+            variational=[self.q_E_loc, self.q_E_log_scale] if free_e else [],
+            mask_logits=[logits] if isinstance(logits, nn.Parameter) else [],
+        )
+
     @property
     def is_grn(self) -> bool:
         """True for GPO-VAE's square gene x gene effect space (masks, concatenated, effect_dim == T)."""
@@ -575,6 +654,14 @@ class BetaBernoulliActionEffect(EffectBlock):
 
     def untrained_method(self, transfer: bool = True) -> str:
         return "no_shift"
+
+    def mask_probs(self) -> torch.Tensor | None:
+        return torch.sigmoid(self.q_mask_prob_logits.detach()).clamp(1e-6, 1 - 1e-6)  # as the guide's
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        # the action mean is a point estimate (no prior, no decay); the MAP mask-probability logits are
+        # variational and keep the network's step (not TrainConfig.mask_lr)
+        return parameter_roles(self, variational=[self.action_mean, self.q_mask_prob_logits])
 
     def untrained_fallback(self, g, untrained):
         # mu_t is a parameter with no prior, so an untrained treatment has no prior to fall back to and mu_t

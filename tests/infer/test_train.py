@@ -193,3 +193,47 @@ def test_validation_loss_draws_untrained_treatments_from_the_prior(name, tiny_da
             if pname.endswith(("q_E_loc", "q_mask_logits")):
                 p[data.treatments.index("A")] += 5.0  # A is trained: its q matters
     assert loss() != pytest.approx(before, rel=1e-6)
+
+
+def test_penalised_elbo_equals_the_elbo_plus_a_second_backward_of_the_penalties():
+    """PenalisedELBO (one backward) against the two-step version it replaces, same seed, GPO-VAE."""
+    from pyrovae.data.anndata import load_perturbation_data
+    from pyrovae.data.gpo import prepare_gpo_data
+    from pyrovae.data.loader import MinibatchLoader
+    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.infer.train import PenalisedELBO, make_elbo, make_training_elbo, split_counts
+
+    data = load_perturbation_data(simulate_perturbseq("tiny", seed=0))
+    data = prepare_gpo_data(data, qc_key="low_quality", seed=0)
+    cfg = model_config("gpo_vae", **SMALL)
+    for particles in (1, 3):
+        out = []
+        for two_step in (True, False):
+            model = build_model(cfg, data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=0)
+            pyro.clear_param_store()
+            loader = MinibatchLoader(data, "train", 64, shuffle=True, seed=0)
+            batch, n = next(iter(loader)), loader.n_cells
+            w = model.global_weights(batch, split_counts(model, data, "train", "cpu"), n, "none")
+            pyro.set_rng_seed(1)
+            args = (model.model, model.guide, batch, n, w, 1.0 / n)
+            if two_step:
+                loss = make_elbo(particles).loss_and_grads(*args)
+                extras = model.extra_losses(batch)
+                sum(extras.values()).backward()
+                extras = {k: v.detach() for k, v in extras.items()}
+            else:
+                elbo = make_training_elbo(model, particles)
+                assert isinstance(elbo, PenalisedELBO)
+                loss, extras = elbo.loss_terms_and_grads(*args)
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            out.append((loss, extras, grads))
+        (loss0, extras0, grads0), (loss1, extras1, grads1) = out
+        assert loss0 == loss1
+        assert set(extras0) == set(extras1) == {"grn_alignment", "grn_sparsity", "counterfactual_kl"}
+        assert all(torch.equal(extras0[k], extras1[k]) for k in extras0)
+        assert grads0.keys() == grads1.keys() and len(grads0) == len(list(model.parameters()))
+        assert all(torch.equal(grads0[k], grads1[k]) for k in grads0), particles
+    # Pyro's interface gives the penalised loss: negative ELBO plus the penalties
+    pyro.set_rng_seed(1)
+    total = elbo.loss_and_grads(*args)
+    assert total == loss1 + sum(float(v) for v in extras1.values())

@@ -1,0 +1,313 @@
+"""The evaluation protocol: score trained runs on chosen cells (held-out IWELBO, ATE with trivial baselines).
+
+:func:`score_run` is the one model-agnostic entry point; ``pyrovae iwelbo``, ``pyrovae ate`` and
+``pyrovae demo`` call it and only write and print what it returns. The pieces:
+
+- :func:`iwelbo_summary`: the JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`;
+- :func:`ate_report`: empirical ATE of chosen cells versus model ATE(s) and the trivial baselines;
+- :func:`score_ate`: :func:`ate_report` for one run plus its unseen perturbations (a treatment with no
+  training cell): the unseen-perturbation baselines, the prior-draw control of a model that transfers
+  (GPO-VAE), how each perturbation was predicted, and the metrics grouped over the unseen labels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pyrovae.data.anndata import PerturbationData
+from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+from pyrovae.evaluate.grn import unseen_perturbation_baselines
+from pyrovae.infer.iwelbo import iwelbo_over_seeds
+from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.runs import Run
+
+# -------------------------------------------------------------------------------------------- iwelbo
+
+
+def iwelbo_summary(res: dict[str, Any], split_name: str) -> dict[str, Any]:
+    """JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds` (plus per-label means)."""
+    cells = res["cells"]
+    return {
+        "split": split_name,
+        "mean_iwelbo": res["mean"],
+        "mc_std_over_seeds": res["std"],
+        "per_seed": res["per_seed"],
+        "n_cells": res["n_cells"],
+        "n_particles": res["n_particles"],
+        "score_globals": res["score_globals"],
+        "bound": (
+            "prior-predictive marginal likelihood (globals scored)"
+            if res["score_globals"]
+            else "posterior-predictive likelihood under q (globals not scored; not the model evidence)"
+        ),
+        "per_label": {
+            str(k): float(v) for k, v in cells.groupby("label", observed=True)["iwelbo"].mean().items()
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------- ATE
+
+
+def ate_transform(likelihood: str) -> str:
+    """The ATE transform of a model's likelihood: ``"perturbseq"`` for counts, ``"mean"`` for ``normal``."""
+    return "perturbseq" if likelihood != "normal" else "mean"
+
+
+def ate_report(
+    posterior,
+    data,
+    rows: np.ndarray,
+    *,
+    top_k: int = 20,
+    n_samples: int = 2500,
+    library_size: str | float = 1e4,
+    seed: int = 0,
+    chunk: int = 256,
+    model_name: str = "model",
+    baselines: bool = True,
+    extra_models: dict[str, Any] | None = None,
+    extra_preds: dict[str, pd.DataFrame] | None = None,
+) -> dict[str, Any]:
+    """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
+
+    The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
+    ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
+    held-out combinations only). Baselines are computed from the training cells only.
+
+    ``extra_preds``: further predictions ({name: A x G DataFrame}, rows indexed by label), e.g. the
+    unseen-perturbation baselines of :func:`pyrovae.evaluate.grn.unseen_perturbation_baselines`.
+
+    Returns:
+        dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
+        ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
+        ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
+    """
+    rows = np.asarray(rows)
+    labels = data.labels[rows]
+    ctrl = data.control_label
+    perts = sorted({str(v) for v in labels} - {ctrl})
+    if not perts:
+        raise ValueError("the selected cells hold no perturbed cell; nothing to compare")
+    control_source = "selected cells"
+    if not (labels == ctrl).any():
+        rows = np.concatenate([rows, np.flatnonzero((data.labels == ctrl) & (data.split != ""))])
+        control_source = "all control cells (none among the selected cells)"
+    transform = ate_transform(posterior.model.likelihood)
+    ate_true = empirical_ate(data.rows(rows), data.labels[rows], ctrl, genes=data.genes, method=transform)
+    ate_true = ate_true.loc[perts]
+    preds: dict[str, pd.DataFrame] = {}
+    for name, post in {model_name: posterior, **(extra_models or {})}.items():
+        preds[name] = post.model_ate(
+            perts,
+            n_samples=n_samples,
+            library_size=library_size,
+            data=data,
+            seed=seed,
+            chunk=chunk,
+            transform=transform,
+        )
+    if baselines:
+        preds.update(baseline_ates(data, perts, method=transform))
+    for name, df in (extra_preds or {}).items():
+        preds[name] = df.loc[perts]
+    return {
+        "ate_true": ate_true,
+        "preds": preds,
+        "table": ate_table(ate_true, preds, top_k),
+        "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
+        "control_source": control_source,
+        "perturbations": perts,
+        "prediction": dict(preds[model_name].attrs.get("prediction", {})),
+    }
+
+
+def unseen_labels(post: Posterior, data: PerturbationData, rows: np.ndarray) -> list[str]:
+    """The perturbation labels among ``rows`` with a treatment that has no training cell (sorted)."""
+    perts = sorted({str(v) for v in data.labels[rows]} - {data.control_label})
+    return [p for p, m in post.prediction_methods(perts).items() if m != "trained"] if perts else []
+
+
+def score_ate(
+    run: Run,
+    data: PerturbationData,
+    rows: np.ndarray,
+    *,
+    name: str,
+    others: Mapping[str, Run] | None = None,
+    top_k: int = 20,
+    n_samples: int = 2500,
+    library_size: str | float = 1e4,
+    seed: int = 0,
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
+    with the run's unseen perturbations (a treatment with no training cell) scored apart.
+
+    For unseen labels the unseen-perturbation baselines
+    (:func:`~pyrovae.evaluate.grn.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
+    and a model that transfers to them (GPO-VAE through its GRN) is also shown as
+    ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer.
+
+    Returns:
+        :func:`ate_report`'s dict, its ``per_perturbation`` with a ``prediction`` column (how each model
+        predicted each label, ``"baseline"`` for baselines and controls), plus ``unseen`` (the unseen
+        labels), ``untrained_method`` (how ``run`` predicts them) and ``unseen_table`` (the metrics per
+        group: all unseen, unseen singles, combinations with an unseen member; None without unseen labels).
+    """
+    post = Posterior.from_run(run)
+    models = {o: Posterior.from_run(r) for o, r in (others or {}).items()}
+    unseen = unseen_labels(post, data, rows)
+    transform = ate_transform(run.model.likelihood)
+    extra_preds = None
+    if unseen:
+        names = [t for t, u in zip(post.treatments, post.untrained.tolist()) if u]
+        # rows of the seen labels stay NaN: these baselines are about the unseen ones
+        perts = sorted({str(lab) for lab in data.labels[rows]} - {data.control_label})
+        extra_preds = {
+            k: df.reindex(perts)
+            for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
+        }
+    # a model that transfers (GPO-VAE) is also shown with prior draws on unseen rows: the transfer's worth
+    control = bool(unseen) and post.untrained_method != post.model.effect.untrained_method(transfer=False)
+    if control:
+        models[f"{name}_prior_draw"] = Posterior.from_run(run, transfer=False)
+    with warnings.catch_warnings():
+        if control:  # the deliberate prior-draw control; the model itself does not draw from the prior
+            warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
+        rep = ate_report(
+            post,
+            data,
+            rows,
+            top_k=top_k,
+            n_samples=n_samples,
+            library_size=library_size,
+            seed=seed,
+            chunk=chunk,
+            model_name=name,
+            extra_models=models or None,
+            extra_preds=extra_preds,
+        )
+    method_of = {name: rep["prediction"]}
+    for o in others or {}:
+        method_of[o] = dict(rep["preds"][o].attrs.get("prediction", {}))
+    per_pert = rep["per_perturbation"]
+    per_pert["prediction"] = [
+        method_of[m].get(p, "trained") if m in method_of else "baseline"
+        for m, p in zip(per_pert["method"], per_pert["perturbation"])
+    ]
+    rep.update(
+        unseen=unseen,
+        untrained_method=post.untrained_method,
+        unseen_table=_unseen_table(rep, unseen, data.sep, top_k) if unseen else None,
+    )
+    return rep
+
+
+def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: int) -> pd.DataFrame:
+    """:func:`~pyrovae.evaluate.ate.ate_table` over the unseen labels, by group (index: group, method).
+
+    Unseen singles apart from combinations with an unseen member (whose seen member carries signal); a
+    method with no prediction for a group (all NaN) is left out of that group."""
+    groups = {
+        "all unseen": list(unseen),
+        "unseen singles": [p for p in unseen if sep not in p],
+        "combinations with an unseen member": [p for p in unseen if sep in p],
+    }
+    parts = {}
+    for group, labs in groups.items():
+        if labs:
+            preds = {k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()}
+            parts[group] = ate_table(rep["ate_true"].loc[labs], preds, top_k)
+    return pd.concat(parts, names=["group"])
+
+
+# ------------------------------------------------------------------------------------------ score_run
+
+
+def score_run(
+    run: Run,
+    data: PerturbationData,
+    *,
+    ate_sets: Mapping[str, np.ndarray] | None = None,
+    iwelbo_sets: Mapping[str, str | np.ndarray] | None = None,
+    name: str | None = None,
+    others: Mapping[str, Run] | None = None,
+    top_k: int = 20,
+    n_samples: int = 2500,
+    library_size: str | float = 1e4,
+    seed: int = 0,
+    chunk: int = 256,
+    iwelbo_seeds: Sequence[int] = (0, 1, 2),
+    n_particles: int = 100,
+    batch_size: int = 128,
+    particle_chunk: int = 25,
+    score_globals: bool = False,
+    log: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
+
+    Args:
+        run: the trained run (``data`` read with ``run.load_data``: its genes, treatments and split).
+        ate_sets: {set name: (n,) row positions}: :func:`score_ate` on each set, the other runs' ATEs in the
+            same table (model ATE with ``n_samples`` samples at ``library_size``, seeded by ``seed``; top-k
+            genes by |empirical ATE| ``top_k``).
+        iwelbo_sets: {set name: split name or row positions}: held-out IWELBO
+            (:func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
+            ``iwelbo_seeds``) of every run on each set, each run's untrained treatments as in training.
+        name: the name of ``run`` in the tables (default: its model family).
+        log: called with one line before each IWELBO and ATE computation (progress).
+
+    Returns:
+        dict with ``name``, ``ate`` ({set: :func:`score_ate`'s dict}), ``iwelbo`` ({model: {set:
+        :func:`iwelbo_over_seeds`'s dict}}) and ``iwelbo_summary`` ({model: {set: :func:`iwelbo_summary`}}).
+    """
+    name = run.model_cfg.family if name is None else name
+    runs = {name: run, **(others or {})}
+    log = log or (lambda msg: None)
+    iwelbo: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, r in runs.items():
+        iwelbo[model] = {}
+        for set_name, rows in (iwelbo_sets or {}).items():
+            n = len(data.indices(rows)) if isinstance(rows, str) else len(rows)
+            log(f"IWELBO of {model} on {set_name} ({n} cells, {n_particles} particles)")
+            iwelbo[model][set_name] = iwelbo_over_seeds(
+                r.model,
+                data,
+                rows,
+                seeds=iwelbo_seeds,
+                n_particles=n_particles,
+                batch_size=batch_size,
+                particle_chunk=particle_chunk,
+                untrained=r.untrained,
+                score_globals=score_globals,
+            )
+    ate = {}
+    for set_name, rows in (ate_sets or {}).items():
+        log(f"ATE on {set_name}")
+        ate[set_name] = score_ate(
+            run,
+            data,
+            rows,
+            name=name,
+            others=others,
+            top_k=top_k,
+            n_samples=n_samples,
+            library_size=library_size,
+            seed=seed,
+            chunk=chunk,
+        )
+    return {
+        "name": name,
+        "ate": ate,
+        "iwelbo": iwelbo,
+        "iwelbo_summary": {
+            m: {s: iwelbo_summary(res, s) for s, res in sets.items()} for m, sets in iwelbo.items()
+        },
+    }

@@ -1,0 +1,82 @@
+"""score_run: the one evaluation protocol (IWELBO on chosen cells, ATE with baselines, several runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_adata
+
+from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.evaluate.score import ate_report, iwelbo_summary, score_run
+from pyrovae.infer.iwelbo import iwelbo_over_seeds
+from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.runs import train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import model_config
+
+SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
+FAST = dict(max_epochs=2, batch_size=64, lr=5e-3, patience=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    data = load_perturbation_data(make_adata())
+    root = tmp_path_factory.mktemp("score")
+    runs = {
+        name: train_run(data, model_config(name, **SMALL), TrainConfig(**FAST), root / name, progress=False)
+        for name in ("sams_vae", "cpa_vae")
+    }
+    return data, runs
+
+
+def test_score_run_matches_its_parts(two_runs):
+    data, runs = two_runs
+    test = data.indices("test")
+    kw = dict(top_k=5, n_samples=40, seed=1)
+    res = score_run(
+        runs["sams_vae"],
+        data,
+        ate_sets={"test": test},
+        iwelbo_sets={"test": "test", "rows": test[:10]},
+        others={"cpa": runs["cpa_vae"]},
+        iwelbo_seeds=(0, 1),
+        n_particles=5,
+        **kw,
+    )
+    name = res["name"]
+    assert name == runs["sams_vae"].model_cfg.family == "sams"  # the family by default
+    # the IWELBO of every run on every set is iwelbo_over_seeds with the run's untrained treatments
+    for model, run in ((name, runs["sams_vae"]), ("cpa", runs["cpa_vae"])):
+        for set_name, rows in (("test", "test"), ("rows", test[:10])):
+            direct = iwelbo_over_seeds(
+                run.model, data, rows, seeds=(0, 1), n_particles=5, untrained=run.untrained
+            )
+            assert res["iwelbo"][model][set_name]["mean"] == pytest.approx(direct["mean"], abs=1e-9)
+            assert res["iwelbo_summary"][model][set_name] == iwelbo_summary(direct, set_name)
+    # the ATE is ate_report with the other run as an extra model, in one table with the baselines
+    rep = res["ate"]["test"]
+    direct = ate_report(
+        Posterior.from_run(runs["sams_vae"]),
+        data,
+        test,
+        model_name=name,
+        extra_models={"cpa": Posterior.from_run(runs["cpa_vae"])},
+        **kw,
+    )
+    pd.testing.assert_frame_equal(rep["table"], direct["table"])
+    assert list(rep["table"].index[:2]) == [name, "cpa"]
+    assert {"train_mean", "additive", "global_mean"} <= set(rep["table"].index)
+    # every label is trained here: the models' rows say so, the baselines' rows say baseline
+    per = rep["per_perturbation"]
+    is_model = per["method"].isin([name, "cpa"])
+    assert (per.loc[is_model, "prediction"] == "trained").all()
+    assert (per.loc[~is_model, "prediction"] == "baseline").all()
+    assert rep["unseen"] == [] and rep["unseen_table"] is None
+
+
+def test_score_run_needs_perturbed_cells(two_runs):
+    data, runs = two_runs
+    ctrl = np.flatnonzero(data.labels == data.control_label)
+    with pytest.raises(ValueError, match="no perturbed cell"):
+        score_run(runs["cpa_vae"], data, ate_sets={"controls": ctrl}, n_samples=10)

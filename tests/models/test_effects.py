@@ -1,0 +1,104 @@
+"""Effect-block hooks: mask probabilities and optimiser parameter groups (network / variational / masks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pyro import poutine
+
+from pyrovae.infer.train import TrainConfig, Trainer
+from pyrovae.models.zoo import build_model, model_config
+
+SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
+ZOO = (
+    "sams_vae",
+    "sams_vae_mf",
+    "sams_vae_beta_bernoulli",
+    "cpa_vae",
+    "svae_plus",
+    "conditional_vae",
+    "cradle_vae",
+    "gpo_vae",
+)
+
+
+def _groups_by_name(model, cfg):
+    """The optimiser groups as pyrovae made them before the hooks: parameters sorted by their names (the
+    leaf ``q_mask_logits`` gets mask_lr; leaves starting ``q_`` or ``action_mean`` get no weight decay)."""
+    decay, no_decay, masks = [], [], []
+    for name, p in model.named_parameters():
+        leaf = name.split(".")[-1]
+        if leaf == "q_mask_logits" and cfg.mask_lr is not None:
+            masks.append(p)
+        else:
+            (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+    return groups
+
+
+def _same_groups(a, b):
+    assert len(a) == len(b)
+    for ga, gb in zip(a, b):
+        assert {k: v for k, v in ga.items() if k != "params"} == {
+            k: v for k, v in gb.items() if k != "params"
+        }
+        assert [id(p) for p in ga["params"]] == [id(p) for p in gb["params"]]  # same tensors, same order
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("mask_lr", [None, 0.05])
+def test_param_groups_are_the_name_sorted_groups(name, mask_lr):
+    model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
+    cfg = TrainConfig(weight_decay=1e-3, mask_lr=mask_lr)
+    _same_groups(model.param_groups(cfg), _groups_by_name(model, cfg))
+
+
+def test_trainer_optimises_the_model_groups(tiny_data):
+    model = build_model(model_config("gpo_vae", **SMALL), tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    cfg = TrainConfig(weight_decay=1e-3, mask_lr=0.05, lr=1e-3)
+    opt = Trainer(model, tiny_data, cfg).optimizer
+    expected = _groups_by_name(model, cfg)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in expected
+    ]
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (1e-3, 1e-3),
+        (1e-3, 0.0),
+        (0.05, 0.0),
+    ]
+
+
+def test_param_groups_with_fixed_masks_leave_the_fixed_logits_out():
+    model = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0)
+    model.effect.fix_masks((torch.arange(12).reshape(4, 3) % 2 == 0).float())
+    cfg = TrainConfig(mask_lr=0.5)
+    groups = model.param_groups(cfg)
+    _same_groups(groups, _groups_by_name(model, cfg))
+    assert len(groups) == 2 and model.effect.param_roles()["mask_logits"] == []
+
+
+def test_block_roles_cover_each_parameter_once():
+    for name in ZOO:
+        model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
+        for block in (model.effect, model.artifact):
+            if block is None:
+                continue
+            roles = block.param_roles()
+            ids = [id(p) for ps in roles.values() for p in ps]
+            assert sorted(ids) == sorted(id(p) for p in block.parameters()), name
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_mask_probs_are_the_guides_mask_probabilities(name):
+    model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
+    probs = model.effect.mask_probs()
+    site = poutine.trace(model.draw_globals).get_trace().nodes.get("mask")
+    if site is None:
+        assert probs is None
+        return
+    fn = site["fn"]
+    expected = (fn.base_dist if hasattr(fn, "base_dist") else fn).probs
+    assert probs.shape == expected.shape and not probs.requires_grad
+    torch.testing.assert_close(probs, expected.detach(), atol=1e-6, rtol=0)
