@@ -68,8 +68,8 @@ class TrainConfig:
     #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available; see pyrovae.infer.device)
     device: str = "cpu"
     val_particles: int = 5
-    #: run every training step with Pyro's and torch's validation as set globally (``True``); ``False``:
-    #: only a Trainer's first step, the later ones with it off (the same numbers; see ``Trainer.step_validation``)
+    #: every training step with Pyro's and torch's validation as set globally (``True``); ``False``: only a
+    #: Trainer's first step, the later ones with it off (the same numbers; ``Trainer.step_validation``)
     validate_args: bool = False
 
     def __post_init__(self) -> None:

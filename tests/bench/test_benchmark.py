@@ -60,6 +60,7 @@ def test_quick_benchmark_writes_the_table(tmp_path):
     assert [(r["model"], r["impl"]) for r in rows] == [
         ("sams_vae", "pyro"),
         ("sams_vae", "pyro_before"),
+        ("sams_vae", "pyro_validated"),
         ("sams_vae", "torch"),
         ("sams_vae", "torch_fused"),
         ("cpa_vae", "pyro"),
@@ -68,15 +69,15 @@ def test_quick_benchmark_writes_the_table(tmp_path):
     for r in rows:
         for c in benchmark.COLUMNS[2:]:
             if c in benchmark.OPTIONAL_COLUMNS and r[c] == "":
-                assert r["impl"].startswith("torch") or (c == "vs_before" and r["impl"] == "pyro_before"), (
-                    c,
-                    r,
-                )
+                evaluated = r["impl"] in ("pyro", "pyro_before")
+                assert (c in benchmark.EVAL_COLUMNS and not evaluated) or (
+                    c == "vs_before" and r["impl"] != "pyro"
+                ), (c, r)
                 continue
             v = float(r[c])
             assert math.isfinite(v), (c, r)
             assert v >= 0 if c.endswith("_mb") or c == "step_iqr_ms" else v > 0, (c, r)
-    assert float(rows[2]["vs_torch"]) == 1.0
+    assert float(rows[3]["vs_torch"]) == 1.0 and float(rows[4]["vs_fused"]) == 1.0
     assert rows[0]["vs_before"] != ""
 
 

@@ -63,7 +63,8 @@ def test_fit_same_history_and_parameters(tiny_data):
     for validate_args in (True, False):
         trainer = _trainer(tiny_data, validate_args=validate_args, max_epochs=2, patience=100)
         hist = trainer.fit(progress=False)
-        runs.append(([{k: v for k, v in h.items() if k != "seconds"} for h in hist], trainer.model.state_dict()))
+        hist = [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
+        runs.append((hist, trainer.model.state_dict()))
     (h1, s1), (h2, s2) = runs
     assert [h.keys() for h in h1] == [h.keys() for h in h2] and len(h1) == 2
     for r1, r2 in zip(h1, h2):
