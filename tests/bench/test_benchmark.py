@@ -122,3 +122,20 @@ def test_scale_run_smoke(tmp_path):
         assert float(r["seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
     assert math.isfinite(float(rows["IWELBO (4 particles)"]["iwelbo"]))
     assert int(float(rows["train 1 epoch (+ validation)"]["cells"])) > 0
+
+
+def test_log_domain_negative_binomial_is_the_same_density():
+    from bench import nb_logprob
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 7, 11, generator=g, dtype=torch.float64)
+    x = torch.poisson(torch.full((7, 11), 2.0, dtype=torch.float64), generator=g)
+    lib = torch.rand(7, generator=g, dtype=torch.float64) * 100 + 10
+    log_theta = torch.randn(11, generator=g, dtype=torch.float64)
+    want = nb_logprob.nb_pyrovae(out, log_theta, x, lib)
+    got = nb_logprob.nb_log_domain(out, log_theta, x, lib)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    m = lib.unsqueeze(-1) * torch.softmax(out, -1) + 1e-4  # both are the NB density of mean m
+    ref = torch.distributions.NegativeBinomial(total_count=log_theta.exp(), probs=m / (m + log_theta.exp()))
+    ref = ref.log_prob(x)
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-8)
