@@ -220,8 +220,9 @@ class Trainer:
         distribution arguments and supports) and every later step with it off, restored afterwards. The
         checks cost 6 % of a SAMS-VAE step's throughput at the Replogle sizes (``aten::all`` and
         comparisons on every parameter and the (P, B, G) rate, the integer check of the counts; see
-        bench/README.md); the loss is bit-identical without them, the gradients equal up to the order in
-        which autograd adds terms (last-bit rounding). The counts were checked at load
+        bench/README.md); the loss is bit-identical without them and the gradients too, up to last-bit
+        rounding in a few entries (SAMS-VAE's q(M) logits, ~1e-8; torch's argument checks change how the
+        graph is built, Pyro's own checks change no bit). The counts were checked at load
         (``load_perturbation_data``) and a non-finite loss stops :meth:`fit`.
         """
         if self.cfg.validate_args or not self._validated:

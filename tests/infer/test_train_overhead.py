@@ -1,8 +1,8 @@
 """TrainConfig.validate_args: validation off after a Trainer's first step, the same numbers, restored.
 
-The loss is bit-identical; a few gradient entries (SAMS-VAE's q(M) logits) differ in the last bit (~1e-8),
-since autograd adds the contributions to a parameter in an order that depends on the graph the checks
-leave behind: float rounding, not a different estimator.
+The loss is bit-identical; a few gradient entries (SAMS-VAE's q(M) logits) differ in the last bit (~1e-8)
+when torch's distribution argument checks are off (Pyro's own checks change no bit): float rounding of
+the same computation, not a different estimator.
 """
 
 from __future__ import annotations
