@@ -26,11 +26,15 @@ step in one process, so a load change on a shared machine hits them alike):
   ``pyro / torch_fused`` is Pyro's own overhead; ``pyro / torch`` the figure against a plain
   implementation of the reference's networks;
 - ``pyro_before`` (with ``--before``): each model with pyrovae's speed paths switched off
-  (:func:`plain_paths`: the code before they were added, the same function), so ``vs_before`` is the
-  speed-up of the cuts measured in the same process.
+  (:func:`plain_paths`: the code before they were added, the same function) and Pyro's validation on every
+  step (the previous default), so ``vs_before`` is the speed-up of the cuts measured in the same process;
+- ``pyro_validated`` (SAMS-VAE only): ``pyro`` with Pyro's and torch's validation on every step
+  (``TrainConfig(validate_args=True)``); ``pyro`` runs as :meth:`~pyrovae.infer.train.Trainer.fit` runs a
+  step by default, validation on the Trainer's first step only (:meth:`Trainer.step_validation`).
 
 Columns: ``cells_per_s`` (training throughput), ``step_ms``, ``step_iqr_ms`` (spread), ``vs_torch``
-(cells/s over the plain-torch SAMS-VAE's), ``vs_before`` (over the same model's ``pyro_before``),
+(cells/s over the plain-torch SAMS-VAE's), ``vs_fused`` (over ``torch_fused``'s: the same FLOPs, so Pyro's
+own overhead), ``vs_before`` (over the same model's ``pyro_before``),
 ``gflop_step`` (matmul FLOPs of one step, forward and backward,
 counted with :class:`torch.utils.flop_counter.FlopCounterMode`), ``mflop_cell``, ``gflops`` (achieved),
 ``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start and
@@ -121,6 +125,7 @@ COLUMNS = [
     "step_ms",
     "step_iqr_ms",
     "vs_torch",
+    "vs_fused",
     "vs_before",
     "gflop_step",
     "mflop_cell",
@@ -133,7 +138,8 @@ COLUMNS = [
 ]
 #: columns left empty on the plain-torch rows (no evaluation there).
 EVAL_COLUMNS = ("iwelbo_cells_per_s", "ate_samples_per_s", "eval_peak_mb")
-#: columns that may be empty: the evaluation ones, and vs_before (filled with --before, on "pyro" rows)
+#: columns that may be empty: the evaluation ones (on "pyro" and "pyro_before" rows only), and vs_before
+#: (filled with --before, on "pyro" rows)
 OPTIONAL_COLUMNS = EVAL_COLUMNS + ("vs_before",)
 
 
@@ -420,7 +426,10 @@ def run_benchmark(
     impls: list[tuple[str, str, Callable[[dict], object], object]] = []
     trainers: dict[tuple[str, str], Trainer] = {}
     for name in models:
-        for impl in ("pyro", "pyro_before") if before else ("pyro",):
+        variants = ("pyro", "pyro_before") if before else ("pyro",)
+        if name == "sams_vae":
+            variants += ("pyro_validated",)
+        for impl in variants:
             model = build_model(
                 model_config(name, **overrides),
                 data.n_genes,
@@ -433,7 +442,11 @@ def run_benchmark(
             counts = split_counts(model, data, "train", device)
             trainers[(name, impl)] = trainer
             step = lambda b, tr=trainer, c=counts: tr.train_step(b, n, c)  # noqa: E731
-            impls.append((name, impl, _in(plain_paths, step) if impl == "pyro_before" else step, model))
+            if impl == "pyro_before":  # the code before the cuts: speed paths off, validation on every step
+                step = _in(plain_paths, step)
+            elif impl == "pyro":  # as Trainer.fit runs it: validation on the first step only (the default)
+                step = _in(trainer.step_validation, step)
+            impls.append((name, impl, step, model))
         if name == "sams_vae":
             n_t = counts["perturbations"]
             for impl, fused in (("torch", False), ("torch_fused", True)):
@@ -482,9 +495,11 @@ def run_benchmark(
             }
         )
     ref = next((r["cells_per_s"] for r in rows if r["impl"] == "torch"), None)
+    ref_fused = next((r["cells_per_s"] for r in rows if r["impl"] == "torch_fused"), None)
     by_key = {(r["model"], r["impl"]): r for r in rows}
     for r in rows:
         r["vs_torch"] = r["cells_per_s"] / ref if ref else float("nan")
+        r["vs_fused"] = r["cells_per_s"] / ref_fused if ref_fused else float("nan")
         old = by_key.get((r["model"], "pyro_before"))
         if r["impl"] == "pyro" and old is not None:
             r["vs_before"] = r["cells_per_s"] / old["cells_per_s"]

@@ -2,12 +2,13 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/profile_step.py --model sams_vae --steps 3 [--impl torch]
+    OMP_NUM_THREADS=1 python bench/profile_step.py --model sams_vae --steps 3 [--impl torch] [--validate]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25, help="operators shown")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--validate", action="store_true", help="Pyro's validation on every step (pyro impl)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     s = SIZES[a.size]
@@ -52,7 +54,12 @@ def main(argv=None) -> int:
     n = loader.n_cells
     if a.impl == "pyro":
         trainer = Trainer(model, data, tcfg)
-        step = lambda: trainer.train_step(batch, n, counts)  # noqa: E731
+        checks = contextlib.nullcontext if a.validate else trainer.step_validation  # as fit runs a step
+
+        def step():
+            with checks():
+                trainer.train_step(batch, n, counts)
+
     else:
         plain = PlainTorchSAMS(model, tcfg, n, counts["perturbations"], a.impl == "torch_fused")
         step = lambda: plain.train_step(batch)  # noqa: E731
