@@ -254,12 +254,12 @@ class Trainer:
         self.step = 0
         self.best = math.inf
         self.bad_epochs = 0
-        self._validated = False
 
     def step_validation(self) -> contextlib.AbstractContextManager:
         """The context a training step runs in (:meth:`fit` wraps each :meth:`train_step` in it).
 
-        With ``cfg.validate_args`` off (the default), the first step of this Trainer runs with Pyro's and
+        With ``cfg.validate_args`` off (the default), the run's first step (step 0: not the first step after a
+        resume, so a resumed run repeats the uninterrupted one bit for bit) runs with Pyro's and
         torch's validation as set globally (``pyro.enable_validation``: model/guide site match, plate shapes,
         distribution arguments and supports) and every later step with it off, restored afterwards. The
         checks cost 6 % of a SAMS-VAE step's throughput at the Replogle sizes (``aten::all`` and
@@ -269,8 +269,7 @@ class Trainer:
         graph is built, Pyro's own checks change no bit). The counts were checked at load
         (``load_perturbation_data``) and a non-finite loss stops :meth:`fit`.
         """
-        if self.cfg.validate_args or not self._validated:
-            self._validated = True
+        if self.cfg.validate_args or self.step == 0:
             return contextlib.nullcontext()
         return pyro.validation_enabled(False)
 

@@ -83,6 +83,7 @@ def test_first_step_still_checks_and_validation_is_restored_on_error(tiny_data):
     with pytest.raises(ValueError, match="support"), trainer.step_validation():
         trainer.train_step(bad, loader.n_cells, counts)
     assert is_validation_enabled()
+    trainer.step = 1  # a later step of the run (the failed one above did not count)
     with pytest.raises(RuntimeError, match="boom"), trainer.step_validation():  # a later step: checks off
         assert not is_validation_enabled()
         raise RuntimeError("boom")
