@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pyro
@@ -375,8 +376,6 @@ class Posterior:
             :meth:`prediction_methods`; also in ``uns["pyrovae_sample"]["prediction"]``); var names = the
             model's genes. Warns when a label rests on a prior draw.
         """
-        import anndata as ad
-
         methods = self.prediction_methods(perturbations)
         self._warn_untrained(methods)
         x, labels, lib = self._predict_tensor(perturbations, n_cells, library_size, data, seed, chunk)
