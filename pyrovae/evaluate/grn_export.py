@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.data.anndata import untrained_treatments
 from pyrovae.data.gpo import UNS_KEY
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.pairing import log_normalize
@@ -83,7 +84,7 @@ def run_n_perturbed(run, data=None) -> int:
             return int(rec["n_perturbed"])
         used = (np.asarray(data.dosage) != 0).any(0)
     else:
-        used = np.asarray(run.schema["train_treatment_counts"]) > 0
+        used = ~untrained_treatments(run.schema["train_treatment_counts"])
     idx = np.flatnonzero(used)
     return int(idx[-1] + 1) if len(idx) else 0
 

@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
-from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.anndata import PerturbationData, untrained_treatments
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.models.effects import UNTRAINED_METHODS
@@ -111,7 +111,7 @@ class Posterior:
         self.sep = str(schema.get("sep", "+"))
         self.encode_combos_as_unique = bool(schema.get("encode_combos_as_unique", False))
         if untrained is None and "train_treatment_counts" in schema:
-            untrained = torch.as_tensor(schema["train_treatment_counts"]) == 0
+            untrained = torch.as_tensor(untrained_treatments(schema["train_treatment_counts"]))
         self.device = next(iter(model.parameters())).device
         self.untrained = (
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
