@@ -69,7 +69,7 @@ def perturbseq_torch(x: torch.Tensor, scale: float = 1e4) -> torch.Tensor:
     return torch.log2(scale * x / total.clamp_min(1e-12) + 1.0)
 
 
-def _split_rows(
+def split_rows(
     data: PerturbationData, split_or_indices: str | Sequence[int] | np.ndarray | None
 ) -> np.ndarray:
     """Row positions of a split name (``None``: every cell with a split) or explicit positions."""
@@ -282,7 +282,7 @@ class Posterior:
         Each sample s uses the global draw s (shared across cells). ``data`` must be read with the run's
         schema (:meth:`~pyrovae.infer.runs.Run.load_data`).
         """
-        rows = _split_rows(data, split_or_indices)
+        rows = split_rows(data, split_or_indices)
         loader = MinibatchLoader(data, None, batch_size, indices=rows, device=self.device)
         out = []
         with rng_scope(seed):
