@@ -37,12 +37,11 @@ from pyro.infer import Predictive
 from pyrovae.data.anndata import PerturbationData, untrained_treatments
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer.arviz import to_arviz
 from pyrovae.models.effects import UNTRAINED_METHODS
 from pyrovae.models.skeleton import PerturbationVAE
-from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS
+from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS, DEFAULT_LIBRARY_SIZE
 
-#: Library size at which counts are sampled by default (the reference's ATE setting, §5.2).
-DEFAULT_LIBRARY_SIZE = 1e4
 _LIBRARY_SITE = "library_size"
 
 
@@ -498,6 +497,4 @@ class Posterior:
     ):
         """The global posterior and posterior-predictive counts as an ArviZ ``InferenceData`` (ArviZ 0.x)
         or ``DataTree`` (1.x): :func:`pyrovae.infer.arviz.to_arviz` (groups, dims and coords there)."""
-        from pyrovae.infer.arviz import to_arviz  # arviz.py imports this module
-
         return to_arviz(self, n_draws, perturbations, library_size, data, seed, chunk)
