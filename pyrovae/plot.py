@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from pyrovae.evaluate.ate import pearson
+from pyrovae.outputs import atomic_write
 
 
 def _pyplot():
@@ -26,8 +28,6 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from pyrovae.infer.runs import atomic_write
-
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
@@ -112,8 +112,6 @@ def match_columns(est: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Column order of ``est`` (T, K) that best matches the columns of ``true`` (T, K') (Hungarian
     matching on the agreement est_k . true_k'; latent axes are only identified up to permutation).
     Unmatched estimated columns are appended in their original order."""
-    from scipy.optimize import linear_sum_assignment
-
     est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
     score = est.T @ true + (1 - est).T @ (1 - true)  # (K, K')
     r, c = linear_sum_assignment(-score)

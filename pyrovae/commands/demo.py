@@ -23,9 +23,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
-from pyrovae.outputs import clear_output_dir, mark_output_dir
+from pyrovae.data.anndata import load_perturbation_data, make_split
+from pyrovae.data.dosage import build_dosage, parse_label
+from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
+from pyrovae.evaluate.score import score_run
+from pyrovae.evaluate.structure import mask_recovery
+from pyrovae.infer.runs import train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import model_config
+from pyrovae.outputs import atomic_write, clear_output_dir, mark_output_dir, write_json
+from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
 from pyrovae.report import markdown_table, mean_std
 
 # Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
@@ -47,9 +57,6 @@ ATE_SAMPLES, TOP_K = 2500, 20
 def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> tuple[np.ndarray, list[str]]:
     """(N,) split and the held-out combinations: a seeded quarter of the doubles go to test only; every
     other label is split 80/10/10 (stratified) into train/val/test."""
-    from pyrovae.data.anndata import make_split
-    from pyrovae.data.dosage import parse_label
-
     combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
     if not combos:
         raise ValueError("the demo needs combination labels (like 'A+B') to hold out")
@@ -63,17 +70,6 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.dosage import build_dosage
-    from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
-    from pyrovae.evaluate.score import score_run
-    from pyrovae.evaluate.structure import mask_recovery
-    from pyrovae.infer.runs import atomic_write, train_run, write_json
-    from pyrovae.infer.train import TrainConfig
-    from pyrovae.models.zoo import model_config
-
     t0 = time.perf_counter()
     device = command_device(args)
     out = Path(args.out)
@@ -201,8 +197,6 @@ def run(args: argparse.Namespace) -> int:
 
     figures = []
     try:
-        from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
-
         figures.append(
             plot_training_curves({k: r.metrics() for k, r in runs.items()}, out / "training_curves.png")
         )

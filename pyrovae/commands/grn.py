@@ -31,6 +31,16 @@ import numpy as np
 
 from pyrovae.commands.common import add_device_arg, command_device, seed_int
 from pyrovae.data.anndata import read_anndata
+from pyrovae.data.simulate import ground_truth
+from pyrovae.evaluate.grn_export import (
+    edge_counts,
+    grn_edges,
+    run_n_perturbed,
+    score_run_grn,
+    statistical_scores,
+)
+from pyrovae.infer.runs import load_run
+from pyrovae.outputs import atomic_write
 
 
 def _fmt(v) -> str:
@@ -48,9 +58,6 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyrovae.evaluate.grn_export import edge_counts, grn_edges, run_n_perturbed
-    from pyrovae.infer.runs import atomic_write, load_run
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
@@ -75,9 +82,6 @@ def run(args: argparse.Namespace) -> int:
         f"probability > 0.5: {counts['perturbed']} perturbed-block, {counts['extended']} extended-block"
     )
     if args.truth:
-        from pyrovae.data.simulate import ground_truth
-        from pyrovae.evaluate.grn_export import score_run_grn
-
         truth = ground_truth(adata)
         scores = score_run_grn(run_, truth, data, baselines=True, split="train")
         cols = ["method", "block", "auroc", "auprc", "precision_at_k", "precision", "recall", "n_pred_edges"]
@@ -90,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
                 raise FileExistsError(f"{sp} exists; pass --overwrite to replace it")
             atomic_write(sp, lambda tmp: scores.to_csv(tmp, index=False))
     if args.statistical:
-        from pyrovae.evaluate.grn_export import statistical_scores
-
         res, matched = statistical_scores(
             run_, data, edges, args.edge_threshold, args.split, n_pert, args.seed
         )

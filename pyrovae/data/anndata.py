@@ -41,6 +41,18 @@ _SPLIT_ALIASES = {
 }
 
 
+def untrained_treatments(train_counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(T,) bool: the treatments with no training cell, N_t = 0 (written once for every caller).
+
+    The model has no data for them: they are predicted from the prior (or the effect block's
+    ``predict_untrained``, GPO-VAE's GRN transfer), in training's validation loss, IWELBO and prediction
+    alike.
+    ``train_counts``: (T,) N_t over the training split, :meth:`PerturbationData.treatment_counts` or a run
+    schema's ``"train_treatment_counts"``.
+    """
+    return np.asarray(train_counts) == 0
+
+
 @dataclasses.dataclass
 class PerturbationData:
     """Validated perturbation data (N cells, G genes, T treatments).
@@ -106,6 +118,11 @@ class PerturbationData:
         """(T,) N_t: number of cells of ``split`` whose dosage column t is non-zero."""
         idx = self.indices(split)
         return (self.dosage[idx] != 0).sum(0).astype(np.float32)
+
+    def untrained(self) -> np.ndarray:
+        """(T,) bool: the treatments with no training cell (:func:`untrained_treatments` of the training
+        N_t)."""
+        return untrained_treatments(self.treatment_counts("train"))
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 counts of the given rows only, shape (len(idx), G)."""
@@ -318,7 +335,7 @@ def _warn_risky(
             PyrovaeWarning,
             stacklevel=3,
         )
-    untrained = [t for t, n in zip(treatments, (dosage[train] != 0).sum(0)) if n == 0]
+    untrained = [t for t, u in zip(treatments, untrained_treatments((dosage[train] != 0).sum(0))) if u]
     if untrained:
         warnings.warn(
             f"{len(untrained)} perturbation(s) have no training cell ({', '.join(untrained[:8])}"

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData, log_norm_stats
 
 #: obs column holding the matched control of each cell, by seed.
@@ -231,8 +232,6 @@ def qc_indicator(data: PerturbationData, qc_key: str | None, qc_threshold: float
         if not np.isin(vals, (0.0, 1.0)).all():
             raise ValueError(f"obs[{qc_key!r}] must hold 0/1 or True/False (1 = the cell fails QC)")
         return vals.astype(np.float32).reshape(-1, 1)
-    from pyrovae.data import pairing
-
     metrics = pairing.qc_metrics(data.counts, list(data.genes))
     flags = pairing.qc_flags(metrics, qc_threshold)
     return np.asarray(flags["total_qc"], dtype=np.float32).reshape(-1, 1)
@@ -271,8 +270,6 @@ def prepare_gpo_data(
     Returns:
         A new :class:`PerturbationData` (the input is not modified).
     """
-    from pyrovae.data import pairing
-
     extras: dict[str, np.ndarray] = dict(data.extras)
     obs = data.obs.copy()
     uns: dict[str, Any] = dict(data.uns)

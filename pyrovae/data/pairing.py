@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import ot
 import pandas as pd
 import scipy.sparse as sp
 
@@ -173,6 +172,15 @@ def log_normalize(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _pot() -> Any:
+    """The POT module, imported on first use: ``import ot`` takes about a second (it probes its array
+    backends) and only the OT solve needs it, so ``import pyrovae`` (which imports this module through
+    :mod:`pyrovae.data.gpo`) does not pay for it."""
+    import ot
+
+    return ot
+
+
 def _sinkhorn_plan(
     a: np.ndarray,
     b: np.ndarray,
@@ -192,6 +200,7 @@ def _sinkhorn_plan(
         allowed = shifted if forbid is None else np.where(forbid, 0.0, shifted)
         ratio = float(allowed.max()) / reg if allowed.size else 0.0
         sinkhorn_method = "sinkhorn" if ratio <= _SCALING_SAFE_RATIO else "sinkhorn_log"
+    ot = _pot()
 
     def run(m: str) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
         with warnings.catch_warnings(record=True) as caught:
@@ -233,6 +242,7 @@ def _solve_block(
     stop_thr: float,
 ) -> np.ndarray:
     """Balanced OT between the rows of xp and xc (uniform marginals); returns (len(xp),) indices into xc."""
+    ot = _pot()
     n_p, n_c = xp.shape[0], xc.shape[0]
     cost = np.asarray(ot.dist(xp, xc, metric="euclidean"), dtype=np.float64)
     scale = float(cost.mean())

@@ -349,12 +349,14 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def _names(prefix: str, n: int, width: int) -> list[str]:
+def numbered_names(prefix: str, n: int, width: int) -> list[str]:
+    """``n`` names ``prefix`` + 1-based number, zero-padded to at least ``width`` digits (``G01``, ...)."""
     w = max(width, len(str(n)))
     return [f"{prefix}{i + 1:0{w}d}" for i in range(n)]
 
 
-def _stream(seed: int, k: int) -> np.random.Generator:
+def seed_stream(seed: int, k: int) -> np.random.Generator:
+    """Independent generator ``k`` of ``seed`` (one per simulation stage: stages do not shift each other)."""
     return np.random.default_rng([seed, k])
 
 
@@ -470,38 +472,43 @@ def simulate_perturbseq(
     n_other = G - n_grn - len(MT_GENES)
 
     # 1. genes
-    perturbed = _names("PG", T, 2)
-    extra = _names("EG", E, 2)
-    genes = perturbed + extra + _names("G", n_other, 4) + list(MT_GENES)
+    perturbed = numbered_names("PG", T, 2)
+    extra = numbered_names("EG", E, 2)
+    genes = perturbed + extra + numbered_names("G", n_other, 4) + list(MT_GENES)
     mt_idx = np.arange(G - len(MT_GENES), G)
 
     # 2. latent mechanisms
     masks, embeddings = planted_mechanisms(
-        cfg.n_perturbed, cfg.n_latent, cfg.mask_prob, cfg.effect_mean, cfg.effect_sd, _stream(seed, _S_MECH)
+        cfg.n_perturbed,
+        cfg.n_latent,
+        cfg.mask_prob,
+        cfg.effect_mean,
+        cfg.effect_sd,
+        seed_stream(seed, _S_MECH),
     )
     latent_effects = masks * embeddings
 
     # 4. decoder and baselines
-    rng = _stream(seed, _S_DECODER)
+    rng = seed_stream(seed, _S_DECODER)
     W1 = rng.normal(0.0, 1.0 / np.sqrt(K), size=(K, H))
     b1 = rng.normal(0.0, _DECODER_BIAS_SD, size=H)
     W2 = rng.normal(0.0, _DECODER_OUT_SCALE / np.sqrt(H), size=(H, G))
-    rng = _stream(seed, _S_BASELINE)
+    rng = seed_stream(seed, _S_BASELINE)
     baseline = rng.normal(0.0, _BASELINE_SD, size=G)
     baseline[:n_grn] = rng.normal(_EXPRESSED_BASELINE_MEAN, _EXPRESSED_BASELINE_SD, size=n_grn)
     other_mass = np.exp(baseline[: G - len(MT_GENES)]).sum()
     baseline[mt_idx] = np.log(_MT_SHARE * other_mass) + rng.normal(0.0, _MT_BASELINE_SD, size=len(MT_GENES))
 
     # 5. GRN
-    adjacency = _grn(cfg, _stream(seed, _S_GRN))
+    adjacency = _grn(cfg, seed_stream(seed, _S_GRN))
     propagate = np.linalg.inv(np.eye(n_grn) - adjacency)  # exact: A is nilpotent
 
     # 6. dispersions
     lo, hi = (float(v) for v in cfg.dispersion_range)
-    theta = np.exp(_stream(seed, _S_DISPERSION).uniform(np.log(lo), np.log(hi), size=G))
+    theta = np.exp(seed_stream(seed, _S_DISPERSION).uniform(np.log(lo), np.log(hi), size=G))
 
     # 8. groups: control, singles, doubles
-    rng = _stream(seed, _S_DOUBLES)
+    rng = seed_stream(seed, _S_DOUBLES)
     iu, ju = np.triu_indices(T, k=1)
     picks = np.sort(rng.choice(iu.size, size=cfg.n_doubles, replace=False)) if cfg.n_doubles else []
     double_pairs = [(int(iu[p]), int(ju[p])) for p in picks]
@@ -516,7 +523,7 @@ def simulate_perturbseq(
     sizes = [cfg.n_control_cells] + [cfg.cells_per_single] * T + [cfg.cells_per_double] * cfg.n_doubles
 
     # 3, 6, 7: cells
-    rng = _stream(seed, _S_CELLS)
+    rng = seed_stream(seed, _S_CELLS)
     N = int(sum(sizes))
     group_of = rng.permutation(np.repeat(np.arange(len(groups)), sizes))
     z = rng.standard_normal((N, K)) + group_latent[group_of]
@@ -629,7 +636,7 @@ def write_perturbseq_h5ad(
 
     sizes = [cfg.n_control_cells] + [cfg.cells_per_single] * T + [cfg.cells_per_double] * cfg.n_doubles
     N = int(sum(sizes))
-    rng = _stream(seed, _S_CELLS)
+    rng = seed_stream(seed, _S_CELLS)
     group_of = rng.permutation(np.repeat(np.arange(len(groups), dtype=np.int32), sizes))
     low_quality = np.zeros(N, dtype=bool)
     low_quality[rng.choice(N, size=int(round(cfg.frac_low_quality * N)), replace=False)] = True

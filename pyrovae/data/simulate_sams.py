@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pyrovae.data.simulate import CONTROL_LABEL, _names, _stream, check_seed, planted_mechanisms
+from pyrovae.data.simulate import CONTROL_LABEL, check_seed, numbered_names, planted_mechanisms, seed_stream
 
 __all__ = ["SamsReferenceConfig", "simulate_sams_reference"]
 
@@ -99,15 +99,15 @@ def simulate_sams_reference(seed: int = 0, **overrides: Any) -> ad.AnnData:
     cfg = SamsReferenceConfig(**overrides)
     K, T, G = cfg.n_latent, cfg.n_treatments, cfg.n_genes
     masks, embeddings = planted_mechanisms(
-        T, K, cfg.mask_prob, cfg.effect_mean, cfg.effect_sd, _stream(seed, _S_MECH)
+        T, K, cfg.mask_prob, cfg.effect_mean, cfg.effect_sd, seed_stream(seed, _S_MECH)
     )
     effects = masks * embeddings
 
-    rng_dec = _stream(seed, _S_DECODER)
+    rng_dec = seed_stream(seed, _S_DECODER)
     widths = [K] + [cfg.n_hidden] * cfg.n_hidden_layers + [G]
     weights = [_orthogonal(a, b, rng_dec) for a, b in zip(widths[:-1], widths[1:])]
 
-    rng = _stream(seed, _S_CELLS)
+    rng = seed_stream(seed, _S_CELLS)
     group = np.concatenate(
         [np.full(cfg.n_control_cells, -1), np.repeat(np.arange(T), cfg.cells_per_treatment)]
     )
@@ -124,13 +124,13 @@ def simulate_sams_reference(seed: int = 0, **overrides: Any) -> ad.AnnData:
     mean = h / np.where(sd > 0, sd, 1.0)
     x = mean + rng.normal(size=mean.shape) * np.sqrt(cfg.noise_frac / (1.0 - cfg.noise_frac))
 
-    names = _names("T", T, 2)
+    names = numbered_names("T", T, 2)
     labels = np.array([CONTROL_LABEL] + names, dtype=object)[group + 1]
     obs = pd.DataFrame(
         {"perturbation": pd.Categorical(labels, categories=[CONTROL_LABEL] + names)},
         index=pd.Index([f"cell{i:0{len(str(len(group)))}d}" for i in range(len(group))]),
     )
-    var = pd.DataFrame(index=pd.Index(_names("g", G, 3)))
+    var = pd.DataFrame(index=pd.Index(numbered_names("g", G, 3)))
     truth = {
         "treatments": np.asarray(names, dtype=str),
         "masks": masks.astype(np.int8),

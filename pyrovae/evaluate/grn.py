@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import mannwhitneyu, wasserstein_distance
 
 from pyrovae.data.matrix import to_dense
+from pyrovae.evaluate.ate import empirical_ate
 
 __all__ = [
     "score_grn",
@@ -345,6 +345,10 @@ def _test_pairs(
     alpha: float,
 ) -> pd.DataFrame:
     """Mann-Whitney U (two-sided) and 1-D Wasserstein distance, control vs parent-perturbed, per pair."""
+    # scipy.stats takes ~0.5 s to import and only this test needs it; importing it at the top would put
+    # it on every ``import pyrovae`` (pyrovae.model -> evaluate.grn_export -> this module)
+    from scipy.stats import mannwhitneyu, wasserstein_distance
+
     cols = ["parent", "child", "p_value", "significant", "wasserstein"]
     if not pairs:
         return pd.DataFrame(columns=cols)
@@ -770,8 +774,6 @@ def unseen_perturbation_baselines(
         {name: DataFrame (len(perturbations), G)} indexed by label; a NaN row where a seen component has
         no ``split`` cell of its own.
     """
-    from pyrovae.evaluate.ate import empirical_ate
-
     idx = data.indices(split)
     labels = np.asarray(data.labels)[idx].astype(str)
     genes = [str(g) for g in data.genes]

@@ -26,7 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.data.anndata import untrained_treatments
+from pyrovae.data.gpo import UNS_KEY
 from pyrovae.data.matrix import select_rows
+from pyrovae.data.pairing import log_normalize
+from pyrovae.evaluate import grn as grn_eval
+from pyrovae.evaluate.grn import (
+    matched_count_evaluation,
+    path_expansion,
+    score_blocks,
+    statistical_evaluation,
+)
 from pyrovae.models.effects import grn_transfer
 from pyrovae.models.skeleton import PerturbationVAE
 
@@ -69,14 +79,12 @@ def run_n_perturbed(run, data=None) -> int:
     """
     treatments = list(run.treatments if hasattr(run, "treatments") else run.schema["treatments"])
     if data is not None:
-        from pyrovae.data.gpo import UNS_KEY
-
         rec = data.uns.get(UNS_KEY)
         if isinstance(rec, dict) and "n_perturbed" in rec and list(data.treatments) == treatments:
             return int(rec["n_perturbed"])
         used = (np.asarray(data.dosage) != 0).any(0)
     else:
-        used = np.asarray(run.schema["train_treatment_counts"]) > 0
+        used = ~untrained_treatments(run.schema["train_treatment_counts"])
     idx = np.flatnonzero(used)
     return int(idx[-1] + 1) if len(idx) else 0
 
@@ -176,8 +184,6 @@ def score_matrix(
     :func:`pyrovae.evaluate.grn.score_blocks` (AUROC, AUPRC, precision/recall at the true edge count and at
     0.5, ``sign_accuracy`` with ``signs``).
     """
-    from pyrovae.evaluate.grn import score_blocks
-
     nodes = [str(n) for n in nodes]
     truth, keep = _truth_on(nodes, ground_truth)
     if len(keep) < 2:
@@ -255,9 +261,6 @@ def baseline_scores(
     (``extras["delta_x_group"]``, :func:`pyrovae.data.gpo.group_delta_x`), the statistic GPO-VAE's GRN
     alignment fits with ``grn_target="group"``, computed without any model: what the pairing alone gives.
     """
-    from pyrovae.data.pairing import log_normalize
-    from pyrovae.evaluate import grn as grn_eval
-
     idx = data.indices(split)
     gene_pos = {g: i for i, g in enumerate(data.genes)}
     node_idx = np.asarray([gene_pos[str(n)] for n in nodes], dtype=np.int64)
@@ -340,9 +343,6 @@ def statistical_scores(
     (:func:`baseline_scores` on the training cells) at k = the number of GPO-VAE edges tested, over the
     perturbed block (``None`` when no edge was tested).
     """
-    from pyrovae.data.pairing import log_normalize
-    from pyrovae.evaluate.grn import matched_count_evaluation, path_expansion, statistical_evaluation
-
     idx = data.indices(split)
     if len(idx) == 0:
         raise ValueError(f"the {split!r} split has no cells")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE
+from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
 
 
 def posterior_groups(

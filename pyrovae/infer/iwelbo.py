@@ -39,7 +39,7 @@ from pyro import poutine
 
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.predictive import _split_rows, rng_scope
+from pyrovae.infer.predictive import rng_scope, split_rows
 from pyrovae.models.effects import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
 
@@ -147,7 +147,7 @@ def predictive_iwelbo(
     """
     if n_particles < 1 or particle_chunk < 1:
         raise ValueError("n_particles and particle_chunk must be >= 1")
-    rows = _split_rows(data, split)
+    rows = split_rows(data, split)
     device = next(iter(model.parameters())).device
     model.eval()
     if untrained is not None:

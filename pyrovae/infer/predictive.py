@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pyro
@@ -33,15 +34,14 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
-from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.anndata import PerturbationData, untrained_treatments
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer.arviz import to_arviz
 from pyrovae.models.effects import UNTRAINED_METHODS
 from pyrovae.models.skeleton import PerturbationVAE
-from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS
+from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS, DEFAULT_LIBRARY_SIZE
 
-#: Library size at which counts are sampled by default (the reference's ATE setting, §5.2).
-DEFAULT_LIBRARY_SIZE = 1e4
 _LIBRARY_SITE = "library_size"
 
 
@@ -68,7 +68,7 @@ def perturbseq_torch(x: torch.Tensor, scale: float = 1e4) -> torch.Tensor:
     return torch.log2(scale * x / total.clamp_min(1e-12) + 1.0)
 
 
-def _split_rows(
+def split_rows(
     data: PerturbationData, split_or_indices: str | Sequence[int] | np.ndarray | None
 ) -> np.ndarray:
     """Row positions of a split name (``None``: every cell with a split) or explicit positions."""
@@ -110,7 +110,7 @@ class Posterior:
         self.sep = str(schema.get("sep", "+"))
         self.encode_combos_as_unique = bool(schema.get("encode_combos_as_unique", False))
         if untrained is None and "train_treatment_counts" in schema:
-            untrained = torch.as_tensor(schema["train_treatment_counts"]) == 0
+            untrained = torch.as_tensor(untrained_treatments(schema["train_treatment_counts"]))
         self.device = next(iter(model.parameters())).device
         self.untrained = (
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
@@ -281,7 +281,7 @@ class Posterior:
         Each sample s uses the global draw s (shared across cells). ``data`` must be read with the run's
         schema (:meth:`~pyrovae.infer.runs.Run.load_data`).
         """
-        rows = _split_rows(data, split_or_indices)
+        rows = split_rows(data, split_or_indices)
         loader = MinibatchLoader(data, None, batch_size, indices=rows, device=self.device)
         out = []
         with rng_scope(seed):
@@ -375,8 +375,6 @@ class Posterior:
             :meth:`prediction_methods`; also in ``uns["pyrovae_sample"]["prediction"]``); var names = the
             model's genes. Warns when a label rests on a prior draw.
         """
-        import anndata as ad
-
         methods = self.prediction_methods(perturbations)
         self._warn_untrained(methods)
         x, labels, lib = self._predict_tensor(perturbations, n_cells, library_size, data, seed, chunk)
@@ -499,6 +497,4 @@ class Posterior:
     ):
         """The global posterior and posterior-predictive counts as an ArviZ ``InferenceData`` (ArviZ 0.x)
         or ``DataTree`` (1.x): :func:`pyrovae.infer.arviz.to_arviz` (groups, dims and coords there)."""
-        from pyrovae.infer.arviz import to_arviz  # arviz.py imports this module
-
         return to_arviz(self, n_draws, perturbations, library_size, data, seed, chunk)

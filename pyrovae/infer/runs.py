@@ -25,7 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pyrovae.data.anndata import PerturbationData, PyrovaeWarning, load_perturbation_data
+from pyrovae.data.anndata import (
+    PerturbationData,
+    PyrovaeWarning,
+    load_perturbation_data,
+    untrained_treatments,
+)
 from pyrovae.data.gpo import UNS_KEY, prepare_for_model
 from pyrovae.infer import distributed
 from pyrovae.infer.device import resolve_device
@@ -185,7 +190,7 @@ class Run:
     @property
     def untrained(self) -> torch.Tensor:
         """(T,) bool: treatments with no training cell (they fall back to the prior at prediction)."""
-        return torch.as_tensor(self.schema["train_treatment_counts"]) == 0
+        return torch.as_tensor(untrained_treatments(self.schema["train_treatment_counts"]))
 
     def metrics(self) -> list[dict[str, float]]:
         p = self.path / METRICS

@@ -209,9 +209,9 @@ def evaluate_loss(
     loader = MinibatchLoader(data, split, batch_size, device=device)
     elbo = make_elbo(n_particles)
     n = loader.n_cells
-    counts = data.treatment_counts("train")
-    untrained = torch.as_tensor(counts, device=device) == 0
-    redraw = bool((counts == 0).any()) and model.effect.has_globals  # decided on the host, once
+    untrained_np = data.untrained()
+    untrained = torch.as_tensor(untrained_np, device=device)
+    redraw = bool(untrained_np.any()) and model.effect.has_globals  # decided on the host, once
     model_fn, guide_fn = model.model, model.guide
     total = 0.0
     for batch in loader:

@@ -24,6 +24,7 @@ from pyrovae.models.effects import (
     ConcatDosageEffect,
     EffectBlock,
 )
+from pyrovae.models.penalties import CounterfactualKL, GRNAlignment
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
@@ -189,12 +190,8 @@ def build_model(
         artifact=artifact,
     )
     if cfg.artifact:
-        from pyrovae.models.penalties import CounterfactualKL
-
         model.penalties.append(CounterfactualKL(cfg.cf_weight))
     if cfg.family == "gpo":
-        from pyrovae.models.penalties import GRNAlignment
-
         model.penalties.append(
             GRNAlignment(
                 cfg.grn_weight,

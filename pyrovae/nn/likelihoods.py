@@ -11,6 +11,9 @@ from pyrovae.nn.mlp import ResidualMLP
 LIKELIHOODS = ("nb", "poisson", "normal")
 COUNT_LIKELIHOODS = ("nb", "poisson")
 
+#: Library size at which counts are sampled by default (the reference's ATE setting, §5.2).
+DEFAULT_LIBRARY_SIZE = 1e4
+
 
 class GammaPoissonSharedConcentration(dist.GammaPoisson):
     """``dist.GammaPoisson`` whose ``log_prob`` keeps the concentration at its own shape.

@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data, log_norm_stats, make_split
+from pyrovae.data.anndata import (
+    PerturbationData,
+    load_perturbation_data,
+    log_norm_stats,
+    make_split,
+    untrained_treatments,
+)
 
 LABELS = np.array(["control", "A", "B", "B+A"] * 30)  # 120 cells, "B+A" is read as "A+B"
 
@@ -177,6 +183,22 @@ def test_treatment_counts_per_split():
     total = sum(data.treatment_counts(s) for s in ("train", "val", "test"))
     np.testing.assert_array_equal(total, [40, 20, 10])
     assert data.schema()["train_treatment_counts"] == data.treatment_counts("train").tolist()
+
+
+def test_untrained_treatments_are_those_without_training_cells():
+    labels = np.array(["control", "A", "B", "A+C", "D"] * 8)
+    a, _ = make_adata(labels)
+    # C only in val/test, D only in test: both untrained; A and B have training cells
+    a.obs["split"] = np.where(np.isin(labels, ["A+C", "D"]), "test", "train")
+    a.obs.loc[a.obs_names[3], "split"] = "val"
+    with pytest.warns(Warning, match="no training cell"):
+        data = load_perturbation_data(a, split_key="split")
+    assert data.treatments == ["A", "B", "C", "D"]
+    np.testing.assert_array_equal(data.untrained(), [False, False, True, True])
+    np.testing.assert_array_equal(
+        untrained_treatments(data.schema()["train_treatment_counts"]), data.untrained()
+    )
+    assert untrained_treatments([0.0, 2.0]).dtype == bool
 
 
 def test_treatment_counts_user_split_by_hand():
