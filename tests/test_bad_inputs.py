@@ -46,9 +46,7 @@ def _variant(name: str, root: Path) -> str:
     if path.exists():
         return str(path)
     a = make_adata()
-    if name == "good":
-        pass
-    elif name == "float_counts":
+    if name == "float_counts":
         a.X = sp.csr_matrix(np.log1p(a.X.toarray()))
     elif name == "negative":
         x = a.X.toarray()
@@ -121,7 +119,7 @@ def _variant(name: str, root: Path) -> str:
         a = ad.concat([a, b])
     elif name == "unknown_pert":
         a.obs["perturbation"] = a.obs["perturbation"].replace({"B": "Z"})
-    else:
+    elif name != "good":
         raise KeyError(name)
     return _write(a, path)
 
