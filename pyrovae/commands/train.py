@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from pyrovae.commands.common import (
     add_data_args,
@@ -15,7 +14,7 @@ from pyrovae.commands.common import (
 )
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
-from pyrovae.infer.runs import load_run, read_run_config, train_run
+from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
         opts = {**opts, **stored.data_options}
         data = stored.load_data(args.data)
-        name = args.model or read_run_config(Path(args.out))[0].get("model_name")
+        name = args.model or stored.model_name
     else:
         name = args.model or "sams_vae"
         mcfg = model_config(name, **m_over)

@@ -105,6 +105,13 @@ def load_split(run_dir: Path) -> pd.Series | None:
         raise ValueError(f"{p} (the run's stored split) is corrupt ({err}); restore it or retrain") from None
 
 
+def _incomplete(run_dir: Path, missing: str) -> str:
+    return (
+        f"{run_dir} holds an incomplete run: it stopped before its first checkpoint (no {missing}); "
+        "train it again without --resume (that replaces it)"
+    )
+
+
 def _is_incomplete(run_dir: Path) -> bool:
     return output_kind(run_dir) == "run" and not (run_dir / LAST).exists()  # best.pt alone: killed in epoch 1
 
@@ -136,10 +143,7 @@ def prepare_run_dir(
         if output_kind(run_dir) != "run":
             raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
         if not (run_dir / LAST).exists():
-            raise ValueError(
-                f"cannot resume: {run_dir} stopped before its first epoch ended (no {LAST}); "
-                "train it again without --resume"
-            )
+            raise ValueError(_incomplete(run_dir, LAST))
         return run_dir
     if entries:
         if _is_incomplete(run_dir):
@@ -175,6 +179,7 @@ class Run:
     ):
         self.path, self.model, self.model_cfg, self.train_cfg = path, model, model_cfg, train_cfg
         self.schema, self.data_options = schema, data_options
+        self.model_name: str | None = None  #: the zoo name it was trained as (config.json), if recorded
 
     def __repr__(self) -> str:
         cfg = self.model_cfg
@@ -309,10 +314,7 @@ def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if not (run_dir / f).exists():
             leftovers = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else [None]
             if output_kind(run_dir) == "run" or (leftovers and all(is_temporary(p.name) for p in leftovers)):
-                raise FileNotFoundError(
-                    f"{run_dir} holds an incomplete run (it stopped before its first checkpoint); train it "
-                    "again without --resume (that replaces it)"
-                )
+                raise FileNotFoundError(_incomplete(run_dir, f))
             raise FileNotFoundError(
                 f"{run_dir} is not a pyrovae run (no {f}); train one with `pyrovae train`"
             )
@@ -346,14 +348,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     )
     ckpt = run_dir / (BEST if checkpoint == "best" else LAST)
     if not ckpt.exists():
-        raise FileNotFoundError(
-            f"{run_dir} holds an incomplete run: it stopped before its first checkpoint (no {ckpt.name}); "
-            "train it again without --resume (that replaces it)"
-        )
+        raise FileNotFoundError(_incomplete(run_dir, ckpt.name))
     state = read_checkpoint(ckpt, device)
     _load_state(model, state, ckpt)
     model.eval()
-    return Run(run_dir, model.to(device), model_cfg, train_cfg, schema, cfg.get("data", {}))
+    run = Run(run_dir, model.to(device), model_cfg, train_cfg, schema, cfg.get("data", {}))
+    run.model_name = cfg.get("model_name")
+    return run
 
 
 def check_resume(
