@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.gpo import holdout_perturbations, prepare_gpo_data
+    from pyrovae.data.prepare import holdout_perturbations, prepare_gpo_data
     from pyrovae.data.simulate import ground_truth, simulate_perturbseq
     from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed, score_run_grn
     from pyrovae.infer.runs import atomic_write, train_run, write_json

@@ -2,7 +2,7 @@
 
 Protocol (shared/reference/gpo_vae_cradle_vae.md §4.5, §5.6, §4.9): a random 64/16/20 cell-level split,
 fixed (split seed 0); the seeds are training seeds. The data is prepared with
-:func:`pyrovae.data.gpo.prepare_gpo_data` (GRN nodes = perturbed genes + extended genes, QC flags,
+:func:`pyrovae.data.prepare.prepare_gpo_data` (GRN nodes = perturbed genes + extended genes, QC flags,
 counterfactual expression, OT pairing with controls and delta X), once, and shared by every run.
 
 Models (``gpo_vae`` with the config's hyperparameters, and three ablations):
@@ -169,7 +169,8 @@ def summarise(exp: common.Experiment) -> str:
 
 
 def main(argv=None) -> int:
-    from pyrovae.data.gpo import prepare_gpo_data, var_grn_genes
+    from pyrovae.data.grn import var_grn_genes
+    from pyrovae.data.prepare import prepare_gpo_data
 
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)

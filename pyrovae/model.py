@@ -40,20 +40,20 @@ import torch
 from pyro import poutine
 
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data
-from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.data.prepare import MODEL_DATA_OPTIONS, prepare_data
 from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.iwelbo import predictive_iwelbo
 from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, Posterior, rng_scope
 from pyrovae.infer.runs import Run, load_run, train_run
 from pyrovae.infer.train import TrainConfig
-from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, data_requirements, model_config
 from pyrovae.outputs import LOCK, clear_output_dir
 
 #: ``adata.uns`` key where :meth:`Model.setup_anndata` records how to read the AnnData
 SETUP_KEY = "_pyrovae_setup"
-#: the keywords of :meth:`Model.setup_anndata`: options of load_perturbation_data and prepare_for_model
+#: the keywords of :meth:`Model.setup_anndata`: options of load_perturbation_data and prepare_data
 SETUP_OPTIONS = (
     "perturbation_key",
     "control_label",
@@ -209,7 +209,7 @@ class Model:
     def _training_data(self, adata: ad.AnnData) -> PerturbationData:
         load = {k: v for k, v in self.setup.items() if k not in MODEL_DATA_OPTIONS}
         data = load_perturbation_data(adata, require_counts=self.model_cfg.likelihood != "normal", **load)
-        return prepare_for_model(data, self.model_cfg.family, self.model_cfg.artifact, self.setup)
+        return prepare_data(data, data_requirements(self.model_cfg), self.setup)
 
     # ----------------------------------------------------------------------------------- training
     def train(

@@ -41,6 +41,7 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "config.json",
         "schema.json",
         "split.csv",
+        "prep.json",
         "best.pt",
         "last.pt",
         "metrics.csv",

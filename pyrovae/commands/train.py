@@ -13,7 +13,7 @@ from pyrovae.commands.common import (
     gather_overrides,
 )
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.gpo import MODEL_DATA_OPTIONS, prepare_for_model
+from pyrovae.data.prepare import MODEL_DATA_OPTIONS
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         mcfg = model_config(name, **m_over)
         tcfg = TrainConfig().replace(**t_over)
         load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
+        # train_run gives the data what the model needs (GPO/CRADLE preparation, held-out perturbations)
         data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
-        data = prepare_for_model(data, mcfg.family, mcfg.artifact, opts)
     # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
     tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     run_ = train_run(

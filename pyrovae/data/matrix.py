@@ -2,14 +2,18 @@
 
 A matrix here is a NumPy array, a SciPy sparse matrix, or an AnnData backed (on-disk, h5py) dataset, which
 wants sorted, unique row indices. Callers choose the dtype: float32 for model input, float64 for
-statistics.
+statistics. The last section reads the per-cell annotations (labels, splits) that go with such a matrix as
+plain string arrays, and derives per-group seeds (pairing and counterfactuals, :mod:`pyrovae.data.pairing`,
+:mod:`pyrovae.data.qc`).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 
@@ -48,3 +52,59 @@ def dense_cols(m: Any, cols: np.ndarray | None = None, dtype: Any = np.float64) 
     """Dense (n_rows, len(cols)) ``dtype`` copy of the columns ``cols`` (every column when None) of a dense
     or sparse matrix; always a new array, so callers may modify it in place."""
     return to_dense(m if cols is None else m[:, cols], dtype, copy=True)
+
+
+def as_indexable(counts: Any) -> Any:
+    """Sparse input in a row/column-indexable format (COO etc. -> CSR); dense input as an array."""
+    if sp.issparse(counts):
+        return counts if counts.format in ("csr", "csc") else counts.tocsr()
+    return np.asarray(counts)
+
+
+def matrix_shape(counts: Any) -> tuple[int, int]:
+    """(n_cells, n_genes) of a 2-D matrix; an error for any other shape."""
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be a 2-D (cells, genes) matrix, got shape {counts.shape}")
+    return int(counts.shape[0]), int(counts.shape[1])
+
+
+def library_sizes(counts: Any) -> np.ndarray:
+    """(n_cells,) float64 total counts per cell over all genes (no densification)."""
+    return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+
+
+def used_split_mask(splits: Any, n: int) -> np.ndarray:
+    """(n,) True for cells with a real split value; ``""``, whitespace, None and NaN mean 'unused'."""
+    arr = np.asarray(splits, dtype=object).ravel()
+    if arr.shape != (n,):
+        raise ValueError(f"splits must have one entry per cell ({n}), got shape {arr.shape}")
+    missing = pd.isna(pd.Series(arr)).to_numpy()
+    blank = np.array([isinstance(v, str) and v.strip() == "" for v in arr], dtype=bool)
+    return ~(missing | blank)
+
+
+def split_strings(splits: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(split names as str, used mask); all cells in one split ``"all"`` when ``splits`` is None."""
+    if splits is None:
+        return np.full(n, "all", dtype=object), np.ones(n, dtype=bool)
+    used = used_split_mask(splits, n)
+    arr = np.asarray(splits, dtype=object).ravel()
+    names = np.array([str(v) if u else "" for v, u in zip(arr, used)], dtype=object)
+    return names, used
+
+
+def label_strings(labels: Any, n: int) -> np.ndarray:
+    """(n,) object array of the labels as str; an error unless there is one label per cell."""
+    arr = np.asarray(labels, dtype=object).ravel()
+    if arr.shape != (n,):
+        raise ValueError(f"labels must have one entry per cell ({n}), got shape {arr.shape}")
+    return np.array([str(v) for v in arr], dtype=object)
+
+
+def group_seed(seed: int, *keys: str | int) -> int:
+    """A seed for one group that depends only on ``seed`` and the group's own keys (stable across runs
+    and independent of which other groups exist)."""
+    words = [int(seed) & 0xFFFFFFFF]
+    for k in keys:
+        words.append(zlib.crc32(str(k).encode("utf-8")))
+    return int(np.random.SeedSequence(words).generate_state(1)[0])

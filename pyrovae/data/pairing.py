@@ -1,4 +1,4 @@
-"""Control pairing (OT), ΔX, QC flags and counterfactual expression for GPO-VAE / CRADLE-VAE.
+"""Control pairing (OT) and ΔX for GPO-VAE (QC flags and counterfactuals: :mod:`pyrovae.data.qc`).
 
 Pure numpy / scipy / POT on plain arrays; no torch, no pyro. A counts matrix argument ``counts`` is an
 ``(n_cells, n_genes)`` dense :class:`numpy.ndarray` or a :mod:`scipy.sparse` matrix (CSR preferred). A
@@ -14,37 +14,32 @@ What is here, and how it departs from the reference code (reference §5.3, §5.7
   almost uniform); matches are returned as integer row positions per cell, not written back in an
   assumed obs order; controls are paired with controls too, never with themselves (when >= 2 exist).
 * :func:`delta_x` -- ``|y_i - y_m(i)|`` on log-normalised expression.
-* :func:`qc_metrics` / :func:`qc_flags` -- the MAD rule of §5.3 with a guard for MAD = 0 (the reference
-  then flags every cell off the median, e.g. every cell with a single haemoglobin read).
-* :func:`counterfactual_expression` -- cfX as *intended*: the median of up to ``n_sample`` cells of the
-  same label and split with the *opposite* QC status, sampled without replacement and seeded, indexed in
-  the full matrix (the reference sampled with replacement from QC-failing cells only, unseeded, and used
-  positions within a subset to index the full matrix).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
-import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
-from pyrovae.data.matrix import dense_cols, dense_rows
+from pyrovae.data.matrix import (
+    as_indexable,
+    dense_cols,
+    group_seed,
+    label_strings,
+    library_sizes,
+    matrix_shape,
+    split_strings,
+)
 
 __all__ = [
     "log_normalize",
     "ot_pair",
     "pair_with_controls",
     "delta_x",
-    "qc_metrics",
-    "qc_flags",
-    "counterfactual_expression",
 ]
 
 #: Cost given to forbidden (self) pairs; costs are normalised to mean 1, so this is never optimal.
@@ -60,24 +55,6 @@ _TIE_RTOL = 1e-9
 # ----------------------------------------------------------------------------------------------------
 
 
-def _prepare(counts: Any) -> Any:
-    """Sparse input in a row/column-indexable format (COO etc. -> CSR); dense input as an array."""
-    if sp.issparse(counts):
-        return counts if counts.format in ("csr", "csc") else counts.tocsr()
-    return np.asarray(counts)
-
-
-def _n_rows_cols(counts: Any) -> tuple[int, int]:
-    if counts.ndim != 2:
-        raise ValueError(f"counts must be a 2-D (cells, genes) matrix, got shape {counts.shape}")
-    return int(counts.shape[0]), int(counts.shape[1])
-
-
-def _library_sizes(counts: Any) -> np.ndarray:
-    """(n_cells,) float64 total counts per cell over all genes (no densification)."""
-    return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-
-
 def _as_index(idx: Any, n: int, what: str) -> np.ndarray:
     """Integer positions from integer positions or a boolean mask of length ``n``."""
     arr = np.asarray(idx)
@@ -89,42 +66,6 @@ def _as_index(idx: Any, n: int, what: str) -> np.ndarray:
     if arr.size and (arr.min() < -n or arr.max() >= n):
         raise ValueError(f"{what} out of range for {n} entries")
     return np.where(arr < 0, arr + n, arr)
-
-
-def _used_split_mask(splits: Any, n: int) -> np.ndarray:
-    """(n,) True for cells with a real split value; ``""``, whitespace, None and NaN mean 'unused'."""
-    arr = np.asarray(splits, dtype=object).ravel()
-    if arr.shape != (n,):
-        raise ValueError(f"splits must have one entry per cell ({n}), got shape {arr.shape}")
-    missing = pd.isna(pd.Series(arr)).to_numpy()
-    blank = np.array([isinstance(v, str) and v.strip() == "" for v in arr], dtype=bool)
-    return ~(missing | blank)
-
-
-def _split_strings(splits: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(split names as str, used mask); all cells in one split ``"all"`` when ``splits`` is None."""
-    if splits is None:
-        return np.full(n, "all", dtype=object), np.ones(n, dtype=bool)
-    used = _used_split_mask(splits, n)
-    arr = np.asarray(splits, dtype=object).ravel()
-    names = np.array([str(v) if u else "" for v, u in zip(arr, used)], dtype=object)
-    return names, used
-
-
-def _label_strings(labels: Any, n: int) -> np.ndarray:
-    arr = np.asarray(labels, dtype=object).ravel()
-    if arr.shape != (n,):
-        raise ValueError(f"labels must have one entry per cell ({n}), got shape {arr.shape}")
-    return np.array([str(v) for v in arr], dtype=object)
-
-
-def _group_seed(seed: int, *keys: str | int) -> int:
-    """A seed for one group that depends only on ``seed`` and the group's own keys (stable across runs
-    and independent of which other groups exist)."""
-    words = [int(seed) & 0xFFFFFFFF]
-    for k in keys:
-        words.append(zlib.crc32(str(k).encode("utf-8")))
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,9 +93,9 @@ def log_normalize(
     Returns:
         (n_cells, len(genes_idx)) float64 dense array.
     """
-    counts = _prepare(counts)
-    n, g = _n_rows_cols(counts)
-    lib = _library_sizes(counts)
+    counts = as_indexable(counts)
+    n, g = matrix_shape(counts)
+    lib = library_sizes(counts)
     if target_sum is None:
         positive = lib[lib > 0]
         target_sum = float(np.median(positive)) if positive.size else 1.0
@@ -175,7 +116,7 @@ def log_normalize(
 def _pot() -> Any:
     """The POT module, imported on first use: ``import ot`` takes about a second (it probes its array
     backends) and only the OT solve needs it, so ``import pyrovae`` (which imports this module through
-    :mod:`pyrovae.data.gpo`) does not pay for it."""
+    :mod:`pyrovae.data.grn`) does not pay for it."""
     import ot
 
     return ot
@@ -434,10 +375,10 @@ def pair_with_controls(
     Raises:
         ValueError: when a split has perturbed cells but no control cells.
     """
-    counts = _prepare(counts)
-    n, _ = _n_rows_cols(counts)
-    lab = _label_strings(labels, n)
-    split_names, used = _split_strings(splits, n)
+    counts = as_indexable(counts)
+    n, _ = matrix_shape(counts)
+    lab = label_strings(labels, n)
+    split_names, used = split_strings(splits, n)
     control_label = str(control_label)
     feats = log_normalize(counts, feature_genes_idx, target_sum=target_sum)
 
@@ -463,7 +404,7 @@ def pair_with_controls(
                 method=method,
                 reg=reg,
                 max_controls=max_controls,
-                seed=_group_seed(seed, "pair", split, g),
+                seed=group_seed(seed, "pair", split, g),
                 exact_max=exact_max,
                 batch_size=batch_size,
                 pert_ids=rows if exclude_self else None,
@@ -490,8 +431,8 @@ def delta_x(
     Returns:
         (n_cells, len(genes_idx)) float32; rows with ``matched == -1`` are 0.
     """
-    counts = _prepare(counts)
-    n, _ = _n_rows_cols(counts)
+    counts = as_indexable(counts)
+    n, _ = matrix_shape(counts)
     m = np.asarray(matched).ravel()
     if m.shape != (n,):
         raise ValueError(f"matched must have one entry per cell ({n}), got shape {m.shape}")
@@ -503,211 +444,3 @@ def delta_x(
     has = m >= 0
     out[has] = np.abs(y[has] - y[m[has]])
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# QC
-# ----------------------------------------------------------------------------------------------------
-
-
-def qc_metrics(
-    counts: Any,
-    gene_names: Sequence[str],
-    mt_prefix: str = "MT-",
-    ribo_prefixes: Sequence[str] = ("RPS", "RPL"),
-    case_sensitive: bool = False,
-    hb_pattern: str = r"^HB[^P]",
-) -> pd.DataFrame:
-    """Per-cell QC metrics (reference §5.3).
-
-    Args:
-        counts: (n_cells, n_genes) counts, dense or sparse.
-        gene_names: n_genes names.
-        mt_prefix: prefix of mitochondrial genes.
-        ribo_prefixes: prefixes of ribosomal genes.
-        case_sensitive: match prefixes case-sensitively (default False, so ``"MT-"`` also finds mouse
-            ``"mt-"`` genes and ``"RPS"`` finds ``"Rps"``).
-        hb_pattern: regular expression of haemoglobin genes (scanpy's convention: HBA1, HBB, not HBP1).
-
-    Returns:
-        DataFrame (n_cells rows, RangeIndex) with ``total_counts`` (float), ``n_genes_by_counts`` (int,
-        genes with a count > 0), ``pct_counts_mt``, ``pct_counts_ribo`` and ``pct_counts_hb`` (percent of
-        the cell's total, 0-100; 0 for empty cells).
-    """
-    counts = _prepare(counts)
-    n, g = _n_rows_cols(counts)
-    names = [str(s) for s in gene_names]
-    if len(names) != g:
-        raise ValueError(f"gene_names has {len(names)} entries but counts has {g} genes")
-
-    def starts(prefixes: Sequence[str]) -> np.ndarray:
-        pre = tuple(prefixes) if case_sensitive else tuple(p.upper() for p in prefixes)
-        return np.array([(s if case_sensitive else s.upper()).startswith(pre) for s in names], dtype=bool)
-
-    total = _library_sizes(counts)
-    n_genes = np.asarray((counts > 0).sum(axis=1)).ravel().astype(np.int64)
-
-    def pct(mask: np.ndarray) -> np.ndarray:
-        if not mask.any():
-            return np.zeros(n)
-        part = np.asarray(counts[:, np.flatnonzero(mask)].sum(axis=1), dtype=np.float64).ravel()
-        return np.divide(100.0 * part, total, out=np.zeros(n), where=total > 0)
-
-    return pd.DataFrame(
-        {
-            "total_counts": total,
-            "n_genes_by_counts": n_genes,
-            "pct_counts_mt": pct(starts((mt_prefix,))),
-            "pct_counts_ribo": pct(starts(tuple(ribo_prefixes))),
-            "pct_counts_hb": pct(
-                np.array(
-                    [
-                        re.match(hb_pattern, s, 0 if case_sensitive else re.IGNORECASE) is not None
-                        for s in names
-                    ],
-                    dtype=bool,
-                )
-            ),
-        }
-    )
-
-
-#: metric -> which tail is bad. Other ``pct_counts_*`` columns are upper-tail metrics too.
-_QC_TAILS = {"total_counts": "lower", "n_genes_by_counts": "lower", "UMI_count": "lower", "ngenes": "lower"}
-
-
-def _mad_scale(x: np.ndarray, med: float) -> float:
-    """The MAD (unscaled, as the reference); when it is 0, the mean absolute deviation from the median
-    rescaled to MAD units (x 0.6745 x 1.2533 = x 0.8453: both are then 0.6745 sigma for normal data,
-    the Iglewicz-Hoaglin fallback); 0 only when every value equals the median."""
-    dev = np.abs(x - med)
-    mad = float(np.median(dev))
-    if mad > 0:
-        return mad
-    return float(np.mean(dev)) * 0.6745 * 1.253314
-
-
-def qc_flags(metrics: pd.DataFrame, threshold: float = 3.0) -> pd.DataFrame:
-    """MAD outlier flags (reference §5.3) with a guard for MAD = 0.
-
-    Rules, with ``med`` and ``MAD`` over the cells with a finite value:
-
-    * ``total_counts``, ``n_genes_by_counts`` (also ``UMI_count``, ``ngenes``): flagged when
-      ``value < med - threshold * MAD``;
-    * every ``pct_counts_*`` column (mt, ribo, hb, ...): flagged when ``value > med + threshold * MAD``;
-    * a boolean ``predicted_doublet`` column, if present, is copied as a flag.
-
-    Guard: when MAD = 0 (more than half of the cells share the median, e.g. a percentage that is 0 in most
-    cells) the reference flags every cell off the median. Here the scale falls back to the mean absolute
-    deviation from the median converted to MAD units (x 0.8453), so only cells far from the bulk are
-    flagged; the >= 50 % of cells at the median are never flagged; when every value is equal nothing is
-    flagged for that metric. NaN values are never flagged. Other columns are ignored.
-
-    Args:
-        metrics: (n_cells, ...) DataFrame, e.g. from :func:`qc_metrics`.
-        threshold: the number of MADs (3 in the reference; CRADLE sweeps 3, 4, 5).
-
-    Returns:
-        DataFrame (same index) of bool columns ``qc_<metric>`` and ``total_qc`` (any flag). The
-        thresholds used are in ``.attrs["thresholds"]`` as ``{metric: (tail, value)}`` (to score generated
-        cells, reference §6.5).
-    """
-    flags: dict[str, np.ndarray] = {}
-    thresholds: dict[str, tuple[str, float]] = {}
-    for col in metrics.columns:
-        name = str(col)
-        if name == "predicted_doublet":
-            flags["qc_predicted_doublet"] = metrics[col].fillna(False).to_numpy(dtype=bool)
-            continue
-        if name in _QC_TAILS:
-            tail = _QC_TAILS[name]
-        elif name.startswith("pct_counts_"):
-            tail = "upper"
-        else:
-            continue
-        x = metrics[col].to_numpy(dtype=np.float64)
-        finite = np.isfinite(x)
-        flag = np.zeros(x.shape, dtype=bool)
-        if finite.any():
-            med = float(np.median(x[finite]))
-            scale = _mad_scale(x[finite], med)
-            if tail == "lower":
-                thr = med - threshold * scale
-                flag[finite] = x[finite] < thr if scale > 0 else False
-            else:
-                thr = med + threshold * scale
-                flag[finite] = x[finite] > thr if scale > 0 else False
-            thresholds[name] = (tail, thr)
-        flags[f"qc_{name}"] = flag
-    out = pd.DataFrame(flags, index=metrics.index)
-    out["total_qc"] = out.any(axis=1) if flags else False
-    out.attrs["thresholds"] = thresholds
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# counterfactual expression
-# ----------------------------------------------------------------------------------------------------
-
-
-def counterfactual_expression(
-    counts: Any,
-    labels: Sequence[str] | np.ndarray,
-    splits: Sequence[Any] | np.ndarray | None,
-    qc_fail: np.ndarray | Sequence[bool],
-    n_sample: int = 50,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """cfX as intended by the reference (§5.8, §10.7).
-
-    The counterfactual of a cell is the element-wise median of the raw counts of up to ``n_sample`` cells
-    with the same label, the same split and the OPPOSITE QC status. Every cell of a (label, split, status)
-    group shares the same pool, so one median is computed per group -- from ``min(n_sample, pool size)``
-    pool cells sampled once, without replacement, with a seed derived from ``seed`` and the group's names
-    -- and broadcast to all the group's cells. Only the sampled rows are densified. Positions index the
-    full matrix.
-
-    Memory: the output is dense (n_cells, n_genes) float32 (e.g. 100k cells x 8k genes = 3.2 GB), though
-    it holds at most 2 distinct rows per (label, split).
-
-    Args:
-        counts: (n_cells, n_genes) raw counts, dense or sparse.
-        labels: (n_cells,) perturbation labels.
-        splits: (n_cells,) split names, or None for one split; cells with split ``""``/None/NaN get no
-            counterfactual.
-        qc_fail: (n_cells,) bool, True for QC-failing cells.
-        n_sample: most pool cells per median.
-        seed: base seed.
-
-    Returns:
-        ``(cfx, has_cf)``: (n_cells, n_genes) float32 and (n_cells,) bool; rows without an opposite-status
-        cell of the same label and split (or without a split) are all zeros with ``has_cf`` False.
-    """
-    counts = _prepare(counts)
-    n, g = _n_rows_cols(counts)
-    if n_sample < 1:
-        raise ValueError(f"n_sample must be >= 1, got {n_sample}")
-    lab = _label_strings(labels, n)
-    split_names, used = _split_strings(splits, n)
-    fail = np.asarray(qc_fail).ravel()
-    if fail.shape != (n,):
-        raise ValueError(f"qc_fail must have one entry per cell ({n}), got shape {fail.shape}")
-    fail = fail.astype(bool)
-
-    cfx = np.zeros((n, g), dtype=np.float32)
-    has_cf = np.zeros(n, dtype=bool)
-    keys = pd.DataFrame({"split": split_names[used], "label": lab[used], "fail": fail[used]})
-    rows_used = np.flatnonzero(used)
-    groups = {
-        k: rows_used[np.asarray(v)] for k, v in keys.groupby(["split", "label", "fail"]).indices.items()
-    }
-    for (split, label, status), target in sorted(groups.items(), key=lambda kv: kv[0]):
-        pool = groups.get((split, label, not status))
-        if pool is None or pool.size == 0:
-            continue
-        rng = np.random.default_rng(_group_seed(seed, "cfx", split, label, int(status)))
-        take = min(int(n_sample), pool.size)
-        chosen = np.sort(rng.choice(pool, size=take, replace=False))
-        cfx[target] = np.median(dense_rows(counts, chosen, np.float64), axis=0).astype(np.float32)
-        has_cf[target] = True
-    return cfx, has_cf

@@ -3,7 +3,7 @@
 The GRN of a GPO-VAE model is its mask posterior q(M): edge j -> k ("perturbing gene j acts on gene k's
 latent coordinate") has probability sigmoid(W_jk), W = ``model.effect.q_mask_logits`` (T, T); rows and
 columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, then extended genes
-(:func:`pyrovae.data.gpo.prepare_gpo_data`). Following shared/reference/gpo_vae_cradle_vae.md §10.5/§10.14:
+(:func:`pyrovae.data.prepare.prepare_data`). Following shared/reference/gpo_vae_cradle_vae.md §10.5/§10.14:
 
 - edges are exported with probabilities (not only the 0.5 threshold), so AUROC/AUPRC can be computed;
 - the *perturbed* block (both ends perturbed genes: the rows fitted to data) is kept apart from the
@@ -13,7 +13,7 @@ columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, t
 
 Unseen perturbations: the GPO block's ``predict_untrained`` hook (:func:`pyrovae.models.effects.grn_transfer`)
 makes every :class:`~pyrovae.infer.predictive.Posterior` of a GPO-VAE run predict them from the GRN;
-:func:`gpo_unseen_globals` exposes it with chosen row sets (see :mod:`pyrovae.data.gpo` for what the model
+:func:`gpo_unseen_globals` exposes it with chosen row sets (see :mod:`pyrovae.data.prepare` for what the model
 can and cannot do for a perturbation it never saw).
 """
 
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from pyrovae.data.anndata import untrained_treatments
-from pyrovae.data.gpo import UNS_KEY
+from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.pairing import log_normalize
 from pyrovae.evaluate import grn as grn_eval
@@ -258,7 +258,7 @@ def baseline_scores(
     All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
     shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
     ``paired_de`` (GPO-prepared data only): |mean OT-paired difference| of each perturbation's cells
-    (``extras["delta_x_group"]``, :func:`pyrovae.data.gpo.group_delta_x`), the statistic GPO-VAE's GRN
+    (``extras["delta_x_group"]``, :func:`pyrovae.data.grn.group_delta_x`), the statistic GPO-VAE's GRN
     alignment fits with ``grn_target="group"``, computed without any model: what the pairing alone gives.
     """
     idx = data.indices(split)

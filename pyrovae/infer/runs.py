@@ -1,5 +1,6 @@
-"""Runs are directories: ``config.json``, ``schema.json``, ``split.csv``, ``best.pt``, ``last.pt``,
-``metrics.csv``, and the outputs of evaluation commands.
+"""Runs are directories: ``config.json``, ``schema.json``, ``split.csv``, ``prep.json`` (what the model's
+data preparation made, for models that need one), ``best.pt``, ``last.pt``, ``metrics.csv``, and the
+outputs of evaluation commands.
 
 Checkpoints hold tensors and plain numbers only and are read with ``torch.load(weights_only=True)``, so
 loading a run never executes pickled code; ``last.pt`` also holds the metrics history, so ``metrics.csv`` is
@@ -31,12 +32,13 @@ from pyrovae.data.anndata import (
     load_perturbation_data,
     untrained_treatments,
 )
-from pyrovae.data.gpo import UNS_KEY, prepare_for_model
+from pyrovae.data.grn import UNS_KEY
+from pyrovae.data.prepare import check_prepared, preparation_record, prepare_data, record_options
 from pyrovae.infer import distributed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.skeleton import PerturbationVAE
-from pyrovae.models.zoo import ModelConfig, build_model
+from pyrovae.models.zoo import ModelConfig, build_model, data_requirements
 from pyrovae.outputs import (
     LOCK,
     atomic_write,
@@ -52,13 +54,14 @@ from pyrovae.outputs import (
     write_json,
 )
 
-CONFIG, SCHEMA, SPLIT = "config.json", "schema.json", "split.csv"
+CONFIG, SCHEMA, SPLIT, PREP = "config.json", "schema.json", "split.csv", "prep.json"
 BEST, LAST, METRICS = "best.pt", "last.pt", "metrics.csv"
 
 __all__ = [
     "CONFIG",
     "SCHEMA",
     "SPLIT",
+    "PREP",
     "BEST",
     "LAST",
     "METRICS",
@@ -231,11 +234,24 @@ class Run:
                 )
         opts["require_counts"] = self.model_cfg.likelihood != "normal"
         loaded = load_perturbation_data(data, schema=self.schema, stored_split=stored, **opts)
-        if self.schema.get("gpo"):
+        record = self.preparation()
+        prep = {**self.data_options}
+        if record:
             # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
-            loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: dict(self.schema["gpo"])})
-        prep = {**self.data_options, **overrides}  # prepare_for_model reads only its own keys
-        return prepare_for_model(loaded, self.model_cfg.family, self.model_cfg.artifact, prep)
+            loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: record})
+            prep.update(record_options(record))
+        prep.update(overrides)  # prepare_data reads only its own keys
+        return prepare_data(loaded, data_requirements(self.model_cfg), prep)
+
+    def preparation(self) -> dict[str, Any]:
+        """The record of the run's data preparation (``prep.json``; ``{}`` for a model that needs none).
+
+        Runs written before ``prep.json`` existed kept the GRN part in ``schema.json["gpo"]``."""
+        p = self.path / PREP
+        if p.exists():
+            rec = read_json(p, "the run's data preparation record")
+            return {k: v for k, v in rec.items() if k != "requirements"}
+        return dict(self.schema.get("gpo") or {})
 
 
 def save_run_config(
@@ -247,7 +263,7 @@ def save_run_config(
     model_name: str | None = None,
     schema: bool = True,
 ) -> None:
-    """Write ``config.json`` (and, for a new run, ``schema.json`` and ``split.csv``)."""
+    """Write ``config.json`` (and, for a new run, ``schema.json``, ``split.csv`` and ``prep.json``)."""
     cfg = {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "data": data_options}
     if model_name is not None:
         cfg["model_name"] = model_name
@@ -256,11 +272,11 @@ def save_run_config(
         return
     sch = data.schema()
     sch["norm_log"] = data.is_count_data
-    rec = data.uns.get(UNS_KEY)
-    if isinstance(rec, dict) and "n_perturbed" in rec:
-        sch["gpo"] = {"n_perturbed": int(rec["n_perturbed"]), "extended": list(rec.get("extended", []))}
     write_json(run_dir / SCHEMA, sch)
     save_split(run_dir, data)
+    record = preparation_record(data, data_requirements(model_cfg))
+    if record is not None:
+        write_json(run_dir / PREP, record)
 
 
 def checkpoint_writer(run_dir: Path):
@@ -440,7 +456,14 @@ def train_run(
     ``protect``: paths (the input data) that ``overwrite`` must never delete. ``prepare`` is called on the
     freshly built model before training (and before a resumed state is loaded), e.g.
     ``lambda m: m.effect.fix_masks(masks)`` to train with known masks.
+
+    ``data`` is first given what the model needs (:func:`~pyrovae.data.prepare.prepare_data` with the
+    model's :func:`~pyrovae.models.zoo.data_requirements` and ``data_options``; data prepared before is
+    kept as it is), so a requirement the data cannot meet fails here, before any file is made.
     """
+    reqs = data_requirements(model_cfg)
+    data = prepare_data(data, reqs, data_options)
+    check_prepared(data, reqs, f"model family {model_cfg.family!r}")
     if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
         raise ValueError(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "

@@ -14,13 +14,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovae.data.prepare import QC_FLAGS
 from pyrovae.models.effects import parameter_roles, weighted_plate
 
 QC_PLATE = "qc_rows"
 
 
 class ArtifactBlock(nn.Module):
-    """Artifact latent A (Q, L) with a free mean-field Gaussian posterior."""
+    """Artifact latent A (Q, L) with a free mean-field Gaussian posterior; reads ``batch["qc"]`` (B, Q)."""
+
+    data_needs = (QC_FLAGS,)
 
     def __init__(self, n_qc: int, n_latent: int, prior_scale: float = 1.0) -> None:
         super().__init__()

@@ -1,7 +1,9 @@
 """Loss terms that are not log-densities, added to the negative ELBO in one place (the training step).
 
 Each penalty is called as ``penalty(model, batch) -> {name: scalar tensor}`` in per-cell units (the same
-units as the training loss, which is the negative ELBO divided by N).
+units as the training loss, which is the negative ELBO divided by N), and declares the per-cell data it
+reads from the batch as ``data_needs`` (:class:`~pyrovae.data.prepare.Requirement` objects, gathered by
+:func:`pyrovae.models.zoo.data_requirements` and supplied by :func:`pyrovae.data.prepare.prepare_data`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyrovae.data import prepare
 from pyrovae.models.artifact import gaussian_kl
 from pyrovae.models.effects import matmul_dosage
 
@@ -70,7 +73,7 @@ class GRNAlignment(nn.Module):
 
     ``target``: ``"cell"`` (the reference) aligns to the per-cell |delta_x|; ``"group"`` (a departure) to
     ``batch["delta_x_group"]``, the |mean signed paired difference| of the cell's perturbation
-    (:func:`pyrovae.data.gpo.group_delta_x`), which averages the pairing noise out before the absolute
+    (:func:`pyrovae.data.grn.group_delta_x`), which averages the pairing noise out before the absolute
     value, as |DE| does.
 
     ``singles_only`` (a departure): align on single-perturbation cells only. The reference aligns every
@@ -80,6 +83,8 @@ class GRNAlignment(nn.Module):
 
     Needs ``batch["delta_x"]`` (B, T) (and ``batch["delta_x_group"]`` with ``target="group"``).
     """
+
+    data_needs = (prepare.GRN_TARGETS,)
 
     def __init__(
         self,
@@ -108,13 +113,13 @@ class GRNAlignment(nn.Module):
         if "delta_x" not in batch:
             raise ValueError(
                 "GPO-VAE needs delta_x (OT-paired expression differences) in every batch; prepare the data "
-                "with pyrovae.data.gpo.prepare_gpo_data(...)"
+                "with pyrovae.data.prepare.prepare_data(...) (train_run does)"
             )
         key = "delta_x" if self.target == "cell" else "delta_x_group"
         if key not in batch:
             raise ValueError(
                 f"grn_target={self.target!r} needs {key} in every batch; prepare the data with "
-                "pyrovae.data.gpo.prepare_gpo_data(...) (again, with force=True, for data prepared before)"
+                "pyrovae.data.prepare.prepare_data(...) (again, with force=True, for data prepared before)"
             )
         dx = batch[key]
         w = model.effect.q_mask_logits
@@ -155,6 +160,8 @@ class CounterfactualKL(nn.Module):
 
     Needs ``batch["qc"]`` (B, Q), ``batch["cfx"]`` (B, G) and ``batch["has_cf"]`` (B,).
     """
+
+    data_needs = (prepare.QC_FLAGS, prepare.COUNTERFACTUALS)
 
     def __init__(self, weight: float = 0.1):
         super().__init__()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pyrovae.config import check_range, coerce_fields, replace_checked
+from pyrovae.data.prepare import Requirement
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
     MASK_ESTIMATORS,
@@ -156,6 +157,39 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
     raise ValueError(f"unknown model family {cfg.family!r}")
 
 
+def build_penalties(cfg: ModelConfig) -> list[torch.nn.Module]:
+    """The loss terms of a config beyond the ELBO (:mod:`pyrovae.models.penalties`); none need data sizes."""
+    out: list[torch.nn.Module] = []
+    if cfg.artifact:
+        out.append(CounterfactualKL(cfg.cf_weight))
+    if cfg.family == "gpo":
+        out.append(
+            GRNAlignment(
+                cfg.grn_weight,
+                cfg.grn_threshold,
+                cfg.grn_hops,
+                cfg.sparsity_weight,
+                cfg.grn_hop_norm,
+                cfg.grn_target,
+                cfg.grn_singles_only,
+            )
+        )
+    return out
+
+
+def data_requirements(cfg: ModelConfig) -> tuple[Requirement, ...]:
+    """What a config's model reads from every minibatch beyond counts and dosage, gathered from the
+    ``data_needs`` its components declare (artifact block, penalties; the effect blocks need nothing
+    more), in the order :func:`pyrovae.data.prepare.prepare_data` supplies them."""
+    parts: list[Any] = [ArtifactBlock] if cfg.artifact else []
+    parts += build_penalties(cfg)
+    seen: dict[str, Requirement] = {}
+    for part in parts:
+        for req in part.data_needs:
+            seen.setdefault(req.name, req)
+    return tuple(sorted(seen.values(), key=lambda r: r.order))
+
+
 def build_model(
     cfg: ModelConfig,
     n_genes: int,
@@ -189,18 +223,5 @@ def build_model(
         norm_log=norm_log,
         artifact=artifact,
     )
-    if cfg.artifact:
-        model.penalties.append(CounterfactualKL(cfg.cf_weight))
-    if cfg.family == "gpo":
-        model.penalties.append(
-            GRNAlignment(
-                cfg.grn_weight,
-                cfg.grn_threshold,
-                cfg.grn_hops,
-                cfg.sparsity_weight,
-                cfg.grn_hop_norm,
-                cfg.grn_target,
-                cfg.grn_singles_only,
-            )
-        )
+    model.penalties.extend(build_penalties(cfg))
     return model

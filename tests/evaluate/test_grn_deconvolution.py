@@ -182,7 +182,7 @@ def test_propagate_knockdown_exact_and_truncated():
 
 def test_unseen_perturbation_baselines_on_simulated_holdout():
     from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.gpo import holdout_perturbations
+    from pyrovae.data.prepare import holdout_perturbations
     from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.evaluate.ate import empirical_ate
 

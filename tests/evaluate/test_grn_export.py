@@ -119,7 +119,7 @@ def test_unseen_rows_are_predicted_from_the_grn():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.gpo import prepare_gpo_data
+    from pyrovae.data.prepare import prepare_gpo_data
     from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.infer.runs import train_run
     from pyrovae.infer.train import TrainConfig

@@ -168,7 +168,7 @@ def test_training_on_non_counts_with_count_likelihood_is_refused(tiny_data, tmp_
 @pytest.mark.parametrize("name", ["sams_vae", "sams_vae_mf", "cpa_vae"])
 def test_validation_loss_draws_untrained_treatments_from_the_prior(name, tiny_data):
     """A treatment with no training cell is scored with its prior, whatever its (untouched) q holds."""
-    from pyrovae.data.gpo import holdout_perturbations
+    from pyrovae.data.prepare import holdout_perturbations
     from pyrovae.infer.train import evaluate_loss
 
     data = holdout_perturbations(tiny_data, ["B"])  # every B and A+B cell goes to test: N_B = 0
@@ -198,8 +198,8 @@ def test_validation_loss_draws_untrained_treatments_from_the_prior(name, tiny_da
 def test_penalised_elbo_equals_the_elbo_plus_a_second_backward_of_the_penalties():
     """PenalisedELBO (one backward) against the two-step version it replaces, same seed, GPO-VAE."""
     from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.gpo import prepare_gpo_data
     from pyrovae.data.loader import MinibatchLoader
+    from pyrovae.data.prepare import prepare_gpo_data
     from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.infer.train import PenalisedELBO, make_elbo, make_training_elbo, split_counts
 

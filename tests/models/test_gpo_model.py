@@ -105,7 +105,7 @@ def test_counterfactual_kl_is_closed_form_gaussian_kl(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_gpo_data():
     from pyrovae.data.anndata import load_perturbation_data
-    from pyrovae.data.gpo import prepare_gpo_data
+    from pyrovae.data.prepare import prepare_gpo_data
     from pyrovae.data.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)

@@ -8,13 +8,8 @@ import pandas as pd
 import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.gpo import (
-    holdout_perturbations,
-    matched_column,
-    prepare_cradle_data,
-    prepare_gpo_data,
-    write_pairing,
-)
+from pyrovae.data.grn import matched_column, write_pairing
+from pyrovae.data.prepare import holdout_perturbations, prepare_cradle_data, prepare_gpo_data
 
 GENES = ["A", "B", "C", "D", "E"]
 GROUPS = ["control", "A", "B", "A+B"]
@@ -168,7 +163,7 @@ def test_holdout_never_leaks_and_keeps_dosage():
 
 
 def test_group_delta_x_averages_signed_differences_before_the_absolute_value():
-    from pyrovae.data.gpo import group_delta_x
+    from pyrovae.data.grn import group_delta_x
 
     y = np.array([[0.0, 0.0], [1.0, 2.0], [-1.0, 2.0], [3.0, 0.0], [0.5, 0.5], [9.0, 9.0]])
     matched = np.array([-1, 0, 0, 0, 0, -1])  # cell 0 is the control; cell 5 has no match
