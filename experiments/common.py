@@ -1,9 +1,11 @@
-"""Shared machinery of the experiment scripts: options, data, one model run, scoring, tables, figures.
+"""What the experiment scripts share: options, settings, the data, and the protocol x model x seed loop.
 
-Every script (``combinatorial.py``, ``data_efficiency.py``, ``heldout_cells.py``, ``grn_recovery.py``)
-builds its parser with :func:`build_parser`, opens an :class:`Experiment` (settings from
+Every script builds its parser with :func:`build_parser`, opens an :class:`Experiment` (settings from
 ``configs/<name>.yaml``, output directory, data), loops over its protocol's splits and models calling
-:meth:`Experiment.fit_and_score`, and finishes with :meth:`Experiment.write_table` and the plotting helpers.
+:meth:`Experiment.fit_and_score` (the library's :func:`~pyrovae.infer.runs.train_run` then
+:func:`~pyrovae.evaluate.score.score_run`), and finishes with :meth:`Experiment.write_table` and the
+library's tables (:mod:`pyrovae.report`) and figures (:mod:`pyrovae.plot`). A script is its split, its model
+list and its summary.
 
 Output directory layout::
 
@@ -16,7 +18,7 @@ Output directory layout::
 Nothing in an existing non-empty OUT is touched unless ``--overwrite`` is given. Files are written
 atomically (temporary file + rename), so an interrupted experiment never leaves half-written tables.
 
-Metrics of one run (:meth:`Experiment.fit_and_score`):
+Metrics of one run (:meth:`Experiment.fit_and_score`, from :func:`~pyrovae.evaluate.score.score_run`):
 
 - ``val_iwelbo``, ``test_iwelbo``: held-out predictive IWELBO (nats per cell; shared/reference/sams_vae.md
   §5.1), untrained treatments drawn from the prior;
@@ -41,11 +43,46 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+import pyro
+import torch
 import yaml
 
-from pyrovae.report import markdown_table
+import pyrovae
+from pyrovae.config import parse_overrides, route_options
+from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.data.dosage import find_control_label
+from pyrovae.data.simulate import simulate_perturbseq
+from pyrovae.data.simulate_sams import simulate_sams_reference
+from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
+from pyrovae.evaluate.score import score_run
+from pyrovae.infer.runs import train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import ModelConfig, model_config
+from pyrovae.outputs import atomic_write, write_json
+from pyrovae.plot import plot_bars, plot_lines
+from pyrovae.report import add_relative, markdown_table
+
+__all__ = [  # plot_bars, plot_lines and add_relative are the library's, used by the scripts through here
+    "BASELINE_NAMES",
+    "EVAL_DEFAULTS",
+    "SPLIT_COLUMN",
+    "Experiment",
+    "Scored",
+    "add_relative",
+    "add_split_seed_option",
+    "ate_scores",
+    "ate_transform",
+    "build_parser",
+    "empirical_ates",
+    "load_settings",
+    "plot_bars",
+    "plot_lines",
+    "split_seed",
+    "write_frame",
+]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = EXPERIMENTS_DIR / "configs"
@@ -191,32 +228,13 @@ def load_settings(name: str, full: bool = False, path: str | Path | None = None)
 
 def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
     """``["n_latent=8", "lr=1e-3"]`` -> ``{"n_latent": 8, "lr": 0.001}`` (values read as YAML)."""
-    from pyrovae.commands.common import parse_overrides
-
     return parse_overrides(list(items or []))
 
 
 def route_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """Split ``--set`` overrides into (model, train, eval) settings by name."""
-    from pyrovae.infer.train import TrainConfig
-    from pyrovae.models.zoo import ModelConfig
-
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    m, t, e = {}, {}, {}
-    for k, v in overrides.items():
-        if k in model_keys:
-            m[k] = v
-        elif k in train_keys:
-            t[k] = v
-        elif k in EVAL_DEFAULTS:
-            e[k] = v
-        else:
-            raise ValueError(
-                f"unknown setting {k!r} in --set; model: {sorted(model_keys)}; "
-                f"training: {sorted(train_keys)}; "
-                f"evaluation: {sorted(EVAL_DEFAULTS)}"
-            )
+    groups = {"model": ModelConfig, "training": TrainConfig, "evaluation": EVAL_DEFAULTS}
+    m, t, e = route_options(overrides, groups)
     return m, t, e
 
 
@@ -238,146 +256,11 @@ def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
 
 
 def atomic_text(path: str | Path, text: str) -> None:
-    from pyrovae.infer.runs import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_frame(path: str | Path, df: pd.DataFrame, index: bool = False) -> None:
-    from pyrovae.infer.runs import atomic_write
-
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=index))
-
-
-def add_relative(
-    results: pd.DataFrame,
-    metric: str,
-    reference: Mapping[str, Any],
-    match: Sequence[str] = ("seed",),
-    name: str | None = None,
-) -> pd.DataFrame:
-    """Add ``<metric>_rel`` = metric minus the metric of the reference row with the same ``match`` values.
-
-    ``reference`` selects the reference rows by column values, e.g. ``{"model": "sams_vae", "frac": 0.0}``.
-    Rows whose reference is missing get NaN.
-    """
-    name = name or f"{metric}_rel"
-    out = results.copy()
-    if metric not in out.columns or not len(out):
-        out[name] = np.nan
-        return out
-    sel = np.ones(len(out), dtype=bool)
-    for k, v in reference.items():
-        col = out[k]
-        sel &= np.isclose(col.astype(float), float(v)) if isinstance(v, float) else (col == v).to_numpy()
-    ref = out[sel].drop_duplicates(list(match), keep="last").set_index(list(match))[metric]
-    keys = out[list(match)].apply(tuple, axis=1) if len(match) > 1 else out[match[0]]
-    out[name] = out[metric].to_numpy(dtype=float) - np.asarray(
-        [ref.get(k, np.nan) for k in keys], dtype=float
-    )
-    return out
-
-
-# ------------------------------------------------------------------------------------------ figures
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: Path) -> Path:
-    from pyrovae.infer.runs import atomic_write
-
-    atomic_write(
-        path,
-        lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight"),
-    )
-    _pyplot().close(fig)
-    return path
-
-
-def _plottable(agg: pd.DataFrame, metrics: Mapping[str, str]) -> dict[str, str]:
-    """The metrics of ``metrics`` that have at least one value in ``agg`` (none if ``agg`` is empty)."""
-    if not len(agg):
-        return {}
-    return {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
-
-
-def plot_lines(
-    agg: pd.DataFrame,
-    x: str,
-    metrics: Mapping[str, str],
-    path: str | Path,
-    series: str = "model",
-    xlabel: str | None = None,
-    title: str | None = None,
-) -> Path | None:
-    """One panel per metric: mean ± std (error bars) against ``x``, one line per ``series`` value."""
-    metrics = _plottable(agg, metrics)
-    if not metrics:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, (m, label) in zip(axes[0], metrics.items()):
-        for i, (name, grp) in enumerate(agg.groupby(series, sort=False)):
-            grp = grp.sort_values(x)
-            ax.errorbar(
-                grp[x],
-                grp[f"{m}_mean"],
-                yerr=grp[f"{m}_std"].fillna(0.0),
-                marker="o",
-                ms=3,
-                capsize=2,
-                color=f"C{i % 10}",
-                label=str(name),
-            )
-        ax.set_xlabel(xlabel or x)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, Path(path))
-
-
-def plot_bars(
-    agg: pd.DataFrame, label: str, metrics: Mapping[str, str], path: str | Path, title: str | None = None
-) -> Path | None:
-    """One horizontal bar panel per metric: mean ± std per row label."""
-    metrics = _plottable(agg, metrics)
-    if not metrics:
-        return None
-    plt = _pyplot()
-    n = len(agg)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.35 * n + 1.5), squeeze=False)
-    ypos = np.arange(n)
-    for ax, (m, title_m) in zip(axes[0], metrics.items()):
-        ax.barh(
-            ypos,
-            agg[f"{m}_mean"].to_numpy(dtype=float),
-            xerr=agg[f"{m}_std"].fillna(0.0).to_numpy(float),
-            color=[f"C{i % 10}" for i in range(n)],
-            capsize=2,
-        )
-        ax.set_yticks(ypos)
-        ax.set_yticklabels(agg[label].astype(str).tolist(), fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel(title_m)
-        ax.grid(alpha=0.3, axis="x")
-        vals = agg[f"{m}_mean"].to_numpy(dtype=float)
-        finite = vals[np.isfinite(vals)]
-        if len(finite) and finite.min() < 0 and m.endswith("iwelbo"):
-            lo, hi = finite.min(), finite.max()
-            pad = max(hi - lo, 1.0) * 0.3
-            ax.set_xlim(lo - pad, hi + pad)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, Path(path))
 
 
 # ------------------------------------------------------------------------------------------ ATE
@@ -395,8 +278,6 @@ def empirical_ates(data, perturbations: Sequence[str], rows: np.ndarray | None =
     control cell with a split. Perturbations with no cell in ``rows`` are dropped from the result. Sparse
     counts are processed in row batches (never densified as a whole).
     """
-    from pyrovae.evaluate.ate import empirical_ate
-
     labels = np.asarray(data.labels).astype(str)
     ctrl = data.control_label
     rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
@@ -422,12 +303,14 @@ def ate_scores(
     """Pearson r and R² of a predicted ATE against an empirical one, over all (perturbation, gene) entries
     and over each perturbation's top-k genes by |empirical ATE|: ``ate_r``, ``ate_r_top<k>``, ``ate_r2``,
     ``ate_r2_top<k>``, ``ate_n`` (perturbations scored; rows with a NaN prediction are dropped), + suffix."""
-    from pyrovae.evaluate.ate import ate_table
-
     rows = [r for r in ate_true.index if r in pred.index]
     if not rows:
         return {}
-    m = ate_table(ate_true.loc[rows], {"pred": pred}, top_k=top_k).iloc[0]
+    return table_scores(ate_table(ate_true.loc[rows], {"pred": pred}, top_k=top_k).loc["pred"], top_k, suffix)
+
+
+def table_scores(m: pd.Series, top_k: int = 20, suffix: str = "") -> dict[str, float]:
+    """The results-row names of one method's row of :func:`~pyrovae.evaluate.ate.ate_table`."""
     out = {
         "ate_r": m["pearson"],
         f"ate_r_top{top_k}": m["pearson_topk"],
@@ -436,6 +319,21 @@ def ate_scores(
         "ate_n": m["n_perturbations"],
     }
     return {f"{k}{suffix}": float(v) for k, v in out.items()}
+
+
+def ate_cell_sets(data, perturbations: Sequence[str]) -> dict[str, np.ndarray]:
+    """The cell sets of the experiments' ATE check (:func:`~pyrovae.evaluate.score.score_run`'s
+    ``ate_sets``): ``all``, the cells of ``perturbations`` and every control cell, those with no split
+    included (the reference's empirical ATE), and ``heldout``, the same among the test cells (when some
+    test cell has one of ``perturbations``)."""
+    labels = np.asarray(data.labels).astype(str)
+    wanted = np.isin(labels, list(map(str, perturbations)))
+    chosen = wanted | (labels == data.control_label)
+    sets = {"all": np.flatnonzero(chosen)}
+    test = data.indices("test")
+    if wanted[test].any():
+        sets["heldout"] = test[chosen[test]]
+    return sets
 
 
 #: Display names of :func:`pyrovae.evaluate.ate.baseline_ates` predictors.
@@ -503,8 +401,6 @@ class Experiment:
     def _read_data(self):
         args = self.args
         if args.data:
-            import anndata as ad
-
             path = Path(args.data)
             if not path.exists():
                 raise FileNotFoundError(f"no such file: {path}")
@@ -515,13 +411,9 @@ class Experiment:
             shown = "".join(f", {k}={v}" for k, v in sim_over.items())
             simulator = args.simulator
             if simulator == "sams_reference":
-                from pyrovae.data.simulate_sams import simulate_sams_reference
-
                 adata = simulate_sams_reference(seed=args.sim_seed, **sim_over)
                 what = "SAMS-VAE reference-regime simulation"
             else:
-                from pyrovae.data.simulate import simulate_perturbseq
-
                 adata = simulate_perturbseq(args.preset, seed=args.sim_seed, **sim_over)
                 what = f"simulated preset {args.preset!r}"
             source = {
@@ -552,8 +444,6 @@ class Experiment:
 
     def labels(self) -> tuple[np.ndarray, str]:
         """(raw per-cell labels, resolved control label)."""
-        from pyrovae.data.dosage import find_control_label
-
         raw = self.adata.obs[self.args.perturbation_key]
         if raw.isna().any():
             raise ValueError(
@@ -564,8 +454,6 @@ class Experiment:
 
     def load(self, split: np.ndarray, encode_combos_as_unique: bool = False):
         """The data with ``split`` (an (N,) array of train/val/test/"") as its split."""
-        from pyrovae.data.anndata import load_perturbation_data
-
         self.adata.obs[SPLIT_COLUMN] = np.asarray(split).astype(str)
         return load_perturbation_data(
             self.adata,
@@ -580,9 +468,6 @@ class Experiment:
     def configs(self, model: str, seed: int, **overrides: Any):
         """(ModelConfig, TrainConfig) of a model: the config's shared ``model`` section, then its
         ``model_overrides[model]``, then ``overrides``; training settings with ``seed``."""
-        from pyrovae.infer.train import TrainConfig
-        from pyrovae.models.zoo import model_config
-
         m = {
             **self.settings["model"],
             **(self.settings.get("model_overrides") or {}).get(model, {}),
@@ -613,34 +498,31 @@ class Experiment:
         run_name: str,
         ate_perturbations: Sequence[str] | None,
         tags: Mapping[str, Any],
-        posterior_factory: Callable | None = None,
         extra: Callable[[Any], Mapping[str, Any]] | None = None,
         prepare: Callable[[Any], None] | None = None,
     ) -> Scored:
-        """Train one model on ``data`` (its split), then score it.
+        """Train one model on ``data`` (its split), then score it with the library's
+        :func:`~pyrovae.evaluate.score.score_run`: val and test IWELBO, and the model ATE of
+        ``ate_perturbations`` against the empirical ATE of all cells (``ate_r``, ...) and of the test
+        cells (``ate_r_heldout``, ...); the settings of the config's ``eval`` section.
 
         Args:
             ate_perturbations: the perturbations whose ATE is checked (``None``: skip the ATE).
             tags: columns identifying the run in the results (model, fraction, seed, ...).
-            posterior_factory: ``run -> Posterior`` (default :meth:`Posterior.from_run`).
             extra: ``run -> {metric: value}``, further metrics of the run (e.g. GRN recovery).
             prepare: ``model -> None``, called on the built model before training (e.g. fixing masks).
 
         Returns:
             :class:`Scored` with the metrics row (tags + metrics + timings) also appended to the results.
         """
-        from pyrovae.infer.iwelbo import predictive_iwelbo
-        from pyrovae.infer.predictive import Posterior
-        from pyrovae.infer.runs import train_run
-
         ev = self.settings["eval"]
-        run_dir = self.out / "runs" / run_name
+        k = int(ev["top_k"])
         t0 = time.perf_counter()
         run = train_run(
             data,
             model_cfg,
             train_cfg,
-            run_dir,
+            self.out / "runs" / run_name,
             data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
             overwrite=True,
             progress=self.args.progress,
@@ -657,49 +539,48 @@ class Experiment:
             steps=int(hist[-1]["step"]) if hist and "step" in hist[-1] else 0,
             best_val_loss=float(min((h.get("val_loss", np.inf) for h in hist), default=np.nan)),
         )
-        t1 = time.perf_counter()
-        for split in ("val", "test"):
-            if len(data.indices(split)):
-                df = predictive_iwelbo(
-                    run.model,
-                    data,
-                    split,
-                    n_particles=int(ev["iwelbo_particles"]),
-                    batch_size=int(ev["iwelbo_batch_size"]),
-                    seed=int(ev["eval_seed"]),
-                    untrained=run.untrained,
-                )
-                row[f"{split}_iwelbo"] = float(df["iwelbo"].mean())
-        t2 = time.perf_counter()
+        sets = ate_cell_sets(data, ate_perturbations) if ate_perturbations else {}
+        marks: dict[str, float] = {}
+        res = score_run(
+            run,
+            data,
+            ate_sets=sets,
+            iwelbo_sets={s: s for s in ("val", "test") if len(data.indices(s))},
+            name="model",
+            top_k=k,
+            n_samples=int(ev["ate_samples"]),
+            library_size=float(ev["library_size"]),
+            seed=int(ev["eval_seed"]),
+            chunk=int(ev["ate_chunk"]),
+            iwelbo_seeds=(int(ev["eval_seed"]),),
+            n_particles=int(ev["iwelbo_particles"]),
+            batch_size=int(ev["iwelbo_batch_size"]),
+            log=lambda msg: marks.setdefault(
+                "ate" if msg.startswith("ATE") else "iwelbo", time.perf_counter()
+            ),
+        )
+        t_end = time.perf_counter()
+        for split, r in res["iwelbo"]["model"].items():
+            row[f"{split}_iwelbo"] = r["mean"]
         pred = None
-        if ate_perturbations:
-            post = posterior_factory(run) if posterior_factory else Posterior.from_run(run)
-            perts = list(ate_perturbations)
-            pred = post.model_ate(
-                perts,
-                n_samples=int(ev["ate_samples"]),
-                library_size=float(ev["library_size"]),
-                seed=int(ev["eval_seed"]),
-                chunk=int(ev["ate_chunk"]),
-                transform=ate_transform(data),
-            )
-            k = int(ev["top_k"])
-            row.update(ate_scores(self.empirical_all(data, perts), pred, k))
-            test_rows = data.indices("test")
-            if len(test_rows):
-                row.update(ate_scores(empirical_ates(data, perts, test_rows), pred, k, suffix="_heldout"))
-        t3 = time.perf_counter()
-        row.update(train_s=round(t_train, 2), iwelbo_s=round(t2 - t1, 2), ate_s=round(t3 - t2, 2))
+        for set_name, rep in res["ate"].items():
+            row.update(table_scores(rep["table"].loc["model"], k, "" if set_name == "all" else "_heldout"))
+            pred = rep["preds"]["model"] if pred is None else pred
+        t_ate = marks.get("ate", t_end)
+        row.update(
+            train_s=round(t_train, 2),
+            iwelbo_s=round(t_ate - marks.get("iwelbo", t_ate), 2),
+            ate_s=round(t_end - t_ate, 2),
+        )
         if extra is not None:
             row.update(extra(run))
-            t3 = time.perf_counter()
         self.record(row)
         shown = ", ".join(
             f"{k} {row[k]:.3f}"
             for k in ("test_iwelbo", "ate_r", "ate_r_top20")
             if k in row and row[k] == row[k]
         )
-        self.log(f"  {run_name}: {shown} ({row['epochs']} epochs, {t3 - t0:.1f}s)")
+        self.log(f"  {run_name}: {shown} ({row['epochs']} epochs, {time.perf_counter() - t0:.1f}s)")
         return Scored(row, run, pred)
 
     def score_baselines(
@@ -707,8 +588,6 @@ class Experiment:
     ) -> list[dict[str, Any]]:
         """Score the trivial ATE baselines (training cells only, no model) like a model; one results row each
         (``model`` = the baseline's display name, ATE metrics only)."""
-        from pyrovae.evaluate.ate import baseline_ates
-
         k = int(self.settings["eval"]["top_k"])
         preds = baseline_ates(data, list(perturbations), method=ate_transform(data))
         truth_all = self.empirical_all(data, perturbations)
@@ -754,11 +633,6 @@ class Experiment:
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> float:
         """Write ``experiment.json`` (options, settings, data source, versions, wall time)."""
-        import pyro
-        import torch
-
-        import pyrovae
-
         wall = time.perf_counter() - self.t0
         info = {
             "experiment": self.name,
@@ -778,8 +652,6 @@ class Experiment:
             },
             **(extra or {}),
         }
-        from pyrovae.infer.runs import write_json
-
         write_json(self.out / "experiment.json", info)
         self.log(f"{self.name}: done in {wall:.0f}s; tables and figures in {self.out}")
         return wall

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -184,4 +184,29 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
             out[k.strip().replace("-", "_")] = yaml.safe_load(v)
         except yaml.YAMLError:
             out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def route_options(options: Mapping[str, Any], groups: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Split flat ``key=value`` options into groups by name: one dict per group, in the order of ``groups``.
+
+    ``groups``: {group name: a dataclass (its field names) or an iterable of names}; a key in no group is
+    one ``ValueError`` listing every group's options (a name in two groups goes to the first).
+    """
+    names = {
+        g: [f.name for f in dataclasses.fields(keys)] if dataclasses.is_dataclass(keys) else list(keys)
+        for g, keys in groups.items()
+    }
+    out: list[dict[str, Any]] = [{} for _ in names]
+    unknown = []
+    for k, v in options.items():
+        for i, keys in enumerate(names.values()):
+            if k in keys:
+                out[i][k] = v
+                break
+        else:
+            unknown.append(k)
+    if unknown:
+        shown = "; ".join(f"{g} options: {sorted(keys)}" for g, keys in names.items())
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; {shown}")
     return out

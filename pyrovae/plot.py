@@ -1,6 +1,8 @@
 """Figures (matplotlib, imported lazily with the Agg backend; install the ``plot`` extra).
 
-Every function writes one figure atomically (temporary file + rename) and returns the path.
+Every function writes one figure atomically (temporary file + rename) and returns the path. The last
+section draws tables of :func:`pyrovae.report.aggregate` (``<metric>_mean`` / ``<metric>_std`` columns):
+metric lines against a setting (:func:`plot_lines`) and bars per row (:func:`plot_bars`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+import pandas as pd
 
 from pyrovae.evaluate.ate import pearson
+from pyrovae.evaluate.structure import match_latents
 from pyrovae.outputs import atomic_write
 
 
@@ -109,14 +112,12 @@ def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, to
 
 
 def match_columns(est: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Column order of ``est`` (T, K) that best matches the columns of ``true`` (T, K') (Hungarian
-    matching on the agreement est_k . true_k'; latent axes are only identified up to permutation).
-    Unmatched estimated columns are appended in their original order."""
-    est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
-    score = est.T @ true + (1 - est).T @ (1 - true)  # (K, K')
-    r, c = linear_sum_assignment(-score)
-    order = [int(i) for _, i in sorted(zip(c, r))]
-    return np.array(order + [k for k in range(est.shape[1]) if k not in set(order)], dtype=int)
+    """Column order of ``est`` (T, K) that best matches the columns of ``true`` (T, K')
+    (:func:`~pyrovae.evaluate.structure.match_latents` on the agreement, on and off; latent axes are only
+    identified up to permutation). Unmatched estimated columns are appended in their original order."""
+    row, col = match_latents(true, est, agreement=True)
+    order = [int(c) for _, c in sorted(zip(row, col))]
+    return np.array(order + [k for k in range(np.shape(est)[1]) if k not in set(order)], dtype=int)
 
 
 def plot_mask_heatmap(
@@ -146,4 +147,84 @@ def plot_mask_heatmap(
         ax.set_yticks(range(T))
         ax.set_yticklabels(list(treatments), fontsize=7)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="probability")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ aggregated results
+def _plottable(agg: pd.DataFrame, metrics: Mapping[str, str]) -> dict[str, str]:
+    """The metrics of ``metrics`` that have at least one value in ``agg`` (none if ``agg`` is empty)."""
+    if not len(agg):
+        return {}
+    return {m: t for m, t in metrics.items() if f"{m}_mean" in agg.columns and agg[f"{m}_mean"].notna().any()}
+
+
+def plot_lines(
+    agg: pd.DataFrame,
+    x: str,
+    metrics: Mapping[str, str],
+    path: str | Path,
+    series: str = "model",
+    xlabel: str | None = None,
+    title: str | None = None,
+) -> Path | None:
+    """One panel per metric: mean ± std (error bars) against ``x``, one line per ``series`` value."""
+    metrics = _plottable(agg, metrics)
+    if not metrics:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, (m, label) in zip(axes[0], metrics.items()):
+        for i, (name, grp) in enumerate(agg.groupby(series, sort=False)):
+            grp = grp.sort_values(x)
+            ax.errorbar(
+                grp[x],
+                grp[f"{m}_mean"],
+                yerr=grp[f"{m}_std"].fillna(0.0),
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=f"C{i % 10}",
+                label=str(name),
+            )
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_bars(
+    agg: pd.DataFrame, label: str, metrics: Mapping[str, str], path: str | Path, title: str | None = None
+) -> Path | None:
+    """One horizontal bar panel per metric: mean ± std per row label."""
+    metrics = _plottable(agg, metrics)
+    if not metrics:
+        return None
+    plt = _pyplot()
+    n = len(agg)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.35 * n + 1.5), squeeze=False)
+    ypos = np.arange(n)
+    for ax, (m, title_m) in zip(axes[0], metrics.items()):
+        ax.barh(
+            ypos,
+            agg[f"{m}_mean"].to_numpy(dtype=float),
+            xerr=agg[f"{m}_std"].fillna(0.0).to_numpy(float),
+            color=[f"C{i % 10}" for i in range(n)],
+            capsize=2,
+        )
+        ax.set_yticks(ypos)
+        ax.set_yticklabels(agg[label].astype(str).tolist(), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(title_m)
+        ax.grid(alpha=0.3, axis="x")
+        vals = agg[f"{m}_mean"].to_numpy(dtype=float)
+        finite = vals[np.isfinite(vals)]
+        if len(finite) and finite.min() < 0 and m.endswith("iwelbo"):
+            lo, hi = finite.min(), finite.max()
+            pad = max(hi - lo, 1.0) * 0.3
+            ax.set_xlim(lo - pad, hi + pad)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

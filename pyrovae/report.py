@@ -99,3 +99,32 @@ def format_summary(
         f = fmts.get(m, "{:.3f}")
         out[title] = [mean_std(a, b, f) for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_std"])]
     return out
+
+
+def add_relative(
+    results: pd.DataFrame,
+    metric: str,
+    reference: Mapping[str, Any],
+    match: Sequence[str] = ("seed",),
+    name: str | None = None,
+) -> pd.DataFrame:
+    """Add ``<metric>_rel`` = metric minus the metric of the reference row with the same ``match`` values.
+
+    ``reference`` selects the reference rows by column values, e.g. ``{"model": "sams_vae", "frac": 0.0}``.
+    Rows whose reference is missing get NaN.
+    """
+    name = name or f"{metric}_rel"
+    out = results.copy()
+    if metric not in out.columns or not len(out):
+        out[name] = np.nan
+        return out
+    sel = np.ones(len(out), dtype=bool)
+    for k, v in reference.items():
+        col = out[k]
+        sel &= np.isclose(col.astype(float), float(v)) if isinstance(v, float) else (col == v).to_numpy()
+    ref = out[sel].drop_duplicates(list(match), keep="last").set_index(list(match))[metric]
+    keys = out[list(match)].apply(tuple, axis=1) if len(match) > 1 else out[match[0]]
+    out[name] = out[metric].to_numpy(dtype=float) - np.asarray(
+        [ref.get(k, np.nan) for k in keys], dtype=float
+    )
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from pyrovae.commands.common import (
     add_data_args,
@@ -12,6 +11,7 @@ from pyrovae.commands.common import (
     data_options,
     gather_overrides,
 )
+from pyrovae.config import route_options
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import MODEL_DATA_OPTIONS
 from pyrovae.infer.runs import load_run, train_run
@@ -19,24 +19,9 @@ from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 
 
-def split_overrides(overrides: dict) -> tuple[dict, dict]:
-    """Route ``key=value`` overrides to the model or the training config by field name."""
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(overrides) - model_keys - train_keys
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {sorted(unknown)}; model options: {sorted(model_keys)}; "
-            f"training options: {sorted(train_keys)}"
-        )
-    return (
-        {k: v for k, v in overrides.items() if k in model_keys},
-        {k: v for k, v in overrides.items() if k in train_keys},
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    m_over, t_over = split_overrides(gather_overrides(args.config, args.set))
+    groups = {"model": ModelConfig, "training": TrainConfig}
+    m_over, t_over = route_options(gather_overrides(args.config, args.set), groups)
     opts = data_options(args)
     if args.resume:
         if args.overwrite:

@@ -28,15 +28,18 @@ def _check_rows(a: np.ndarray, b: np.ndarray, na: str, nb: str) -> None:
         raise ValueError(f"{na} has {a.shape[0]} treatment rows but {nb} has {b.shape[0]}")
 
 
-def match_latents(mask_true: np.ndarray, mask_est: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def match_latents(
+    mask_true: np.ndarray, mask_est: np.ndarray, agreement: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of estimated to true latent columns, maximising true-positive overlap.
 
     TP = mask_true.T @ mask_est is the (K_true, K_est) count of treatments where true column i and
-    estimated column j are both on; ``scipy.optimize.linear_sum_assignment(-TP)``.
+    estimated column j are both on; ``scipy.optimize.linear_sum_assignment(-TP)``. ``agreement=True``
+    maximises TP + TN (both on or both off; e.g. for probabilities in [0, 1], as the mask heatmap).
 
     Args:
         mask_true: (T, K_true) binary (bool or 0/1) true mask.
-        mask_est: (T, K_est) binary estimated mask.
+        mask_est: (T, K_est) binary estimated mask (or probabilities with ``agreement``).
 
     Returns:
         (row_ind, col_ind): int arrays of length min(K_true, K_est); true column ``row_ind[i]`` is
@@ -45,8 +48,8 @@ def match_latents(mask_true: np.ndarray, mask_est: np.ndarray) -> tuple[np.ndarr
     mt = _as_2d(mask_true, "mask_true").astype(np.float64)
     me = _as_2d(mask_est, "mask_est").astype(np.float64)
     _check_rows(mt, me, "mask_true", "mask_est")
-    tp = mt.T @ me
-    row, col = linear_sum_assignment(-tp)
+    score = mt.T @ me + ((1 - mt).T @ (1 - me) if agreement else 0.0)
+    row, col = linear_sum_assignment(-score)
     return row.astype(np.int64), col.astype(np.int64)
 
 
