@@ -4,6 +4,9 @@ Protocol (shared/reference/gpo_vae_cradle_vae.md §4.5, §5.6, §4.9): a random 
 fixed (split seed 0); the seeds are training seeds. The data is prepared with
 :func:`pyrovae.data.prepare.prepare_gpo_data` (GRN nodes = perturbed genes + extended genes, QC flags,
 counterfactual expression, OT pairing with controls and delta X), once, and shared by every run.
+``--holdout PG03,PG11`` first moves every cell of those perturbations (combinations included) to test
+(:func:`pyrovae.data.prepare.holdout_perturbations`), and then also scores their ATE as predicted through
+the GRN against the prior fallback, zero and the seen mean (``unseen.csv``).
 
 Models (``gpo_vae`` with the config's hyperparameters, and three ablations):
 
@@ -20,9 +23,19 @@ simulator's ground truth; for real data pass a reference edge list with ``--grn-
 ``source``/``target`` columns, e.g. from a curated database), otherwise only the ATE/IWELBO metrics and
 edge counts are reported.
 
+Every run's GRN scores against the reference, baselines included (every column of
+:func:`pyrovae.evaluate.grn_export.score_run_grn`), go to ``grn_scores.csv``.
+
+**The GRN check preset** (``--config experiments/configs/gpo_grn_check.yaml``; it replaces the former
+``gpo_grn_check.py``): one GPO-VAE with the reference's GRN settings (threshold 0.65, mask prior 0.3,
+K = 5 hops, lr 2e-3, 80 epochs) on the data layer's seeded 80/10/10 split (``split: data``), for a study of
+one setting at a time: every other setting is a ``--set`` (see experiments/README.md).
+
 Usage::
 
     python experiments/grn_recovery.py --out runs/exp/grn                             # simulated, small
+    python experiments/grn_recovery.py --config experiments/configs/gpo_grn_check.yaml --out runs/check \
+        --sim-seed 0 --split-seed 0 --seeds 0 --holdout PG03 --set grn_singles_only=true mask_lr=0.02
     python experiments/grn_recovery.py --data adamson.h5ad --perturbation-key gene \\
         --control-label non-targeting --grn-genes-key FC2 --grn-truth edges.csv --full --out runs/exp/adamson
 """
@@ -35,12 +48,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import time
+import warnings
+
 import numpy as np
 import pandas as pd
 
 from experiments import common
 from pyrovae import report
-from pyrovae.data.protocols import cell_split, split_summary
+from pyrovae.data.anndata import make_split
+from pyrovae.data.grn import var_grn_genes
+from pyrovae.data.prepare import holdout_perturbations, prepare_gpo_data
+from pyrovae.data.protocols import canonical_labels, cell_split, split_summary
+from pyrovae.data.simulate import ground_truth
+from pyrovae.evaluate.ate import ate_table, empirical_ate
+from pyrovae.evaluate.grn_export import edge_counts, grn_edges, run_n_perturbed, score_run_grn
+from pyrovae.infer.predictive import Posterior
 
 NAME = "grn_recovery"
 BLOCKS = {"perturbed": "perturbed genes", "grn_genes": "all GRN genes"}
@@ -79,6 +102,18 @@ def build_parser():
         default=None,
         help="obs column with the QC-failure flag (1 = fails); default: MAD flags computed from counts",
     )
+    g.add_argument(
+        "--holdout",
+        default="",
+        help="comma-separated perturbed genes to hold out (all their cells, combinations included, go to "
+        "test); then also compare the GRN-based prediction of their ATE with the prior fallback",
+    )
+    g.add_argument(
+        "--pairing-method",
+        default=None,
+        choices=["auto", "emd", "sinkhorn"],
+        help="OT pairing of perturbed cells with controls (default: the config's 'prepare', else auto)",
+    )
     return p
 
 
@@ -97,16 +132,12 @@ def reference_grn(exp: common.Experiment, path: str | None) -> dict | None:
         )
         return {"grn_genes": genes, "grn_adjacency": adj}
     if exp.source["kind"] == "simulated":
-        from pyrovae.data.simulate import ground_truth
-
         return ground_truth(exp.adata)
     return None
 
 
 def grn_metrics(run, data, truth: dict | None) -> dict[str, float]:
     """AUPRC/AUROC per block against ``truth`` and the number of edges with probability > 0.5."""
-    from pyrovae.evaluate.grn_export import edge_counts, grn_edges, run_n_perturbed, score_run_grn
-
     n_pert = run_n_perturbed(run, data)
     counts = edge_counts(grn_edges(run, n_perturbed=n_pert))
     out: dict[str, float] = {
@@ -124,8 +155,6 @@ def grn_metrics(run, data, truth: dict | None) -> dict[str, float]:
 
 def baseline_rows(run, data, truth: dict) -> list[dict]:
     """The non-model GRN baselines (correlation, differential expression, random) as results rows."""
-    from pyrovae.evaluate.grn_export import score_run_grn
-
     table = score_run_grn(run, truth, data, baselines=True)
     rows: dict[str, dict] = {}
     for _, r in table[table["method"] != "gpo_vae"].iterrows():
@@ -142,8 +171,13 @@ def summarise(exp: common.Experiment) -> str:
     table = report.format_summary(agg, ["model"], METRICS, FMTS).rename(columns={"n": "seeds"})
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']}; "
-        f"training seeds {exp.seeds}; cell split "
-        f"64/16/20 with split seed {exp.settings['split_seed']}.",
+        f"training seeds {exp.seeds}; "
+        + (
+            f"the data layer's seeded 80/10/10 cell split (split seed {exp.settings['split_seed']})"
+            if exp.settings.get("split") == "data"
+            else f"cell split 64/16/20 with split seed {exp.settings['split_seed']}"
+        )
+        + (f"; held-out perturbations {exp.settings['holdout']}." if exp.settings.get("holdout") else "."),
         "Ablations: no_grn_loss = grn_weight 0; no_k_hop = grn_hops 0 (S = W); "
         "no_sparsity = sparsity_weight 0.",
         "AUPRC/AUROC of sigmoid(W) against the reference GRN, self-loops excluded; 'perturbed' = edges "
@@ -168,17 +202,56 @@ def summarise(exp: common.Experiment) -> str:
     return md
 
 
-def main(argv=None) -> int:
-    from pyrovae.data.grn import var_grn_genes
-    from pyrovae.data.prepare import prepare_gpo_data
+def make_cell_split(exp: common.Experiment, labels: np.ndarray, ctrl: str, seed: int) -> np.ndarray:
+    """The config's split: ``cells`` (default) the protocol's 64/16/20 cell split, ``data`` the data
+    layer's seeded 80/10/10 stratified split (what ``pyrovae train`` makes with ``--split-seed``)."""
+    kind = exp.settings.setdefault("split", "cells")
+    if kind == "cells":
+        return cell_split(labels, seed=seed)
+    if kind == "data":
+        canon = canonical_labels(labels, ctrl, exp.args.combo_sep)[0]
+        return make_split(canon, ctrl, exp.args.combo_sep, mode="cells", seed=seed)
+    raise ValueError(f"{exp.settings['config_path']}: split must be 'cells' or 'data', got {kind!r}")
 
+
+def unseen_check(run, data, held: list[str], n_samples: int, seed: int) -> pd.DataFrame:
+    """ATE of the held-out perturbations (test cells vs test controls) against: the GRN-based prediction
+    (``Posterior``, whose GPO block transfers unseen rows through the GRN), the prior fallback
+    (``Posterior(transfer=False)``), zero (the control state, what the reference's mask_test predicts)
+    and the mean ATE of the seen single perturbations on the training cells."""
+    te = data.indices("test")
+    lab = data.labels[te]
+    tokens = [set(str(v).split(data.sep)) for v in lab]
+    groups = sorted({str(v) for v, tk in zip(lab, tokens) if tk & set(held)})
+    truth = empirical_ate(data.rows(te), lab, data.control_label, groups=groups, genes=data.genes)
+    tr = data.indices("train")
+    seen = [t for t in data.groups("train") if data.sep not in t]
+    seen_ate = empirical_ate(
+        data.rows(tr), data.labels[tr], data.control_label, groups=seen, genes=data.genes
+    )
+    with warnings.catch_warnings():  # the prior fallback is a deliberate control here
+        warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
+        prior = Posterior.from_run(run, transfer=False).model_ate(groups, n_samples, seed=seed)
+    preds = {
+        "gpo_grn_prediction": Posterior.from_run(run).model_ate(groups, n_samples, seed=seed),
+        "prior_fallback": prior,
+        "zero_effect": pd.DataFrame(0.0, index=truth.index, columns=truth.columns),
+        "seen_mean": pd.DataFrame(
+            np.tile(seen_ate.to_numpy().mean(0), (len(groups), 1)), index=truth.index, columns=truth.columns
+        ),
+    }
+    cols = ["pearson", "pearson_topk", "mse", "direction_acc_topk", "jaccard_topk", "n_perturbations"]
+    return ate_table(truth, preds)[cols]
+
+
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
     split_seed = common.split_seed(args, exp)
     truth = reference_grn(exp, args.grn_truth)
     exp.settings["grn_truth"] = "simulated" if truth is not None and not args.grn_truth else args.grn_truth
     labels, ctrl = exp.labels()
-    split = cell_split(labels, seed=split_seed)
+    split = make_cell_split(exp, labels, ctrl, split_seed)
     summary = split_summary(split, labels, ctrl, args.combo_sep)
     extra_genes = None
     key = args.grn_genes_key or ("grn_gene" if "grn_gene" in exp.adata.var.columns else None)
@@ -186,16 +259,18 @@ def main(argv=None) -> int:
         if key not in exp.adata.var.columns:
             raise ValueError(f"var has no column {key!r}; var columns are {list(exp.adata.var.columns)}")
         extra_genes = var_grn_genes(exp.adata, key)
-    import time
-
+    held = [h.strip() for h in args.holdout.split(",") if h.strip()]
+    exp.settings["holdout"] = held
+    prep = dict(exp.settings.get("prepare") or {})
+    if args.pairing_method:
+        prep["pairing_method"] = args.pairing_method
+    data = exp.load(split)
+    if held:
+        data = holdout_perturbations(data, held)
     t0 = time.perf_counter()
-    data = prepare_gpo_data(
-        exp.load(split),
-        extra_genes=extra_genes,
-        qc_key=args.qc_key,
-        seed=split_seed,
-        **(exp.settings.get("prepare") or {}),
-    )
+    qc_key = args.qc_key or prep.pop("qc_key", None)
+    data = prepare_gpo_data(data, extra_genes=extra_genes, qc_key=qc_key, seed=split_seed, **prep)
+    prep_s = time.perf_counter() - t0
     exp.log(
         f"prepared GPO data in {time.perf_counter() - t0:.1f}s: {data.n_treatments} GRN nodes, "
         f"{len(data.indices('train'))} train / {len(data.indices('val'))} val / {len(data.indices('test'))} "
@@ -203,6 +278,7 @@ def main(argv=None) -> int:
     )
     perts = sorted(set(data.labels[data.indices("test")]) - {data.control_label})
     baselines_done = False
+    scores, unseen = [], []
     for seed in exp.seeds:
         for model in exp.models:
             mcfg, tcfg = exp.configs(model, seed=seed)
@@ -220,8 +296,26 @@ def main(argv=None) -> int:
                 for row in baseline_rows(scored.run, data, truth):
                     exp.record(row)
                 baselines_done = True
+            if truth is not None:
+                scores.append(score_run_grn(scored.run, truth, data).assign(model=model, seed=seed))
+                common.write_frame(exp.out / "grn_scores.csv", pd.concat(scores, ignore_index=True))
+            if held:
+                ev = exp.settings["eval"]
+                # seeded by the training seed, as the former gpo_grn_check.py
+                table = unseen_check(scored.run, data, held, int(ev["ate_samples"]), seed)
+                unseen.append(table.reset_index().assign(model=model, seed=seed))
+                common.write_frame(exp.out / "unseen.csv", pd.concat(unseen, ignore_index=True))
     md = summarise(exp)
-    exp.finish({"split": summary, "split_seed": split_seed, "grn_nodes": list(data.treatments)})
+    timings = data.uns["pyrovae_gpo"]["timings"]
+    exp.finish(
+        {
+            "split": summary,
+            "split_seed": split_seed,
+            "grn_nodes": list(data.treatments),
+            "prepare_seconds": prep_s,
+            "pairing_seconds": timings.get("pairing_s"),
+        }
+    )
     print(md)
     return 0
 

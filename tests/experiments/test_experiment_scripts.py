@@ -139,3 +139,22 @@ def test_mask_estimators_reports_every_estimator(tmp_path):
         "relaxed",
     }
     assert np.isfinite(res[["mean_variance", "median_snr", "seconds_per_step"]].to_numpy()).all()
+
+
+def test_grn_check_preset_scores_the_grn_and_the_held_out_perturbations(tmp_path):
+    """The GRN check (formerly gpo_grn_check.py) is a config of grn_recovery.py: one GPO-VAE on the data
+    layer's seeded split, every GRN score in grn_scores.csv, held-out perturbations in unseen.csv."""
+    out = tmp_path / "check"
+    cfg = str(ROOT / "experiments" / "configs" / "gpo_grn_check.yaml")
+    args = ["--out", str(out), "--config", cfg, *TINY, "patience=2", "--holdout", "PG03"]
+    assert _script("grn_recovery").main(args) == 0
+    scores = pd.read_csv(out / "grn_scores.csv")
+    assert {"gpo_vae", "de", "correlation", "random"} <= set(scores["method"])
+    assert set(scores["model"]) == {"gpo_vae"} and np.isfinite(scores["auprc"]).all()
+    unseen = pd.read_csv(out / "unseen.csv").set_index("method")
+    assert set(unseen.index) == {"gpo_grn_prediction", "prior_fallback", "zero_effect", "seen_mean"}
+    assert (unseen["n_perturbations"] > 0).all()
+    info = json.loads((out / "experiment.json").read_text())
+    assert info["settings"]["split"] == "data" and info["settings"]["holdout"] == ["PG03"]
+    res = pd.read_csv(out / "results.csv").set_index("model")
+    assert np.isfinite(res.loc["gpo_vae", ["auprc_perturbed", "test_iwelbo", "ate_r"]].astype(float)).all()
