@@ -293,7 +293,7 @@ def empirical_ates(data, perturbations: Sequence[str], rows: np.ndarray | None =
     groups = [str(p) for p in perturbations if str(p) in present]
     counts = data.counts if len(sel) == data.n_cells else data.counts[sel]
     return empirical_ate(
-        counts, labels[sel], ctrl, groups=groups, genes=list(data.genes), method=ate_transform(data)
+        counts, labels[sel], ctrl, groups=groups, genes=list(data.genes), transform=ate_transform(data)
     )
 
 
@@ -589,7 +589,7 @@ class Experiment:
         """Score the trivial ATE baselines (training cells only, no model) like a model; one results row each
         (``model`` = the baseline's display name, ATE metrics only)."""
         k = int(self.settings["eval"]["top_k"])
-        preds = baseline_ates(data, list(perturbations), method=ate_transform(data))
+        preds = baseline_ates(data, list(perturbations), transform=ate_transform(data))
         truth_all = self.empirical_all(data, perturbations)
         test_rows = data.indices("test")
         truth_test = empirical_ates(data, perturbations, test_rows) if len(test_rows) else None

@@ -156,7 +156,7 @@ def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[st
         if not perts:
             continue
         truth = common.empirical_ates(data, perts, test)
-        preds = baseline_ates(data, list(perts), method=common.ate_transform(data))
+        preds = baseline_ates(data, list(perts), transform=common.ate_transform(data))
         for name, row in rows.items():
             row.update(common.ate_scores(truth, preds[name], k, suffix=suffix))
     for row in rows.values():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pyrovae.commands.common import seed_int
 from pyrovae.data.simulate import PRESETS, simulate_perturbseq
-from pyrovae.infer.runs import atomic_write
+from pyrovae.outputs import atomic_write
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import to_dense
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ate_metrics",
     "per_perturbation_metrics",
     "baseline_ates",
+    "baseline_ates_from_counts",
     "ate_table",
     "pearson",
 ]
@@ -46,12 +48,7 @@ def _n_rows(x: Any) -> int:
     return int(x.shape[0])
 
 
-def _resolve_transform(transform: str, method: str | None) -> str:
-    """``method`` is accepted as an alias of ``transform`` (callers in pyrovae.commands use it)."""
-    if method is not None:
-        if transform != "perturbseq" and transform != method:
-            raise ValueError(f"transform={transform!r} and method={method!r} disagree; pass only one")
-        transform = method
+def _check_transform(transform: str) -> str:
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; use one of {TRANSFORMS}")
     return transform
@@ -187,7 +184,6 @@ def empirical_ate(
     *,
     genes: Sequence[str] | None = None,
     target_sum: float = 1e4,
-    method: str | None = None,
 ) -> pd.DataFrame:
     """Empirical ATE of every perturbation label versus the control cells.
 
@@ -203,7 +199,6 @@ def empirical_ate(
         batch_size: rows per batch.
         genes: optional G gene names for the columns (default: positions 0..G-1).
         target_sum: the perturbseq scale (1e4 in the reference).
-        method: alias of ``transform``.
 
     Returns:
         DataFrame (len(groups), G), index = labels (name ``"perturbation"``), columns = genes.
@@ -211,7 +206,7 @@ def empirical_ate(
     Raises:
         ValueError: no control cells; a requested group has no cells; shape mismatches.
     """
-    transform = _resolve_transform(transform, method)
+    transform = _check_transform(transform)
     if getattr(x, "ndim", 2) != 2:
         raise ValueError(f"x must be 2-D (cells, genes), got shape {x.shape}")
     n_cells, n_genes = _n_rows(x), int(x.shape[1])
@@ -459,25 +454,16 @@ def per_perturbation_metrics(
 # -------------------------------------------------------------------------------------- baselines
 
 
-def _looks_like_data(obj: Any) -> bool:
-    return all(hasattr(obj, a) for a in ("indices", "rows", "labels", "control_label", "genes"))
-
-
 def baseline_ates(
-    x_train: Any,
-    labels_train: Sequence[str] | np.ndarray | None = None,
-    groups: Sequence[str] | None = None,
-    control_label: str | None = None,
+    data: PerturbationData,
+    groups: Sequence[str],
     *,
-    genes: Sequence[str] | None = None,
-    sep: str = "+",
     transform: str = "perturbseq",
+    split: str = "train",
     batch_size: int = 4096,
     target_sum: float = 1e4,
-    method: str | None = None,
-    split: str = "train",
 ) -> dict[str, pd.DataFrame]:
-    """Trivial ATE predictions for target ``groups``, computed from training cells only.
+    """Trivial ATE predictions for target ``groups``, computed from the ``split`` (training) cells only.
 
     Returned predictors (each a DataFrame (len(groups), G) indexed by group):
 
@@ -491,50 +477,81 @@ def baseline_ates(
     - ``"global_mean"``: mean g(x) of all training perturbed cells (every non-control label, combinations
       included) minus the training control mean: the same row for every group.
 
-    Args:
-        x_train: (N, G) training counts (dense or sparse). Alternatively a ``PerturbationData``-like
-            object (attributes ``indices``, ``rows``, ``labels``, ``control_label``, ``genes``, ``sep``): its
-            ``split`` cells are used, labels/control/genes/sep come from it and the second positional
-            argument is taken as ``groups`` (``baseline_ates(data, groups)``).
-        labels_train: (N,) labels of the training cells.
-        groups: target labels (rows of the output).
-        control_label: label of control cells (training controls are the reference).
-        genes: optional G gene names; sep: combination separator; transform/method, batch_size,
-            target_sum: as in :func:`empirical_ate`.
+    Labels, control label, genes and the combination separator come from ``data``; ``transform``,
+    ``batch_size``, ``target_sum``: as in :func:`empirical_ate`. For plain arrays:
+    :func:`baseline_ates_from_counts`.
 
     Raises:
-        ValueError: no training control cells; missing arguments.
+        ValueError: no training control cells; no target groups.
     """
-    transform = _resolve_transform(transform, method)
-    if _looks_like_data(x_train):
-        data = x_train
-        if groups is None:
-            groups = labels_train
-        idx = np.asarray(data.indices(split))
-        labels_arr = np.asarray(data.labels)[idx].astype(str)
-        control_label = data.control_label if control_label is None else control_label
-        sep = getattr(data, "sep", sep)
-        genes = list(data.genes) if genes is None else genes
-        n_genes = len(data.genes)
+    idx = np.asarray(data.indices(split))
+    return _baselines(
+        lambda a, b: data.rows(idx[a:b]),
+        len(idx),
+        data.n_genes,
+        np.asarray(data.labels)[idx].astype(str),
+        groups,
+        data.control_label,
+        list(data.genes),
+        data.sep,
+        transform,
+        batch_size,
+        target_sum,
+        f"the {split!r} cells",
+    )
 
-        def get_rows(a: int, b: int) -> Any:
-            return data.rows(idx[a:b])
 
-        n_cells = len(idx)
-        where = f"the {split!r} cells"
-    else:
-        if labels_train is None or control_label is None:
-            raise ValueError("baseline_ates needs x_train, labels_train, groups and control_label")
-        x = x_train
-        if _is_sparse(x) and not isinstance(x, sp.csr_matrix | sp.csr_array):
-            x = sp.csr_matrix(x)
-        n_cells, n_genes = _n_rows(x), int(x.shape[1])
-        labels_arr = _check_labels(labels_train, n_cells)
+def baseline_ates_from_counts(
+    x_train: Any,
+    labels_train: Sequence[str] | np.ndarray,
+    groups: Sequence[str] | None,
+    control_label: str | None = None,
+    *,
+    genes: Sequence[str] | None = None,
+    sep: str = "+",
+    transform: str = "perturbseq",
+    batch_size: int = 4096,
+    target_sum: float = 1e4,
+) -> dict[str, pd.DataFrame]:
+    """:func:`baseline_ates` from (N, G) training counts (dense or sparse) and their (N,) labels."""
+    if labels_train is None or control_label is None:
+        raise ValueError("baseline_ates needs x_train, labels_train, groups and control_label")
+    x = x_train
+    if _is_sparse(x) and not isinstance(x, sp.csr_matrix | sp.csr_array):
+        x = sp.csr_matrix(x)
+    n_cells = _n_rows(x)
+    labels_arr = _check_labels(labels_train, n_cells)
+    return _baselines(
+        lambda a, b: x[a:b],
+        n_cells,
+        int(x.shape[1]),
+        labels_arr,
+        groups,
+        control_label,
+        genes,
+        sep,
+        transform,
+        batch_size,
+        target_sum,
+        "labels_train",
+    )
 
-        def get_rows(a: int, b: int) -> Any:
-            return x[a:b]
 
-        where = "labels_train"
+def _baselines(
+    get_rows: Callable[[int, int], Any],
+    n_cells: int,
+    n_genes: int,
+    labels_arr: np.ndarray,
+    groups: Sequence[str] | None,
+    control_label: str,
+    genes: Sequence[str] | None,
+    sep: str,
+    transform: str,
+    batch_size: int,
+    target_sum: float,
+    where: str,
+) -> dict[str, pd.DataFrame]:
+    transform = _check_transform(transform)
     if groups is None:
         raise ValueError("baseline_ates needs the target groups")
     groups = [str(g) for g in groups]

@@ -783,7 +783,7 @@ def unseen_perturbation_baselines(
         {lab for lab in labels.tolist() if lab != data.control_label and data.sep not in lab} - unseen_set
     )
     seen_ate = empirical_ate(
-        data.rows(idx), labels, data.control_label, groups=singles, genes=genes, method=transform
+        data.rows(idx), labels, data.control_label, groups=singles, genes=genes, transform=transform
     )
     ate = seen_ate.to_numpy(dtype=np.float64)
     gene_singles = [i for i, t in enumerate(singles) if t in gpos]

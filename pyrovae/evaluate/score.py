@@ -106,7 +106,7 @@ def ate_report(
     transform = ate_transform(posterior.model.likelihood)
     # sparse counts stay sparse (empirical_ate densifies one row batch at a time); same numbers as dense
     ate_true = empirical_ate(
-        select_rows(data.counts, rows), data.labels[rows], ctrl, genes=data.genes, method=transform
+        select_rows(data.counts, rows), data.labels[rows], ctrl, genes=data.genes, transform=transform
     )
     ate_true = ate_true.loc[perts]
     preds: dict[str, pd.DataFrame] = {}
@@ -125,7 +125,7 @@ def ate_report(
             )
         preds[name] = cache[key]
     if baselines:
-        preds.update(baseline_ates(data, perts, method=transform))
+        preds.update(baseline_ates(data, perts, transform=transform))
     for name, df in (extra_preds or {}).items():
         preds[name] = df.loc[perts]
     return {

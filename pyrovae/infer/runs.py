@@ -66,13 +66,9 @@ __all__ = [
     "LAST",
     "METRICS",
     "Run",
-    "atomic_write",
     "load_run",
     "prepare_run_dir",
-    "read_csv",
     "train_run",
-    "write_csv",
-    "write_json",
 ]
 
 
