@@ -27,7 +27,8 @@ import torch
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.data.anndata import load_perturbation_data, make_split
-from pyrovae.data.dosage import build_dosage, parse_label
+from pyrovae.data.dosage import build_dosage
+from pyrovae.data.protocols import combination_labels, pick_combinations
 from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import mask_recovery
@@ -57,12 +58,10 @@ ATE_SAMPLES, TOP_K = 2500, 20
 def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> tuple[np.ndarray, list[str]]:
     """(N,) split and the held-out combinations: a seeded quarter of the doubles go to test only; every
     other label is split 80/10/10 (stratified) into train/val/test."""
-    combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
+    combos = combination_labels(labels, control_label, sep)
     if not combos:
         raise ValueError("the demo needs combination labels (like 'A+B') to hold out")
-    rng = np.random.default_rng(seed)
-    n_held = max(1, int(np.ceil(HELDOUT_FRACTION * len(combos))))
-    held = sorted(rng.permutation(combos)[:n_held].tolist())
+    held = sorted(pick_combinations(combos, HELDOUT_FRACTION, np.random.default_rng(seed)))
     split = make_split(labels, control_label, sep, mode="cells", seed=seed, val_frac=0.1, test_frac=0.1)
     split = split.astype(object)
     split[np.isin(labels, held)] = "test"

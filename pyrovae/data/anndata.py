@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from pyrovae.config import PyrovaeWarning
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
 from pyrovae.data.matrix import dense_rows
+from pyrovae.data.protocols import combination_labels, pick_combinations
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: fewer training cells than this get a warning (estimates from a handful of cells are noise)
@@ -389,7 +390,7 @@ def make_split(
         )
     held: set[str] = set()
     if mode == "combinations":
-        combos = sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
+        combos = combination_labels(labels, control_label, sep)
         if not combos:
             raise ValueError("split mode 'combinations' needs combination labels (like 'A+B'); none found")
         if heldout is None or isinstance(heldout, numbers.Real):
@@ -399,8 +400,7 @@ def make_split(
                     f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), "
                     "or pass a list of combination labels"
                 )
-            n_held = max(1, int(np.ceil(frac * len(combos))))
-            held = set(rng.permutation(combos)[:n_held].tolist())
+            held = set(pick_combinations(combos, frac, rng))
         else:
             names = [heldout] if isinstance(heldout, str) else list(heldout)
             held = {canonical_label(parse_label(h, control_label, sep), control_label, sep) for h in names}

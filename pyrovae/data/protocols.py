@@ -73,6 +73,18 @@ def canonical_labels(
     return canon[inv].astype(str), n[inv], control_label
 
 
+def combination_labels(labels: Sequence[str] | np.ndarray, control_label: str, sep: str = "+") -> list[str]:
+    """The sorted distinct labels of ``labels`` that combine two or more perturbations."""
+    return sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
+
+
+def pick_combinations(combos: Sequence[str], frac: float, rng: np.random.Generator) -> list[str]:
+    """A seeded ``frac`` of ``combos`` (at least one): the first ``max(1, ceil(frac C))`` of a permutation
+    drawn from ``rng`` (the held-out combinations of the data layer's and the demo's splits)."""
+    n_held = max(1, int(np.ceil(frac * len(combos))))
+    return [str(c) for c in rng.permutation(list(combos))[:n_held]]
+
+
 def _cell_parts(idx: np.ndarray, rng: np.random.Generator, test_frac: float, val_frac: float):
     """Shuffle ``idx`` and cut it into (test, val, train) parts: test = ceil(test_frac n), val =
     ceil(val_frac * (n - n_test)) of the rest (sklearn's rounding of ``test_size``)."""
