@@ -48,6 +48,31 @@ def dense_rows(m: Any, idx: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     return to_dense(block, dtype)
 
 
+def normalize_log(
+    counts: Any, target_sum: float | None = None, cols: np.ndarray | None = None, base: str = "e"
+) -> np.ndarray:
+    """The per-cell normalise-and-log transform: log(1 + target_sum x / total), dense (N, len(cols)) float64.
+
+    ``total`` is each cell's count over *all* genes, whichever ``cols`` (default: every column) are
+    returned; cells with no counts stay 0. ``target_sum`` ``None``: the median total of the cells with any
+    count (scanpy's ``normalize_total``). ``base``: ``"e"`` (``log1p``; the OT pairing features and ΔX,
+    :func:`pyrovae.data.pairing.log_normalize`) or ``"2"`` (the perturbseq ATE transform,
+    :func:`pyrovae.evaluate.ate.perturbseq_transform`).
+    """
+    if base not in ("e", "2"):
+        raise ValueError(f"base must be 'e' or '2', got {base!r}")
+    counts = as_indexable(counts)
+    lib = library_sizes(counts)
+    if target_sum is None:
+        positive = lib[lib > 0]
+        target_sum = float(np.median(positive)) if positive.size else 1.0
+    x = dense_cols(counts, cols)
+    x *= np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)[:, None]
+    if base == "e":
+        return np.log1p(x, out=x)
+    return np.log2(np.add(x, 1.0, out=x), out=x)
+
+
 def dense_cols(m: Any, cols: np.ndarray | None = None, dtype: Any = np.float64) -> np.ndarray:
     """Dense (n_rows, len(cols)) ``dtype`` copy of the columns ``cols`` (every column when None) of a dense
     or sparse matrix; always a new array, so callers may modify it in place."""

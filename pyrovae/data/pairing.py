@@ -27,11 +27,10 @@ import numpy as np
 
 from pyrovae.data.matrix import (
     as_indexable,
-    dense_cols,
     group_seed,
     label_strings,
-    library_sizes,
     matrix_shape,
+    normalize_log,
     split_strings,
 )
 
@@ -95,17 +94,10 @@ def log_normalize(
     """
     counts = as_indexable(counts)
     n, g = matrix_shape(counts)
-    lib = library_sizes(counts)
-    if target_sum is None:
-        positive = lib[lib > 0]
-        target_sum = float(np.median(positive)) if positive.size else 1.0
-    elif not np.isfinite(target_sum) or target_sum <= 0:
+    if target_sum is not None and (not np.isfinite(target_sum) or target_sum <= 0):
         raise ValueError(f"target_sum must be a positive number, got {target_sum!r}")
     cols = None if genes_idx is None else _as_index(genes_idx, g, "genes_idx")
-    x = dense_cols(counts, cols)
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    x *= scale[:, None]
-    return np.log1p(x, out=x)
+    return normalize_log(counts, target_sum, cols, base="e")
 
 
 # ----------------------------------------------------------------------------------------------------

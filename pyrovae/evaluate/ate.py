@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pyrovae.data.anndata import PerturbationData
-from pyrovae.data.matrix import to_dense
+from pyrovae.data.matrix import normalize_log, to_dense
 
 __all__ = [
     "perturbseq_transform",
@@ -64,20 +64,10 @@ def perturbseq_transform(x: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -
     Returns:
         (N, G) float64 dense array. Rows whose total is 0 map to zeros (never NaN).
     """
-    if _is_sparse(x):
-        x = sp.csr_matrix(x, dtype=np.float64)
-        total = np.asarray(x.sum(axis=1)).reshape(-1)
-        scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total != 0)
-        y = sp.diags(scale) @ x
-        y = y.tocsr()
-        y.data = np.log2(y.data + 1.0)
-        return y.toarray()
-    x = np.asarray(x, dtype=np.float64)
+    x = sp.csr_matrix(x, dtype=np.float64) if _is_sparse(x) else np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (cells, genes), got shape {x.shape}")
-    total = x.sum(axis=1, keepdims=True)
-    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total != 0)
-    return np.log2(x * scale + 1.0)
+    return normalize_log(x, target_sum, base="2")
 
 
 def _apply(block: Any, transform: str, target_sum: float) -> np.ndarray:
