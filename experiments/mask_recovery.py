@@ -34,10 +34,13 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import torch
 
 from experiments import common
 from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
+from pyrovae.data.simulate import ground_truth
+from pyrovae.evaluate.structure import effect_recovery, mask_recovery
 
 NAME = "mask_recovery"
 METRICS = {
@@ -71,8 +74,6 @@ def build_parser():
 
 def planted_truth(exp: common.Experiment) -> dict:
     """The simulation's ground truth (masks, latent effects); a clear error for data without one."""
-    from pyrovae.data.simulate import ground_truth
-
     if "ground_truth" not in exp.adata.uns:
         raise ValueError(
             "mask recovery needs planted masks: the data has no uns['ground_truth']. Use the simulated "
@@ -97,10 +98,6 @@ def truth_rows(data, truth: dict) -> np.ndarray:
 
 def structure_metrics(run, truth: dict, rows: np.ndarray, seed: int) -> dict[str, float]:
     """Mask recovery (models with masks) and latent-effect MCC of a trained run, in the planted order."""
-    import torch
-
-    from pyrovae.evaluate.structure import effect_recovery, mask_recovery
-
     model = run.model
     torch.manual_seed(seed)
     g = model.sample_globals(N_EFFECT_SAMPLES, untrained=run.untrained)
