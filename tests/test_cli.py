@@ -212,3 +212,15 @@ def test_simulate_command_writes_the_seeded_dataset_and_refuses_to_overwrite(tmp
     assert "--overwrite" in capsys.readouterr().err
     assert main(["simulate", "--preset", "tiny", "--out", str(tmp_path / "sim")]) == 2
     assert "must end in .h5ad" in capsys.readouterr().err
+    shaped = tmp_path / "chain.h5ad"
+    args = ["simulate", "--preset", "tiny", "--seed", "3", "--out", str(shaped)]
+    assert main([*args, "--set", "grn_shape=chain", "grn_edge_prob=1e-1", "n_doubles=0"]) == 0
+    written, again = ad.read_h5ad(shaped), simulate_perturbseq("tiny", seed=3, grn_shape="chain", n_doubles=0)
+    np.testing.assert_array_equal(
+        written.uns["ground_truth"]["grn_adjacency"], again.uns["ground_truth"]["grn_adjacency"]
+    )
+    assert written.uns["simulation_config"]["grn_edge_prob"] == 0.1
+    assert main([*args, "--overwrite", "--set", "grn_shape=star"]) == 2
+    assert "grn_shape" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--set", "n_gens=3"]) == 2
+    assert "unknown simulation setting" in capsys.readouterr().err
