@@ -224,6 +224,10 @@ def test_gpo_demo_on_the_tiny_preset(tmp_path, capsys):
     # the run answers pyrovae ate like any GPO-VAE run, stating the method
     assert main(["ate", str(out / "gpo_vae"), "--data", str(out / "data.h5ad"), "--n-samples", "50"]) == 0
     assert "with grn_transfer" in capsys.readouterr().out
+    # the demo directory is replaced only with --overwrite
+    assert main([*args, "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--epochs", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
 
 
 def test_simulate_command_writes_the_seeded_dataset_and_refuses_to_overwrite(tmp_path, capsys):
