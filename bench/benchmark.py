@@ -60,6 +60,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,8 @@ OPTIONAL_COLUMNS = EVAL_COLUMNS + ("vs_before",)
 # ------------------------------------------------------------------------------------------ data
 def synthetic_data(n_cells: int, n_genes: int, n_treatments: int, seed: int = 0) -> PerturbationData:
     """Poisson counts, one treatment (or control, 10 %) per cell, every treatment on >= 1 cell, all cells
-    in the training split; random CRADLE/GPO extras (``qc``, ``cfx``, ``has_cf``, ``delta_x``)."""
+    in the training split; random CRADLE/GPO extras (``qc``, ``cfx``, ``has_cf``, ``delta_x`` and its label
+    mean ``delta_x_group``)."""
     rng = np.random.default_rng(seed)
     names = [f"P{t:04d}" for t in range(n_treatments)]
     which = rng.integers(0, n_treatments + max(1, n_treatments // 9), size=n_cells)
@@ -166,6 +168,12 @@ def synthetic_data(n_cells: int, n_genes: int, n_treatments: int, seed: int = 0)
     data.extras["cfx"] = x[rng.permutation(n_cells)]
     data.extras["has_cf"] = np.ones(n_cells, dtype=np.float32)
     data.extras["delta_x"] = np.abs(rng.normal(size=(n_cells, data.n_treatments))).astype(np.float32)
+    # GPO-VAE's default target (grn_target="group"): each cell's label mean of delta_x
+    codes, _ = pd.factorize(pd.Series(labels))
+    sums = np.zeros((codes.max() + 1, data.n_treatments), dtype=np.float64)
+    np.add.at(sums, codes, data.extras["delta_x"])
+    group = sums / np.bincount(codes)[:, None]
+    data.extras["delta_x_group"] = group[codes].astype(np.float32)
     return data
 
 

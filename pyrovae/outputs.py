@@ -59,6 +59,11 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "ate_per_perturbation_*.csv",
         "iwelbo_cells.csv",
         "*.png",
+        # pyrovae demo --model gpo
+        "comparison_gpo.md",
+        "grn_recovery.csv",
+        "grn_scores.csv",
+        "unseen_ate.csv",
     ),
 }
 #: files of pyrovae's own bookkeeping, allowed in every kind

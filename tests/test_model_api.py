@@ -320,3 +320,31 @@ def test_a_cli_run_loads_into_the_python_api(tiny_adata, tmp_path):
     model = pyrovae.CPAVAE.load(tmp_path / "run", ad.read_h5ad(path), accelerator="cpu")
     assert model.model_name == "cpa_vae" and len(model.history) == 1
     assert model.get_latent_representation().shape == (tiny_adata.n_obs, 4)
+
+
+def test_unseen_perturbations_through_the_public_api(tiny_adata):
+    """pyrovae.GPOVAE trained with held-out perturbations predicts them by its GRN transfer, says so in
+    every output and does not warn; a SAMS-VAE on the same setup draws them from the prior and warns."""
+    import warnings
+
+    adata = simulate_perturbseq("tiny", seed=0, grn_shape="chain")
+    pyrovae.Model.setup_anndata(adata, holdout_perturbations=["PG02"], qc_key="low_quality")
+    gpo = pyrovae.GPOVAE(adata, **SMALL)
+    gpo.train(max_epochs=1, batch_size=128, progress=False)
+    post = gpo.posterior()
+    assert post.untrained_method == "grn_transfer"
+    pg02 = post.treatments.index("PG02")
+    assert bool(post.untrained[pg02]) and not bool(post.untrained[post.treatments.index("PG01")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ate = gpo.get_ate(["PG01", "PG02", "PG02+PG05"], n_samples=30)
+        cells = gpo.predict(["PG02", "control"], n_cells=4)
+    assert ate.attrs["prediction"] == {"PG01": "trained", "PG02": "grn_transfer", "PG02+PG05": "grn_transfer"}
+    assert np.isfinite(ate.to_numpy()).all() and not np.allclose(ate.loc["PG02"], 0.0)
+    assert cells.obs["prediction"].tolist() == ["grn_transfer"] * 4 + ["trained"] * 4
+    # the same seed gives the same unseen prediction
+    pd.testing.assert_frame_equal(gpo.get_ate(["PG01", "PG02", "PG02+PG05"], n_samples=30), ate)
+    sams = pyrovae.Model(adata, model="sams_vae", **SMALL)
+    sams.train(max_epochs=1, batch_size=128, progress=False)
+    with pytest.warns(UserWarning, match="drawn from the prior"):
+        assert sams.get_ate(["PG02"], n_samples=10).attrs["prediction"] == {"PG02": "prior_draw"}

@@ -26,10 +26,11 @@ import pandas as pd
 import torch
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
+from pyrovae.commands.demo_gpo import run_gpo
 from pyrovae.data.anndata import load_perturbation_data, make_split
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.protocols import combination_labels, pick_combinations
-from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
+from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import mask_recovery
 from pyrovae.infer.runs import train_run
@@ -69,6 +70,8 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "model", "sams") == "gpo":
+        return run_gpo(args)
     t0 = time.perf_counter()
     device = command_device(args)
     out = Path(args.out)
@@ -271,6 +274,19 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--quiet", action="store_true", help="no progress bars or log lines (the table is printed)"
+    )
+    p.add_argument(
+        "--model",
+        default="sams",
+        choices=["sams", "gpo"],
+        help="sams (default): SAMS-VAE and CPA-VAE on held-out combinations; gpo: GPO-VAE's GRN recovery "
+        "and unseen perturbations against baselines (pyrovae.commands.demo_gpo)",
+    )
+    p.add_argument(
+        "--grn-shape",
+        default=None,
+        choices=list(GRN_SHAPES),
+        help="with --model gpo: the simulated GRN's shape (default: the preset's, random)",
     )
     add_device_arg(p)
     p.set_defaults(func=run)

@@ -37,6 +37,15 @@ GRN genes, ``n = T + E`` GRN genes, ``H`` decoder hidden units.
    ``delta_j = knockdown`` on ``j`` itself that propagates along the DAG: the total log-fold shift on the
    GRN genes is the row vector ``delta (I - A)^{-1}`` (``delta`` sums the targets of a combination before
    propagation); it is added to ``eta`` of the GRN genes.
+   ``grn_shape`` chooses other networks (``grn_edge_prob`` is then unused; same weights, every extra GRN
+   gene still has a perturbed parent), each made of one kind of motif, so that direct and indirect effects
+   differ in a known way: ``"chain"`` (the perturbed genes, in a random order, cut into chains
+   a -> b -> c -> d of :data:`CHAIN_LENGTH` genes: indirect effects along each chain), ``"fork"`` (the
+   perturbed genes as a random tree in which each gene regulates up to :data:`FORK_CHILDREN` others: forks
+   cascaded over a few levels) and ``"collider"`` (the perturbed genes in a random order split into an
+   upper and a lower half; each lower gene has :data:`COLLIDER_PARENTS` upper parents and each extra GRN
+   gene as many lower parents: colliders on two levels, upper -> extra effects all indirect). In these
+   shapes each extra GRN gene is a leaf: ``"chain"`` and ``"fork"`` hang it from one random perturbed gene.
 6. **Counts.** Library size ``l ~ LogNormal(library_log_mean, library_log_sd)``, mean
    ``mu = l * softmax(eta)`` and ``x_g ~ Poisson(Gamma(theta_g, mu_g / theta_g))`` = NB with mean ``mu_g``
    and concentration ``theta_g ~ LogUniform(dispersion_range)``.
@@ -81,6 +90,7 @@ __all__ = [
     "MT_GENES",
     "CONTROL_LABEL",
     "write_perturbseq_h5ad",
+    "GRN_SHAPES",
 ]
 
 #: obs label of control cells.
@@ -102,6 +112,12 @@ _MT_SHARE = 0.01
 _MT_BASELINE_SD = 0.3
 #: cells per chunk when sampling counts (a constant so that output does not depend on the machine).
 _CHUNK_CELLS = 4096
+
+#: GRN shapes of :class:`SimulationConfig` (``grn_shape``) and the sizes of their motifs.
+GRN_SHAPES = ("random", "chain", "fork", "collider")
+CHAIN_LENGTH = 4
+FORK_CHILDREN = 3
+COLLIDER_PARENTS = 2
 
 # sub-stream ids of ``default_rng([seed, k])``
 _S_MECH, _S_DECODER, _S_BASELINE, _S_GRN, _S_DISPERSION, _S_DOUBLES, _S_CELLS = range(7)
@@ -125,6 +141,8 @@ class SimulationConfig:
         effect_sd: sd of ``|e_tk|``.
         grn_edge_prob: probability of each forward edge of the GRN DAG.
         grn_weight: edge weights are ``+-grn_weight * U(0.5, 1)``.
+        grn_shape: network of the GRN genes, one of :data:`GRN_SHAPES`: ``"random"`` (a random DAG with
+            ``grn_edge_prob``), ``"chain"``, ``"fork"``, ``"collider"`` (see the module docstring, step 5).
         knockdown: log-fold shift of a perturbed gene itself (negative: CRISPRi knock-down).
         library_log_mean: mean of log library size.
         library_log_sd: sd of log library size.
@@ -152,6 +170,7 @@ class SimulationConfig:
     dispersion_range: tuple[float, float]
     frac_low_quality: float
     decoder_hidden: int
+    grn_shape: str = "random"
 
     @property
     def n_cells(self) -> int:
@@ -210,6 +229,10 @@ class SimulationConfig:
         for name in ("effect_mean", "knockdown", "library_log_mean"):
             if not np.isfinite(float(getattr(self, name))):
                 raise ValueError(f"SimulationConfig.{name} must be finite, got {getattr(self, name)}")
+        if self.grn_shape not in GRN_SHAPES:
+            raise ValueError(
+                f"SimulationConfig.grn_shape must be one of {list(GRN_SHAPES)}, got {self.grn_shape!r}"
+            )
         rng_ = tuple(self.dispersion_range)
         if len(rng_) != 2 or not (0 < float(rng_[0]) <= float(rng_[1]) < np.inf):
             raise ValueError(
@@ -380,9 +403,40 @@ def planted_mechanisms(
     return masks, magnitude * sign
 
 
+def _shaped_grn(cfg: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
+    """(n, n) 0/1 edges of a ``chain``, ``fork`` or ``collider`` GRN (module docstring, step 5)."""
+    T, n = cfg.n_perturbed, cfg.n_perturbed + cfg.n_extra_grn_genes
+    order = rng.permutation(T)
+    edges = np.zeros((n, n), dtype=bool)
+    extra = np.arange(T, n)
+    if cfg.grn_shape == "chain":
+        for start in range(0, T, CHAIN_LENGTH):
+            chain = order[start : start + CHAIN_LENGTH]
+            edges[chain[:-1], chain[1:]] = True
+        edges[rng.integers(T, size=len(extra)), extra] = True
+    elif cfg.grn_shape == "fork":
+        for i in range(1, T):  # node i of the order hangs from node (i - 1) // FORK_CHILDREN
+            edges[order[(i - 1) // FORK_CHILDREN], order[i]] = True
+        edges[rng.integers(T, size=len(extra)), extra] = True
+    else:  # collider
+        upper, lower = order[: (T + 1) // 2], order[(T + 1) // 2 :]
+        for child in lower:
+            edges[rng.choice(upper, size=min(COLLIDER_PARENTS, len(upper)), replace=False), child] = True
+        parents = lower if len(lower) else upper
+        for child in extra:
+            edges[rng.choice(parents, size=min(COLLIDER_PARENTS, len(parents)), replace=False), child] = True
+    return edges
+
+
 def _grn(cfg: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
     """(n, n) weighted DAG adjacency on the GRN genes (perturbed first), row = parent, col = child."""
     T, n = cfg.n_perturbed, cfg.n_perturbed + cfg.n_extra_grn_genes
+    if cfg.grn_shape != "random":
+        edges = _shaped_grn(cfg, rng)
+        weights = (
+            np.where(rng.random((n, n)) < 0.5, -1.0, 1.0) * cfg.grn_weight * rng.uniform(0.5, 1.0, (n, n))
+        )
+        return np.where(edges, weights, 0.0)
     first = int(rng.integers(T))
     order = np.concatenate([[first], rng.permutation(np.delete(np.arange(n), first))])
     # edges in rank coordinates: rank a -> rank b for a < b

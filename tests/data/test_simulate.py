@@ -10,6 +10,10 @@ import pytest
 import scipy.sparse as sp
 
 from pyrovae.data.simulate import (
+    CHAIN_LENGTH,
+    COLLIDER_PARENTS,
+    FORK_CHILDREN,
+    GRN_SHAPES,
     MT_GENES,
     PRESETS,
     SimulationConfig,
@@ -316,6 +320,7 @@ def test_unknown_override_raises():
         ({"mask_prob": 1.5}, "mask_prob"),
         ({"dispersion_range": (0.0, 1.0)}, "dispersion_range"),
         ({"frac_low_quality": 1.0}, "frac_low_quality"),
+        ({"grn_shape": "star"}, "grn_shape"),
     ],
 )
 def test_invalid_config_raises(override, field):
@@ -332,3 +337,65 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["tiny"].n_genes = 3  # type: ignore[misc]
     assert isinstance(PRESETS["tiny"], SimulationConfig)
+
+
+# ------------------------------------------------------------------------------------------ GRN shapes
+def _shape_truth(shape: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    adata = simulate_perturbseq(
+        "default", seed=seed, grn_shape=shape, n_control_cells=5, cells_per_single=1, cells_per_double=1
+    )
+    truth = ground_truth(adata)
+    return truth["grn_adjacency"], truth["grn_total_effect"], int(adata.var["perturbed"].sum())
+
+
+def _is_dag(adj: np.ndarray) -> bool:
+    a = (adj != 0).astype(np.float64)
+    return bool(np.allclose(np.linalg.matrix_power(a, a.shape[0]), 0.0))
+
+
+@pytest.mark.parametrize("shape", [s for s in GRN_SHAPES if s != "random"])
+def test_grn_shape_is_a_dag_with_planted_total_effects(shape):
+    adj, total, T = _shape_truth(shape)
+    n = adj.shape[0]
+    assert _is_dag(adj) and np.all(np.diag(adj) == 0)
+    np.testing.assert_allclose(
+        total, np.linalg.inv(np.eye(n) - adj.astype(np.float64)) - np.eye(n), atol=1e-5
+    )
+    w = np.abs(adj[adj != 0])
+    cfg = PRESETS["default"]
+    assert w.min() >= 0.5 * cfg.grn_weight - 1e-6 and w.max() <= cfg.grn_weight + 1e-6
+    # every extra GRN gene is a leaf with a perturbed parent (it is reachable from an intervention)
+    assert (adj[T:] == 0).all() and ((adj[:T, T:] != 0).sum(0) >= 1).all()
+    # indirect effects exist (a gene reached only through a path), so direct != total
+    indirect = (total != 0) & (adj == 0) & ~np.eye(n, dtype=bool)
+    assert indirect[:T].sum() > 0
+
+
+def test_grn_shape_motifs():
+    T = PRESETS["default"].n_perturbed
+    adj, _, _ = _shape_truth("chain")
+    a = adj[:T, :T] != 0
+    assert a.sum(0).max() == 1 and a.sum(1).max() == 1  # chains: one parent, one child among perturbed
+    assert a.sum() == T - int(np.ceil(T / CHAIN_LENGTH))  # CHAIN_LENGTH - 1 edges per chain
+    assert ((adj[:T, T:] != 0).sum(0) == 1).all()
+    adj, _, _ = _shape_truth("fork")
+    a = adj[:T, :T] != 0
+    assert a.sum() == T - 1 and (a.sum(0) <= 1).all() and a.sum(1).max() == FORK_CHILDREN  # a tree
+    adj, total, _ = _shape_truth("collider")
+    a = adj[:T, :T] != 0
+    lower = a.sum(0) > 0
+    assert lower.sum() == T // 2 and (a.sum(0)[lower] == COLLIDER_PARENTS).all()
+    assert not a[lower].any()  # lower genes regulate only extra genes
+    e = adj[:T, T:] != 0
+    assert (e.sum(0) == COLLIDER_PARENTS).all() and not e[~lower].any()
+    # upper genes reach the extra genes only through the lower level: all indirect
+    assert (total[:T, T:][~lower] != 0).any()
+
+
+def test_grn_shape_random_is_the_default_and_shapes_are_seeded():
+    assert all(c.grn_shape == "random" for c in PRESETS.values())
+    a1, _, _ = _shape_truth("fork", seed=1)
+    a2, _, _ = _shape_truth("fork", seed=1)
+    a3, _, _ = _shape_truth("fork", seed=2)
+    np.testing.assert_array_equal(a1, a2)
+    assert not np.array_equal(a1, a3)

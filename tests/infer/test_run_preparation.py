@@ -22,9 +22,10 @@ FAST = dict(max_epochs=2, batch_size=128, lr=5e-3, n_particles=1, val_particles=
 
 def test_each_named_model_declares_its_data_needs():
     needs = {name: [r.name for r in data_requirements(model_config(name))] for name in MODEL_ZOO}
-    assert needs["gpo_vae"] == ["qc_flags", "counterfactuals", "grn_targets"]
+    for gpo in ("gpo_vae", "gpo_vae_reference"):
+        assert needs[gpo] == ["qc_flags", "counterfactuals", "grn_targets"]
     assert needs["cradle_vae"] == ["qc_flags", "counterfactuals"]
-    assert all(not v for k, v in needs.items() if k not in ("gpo_vae", "cradle_vae"))
+    assert all(not v for k, v in needs.items() if k not in ("gpo_vae", "gpo_vae_reference", "cradle_vae"))
     # every extras key a requirement makes is one the model's penalties / blocks read
     provides = {k for r in data_requirements(model_config("gpo_vae")) for k in r.provides}
     assert provides == {"qc", "cfx", "has_cf", "delta_x", "delta_x_group"}

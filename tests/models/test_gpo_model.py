@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -112,7 +113,22 @@ def tiny_gpo_data():
     return prepare_gpo_data(load_perturbation_data(adata), qc_key="low_quality", seed=0)
 
 
-@pytest.mark.parametrize("name", ["gpo_vae", "cradle_vae"])
+def test_gpo_vae_defaults_depart_from_the_reference_which_stays_available():
+    from pyrovae.models.zoo import GPO_ALIGNMENT
+
+    gpo, ref = model_config("gpo_vae"), model_config("gpo_vae_reference")
+    assert (gpo.grn_singles_only, gpo.grn_target, gpo.grn_weight) == (True, "group", 1000.0)
+    assert GPO_ALIGNMENT == {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
+    # the reference (gpo_vae_cradle_vae.md §4.5): every cell, per-cell |delta_x|, GRN weight 100
+    assert (ref.grn_singles_only, ref.grn_target, ref.grn_weight) == (False, "cell", 100.0)
+    # everything else is the same model
+    same = {k: v for k, v in dataclasses.asdict(gpo).items() if k not in GPO_ALIGNMENT}
+    assert same == {k: v for k, v in dataclasses.asdict(ref).items() if k not in GPO_ALIGNMENT}
+    pen = build_model(gpo, 6, 2, seed=0).penalties[-1]
+    assert (pen.singles_only, pen.target, pen.weight) == (True, "group", 1000.0)
+
+
+@pytest.mark.parametrize("name", ["gpo_vae", "gpo_vae_reference", "cradle_vae"])
 def test_trains_with_penalties_on_tiny_simulation(tiny_gpo_data, name):
     from pyrovae.infer.train import TrainConfig, Trainer
 
@@ -128,7 +144,7 @@ def test_trains_with_penalties_on_tiny_simulation(tiny_gpo_data, name):
         assert all(math.isfinite(v) for v in rec.values())
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert "counterfactual_kl" in hist[0]
-    if name == "gpo_vae":
+    if name.startswith("gpo_vae"):
         assert {"grn_alignment", "grn_sparsity"} <= set(hist[0])
         assert model.effect.q_mask_logits.shape == (data.n_treatments, data.n_treatments)
     for p in model.parameters():
