@@ -94,14 +94,21 @@ def make_split(exp: common.Experiment):
 
 
 class MaskTracker:
-    """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits)."""
+    """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits).
 
-    def __init__(self):
+    ``fixed_on``: first fix every mask on (:meth:`~pyrovae.models.effects.AdditiveEffect.fix_masks`), the
+    dense ablation of SAMS-VAE: the same model and guide (q(E | M) included) with q(M) a point mass at 1.
+    """
+
+    def __init__(self, fixed_on: bool = False):
         self.fractions: list[float] = []
+        self.fixed_on = fixed_on
 
     def __call__(self, model) -> None:
         import torch
 
+        if self.fixed_on:
+            model.effect.fix_masks(torch.ones_like(model.effect.q_mask_logits))
         trained = model.effect.param_roles()["mask_logits"]  # none without masks or with fixed masks
         if not trained:
             return
@@ -206,7 +213,8 @@ def main(argv=None) -> int:
     for seed in exp.seeds:
         for model in exp.models:
             mcfg, tcfg = exp.configs(model, seed=seed)
-            tracker = MaskTracker()
+            tcfg = tcfg.replace(**(exp.settings.get("train_overrides") or {}).get(model, {}))
+            tracker = MaskTracker(fixed_on=model in (exp.settings.get("fixed_masks_on") or ()))
 
             def extra(run, seed=seed, tracker=tracker):
                 out = structure_metrics(run, truth, rows, seed)
