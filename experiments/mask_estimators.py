@@ -128,7 +128,10 @@ def main(argv=None) -> int:
                 seed=seed,
             )
             if state is not None:
-                model.load_state_dict(state)
+                # the learned score-function baseline is the only part the straight-through state lacks
+                keys = model.load_state_dict(state, strict=False)
+                if keys.unexpected_keys or any("q_mask_baseline" not in k for k in keys.missing_keys):
+                    raise RuntimeError(f"state does not fit the {est} model: {keys}")
             n_draws = int(st["reference_draws"] if ref is None else st["n_draws"])
             index = MASK_ESTIMATORS.index(est) if est in MASK_ESTIMATORS else len(MASK_ESTIMATORS)
             draw_seed = seed + 1 + 1000 * i_state + (0 if ref is None else 1 + index)

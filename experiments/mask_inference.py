@@ -74,7 +74,61 @@ FMTS = {
 
 
 def build_parser():
-    return common.build_parser(NAME, __doc__)
+    p = common.build_parser(NAME, __doc__)
+    p.add_argument_group(NAME).add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="earlier --out directories of this script on the same data, split and settings: their rows of "
+        "the models and seeds asked for here are summarised with the new ones instead of being rerun "
+        "(training is deterministic per seed)",
+    )
+    return p
+
+
+def model_settings(settings: dict, model: str) -> dict:
+    """Everything in the settings that defines one model's runs (to check that included rows match)."""
+    return {
+        "base": (settings.get("model_base") or {}).get(model, model),
+        "model": {**settings["model"], **(settings.get("model_overrides") or {}).get(model, {})},
+        "train": {**settings["train"], **(settings.get("train_overrides") or {}).get(model, {})},
+        "fixed_on": model in (settings.get("fixed_masks_on") or ()),
+        "eval": settings["eval"],
+        "split_seed": settings.get("split_seed"),
+    }
+
+
+def include_rows(exp: common.Experiment, dirs) -> set[tuple[str, int]]:
+    """Record the rows of earlier runs (``--include``) of this invocation's models and seeds; the
+    (model, seed) pairs recorded. A directory of other data or other settings for a model is refused."""
+    import json
+
+    import pandas as pd
+
+    done: set[tuple[str, int]] = set()
+    for d in map(Path, dirs):
+        info_path, res_path = d / "experiment.json", d / "results.csv"
+        if not info_path.exists() or not res_path.exists():
+            raise FileNotFoundError(f"--include {d}: no experiment.json and results.csv of a finished run")
+        info = json.loads(info_path.read_text())
+        if info.get("data", {}).get("description") != exp.source["description"]:
+            raise ValueError(
+                f"--include {d}: other data ({info.get('data', {}).get('description')!r}, "
+                f"here {exp.source['description']!r})"
+            )
+        res = pd.read_csv(res_path)
+        res = res[res["model"].isin(exp.models) & res["seed"].isin(exp.seeds)]
+        for row in res.to_dict("records"):
+            key = (row["model"], int(row["seed"]))
+            if key in done:
+                continue
+            if model_settings(info["settings"], row["model"]) != model_settings(exp.settings, row["model"]):
+                raise ValueError(f"--include {d}: {row['model']} was run with other settings than here")
+            row["seed"] = int(row["seed"])
+            exp.record({k: v for k, v in row.items() if not (isinstance(v, float) and v != v)})
+            done.add(key)
+    return done
 
 
 def make_split(exp: common.Experiment):
@@ -210,8 +264,12 @@ def main(argv=None) -> int:
         f"{len(data.indices('test'))} test cells; {len(held)} held-out combinations, {len(seen)} seen labels"
     )
     score_baselines(exp, data, held, seen)
+    done = include_rows(exp, args.include)
     for seed in exp.seeds:
         for model in exp.models:
+            if (model, seed) in done:
+                exp.log(f"  seed{seed}/{model}: from --include")
+                continue
             mcfg, tcfg = exp.configs(model, seed=seed)
             tcfg = tcfg.replace(**(exp.settings.get("train_overrides") or {}).get(model, {}))
             tracker = MaskTracker(fixed_on=model in (exp.settings.get("fixed_masks_on") or ()))
