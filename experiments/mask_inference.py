@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import torch
 
 from experiments import common
 from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
@@ -63,7 +64,13 @@ METRICS = {
     "undecided_mean": "q(m) in (0.2,0.8), mean over training",
     "effect_mcc": "effect MCC",
     "train_s": "train s",
+    "ate_r_combos_mc_sd": "ATE r combos, MC sd",
+    "ate_r2_combos_mc_sd": "ATE R² combos, MC sd",
+    "ate_r_cells_mc_sd": "ATE r cells, MC sd",
+    "ate_r2_cells_mc_sd": "ATE R² cells, MC sd",
 }
+#: the ATE metrics whose Monte Carlo spread ``--ate-mc-seeds`` measures
+MC_METRICS = ("ate_r_combos", "ate_r2_combos", "ate_r_cells", "ate_r2_cells")
 FMTS = {
     "val_iwelbo": "{:.1f}",
     "test_iwelbo": "{:.1f}",
@@ -83,6 +90,15 @@ def build_parser():
         help="earlier --out directories of this script on the same data, split and settings: their rows of "
         "the models and seeds asked for here are summarised with the new ones instead of being rerun "
         "(training is deterministic per seed)",
+    )
+    p.add_argument_group(NAME).add_argument(
+        "--ate-mc-seeds",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="SEED",
+        help="also score every model's ATE at these evaluation seeds (its run reloaded from --out or an "
+        "--include directory) and report the Monte Carlo sd of the ATE metrics over the evaluation seeds",
     )
     return p
 
@@ -181,8 +197,11 @@ class MaskTracker:
         return {"undecided_final": self.fractions[-1], "undecided_mean": float(np.mean(self.fractions))}
 
 
-def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[str]) -> dict[str, float]:
-    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells."""
+def ate_metrics(
+    exp: common.Experiment, run, data, held: list[str], seen: list[str], seed: int | None = None
+) -> dict[str, float]:
+    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells
+    (model ATE drawn with evaluation seed ``seed``, default the config's ``eval_seed``)."""
     from pyrovae.infer.predictive import Posterior
 
     ev = exp.settings["eval"]
@@ -197,12 +216,38 @@ def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[s
             list(perts),
             n_samples=int(ev["ate_samples"]),
             library_size=float(ev["library_size"]),
-            seed=int(ev["eval_seed"]),
+            seed=int(ev["eval_seed"] if seed is None else seed),
             chunk=int(ev["ate_chunk"]),
             transform=common.ate_transform(data),
         )
         out.update(common.ate_scores(common.empirical_ates(data, perts, test), pred, k, suffix=suffix))
     return out
+
+
+def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None:
+    """Monte Carlo spread of the sampled ATE metrics (:data:`MC_METRICS`): every model row's run (under
+    ``--out`` or an ``--include`` directory) is reloaded and its ATE scored again at the evaluation
+    ``seeds``; ``<metric>_mc_sd`` is the sd over the evaluation seeds, the config's one included."""
+    from pyrovae.infer.runs import load_run
+
+    roots = [exp.out, *map(Path, dirs)]
+    for row in exp.results:
+        if row.get("model") not in exp.models or "seed" not in row:
+            continue
+        name = Path("runs") / f"seed{int(row['seed'])}" / row["model"]
+        path = next((r / name for r in roots if (r / name / "best.pt").exists()), None)
+        if path is None:
+            exp.log(f"  {name}: no run directory, no Monte Carlo spread")
+            continue
+        run = load_run(path)
+        if row["model"] in (exp.settings.get("fixed_masks_on") or ()):
+            run.model.effect.fix_masks(torch.ones_like(run.model.effect.q_mask_logits))
+        draws = [row] + [ate_metrics(exp, run, data, held, seen, seed=s) for s in seeds]
+        for k in MC_METRICS:
+            vals = [d[k] for d in draws if k in d]
+            if len(vals) > 1:
+                row[f"{k}_mc_sd"] = float(np.std(vals, ddof=1))
+    exp.log(f"ATE Monte Carlo spread over evaluation seeds {[exp.settings['eval']['eval_seed'], *seeds]}")
 
 
 def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[str]) -> None:
@@ -291,6 +336,8 @@ def main(argv=None) -> int:
                 extra=extra,
                 prepare=tracker,
             )
+    if args.ate_mc_seeds:
+        ate_mc_spread(exp, data, held, seen, args.include, args.ate_mc_seeds)
     md = summarise(exp, held)
     exp.finish({"split": split_summary(split, labels, ctrl, args.combo_sep), "heldout_combinations": held})
     print(md)

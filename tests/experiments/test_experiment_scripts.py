@@ -121,12 +121,25 @@ def test_mask_inference_scores_estimators_and_baselines(tmp_path):
     assert (out / "summary.md").read_text().strip()
     # --include: the rows of an earlier invocation are summarised, not rerun
     out2 = tmp_path / "mi2"
-    args2 = ["--out", str(out2), *TINY, "--seeds", "0", "--models", "cpa_vae", "--include", str(out)]
-    assert _script("mask_inference").main(args2) == 0
+    args2 = [
+        "--out",
+        str(out2),
+        *TINY,
+        "--seeds",
+        "0",
+        "--models",
+        "cpa_vae",
+        "sams_dense",
+        "--include",
+        str(out),
+    ]
+    assert _script("mask_inference").main([*args2, "--ate-mc-seeds", "1"]) == 0
     res2 = pd.read_csv(out2 / "results.csv")
     assert not (out2 / "runs" / "seed0" / "cpa_vae").exists()
     cpa, cpa2 = (r[r["model"] == "cpa_vae"].iloc[0] for r in (res, res2))
     assert cpa2["test_iwelbo"] == cpa["test_iwelbo"]
+    # the ATE's Monte Carlo spread over evaluation seeds 0 and 1 (the runs reloaded from --include)
+    assert (res2.loc[res2["model"].isin(["cpa_vae", "sams_dense"]), "ate_r_cells_mc_sd"] > 0).all()
     with pytest.raises(ValueError, match="other settings"):
         _script("mask_inference").main([*args2[:1], str(tmp_path / "mi3"), *args2[2:], "--set", "lr=0.01"])
 
