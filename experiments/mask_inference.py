@@ -3,10 +3,14 @@
 Per regime (one invocation = one simulated regime: ``--preset``/``--sim-set`` or ``--simulator
 sams_reference``), with the demo's split where the data has combinations (a seeded quarter of the doubles
 held out, test only, plus 10 % held-out cells of every other label; :func:`pyrovae.commands.demo.demo_split`)
-or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE and SAMS-VAE
-with the straight-through (reference), score-function (Pyro TraceGraph_ELBO), leave-one-out and relaxed
-estimators, and the Beta-Bernoulli SAMS-VAE; every model gets the same training budget (the demo's
-epochs and optimiser settings; the seconds are reported, so equal epochs can be read as wall-clock).
+or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE (also at twice
+the epochs, ``cpa_vae_2x``: at least SAMS-VAE's wall-clock), SAMS-VAE with every mask fixed on (the dense
+ablation, ``fixed_masks_on``), SAMS-VAE with the straight-through (reference), score-function (Pyro
+TraceGraph_ELBO, decaying-average or learned baseline), leave-one-out, DisARM and relaxed estimators, with
+masks starting off or on (``mask_init_logits``), per-model mask learning rates (``train_overrides``), the
+mask-KL warm-up, the mean-field guide, and the Beta-Bernoulli SAMS-VAE. Every model gets the demo's epochs
+and optimiser settings unless ``train_overrides`` says otherwise; the seconds are reported (the budget is
+in epochs, not seconds: a time cap would make the numbers depend on the machine's load).
 
 Metrics per model and training seed:
 
@@ -24,7 +28,10 @@ Usage::
     python experiments/mask_inference.py --out runs/exp/masks_default
     python experiments/mask_inference.py --out runs/exp/masks_ref --simulator sams_reference \\
         --set likelihood=normal
-    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.3 n_latent=16
+    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.25 n_latent=16
+    # rows of an earlier invocation reused (same data, split, settings), ATE Monte Carlo spread
+    python experiments/mask_inference.py --out runs/exp/more --models cpa_vae sams_dense \\
+        --include runs/exp/masks_default --ate-mc-seeds 1
 """
 
 from __future__ import annotations
@@ -281,7 +288,8 @@ def summarise(exp: common.Experiment, held: list[str]) -> str:
     n_true = res["mask_true_positives"].dropna() if "mask_true_positives" in res else []
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']} (every model: "
-        f"{exp.settings['train'].get('max_epochs')} epochs, the same optimiser settings); training seeds "
+        f"{exp.settings['train'].get('max_epochs')} epochs, the same optimiser settings, except "
+        f"{exp.settings.get('train_overrides') or 'none'}); training seeds "
         f"{exp.seeds}; split seed {exp.settings['split_seed']}.",
         (f"held-out combinations (test only): {', '.join(held)}; " if held else "no combinations; ")
         + "held-out cells: the test cells (10 %) of every seen perturbation.",
