@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 2. model and training (progress bar; the demo's settings for the SAMS-VAE masks, see the README)
-    model = pyrovae.SAMSVAE(adata, n_latent=10, mask_init_logits=-1.5)
+    model = pyrovae.SAMSVAE(adata, n_latent=10, mask_init_logits=3.0)
     print(model)
     model.train(
-        max_epochs=args.epochs, accelerator=args.device, lr=2e-3, mask_lr=0.05, batch_size=256, seed=args.seed
+        max_epochs=args.epochs, accelerator=args.device, lr=2e-3, mask_lr=0.02, batch_size=256, seed=args.seed
     )
     print(model)
     print(model.history[["train_loss", "val_loss"]].tail(3))

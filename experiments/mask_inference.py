@@ -3,10 +3,14 @@
 Per regime (one invocation = one simulated regime: ``--preset``/``--sim-set`` or ``--simulator
 sams_reference``), with the demo's split where the data has combinations (a seeded quarter of the doubles
 held out, test only, plus 10 % held-out cells of every other label; :func:`pyrovae.commands.demo.demo_split`)
-or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE and SAMS-VAE
-with the straight-through (reference), score-function (Pyro TraceGraph_ELBO), leave-one-out and relaxed
-estimators, and the Beta-Bernoulli SAMS-VAE; every model gets the same training budget (the demo's
-epochs and optimiser settings; the seconds are reported, so equal epochs can be read as wall-clock).
+or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE (also at twice
+the epochs, ``cpa_vae_2x``: at least SAMS-VAE's wall-clock), SAMS-VAE with every mask fixed on (the dense
+ablation, ``fixed_masks_on``), SAMS-VAE with the straight-through (reference), score-function (Pyro
+TraceGraph_ELBO, decaying-average or learned baseline), leave-one-out, DisARM and relaxed estimators, with
+masks starting off or on (``mask_init_logits``), per-model mask learning rates (``train_overrides``), the
+mask-KL warm-up, the mean-field guide, and the Beta-Bernoulli SAMS-VAE. Every model gets the demo's epochs
+and optimiser settings unless ``train_overrides`` says otherwise; the seconds are reported (the budget is
+in epochs, not seconds: a time cap would make the numbers depend on the machine's load).
 
 Metrics per model and training seed:
 
@@ -24,7 +28,10 @@ Usage::
     python experiments/mask_inference.py --out runs/exp/masks_default
     python experiments/mask_inference.py --out runs/exp/masks_ref --simulator sams_reference \\
         --set likelihood=normal
-    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.3 n_latent=16
+    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.25 n_latent=16
+    # rows of an earlier invocation reused (same data, split, settings), ATE Monte Carlo spread
+    python experiments/mask_inference.py --out runs/exp/more --models cpa_vae sams_dense \\
+        --include runs/exp/masks_default --ate-mc-seeds 1
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import torch
 
 from experiments import common
 from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
@@ -63,7 +71,13 @@ METRICS = {
     "undecided_mean": "q(m) in (0.2,0.8), mean over training",
     "effect_mcc": "effect MCC",
     "train_s": "train s",
+    "ate_r_combos_mc_sd": "ATE r combos, MC sd",
+    "ate_r2_combos_mc_sd": "ATE R² combos, MC sd",
+    "ate_r_cells_mc_sd": "ATE r cells, MC sd",
+    "ate_r2_cells_mc_sd": "ATE R² cells, MC sd",
 }
+#: the ATE metrics whose Monte Carlo spread ``--ate-mc-seeds`` measures
+MC_METRICS = ("ate_r_combos", "ate_r2_combos", "ate_r_cells", "ate_r2_cells")
 FMTS = {
     "val_iwelbo": "{:.1f}",
     "test_iwelbo": "{:.1f}",
@@ -74,7 +88,70 @@ FMTS = {
 
 
 def build_parser():
-    return common.build_parser(NAME, __doc__)
+    p = common.build_parser(NAME, __doc__)
+    p.add_argument_group(NAME).add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="earlier --out directories of this script on the same data, split and settings: their rows of "
+        "the models and seeds asked for here are summarised with the new ones instead of being rerun "
+        "(training is deterministic per seed)",
+    )
+    p.add_argument_group(NAME).add_argument(
+        "--ate-mc-seeds",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="SEED",
+        help="also score every model's ATE at these evaluation seeds (its run reloaded from --out or an "
+        "--include directory) and report the Monte Carlo sd of the ATE metrics over the evaluation seeds",
+    )
+    return p
+
+
+def model_settings(settings: dict, model: str) -> dict:
+    """Everything in the settings that defines one model's runs (to check that included rows match)."""
+    return {
+        "base": (settings.get("model_base") or {}).get(model, model),
+        "model": {**settings["model"], **(settings.get("model_overrides") or {}).get(model, {})},
+        "train": {**settings["train"], **(settings.get("train_overrides") or {}).get(model, {})},
+        "fixed_on": model in (settings.get("fixed_masks_on") or ()),
+        "eval": settings["eval"],
+        "split_seed": settings.get("split_seed"),
+    }
+
+
+def include_rows(exp: common.Experiment, dirs) -> set[tuple[str, int]]:
+    """Record the rows of earlier runs (``--include``) of this invocation's models and seeds; the
+    (model, seed) pairs recorded. A directory of other data or other settings for a model is refused."""
+    import json
+
+    import pandas as pd
+
+    done: set[tuple[str, int]] = set()
+    for d in map(Path, dirs):
+        info_path, res_path = d / "experiment.json", d / "results.csv"
+        if not info_path.exists() or not res_path.exists():
+            raise FileNotFoundError(f"--include {d}: no experiment.json and results.csv of a finished run")
+        info = json.loads(info_path.read_text())
+        if info.get("data", {}).get("description") != exp.source["description"]:
+            raise ValueError(
+                f"--include {d}: other data ({info.get('data', {}).get('description')!r}, "
+                f"here {exp.source['description']!r})"
+            )
+        res = pd.read_csv(res_path)
+        res = res[res["model"].isin(exp.models) & res["seed"].isin(exp.seeds)]
+        for row in res.to_dict("records"):
+            key = (row["model"], int(row["seed"]))
+            if key in done:
+                continue
+            if model_settings(info["settings"], row["model"]) != model_settings(exp.settings, row["model"]):
+                raise ValueError(f"--include {d}: {row['model']} was run with other settings than here")
+            row["seed"] = int(row["seed"])
+            exp.record({k: v for k, v in row.items() if not (isinstance(v, float) and v != v)})
+            done.add(key)
+    return done
 
 
 def make_split(exp: common.Experiment):
@@ -94,14 +171,21 @@ def make_split(exp: common.Experiment):
 
 
 class MaskTracker:
-    """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits)."""
+    """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits).
 
-    def __init__(self):
+    ``fixed_on``: first fix every mask on (:meth:`~pyrovae.models.effects.AdditiveEffect.fix_masks`), the
+    dense ablation of SAMS-VAE: the same model and guide (q(E | M) included) with q(M) a point mass at 1.
+    """
+
+    def __init__(self, fixed_on: bool = False):
         self.fractions: list[float] = []
+        self.fixed_on = fixed_on
 
     def __call__(self, model) -> None:
         import torch
 
+        if self.fixed_on:
+            model.effect.fix_masks(torch.ones_like(model.effect.q_mask_logits))
         trained = model.effect.param_roles()["mask_logits"]  # none without masks or with fixed masks
         if not trained:
             return
@@ -120,8 +204,11 @@ class MaskTracker:
         return {"undecided_final": self.fractions[-1], "undecided_mean": float(np.mean(self.fractions))}
 
 
-def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[str]) -> dict[str, float]:
-    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells."""
+def ate_metrics(
+    exp: common.Experiment, run, data, held: list[str], seen: list[str], seed: int | None = None
+) -> dict[str, float]:
+    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells
+    (model ATE drawn with evaluation seed ``seed``, default the config's ``eval_seed``)."""
     from pyrovae.infer.predictive import Posterior
 
     ev = exp.settings["eval"]
@@ -136,12 +223,38 @@ def ate_metrics(exp: common.Experiment, run, data, held: list[str], seen: list[s
             list(perts),
             n_samples=int(ev["ate_samples"]),
             library_size=float(ev["library_size"]),
-            seed=int(ev["eval_seed"]),
+            seed=int(ev["eval_seed"] if seed is None else seed),
             chunk=int(ev["ate_chunk"]),
             transform=common.ate_transform(data),
         )
         out.update(common.ate_scores(common.empirical_ates(data, perts, test), pred, k, suffix=suffix))
     return out
+
+
+def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None:
+    """Monte Carlo spread of the sampled ATE metrics (:data:`MC_METRICS`): every model row's run (under
+    ``--out`` or an ``--include`` directory) is reloaded and its ATE scored again at the evaluation
+    ``seeds``; ``<metric>_mc_sd`` is the sd over the evaluation seeds, the config's one included."""
+    from pyrovae.infer.runs import load_run
+
+    roots = [exp.out, *map(Path, dirs)]
+    for row in exp.results:
+        if row.get("model") not in exp.models or "seed" not in row:
+            continue
+        name = Path("runs") / f"seed{int(row['seed'])}" / row["model"]
+        path = next((r / name for r in roots if (r / name / "best.pt").exists()), None)
+        if path is None:
+            exp.log(f"  {name}: no run directory, no Monte Carlo spread")
+            continue
+        run = load_run(path)
+        if row["model"] in (exp.settings.get("fixed_masks_on") or ()):
+            run.model.effect.fix_masks(torch.ones_like(run.model.effect.q_mask_logits))
+        draws = [row] + [ate_metrics(exp, run, data, held, seen, seed=s) for s in seeds]
+        for k in MC_METRICS:
+            vals = [d[k] for d in draws if k in d]
+            if len(vals) > 1:
+                row[f"{k}_mc_sd"] = float(np.std(vals, ddof=1))
+    exp.log(f"ATE Monte Carlo spread over evaluation seeds {[exp.settings['eval']['eval_seed'], *seeds]}")
 
 
 def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[str]) -> None:
@@ -175,7 +288,8 @@ def summarise(exp: common.Experiment, held: list[str]) -> str:
     n_true = res["mask_true_positives"].dropna() if "mask_true_positives" in res else []
     notes = [
         f"{exp.source['description']}; budget {exp.settings['budget']} (every model: "
-        f"{exp.settings['train'].get('max_epochs')} epochs, the same optimiser settings); training seeds "
+        f"{exp.settings['train'].get('max_epochs')} epochs, the same optimiser settings, except "
+        f"{exp.settings.get('train_overrides') or 'none'}); training seeds "
         f"{exp.seeds}; split seed {exp.settings['split_seed']}.",
         (f"held-out combinations (test only): {', '.join(held)}; " if held else "no combinations; ")
         + "held-out cells: the test cells (10 %) of every seen perturbation.",
@@ -203,10 +317,15 @@ def main(argv=None) -> int:
         f"{len(data.indices('test'))} test cells; {len(held)} held-out combinations, {len(seen)} seen labels"
     )
     score_baselines(exp, data, held, seen)
+    done = include_rows(exp, args.include)
     for seed in exp.seeds:
         for model in exp.models:
+            if (model, seed) in done:
+                exp.log(f"  seed{seed}/{model}: from --include")
+                continue
             mcfg, tcfg = exp.configs(model, seed=seed)
-            tracker = MaskTracker()
+            tcfg = tcfg.replace(**(exp.settings.get("train_overrides") or {}).get(model, {}))
+            tracker = MaskTracker(fixed_on=model in (exp.settings.get("fixed_masks_on") or ()))
 
             def extra(run, seed=seed, tracker=tracker):
                 out = structure_metrics(run, truth, rows, seed)
@@ -225,6 +344,8 @@ def main(argv=None) -> int:
                 extra=extra,
                 prepare=tracker,
             )
+    if args.ate_mc_seeds:
+        ate_mc_spread(exp, data, held, seen, args.include, args.ate_mc_seeds)
     md = summarise(exp, held)
     exp.finish({"split": split_summary(split, labels, ctrl, args.combo_sep), "heldout_combinations": held})
     print(md)

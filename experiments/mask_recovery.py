@@ -6,8 +6,8 @@ which carries ``uns["ground_truth"]``), a fixed stratified 80/10/10 cell split; 
 
 Models (``configs/mask_recovery.yaml``):
 
-- ``sams_vae``: SAMS-VAE, correlated guide, q(M) learned (the demo's settings: ``mask_lr``, masks start
-  mostly off);
+- ``sams_vae``: SAMS-VAE, correlated guide, q(M) learned (the previous demo's settings: ``mask_lr``,
+  masks start mostly off);
 - ``cpa_vae``: CPA-VAE, the same model without masks (every latent dimension on);
 - ``sams_vae_planted``: SAMS-VAE with q(M) fixed at the planted masks
   (:meth:`~pyrovae.models.effects.AdditiveEffect.fix_masks`), everything else trained. A control: it is

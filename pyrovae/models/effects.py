@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pyro
@@ -22,6 +23,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -44,6 +46,9 @@ SURROGATE_ELBO = "surrogate_elbo"
 MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "disarm", "relaxed")
 #: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
+#: baselines of the ``score_function`` estimator: Pyro's decaying average of the downstream cost, or that
+#: plus a learned correction (:class:`LearnedMaskBaseline`, fitted by Pyro's squared-error baseline loss)
+MASK_BASELINES = ("decaying_avg", "learned")
 #: how a treatment with no training cell is predicted (:meth:`EffectBlock.untrained_method`):
 #: ``grn_transfer`` (GPO-VAE: mask row from the learned GRN, effect sizes from seen perturbations),
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
@@ -157,6 +162,54 @@ def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
     sign = 1.0 - 2.0 * b2
     g = (diff * sign * (b1 != b2).to(b.dtype) * torch.sigmoid(logits[:half].abs())).mean(0)
     return (logits * g.detach()).sum()
+
+
+def mask_kl_warmup_surrogate(beta: float, analytic: bool, model_trace, guide_trace) -> torch.Tensor:
+    """Surrogate-ELBO term of the mask-KL warm-up: the gradient of the mask term becomes beta times its own.
+
+    The mask term is the sampled log p(m) - log q(m) (straight-through: its gradient is pathwise through
+    the relaxation plus the logits' direct one) or, with ``analytic`` (the ``relaxed`` estimator, whose
+    surrogate already swapped it for the analytic term), -KL(q(M) || p(M)); both with the sites' scales.
+    Adding (beta - 1) (term - term.detach()) leaves the ELBO's value unchanged and scales the term's
+    gradient by beta. Departure from the paper's objective (no schedule there, reference §4.3): while
+    beta < 1 the gradient is that of an ELBO whose mask KL is down-weighted by beta.
+    """
+    q_site, p_site = guide_trace.nodes["mask"], model_trace.nodes["mask"]
+    if analytic:
+        q = dist.Bernoulli(logits=q_site["fn"].base_dist.logits)
+        p = dist.Bernoulli(logits=p_site["fn"].base_dist.logits)
+        kl = torch.distributions.kl_divergence(q, p).sum(-1)
+        term = -scale_and_mask(kl, p_site["scale"], p_site["mask"])
+    else:
+        term = p_site["log_prob"] - q_site["log_prob"]
+    return (beta - 1.0) * (term - term.detach()).sum()
+
+
+def sum_of_surrogates(terms, model_trace, guide_trace) -> torch.Tensor:
+    """The sum of several surrogate-ELBO terms of one site (``fn(model_trace, guide_trace)`` each)."""
+    return sum(term(model_trace, guide_trace) for term in terms)
+
+
+class LearnedMaskBaseline(nn.Module):
+    """A learned correction to the decaying-average baseline of the ``score_function`` estimator.
+
+    b_t = c_t + sum_s W_ts w_s for treatment t, where w (T,) is the minibatch's per-row weights of the
+    global terms (:meth:`~pyrovae.models.skeleton.PerturbationVAE.global_weights`: which treatments the
+    minibatch holds, and how many cells of each), so b predicts how the minibatch's composition moves the
+    downstream cost of each treatment's masks. Added to Pyro's decaying average (both are used:
+    ``infer["baseline"]`` with ``use_decaying_avg_baseline`` and ``nn_baseline``); c and W start at 0 and
+    are fitted by Pyro's baseline loss, the squared error to the (detached) downstream cost, which the
+    ELBO's gradient never sees. A baseline that does not depend on the masks keeps the estimator unbiased.
+    """
+
+    def __init__(self, n_treatments: int) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(n_treatments))
+        self.weight = nn.Parameter(torch.zeros(n_treatments, n_treatments))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """(..., T, T) the batch weights broadcast to each row -> (..., T) baselines."""
+        return (w * self.weight).sum(-1) + self.offset
 
 
 def analytic_mask_kl_surrogate(model_trace, guide_trace) -> torch.Tensor:
@@ -325,6 +378,11 @@ class AdditiveEffect(EffectBlock):
         mask_baseline_beta: decay of the ``score_function`` estimator's moving-average baseline.
         temperature_final: anneal the temperature geometrically from ``temperature`` to this over
             ``temperature_anneal_steps`` training steps (``None``: fixed, the reference).
+        mask_kl_warmup_steps: scale the gradient of the mask KL term by beta = min(1, (s + 1) / n) at
+            training step s (:func:`mask_kl_warmup_surrogate`; ``straight_through`` and ``relaxed``
+            only). 0: none (the reference). Departure from the paper's objective while beta < 1.
+        mask_baseline: baseline of the ``score_function`` estimator (:data:`MASK_BASELINES`):
+            ``"decaying_avg"`` (Pyro's) or ``"learned"`` (Pyro's plus :class:`LearnedMaskBaseline`).
 
     Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
     scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):
@@ -365,10 +423,22 @@ class AdditiveEffect(EffectBlock):
         mask_baseline_beta: float = 0.9,
         temperature_final: float | None = None,
         temperature_anneal_steps: int = 1000,
+        mask_kl_warmup_steps: int = 0,
+        mask_baseline: str = "decaying_avg",
     ) -> None:
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
             raise ValueError(f"unknown mask_estimator {mask_estimator!r}; use one of {MASK_ESTIMATORS}")
+        if mask_baseline not in MASK_BASELINES:
+            raise ValueError(f"unknown mask_baseline {mask_baseline!r}; use one of {MASK_BASELINES}")
+        if mask_kl_warmup_steps < 0:
+            raise ValueError(f"mask_kl_warmup_steps must be >= 0, got {mask_kl_warmup_steps}")
+        if mask_kl_warmup_steps and mask_estimator not in ("straight_through", "relaxed"):
+            raise ValueError(
+                "mask_kl_warmup_steps works with mask_estimator 'straight_through' or 'relaxed' (the score-"
+                f"function estimators weight the mask KL inside their costs), not {mask_estimator!r}"
+            )
+        self.mask_kl_warmup_steps, self.mask_baseline = int(mask_kl_warmup_steps), mask_baseline
         if not 0.0 <= mask_baseline_beta < 1.0:
             raise ValueError(f"mask_baseline_beta must be in [0, 1), got {mask_baseline_beta}")
         if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
@@ -381,7 +451,7 @@ class AdditiveEffect(EffectBlock):
             int(temperature_anneal_steps),
         )
         self._fresh_baseline = True
-        if temperature_final is not None:
+        if temperature_final is not None or self.mask_kl_warmup_steps:
             # training steps taken (a buffer, so a resumed run continues the schedule)
             self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
         if guide not in ("mean_field", "correlated"):
@@ -399,6 +469,8 @@ class AdditiveEffect(EffectBlock):
         self.register_buffer("eye", torch.eye(n_treatments))
         if self.use_masks:
             self.q_mask_logits = nn.Parameter(torch.full((n_treatments, effect_dim), float(mask_init_logits)))
+            if mask_estimator == "score_function" and mask_baseline == "learned":
+                self.q_mask_baseline = LearnedMaskBaseline(n_treatments)
         if guide == "mean_field" or not self.use_masks:
             self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
             self.q_E_log_scale = nn.Parameter(torch.zeros(n_treatments, effect_dim))
@@ -426,7 +498,7 @@ class AdditiveEffect(EffectBlock):
         out = {}
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             if self.use_masks:
-                out["mask"] = self._sample_q_mask(self.q_mask_logits)
+                out["mask"] = self._sample_q_mask(self.q_mask_logits, weights)
             out["E"] = self._sample_q_E(out.get("mask"))
         return out
 
@@ -452,20 +524,41 @@ class AdditiveEffect(EffectBlock):
         fn = HardenedBernoulli if self.mask_estimator == "relaxed" else dist.Bernoulli
         return fn(probs=probs).to_event(1)
 
-    def _sample_q_mask(self, logits: torch.Tensor) -> torch.Tensor:
+    def mask_kl_weight(self) -> float:
+        """beta of the mask-KL warm-up at the current training step (1 without warm-up)."""
+        if not self.mask_kl_warmup_steps:
+            return 1.0
+        return min(1.0, (float(self.mask_step) + 1.0) / self.mask_kl_warmup_steps)
+
+    def _learned_baseline_input(self, weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """(plates..., T, T): the minibatch's row weights (T,) broadcast to the mask site's plate shape (the
+        vectorised particles included) and to each row, the input of :class:`LearnedMaskBaseline`."""
+        T = self.n_treatments
+        w = like.new_ones(T) if weights is None else weights.detach().to(like.dtype)
+        frames = [f for f in get_plates() if f.vectorized and f.dim is not None]
+        shape = [1] * max([-f.dim for f in frames] + [1])
+        for f in frames:
+            shape[f.dim] = f.size
+        return w.expand(*shape, T)
+
+    def _sample_q_mask(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The q(M) site (inside the perturbations plate) for this block's estimator; (..., T, K)."""
         training = self.training and torch.is_grad_enabled()
-        tau = self.current_temperature()
-        if training and self.temperature_final is not None:
+        tau, beta = self.current_temperature(), self.mask_kl_weight()
+        if training and hasattr(self, "mask_step"):
             self.mask_step += 1
         est, infer = self.mask_estimator, {}
         if est == "straight_through":
             fn = StraightThroughBernoulli(tau, logits=logits)
+            if beta < 1.0:
+                infer = {SURROGATE_ELBO: partial(mask_kl_warmup_surrogate, beta, False)}
         elif est == "score_function":
             fn = dist.Bernoulli(logits=logits)
-            infer = {
-                "baseline": {"use_decaying_avg_baseline": True, "baseline_beta": self.mask_baseline_beta}
-            }
+            baseline = {"use_decaying_avg_baseline": True, "baseline_beta": self.mask_baseline_beta}
+            if self.mask_baseline == "learned":
+                baseline["nn_baseline"] = self.q_mask_baseline
+                baseline["nn_baseline_input"] = self._learned_baseline_input(weights, logits)
+            infer = {"baseline": baseline}
             if training and self._fresh_baseline:
                 # Pyro keeps the moving average in the global param store under the site's name: start
                 # each model's training from zero (reproducible, and no stale shape from another model)
@@ -482,6 +575,9 @@ class AdditiveEffect(EffectBlock):
         else:
             fn = RelaxedBernoulliMask(tau, logits=logits)
             infer = {SURROGATE_ELBO: analytic_mask_kl_surrogate}
+            if beta < 1.0:
+                warm = partial(mask_kl_warmup_surrogate, beta, True)
+                infer = {SURROGATE_ELBO: partial(sum_of_surrogates, (analytic_mask_kl_surrogate, warm))}
         return pyro.sample("mask", fn.to_event(1), infer=infer)
 
     def effect_rows(self, g):
@@ -495,9 +591,11 @@ class AdditiveEffect(EffectBlock):
         # fix_masks are a buffer, seen by no optimiser
         free_e = self.guide_kind == "mean_field" or not self.use_masks
         logits = self.q_mask_logits if self.use_masks else None
+        # the learned score-function baseline is part of the estimator, not of the model: no weight decay
+        baseline = list(self.q_mask_baseline.parameters()) if hasattr(self, "q_mask_baseline") else []
         return parameter_roles(
             self,
-            variational=[self.q_E_loc, self.q_E_log_scale] if free_e else [],
+            variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline,
             mask_logits=[logits] if isinstance(logits, nn.Parameter) else [],
         )
 
@@ -595,7 +693,7 @@ class BetaBernoulliMaskEffect(AdditiveEffect):
         with weighted_plate(PERTURBATION_PLATE, self.n_treatments, weights):
             pi = torch.sigmoid(self.q_mask_logits).clamp(1e-6, 1 - 1e-6)
             pi = pyro.sample("mask_prob", dist.Delta(pi, event_dim=1))
-            m = self._sample_q_mask(torch.logit(pi))
+            m = self._sample_q_mask(torch.logit(pi), weights)
             return {"mask_prob": pi, "mask": m, "E": self._sample_q_E(m)}
 
 

@@ -25,6 +25,7 @@ from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.prepare import Requirement
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
+    MASK_BASELINES,
     MASK_ESTIMATORS,
     AdditiveEffect,
     BetaBernoulliActionEffect,
@@ -58,6 +59,9 @@ class ModelConfig:
     mask_baseline_beta: float = 0.9
     temperature_final: float | None = None
     temperature_anneal_steps: int = 1000
+    # warm-up of the mask KL's gradient over this many steps (0: none, the reference; a departure while < 1)
+    mask_kl_warmup_steps: int = 0
+    mask_baseline: str = "decaying_avg"  # score_function's baseline: decaying_avg | learned
     decoder_hidden: int = 128
     decoder_layers: int = 1
     encoder_hidden: int = 128
@@ -99,6 +103,8 @@ class ModelConfig:
         check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
         check_range("temperature_final", self.temperature_final, gt=0)
         check_range("temperature_anneal_steps", self.temperature_anneal_steps, ge=1)
+        check_range("mask_kl_warmup_steps", self.mask_kl_warmup_steps, ge=0)
+        check_range("mask_baseline", self.mask_baseline, choices=MASK_BASELINES)
 
     def replace(self, **kw: Any) -> ModelConfig:
         return replace_checked(self, "model", **kw)
@@ -145,6 +151,8 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         mask_baseline_beta=cfg.mask_baseline_beta,
         temperature_final=cfg.temperature_final,
         temperature_anneal_steps=cfg.temperature_anneal_steps,
+        mask_kl_warmup_steps=cfg.mask_kl_warmup_steps,
+        mask_baseline=cfg.mask_baseline,
     )
     if cfg.family == "sams":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)

@@ -105,25 +105,51 @@ def test_mask_recovery_on_the_reference_simulator(tmp_path):
 @pytest.mark.slow
 def test_mask_inference_scores_estimators_and_baselines(tmp_path):
     out = tmp_path / "mi"
-    args = ["--out", str(out), *TINY, "--seeds", "0", "--models", "cpa_vae", "sams_loo", "sams_relaxed"]
+    models = ["cpa_vae", "sams_dense", "sams_loo", "sams_relaxed"]
+    args = ["--out", str(out), *TINY, "--seeds", "0", "--models", *models]
     assert _script("mask_inference").main(args) == 0
     res = pd.read_csv(out / "results.csv")
+    dense = res[res["model"] == "sams_dense"].iloc[0]  # the dense ablation: every mask fixed on
+    assert dense["mask_recall"] == 1.0 and not np.isfinite(dense.get("undecided_mean", np.nan))
     models = set(res["model"])
-    assert {"cpa_vae", "sams_loo", "sams_relaxed"} <= models
+    assert {"cpa_vae", "sams_dense", "sams_loo", "sams_relaxed"} <= models
     assert any(m.startswith("baseline: additive") for m in models)
     sams = res[res["model"] == "sams_loo"].iloc[0]
     for col in ("ate_r_combos", "ate_r_cells", "test_iwelbo", "mask_f1", "undecided_mean", "effect_mcc"):
         assert np.isfinite(sams[col]), col
     assert 0.0 <= sams["undecided_mean"] <= 1.0
     assert (out / "summary.md").read_text().strip()
+    # --include: the rows of an earlier invocation are summarised, not rerun
+    out2 = tmp_path / "mi2"
+    args2 = [
+        "--out",
+        str(out2),
+        *TINY,
+        "--seeds",
+        "0",
+        "--models",
+        "cpa_vae",
+        "sams_dense",
+        "--include",
+        str(out),
+    ]
+    assert _script("mask_inference").main([*args2, "--ate-mc-seeds", "1"]) == 0
+    res2 = pd.read_csv(out2 / "results.csv")
+    assert not (out2 / "runs" / "seed0" / "cpa_vae").exists()
+    cpa, cpa2 = (r[r["model"] == "cpa_vae"].iloc[0] for r in (res, res2))
+    assert cpa2["test_iwelbo"] == cpa["test_iwelbo"]
+    # the ATE's Monte Carlo spread over evaluation seeds 0 and 1 (the runs reloaded from --include)
+    assert (res2.loc[res2["model"].isin(["cpa_vae", "sams_dense"]), "ate_r_cells_mc_sd"] > 0).all()
+    with pytest.raises(ValueError, match="other settings"):
+        _script("mask_inference").main([*args2[:1], str(tmp_path / "mi3"), *args2[2:], "--set", "lr=0.01"])
 
 
 @pytest.mark.slow
 def test_mask_estimators_reports_every_estimator(tmp_path):
     cfg = tmp_path / "est.yaml"
     cfg.write_text(
-        "estimators: [straight_through, score_function, loo, disarm, relaxed]\n"
-        "reference_estimator: loo\nrelaxed_temperature: 0.5\n"
+        "estimators: [straight_through, score_function, score_function_learned, loo, disarm, relaxed]\n"
+        "reference_estimator: loo\nrelaxed_temperature: 0.5\nbaseline_burn_in: 3\n"
         "model: {mask_init_logits: -1.5}\n"
         "train: {lr: 0.002, mask_lr: 0.05, batch_size: 64, n_particles: 3, val_particles: 3}\n"
         "small: {seed: 0, warmup_epochs: [0, 1], n_draws: 5, reference_draws: 10}\n"
@@ -131,9 +157,10 @@ def test_mask_estimators_reports_every_estimator(tmp_path):
     out = tmp_path / "est"
     assert _script("mask_estimators").main(["--out", str(out), "--preset", "tiny", "--config", str(cfg)]) == 0
     res = pd.read_csv(out / "results.csv")
-    assert len(res) == 10 and set(res["estimator"]) == {
+    assert len(res) == 12 and set(res["estimator"]) == {
         "straight_through",
         "score_function",
+        "score_function_learned",
         "loo",
         "disarm",
         "relaxed",
