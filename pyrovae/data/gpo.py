@@ -69,9 +69,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData, log_norm_stats
+from pyrovae.data.matrix import nonzero_counts
 
 #: obs column holding the matched control of each cell, by seed.
 MATCHED_COLUMN = "pyrovae_matched_control_{seed}"
@@ -294,7 +296,7 @@ def prepare_gpo_data(
         nodes = perturbed + extended
         new = [g for g in nodes if g not in treatments]
         if new:
-            dosage = np.concatenate([dosage, np.zeros((data.n_cells, len(new)), dtype=dosage.dtype)], axis=1)
+            dosage = sp.hstack([dosage, sp.csr_matrix((data.n_cells, len(new)), dtype=dosage.dtype)], "csr")
             treatments = treatments + new
         if treatments != nodes:  # only possible with an inconsistent earlier record
             raise ValueError("internal error: treatment columns do not match the GRN nodes")
@@ -435,13 +437,13 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
             "combinations only, load the data with split_mode='combinations'"
         )
     cols = [col[p] for p in names]
-    hit = (data.dosage[:, cols] != 0).any(1)
+    hit = nonzero_counts(data.dosage[:, cols], 1) > 0
     split = data.split.copy()
     split[hit & (split != "")] = "test"
     train_idx = np.flatnonzero(split == "train")
     if len(train_idx) == 0:
         raise ValueError("holding these perturbations out leaves no training cell")
-    if not ((data.dosage[train_idx] != 0).any(1)).any():
+    if not nonzero_counts(data.dosage[train_idx], 1).any():
         raise ValueError("holding these perturbations out leaves no perturbed training cell")
     mean, std = log_norm_stats(data.counts, train_idx)
     uns = dict(data.uns)

@@ -241,7 +241,10 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
-        model.effect.check_dosage(torch.as_tensor(data.dosage))
+        step = max(1, 2**24 // max(1, data.n_treatments))  # D is sparse: checked in dense blocks of <= 64 MB
+        for start in range(0, data.n_cells, step):
+            rows = np.arange(start, min(start + step, data.n_cells))
+            model.effect.check_dosage(torch.as_tensor(data.dosage_rows(rows)))
         self.device = resolve_device(cfg.device)
         #: data-parallel context under torchrun (None in one process); see pyrovae.infer.distributed
         self.ddp = distributed.context(self.device)
