@@ -41,8 +41,11 @@ Columns: ``cells_per_s`` (training throughput), ``step_ms``, ``step_iqr_ms`` (sp
 own overhead), ``vs_before`` (over the same model's ``pyro_before``), ``vs_prev`` (over its ``pyro_prev``),
 ``gflop_step`` (matmul FLOPs of one step, forward and backward,
 counted with :class:`torch.utils.flop_counter.FlopCounterMode`), ``mflop_cell``, ``gflops`` (achieved),
-``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start and
-after every round, since a shared machine's load comes and goes),
+``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start,
+before every step and after every round, since a shared machine's load comes and goes),
+``frac_peak_paired`` (the median over the timed steps of the step's GFLOP/s over the GFLOP/s of a 1024^3
+product timed just before it: the fraction under the same load, which ``frac_peak`` understates on a
+loaded machine),
 ``step_peak_mb`` (peak resident memory above the level before the step; CUDA: peak allocated),
 ``iwelbo_cells_per_s`` (:func:`pyrovae.infer.iwelbo.predictive_iwelbo`, 100 particles),
 ``ate_samples_per_s`` (:meth:`pyrovae.infer.predictive.Posterior.model_ate`, 2500 samples of 8
@@ -137,6 +140,7 @@ COLUMNS = [
     "mflop_cell",
     "gflops",
     "frac_peak",
+    "frac_peak_paired",
     "step_peak_mb",
     "iwelbo_cells_per_s",
     "ate_samples_per_s",
@@ -513,15 +517,19 @@ def run_benchmark(
 
     times: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
     peaks: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
+    near_peaks: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for mname, impl, step, _ in impls:  # alternate: every implementation once per round
             mem: list[float] = []
+            near = matmul_peak_gflops(peak_n, repeats=1, device=device)  # the peak just before this step
             with peak_memory(device, mem):
                 dt = timed(lambda f=step, b=batch: f(b), device)
             if r >= warmup:
                 times[(mname, impl)].append(dt)
                 peaks[(mname, impl)].append(mem[0])
+                near_peaks[(mname, impl)].append(near)
+            peak = max(peak, near)
         peak = max(peak, matmul_peak_gflops(peak_n, repeats=2, device=device))
         log(f"round {r + 1}/{warmup + steps} (matmul peak so far {peak:.1f} GFLOP/s)")
 
@@ -541,6 +549,7 @@ def run_benchmark(
                 "mflop_cell": flops / s["batch_size"] / 1e6,
                 "gflops": flops / med / 1e9,
                 "frac_peak": flops / med / 1e9 / peak,
+                "frac_peak_paired": float(np.median(flops / t / 1e9 / np.asarray(near_peaks[(mname, impl)]))),
                 "step_peak_mb": float(np.max(peaks[(mname, impl)])),
             }
         )

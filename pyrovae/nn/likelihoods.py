@@ -16,6 +16,38 @@ COUNT_LIKELIHOODS = ("nb", "poisson")
 DEFAULT_LIBRARY_SIZE = 1e4
 
 
+#: counts below this are looked up in :func:`count_lgammas`' per-gene table (larger ones computed directly)
+LGAMMA_TABLE_SIZE = 64
+
+
+def count_lgammas(concentration: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """lgamma(c + x) - lgamma(c) - lgamma(x + 1), the negative binomial's count terms, shape of ``counts``.
+
+    For a per-gene concentration c (G,) and integer counts x (..., G) (data: no gradient) the values are a
+    per-gene table over the counts k < K = min(max x + 1, LGAMMA_TABLE_SIZE), looked up: G K lgamma
+    evaluations (and digamma in the backward pass) instead of one per entry of x, the same float32
+    arithmetic on the same numbers (tests/nn/test_likelihoods.py); counts >= K are computed directly.
+    Anything else (non-integer or negative counts, other shapes, counts with a gradient): directly.
+    """
+    c, x = concentration, counts
+    direct = x.requires_grad or c.dim() != 1 or x.dim() < 1 or x.shape[-1] != c.shape[0] or x.numel() == 0
+    if not direct:
+        low, top = (float(v) for v in torch.aminmax(x))
+        direct = low < 0 or top >= 2**24 or not torch.equal(x, x.floor())
+    if direct:
+        return torch.lgamma(c + x) - torch.lgamma(c) - torch.lgamma(x + 1.0)
+    k = min(int(top) + 1, LGAMMA_TABLE_SIZE)
+    grid = torch.arange(k, dtype=c.dtype, device=c.device)
+    table = torch.lgamma(c.unsqueeze(-1) + grid) - torch.lgamma(c).unsqueeze(-1) - torch.lgamma(grid + 1.0)
+    offsets = torch.arange(c.shape[0], dtype=x.dtype, device=x.device) * k  # row g of the (G, k) table
+    out = torch.take(table, (x.clamp(max=k - 1) + offsets).long())
+    if top >= k:
+        big = (x >= k).nonzero(as_tuple=True)
+        cg, xb = c[big[-1]], x[big]
+        out = out.index_put(big, torch.lgamma(cg + xb) - torch.lgamma(cg) - torch.lgamma(xb + 1.0))
+    return out
+
+
 class GammaPoissonMean(dist.GammaPoisson):
     """The decoder's negative binomial: ``dist.GammaPoisson(theta, clamp(theta / m, min=MIN_RATE))`` given its
     concentration theta (per gene, (G,) or any shape broadcasting to the batch) and mean m (the full batch
@@ -77,7 +109,10 @@ class GammaPoissonMean(dist.GammaPoisson):
             self._validate_sample(value)
         c, m = self._own_concentration, self._mean
         post = c + value
-        lgammas = torch.lgamma(post) - torch.lgamma(c) - torch.lgamma(value + 1.0)
+        if not self.log_domain:  # the previous code path (benchmark)
+            lgammas = torch.lgamma(post) - torch.lgamma(c) - torch.lgamma(value + 1.0)
+        else:
+            lgammas = count_lgammas(c, value)
         if self.log_domain and not self.clamp_active():
             return lgammas + c * c.log() + value * m.log() - post * (m + c).log()
         rate = (c / m).clamp(min=self.MIN_RATE)

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyrovae.nn.likelihoods import Decoder, GammaPoissonMean
+from pyrovae.nn.likelihoods import LGAMMA_TABLE_SIZE, Decoder, GammaPoissonMean, count_lgammas
 
 MIN_RATE = GammaPoissonMean.MIN_RATE
 
@@ -119,3 +119,29 @@ def test_decoder_nb_is_the_mean_parametrised_gamma_poisson():
     theta = dec.log_theta.exp()
     ref = dist.GammaPoisson(theta, (theta / (mu + 1e-4)).clamp(min=MIN_RATE)).to_event(1)
     torch.testing.assert_close(d.log_prob(x), ref.log_prob(x))
+
+
+@pytest.mark.parametrize("top", [5.0, 500.0])  # within the table / beyond it (some entries computed directly)
+def test_count_lgammas_table_equals_the_direct_terms(top):
+    g = torch.Generator().manual_seed(1)
+    theta = (torch.rand(9, generator=g) * 3 + 0.01).requires_grad_()
+    x = torch.poisson(torch.rand(4, 6, 9, generator=g) * top, generator=g)
+    x[0, 0] = 0.0
+    assert (x.max() >= LGAMMA_TABLE_SIZE) == (top > LGAMMA_TABLE_SIZE)
+    got = count_lgammas(theta, x)
+    want = torch.lgamma(theta + x) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
+    assert torch.equal(got, want)  # the same float32 arithmetic on the same numbers
+    up = torch.randn(x.shape, generator=g)
+    (g1,) = torch.autograd.grad((got * up).sum(), theta)
+    (g2,) = torch.autograd.grad((want * up).sum(), theta)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_count_lgammas_computes_non_integer_or_negative_values_directly():
+    theta = torch.tensor([0.5, 2.0])
+    for x in (torch.tensor([[0.5, 1.0]]), torch.tensor([[-1.0, 2.0]]), torch.zeros(0, 2)):
+        want = torch.lgamma(theta + x) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
+        torch.testing.assert_close(count_lgammas(theta, x), want, equal_nan=True)
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)  # counts with a gradient: directly, differentiable
+    count_lgammas(theta, x).sum().backward()
+    assert x.grad is not None
