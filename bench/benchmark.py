@@ -49,8 +49,8 @@ loaded machine),
 ``step_peak_mb`` (peak resident memory above the level before the step; CUDA: peak allocated),
 ``iwelbo_cells_per_s`` (:func:`pyrovae.infer.iwelbo.predictive_iwelbo`, 100 particles),
 ``ate_samples_per_s`` (:meth:`pyrovae.infer.predictive.Posterior.model_ate`, 2500 samples of 8
-perturbations, in 10 calls of 250 samples: one call draws all its global particles at once, O(S T K)
-memory, several GB for 2500 samples at T = 722), ``eval_peak_mb``. The plain-torch rows leave the
+perturbations, in 10 calls of 250 samples; each call draws its global particles up to 256 at a time,
+O(256 T K) memory), ``eval_peak_mb``. The plain-torch rows leave the
 evaluation columns empty.
 """
 
