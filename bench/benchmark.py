@@ -22,28 +22,35 @@ step in one process, so a load change on a shared machine hits them alike):
   [x, z_p] for every particle and the embedding encoder on [m_t, onehot(t)];
 - ``torch_fused``: the same objective and draws, with the two first-layer shortcuts pyrovae's own
   networks take (:meth:`pyrovae.nn.mlp.ResidualMLP.forward_parts`): the x block of the encoder's first layer
-  once per cell instead of once per particle, the one-hot block as a row lookup of the weight.
+  once per cell instead of once per particle, the one-hot block as a row lookup of the weight; and the
+  negative binomial's log-domain form (:func:`nb_log_prob_log_domain`).
   ``pyro / torch_fused`` is Pyro's own overhead; ``pyro / torch`` the figure against a plain
   implementation of the reference's networks;
 - ``pyro_before`` (with ``--before``): each model with pyrovae's speed paths switched off
   (:func:`plain_paths`: the code before they were added, the same function) and Pyro's validation on every
   step (the previous default), so ``vs_before`` is the speed-up of the cuts measured in the same process;
+- ``pyro_prev`` (with ``--previous``): each model run as ``pyro`` but with the negative binomial's previous
+  rate form (:func:`previous_paths`, main at d74d563), so ``vs_prev`` is the speed-up of the log-domain
+  form (:class:`pyrovae.nn.likelihoods.GammaPoissonMean`) measured in the same process;
 - ``pyro_validated`` (SAMS-VAE only): ``pyro`` with Pyro's and torch's validation on every step
   (``TrainConfig(validate_args=True)``); ``pyro`` runs as :meth:`~pyrovae.infer.train.Trainer.fit` runs a
   step by default, validation on the Trainer's first step only (:meth:`Trainer.step_validation`).
 
 Columns: ``cells_per_s`` (training throughput), ``step_ms``, ``step_iqr_ms`` (spread), ``vs_torch``
 (cells/s over the plain-torch SAMS-VAE's), ``vs_fused`` (over ``torch_fused``'s: the same FLOPs, so Pyro's
-own overhead), ``vs_before`` (over the same model's ``pyro_before``),
+own overhead), ``vs_before`` (over the same model's ``pyro_before``), ``vs_prev`` (over its ``pyro_prev``),
 ``gflop_step`` (matmul FLOPs of one step, forward and backward,
 counted with :class:`torch.utils.flop_counter.FlopCounterMode`), ``mflop_cell``, ``gflops`` (achieved),
-``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start and
-after every round, since a shared machine's load comes and goes),
+``frac_peak`` (of the fp32 matmul peak at this thread count: the best 1024^3 product timed at the start,
+before every step and after every round, since a shared machine's load comes and goes),
+``frac_peak_paired`` (the median over the timed steps of the step's GFLOP/s over the GFLOP/s of a 1024^3
+product timed just before it: the fraction under the same load, which ``frac_peak`` understates on a
+loaded machine),
 ``step_peak_mb`` (peak resident memory above the level before the step; CUDA: peak allocated),
 ``iwelbo_cells_per_s`` (:func:`pyrovae.infer.iwelbo.predictive_iwelbo`, 100 particles),
 ``ate_samples_per_s`` (:meth:`pyrovae.infer.predictive.Posterior.model_ate`, 2500 samples of 8
-perturbations, in 10 calls of 250 samples: one call draws all its global particles at once, O(S T K)
-memory, several GB for 2500 samples at T = 722), ``eval_peak_mb``. The plain-torch rows leave the
+perturbations, in 10 calls of 250 samples; each call draws its global particles up to 256 at a time,
+O(256 T K) memory), ``eval_peak_mb``. The plain-torch rows leave the
 evaluation columns empty.
 """
 
@@ -81,6 +88,7 @@ from pyrovae.models import effects, penalties  # noqa: E402
 from pyrovae.models.skeleton import PerturbationVAE  # noqa: E402
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config  # noqa: E402
 from pyrovae.nn import likelihoods  # noqa: E402
+from pyrovae.nn.likelihoods import GammaPoissonMean  # noqa: E402
 from pyrovae.nn.mlp import GaussianMLP  # noqa: E402
 
 #: benchmark sizes: the Replogle setting and a tiny one for the smoke test.
@@ -128,10 +136,12 @@ COLUMNS = [
     "vs_torch",
     "vs_fused",
     "vs_before",
+    "vs_prev",
     "gflop_step",
     "mflop_cell",
     "gflops",
     "frac_peak",
+    "frac_peak_paired",
     "step_peak_mb",
     "iwelbo_cells_per_s",
     "ate_samples_per_s",
@@ -139,9 +149,9 @@ COLUMNS = [
 ]
 #: columns left empty on the plain-torch rows (no evaluation there).
 EVAL_COLUMNS = ("iwelbo_cells_per_s", "ate_samples_per_s", "eval_peak_mb")
-#: columns that may be empty: the evaluation ones (on "pyro" and "pyro_before" rows only), and vs_before
-#: (filled with --before, on "pyro" rows)
-OPTIONAL_COLUMNS = EVAL_COLUMNS + ("vs_before",)
+#: columns that may be empty: the evaluation ones (on "pyro", "pyro_before" and "pyro_prev" rows only),
+#: vs_before and vs_prev (filled with --before / --previous, on "pyro" rows)
+OPTIONAL_COLUMNS = EVAL_COLUMNS + ("vs_before", "vs_prev")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -198,6 +208,21 @@ def nb_log_prob(x: torch.Tensor, concentration: torch.Tensor, rate: torch.Tensor
     )
 
 
+def nb_log_prob_log_domain(
+    x: torch.Tensor, concentration: torch.Tensor, log_concentration: torch.Tensor, mean: torch.Tensor
+) -> torch.Tensor:
+    """:func:`nb_log_prob` at rate concentration / mean, the rate terms in the log domain."""
+    post = x + concentration
+    return (
+        torch.lgamma(post)
+        - torch.lgamma(concentration)
+        - torch.lgamma(x + 1.0)
+        + concentration * log_concentration
+        + x * mean.log()
+        - post * (mean + concentration).log()
+    )
+
+
 def _standard_normal(shape, like: torch.Tensor) -> torch.Tensor:
     # the call Pyro's Normal.rsample makes, so the same seed gives the same draws
     return torch.empty(shape, dtype=like.dtype, device=like.device).normal_()
@@ -213,15 +238,33 @@ def plain_paths():
     """pyrovae with its speed paths switched off, i.e. the code before they were added: MLPs on
     materialised concatenations (no split first layer, one-hot blocks multiplied), dense dosage products,
     Pyro's GammaPoisson (lgamma on the particle-broadcast shape). The same function (tested in
-    tests/models/test_fast_paths.py), so ``pyro_before`` rows measure the cuts in the same process."""
+    tests/models/test_fast_paths.py), so ``pyro_before`` rows measure the cuts in the same process.
+    (It predates :func:`previous_paths`, so the negative binomial is Pyro's on the rate in either.)"""
     from unittest import mock
 
     with (
         mock.patch.object(GaussianMLP, "forward_parts", _concat_parts),
         mock.patch.object(effects, "matmul_dosage", torch.matmul),
         mock.patch.object(penalties, "matmul_dosage", torch.matmul),
-        mock.patch.object(likelihoods, "GammaPoissonSharedConcentration", dist.GammaPoisson),
+        mock.patch.object(likelihoods, "GammaPoissonMean", pyro_gamma_poisson),
     ):
+        yield
+
+
+def pyro_gamma_poisson(concentration: torch.Tensor, mean: torch.Tensor) -> dist.GammaPoisson:
+    """The decoder's negative binomial as Pyro's ``GammaPoisson`` (lgamma on the broadcast shape)."""
+    rate = (concentration / mean).clamp(min=GammaPoissonMean.MIN_RATE)
+    return dist.GammaPoisson(concentration, rate)
+
+
+@contextlib.contextmanager
+def previous_paths():
+    """pyrovae as it was before the negative binomial's log-domain form (main at d74d563): the rate form
+    lgamma terms on (B, G), theta log r - (theta + x) log1p(r) on (P, B, G) with r = clamp(theta / m)).
+    The same function (tests/nn/test_likelihoods.py), so ``pyro_prev`` rows measure that cut."""
+    from unittest import mock
+
+    with mock.patch.object(GammaPoissonMean, "log_domain", False):
         yield
 
 
@@ -300,7 +343,10 @@ def plain_sams_loss(
     dec = model.decoder
     mu = lib.unsqueeze(-1) * torch.softmax(dec.head(dec.trunk(z + zp)), dim=-1)
     theta = dec.log_theta.exp()
-    log_p_x = nb_log_prob(x, theta, (theta / (mu + 1e-4)).clamp(min=1e-6)).sum(-1)
+    if fused:  # the log-domain form pyrovae's GammaPoissonMean takes (the clamp is inactive at these sizes)
+        log_p_x = nb_log_prob_log_domain(x, theta, dec.log_theta, mu + 1e-4).sum(-1)
+    else:
+        log_p_x = nb_log_prob(x, theta, (theta / (mu + 1e-4)).clamp(min=1e-6)).sum(-1)
     local = (log_p_x + log_p_z - log_q_z).sum(-1) * (n_cells / B)  # (P,)
     return -((glob + local) / n_cells).mean()
 
@@ -392,6 +438,10 @@ def timed(fn: Callable[[], object], device) -> float:
     return time.perf_counter() - t0
 
 
+#: the implementations whose evaluation throughput is measured, with the code paths they run under
+EVALUATED = {"pyro": contextlib.nullcontext, "pyro_before": plain_paths, "pyro_prev": previous_paths}
+
+
 def run_benchmark(
     size: str = "replogle",
     models: list[str] | None = None,
@@ -402,10 +452,12 @@ def run_benchmark(
     eval_models: list[str] | None = None,
     log: Callable[[str], None] = print,
     before: bool = False,
+    previous: bool = False,
 ) -> tuple[list[dict[str, float | str]], dict[str, float]]:
     """Measure every implementation; returns (rows with :data:`COLUMNS`, machine info).
 
-    ``before``: also a ``pyro_before`` row per model, the same model run under :func:`plain_paths`.
+    ``before``: also a ``pyro_before`` row per model, the same model run under :func:`plain_paths`;
+    ``previous``: a ``pyro_prev`` row per model, run under :func:`previous_paths`.
     """
     s = SIZES[size]
     models = list(MODEL_ZOO) if models is None else models
@@ -434,7 +486,7 @@ def run_benchmark(
     impls: list[tuple[str, str, Callable[[dict], object], object]] = []
     trainers: dict[tuple[str, str], Trainer] = {}
     for name in models:
-        variants = ("pyro", "pyro_before") if before else ("pyro",)
+        variants = ("pyro",) + (("pyro_before",) if before else ()) + (("pyro_prev",) if previous else ())
         if name == "sams_vae":
             variants += ("pyro_validated",)
         for impl in variants:
@@ -454,6 +506,8 @@ def run_benchmark(
                 step = _in(plain_paths, step)
             elif impl == "pyro":  # as Trainer.fit runs it: validation on the first step only (the default)
                 step = _in(trainer.step_validation, step)
+            elif impl == "pyro_prev":  # the previous code path, run as "pyro" is
+                step = _in(previous_paths, _in(trainer.step_validation, step))
             impls.append((name, impl, step, model))
         if name == "sams_vae":
             n_t = counts["perturbations"]
@@ -471,15 +525,19 @@ def run_benchmark(
 
     times: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
     peaks: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
+    near_peaks: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _, _ in impls}
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for mname, impl, step, _ in impls:  # alternate: every implementation once per round
             mem: list[float] = []
+            near = matmul_peak_gflops(peak_n, repeats=1, device=device)  # the peak just before this step
             with peak_memory(device, mem):
                 dt = timed(lambda f=step, b=batch: f(b), device)
             if r >= warmup:
                 times[(mname, impl)].append(dt)
                 peaks[(mname, impl)].append(mem[0])
+                near_peaks[(mname, impl)].append(near)
+            peak = max(peak, near)
         peak = max(peak, matmul_peak_gflops(peak_n, repeats=2, device=device))
         log(f"round {r + 1}/{warmup + steps} (matmul peak so far {peak:.1f} GFLOP/s)")
 
@@ -499,6 +557,7 @@ def run_benchmark(
                 "mflop_cell": flops / s["batch_size"] / 1e6,
                 "gflops": flops / med / 1e9,
                 "frac_peak": flops / med / 1e9 / peak,
+                "frac_peak_paired": float(np.median(flops / t / 1e9 / np.asarray(near_peaks[(mname, impl)]))),
                 "step_peak_mb": float(np.max(peaks[(mname, impl)])),
             }
         )
@@ -511,16 +570,19 @@ def run_benchmark(
         old = by_key.get((r["model"], "pyro_before"))
         if r["impl"] == "pyro" and old is not None:
             r["vs_before"] = r["cells_per_s"] / old["cells_per_s"]
+        prev = by_key.get((r["model"], "pyro_prev"))
+        if r["impl"] == "pyro" and prev is not None:
+            r["vs_prev"] = r["cells_per_s"] / prev["cells_per_s"]
 
     # evaluation throughput (Pyro models only)
     eval_rows = data.indices("train")[: s["iwelbo_cells"]]
     perts = list(data.treatments[: s["ate_perturbations"]])
     for r in rows:
-        if r["impl"] not in ("pyro", "pyro_before") or r["model"] not in eval_models:
+        if r["impl"] not in EVALUATED or r["model"] not in eval_models:
             continue
         model = trainers[(r["model"], r["impl"])].model.eval()
         mem: list[float] = []
-        paths = plain_paths() if r["impl"] == "pyro_before" else contextlib.nullcontext()
+        paths = EVALUATED[r["impl"]]()
         with peak_memory(device, mem), paths:
             dt = timed(
                 lambda m=model: predictive_iwelbo(
@@ -595,6 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--before", action="store_true", help="also each model with the speed paths off (pyro_before rows)"
     )
+    p.add_argument(
+        "--previous",
+        action="store_true",
+        help="also each model with the previous negative binomial (pyro_prev rows: main at d74d563)",
+    )
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0 or a.threads < 1:
         p.error("--steps and --threads must be >= 1 and --warmup >= 0")
@@ -620,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         split(a.eval_models),
         log=lambda m: print(m, file=sys.stderr),
         before=a.before,
+        previous=a.previous,
     )
     print(format_table(rows, info))
     write_rows(a.out, rows)

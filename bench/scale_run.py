@@ -138,7 +138,8 @@ def scale_run(args) -> None:
     size_mb = path.stat().st_size / 2**20
     data, row = ph.run("read backed + validate", lambda: load_perturbation_data(path, backed=True))
     row["file_mb"] = size_mb
-    row["dosage_mb"] = data.dosage.nbytes / 2**20
+    d = data.dosage  # CSR: values, column indices, row pointers
+    row["dosage_mb"] = (d.data.nbytes + d.indices.nbytes + d.indptr.nbytes) / 2**20
     mcfg = model_config(
         "sams_vae",
         n_latent=args.latent,

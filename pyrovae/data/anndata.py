@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from pyrovae.config import PyrovaeWarning
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
-from pyrovae.data.matrix import dense_rows
+from pyrovae.data.matrix import dense_rows, nonzero_counts
 from pyrovae.data.protocols import combination_labels, pick_combinations
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -63,7 +63,8 @@ class PerturbationData:
         genes: G gene names.
         labels: (N,) canonical perturbation labels (sorted tokens joined by ``sep``; controls =
             ``control_label``).
-        dosage: (N, T) float32 dosage matrix D.
+        dosage: (N, T) float32 dosage matrix D, a ``scipy.sparse.csr_matrix`` (a dense array given here is
+            converted): memory O(nnz + N), not O(N T); :meth:`dosage_rows` densifies a minibatch's rows.
         treatments: T treatment names (columns of D).
         split: (N,) ``"train"``, ``"val"``, ``"test"`` or ``""`` (cell used by no split).
         library_size: (N,) total counts over the modelled genes.
@@ -81,7 +82,7 @@ class PerturbationData:
     counts: Any  # np.ndarray, scipy.sparse.csr_matrix, or a backed on-disk matrix
     genes: list[str]
     labels: np.ndarray
-    dosage: np.ndarray
+    dosage: sp.csr_matrix
     treatments: list[str]
     split: np.ndarray
     library_size: np.ndarray
@@ -94,6 +95,11 @@ class PerturbationData:
     uns: dict[str, Any]
     is_count_data: bool = True
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.dosage
+        if not (sp.isspmatrix_csr(d) and d.dtype == np.float32):
+            self.dosage = sp.csr_matrix(d if sp.issparse(d) else np.asarray(d), dtype=np.float32)
 
     @property
     def n_cells(self) -> int:
@@ -118,7 +124,7 @@ class PerturbationData:
     def treatment_counts(self, split: str | None = "train") -> np.ndarray:
         """(T,) N_t: number of cells of ``split`` whose dosage column t is non-zero."""
         idx = self.indices(split)
-        return (self.dosage[idx] != 0).sum(0).astype(np.float32)
+        return nonzero_counts(self.dosage[idx], 0).astype(np.float32)
 
     def untrained(self) -> np.ndarray:
         """(T,) bool: the treatments with no training cell (:func:`untrained_treatments` of the training
@@ -128,6 +134,10 @@ class PerturbationData:
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 counts of the given rows only, shape (len(idx), G)."""
         return dense_rows(self.counts, idx)
+
+    def dosage_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 dosage rows of the given cells only, shape (len(idx), T)."""
+        return dense_rows(self.dosage, idx)
 
     def groups(self, split: str | None = None) -> list[str]:
         """Sorted distinct non-control labels present in ``split``."""
@@ -321,7 +331,7 @@ def _split_by_name(obs_names: pd.Index, stored: pd.Series) -> np.ndarray:
 def _warn_risky(
     labels: np.ndarray,
     split: np.ndarray,
-    dosage: np.ndarray,
+    dosage: sp.csr_matrix,
     treatments: Sequence[str],
     control_label: str,
     raw_labels: np.ndarray,
@@ -336,7 +346,7 @@ def _warn_risky(
             PyrovaeWarning,
             stacklevel=3,
         )
-    untrained = [t for t, u in zip(treatments, untrained_treatments((dosage[train] != 0).sum(0))) if u]
+    untrained = [t for t, u in zip(treatments, untrained_treatments(nonzero_counts(dosage[train], 0))) if u]
     if untrained:
         warnings.warn(
             f"{len(untrained)} perturbation(s) have no training cell ({', '.join(untrained[:8])}"
@@ -521,6 +531,7 @@ def load_perturbation_data(
         combo_sep,
         encode_combos_as_unique,
         treatments=None if schema is None else schema["treatments"],
+        sparse=True,
     )
     labels = labels.astype(str)
     if schema is None and not treatments:

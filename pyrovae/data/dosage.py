@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from pyrovae.config import PyrovaeWarning
 
@@ -90,7 +91,8 @@ def build_dosage(
     sep: str = "+",
     encode_combos_as_unique: bool = False,
     treatments: Sequence[str] | None = None,
-) -> tuple[np.ndarray, list[str], np.ndarray]:
+    sparse: bool = False,
+) -> tuple[np.ndarray | sp.csr_matrix, list[str], np.ndarray]:
     """Build the dosage matrix.
 
     Args:
@@ -100,10 +102,11 @@ def build_dosage(
         encode_combos_as_unique: one column per distinct combination instead of multi-hot.
         treatments: a fixed treatment vocabulary (e.g. a trained model's); labels using a treatment
             outside it raise ``ValueError`` naming them.
+        sparse: return D as a ``scipy.sparse.csr_matrix`` (never dense: memory O(nnz + N)).
 
     Returns:
-        D: (N, T) float32 0/1 matrix; treatments: the T column names; canonical: (N,) canonical labels
-        (sorted tokens joined by ``sep``, controls mapped to ``control_label``).
+        D: (N, T) float32 0/1 matrix (CSR with ``sparse``); treatments: the T column names; canonical: (N,)
+        canonical labels (sorted tokens joined by ``sep``, controls mapped to ``control_label``).
     """
     labels = np.asarray(labels, dtype=object)
     unique, inverse = np.unique(labels.astype(str), return_inverse=True)
@@ -139,7 +142,8 @@ def build_dosage(
             f"{', ...' if len(treatments) > 10 else ''}); predict them only with a model trained on them"
         )
     canon = np.array([canonical_label(p, control_label, sep) for p in parsed], dtype=object)
-    return rows[inverse], treatments, canon[inverse]
+    d = sp.csr_matrix(rows)[inverse] if sparse else rows[inverse]
+    return d, treatments, canon[inverse]
 
 
 def dosage_for(

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData
@@ -220,7 +221,7 @@ def grn_targets(
     nodes = perturbed + extended
     new = [g for g in nodes if g not in treatments]
     if new:
-        dosage = np.concatenate([dosage, np.zeros((data.n_cells, len(new)), dtype=dosage.dtype)], axis=1)
+        dosage = sp.hstack([dosage, sp.csr_matrix((data.n_cells, len(new)), dtype=dosage.dtype)], "csr")
         treatments = treatments + new
     if treatments != nodes:  # only possible with an inconsistent earlier record
         raise ValueError("internal error: treatment columns do not match the GRN nodes")

@@ -112,7 +112,7 @@ class MinibatchLoader:
         d = self.data
         out = {
             "x": self._tensor(d.rows(rows) if x is None else x),
-            "d": self._tensor(d.dosage[rows]),
+            "d": self._tensor(d.dosage_rows(rows)),  # D stays sparse; densified per minibatch
             "library_size": self._tensor(d.library_size[rows]),
             "idx": self._tensor(pos.astype(np.int64)),
             "rows": self._tensor(rows.astype(np.int64)),

@@ -73,6 +73,14 @@ def normalize_log(
     return np.log2(np.add(x, 1.0, out=x), out=x)
 
 
+def nonzero_counts(m: Any, axis: int) -> np.ndarray:
+    """(n_cols,) for ``axis=0`` or (n_rows,) for ``axis=1``: the number of non-zero entries of each column or
+    row of a dense or SciPy-sparse matrix (a sparse one is not densified)."""
+    if sp.issparse(m):
+        return np.asarray((m != 0).sum(axis)).reshape(-1)
+    return (np.asarray(m) != 0).sum(axis)
+
+
 def dense_cols(m: Any, cols: np.ndarray | None = None, dtype: Any = np.float64) -> np.ndarray:
     """Dense (n_rows, len(cols)) ``dtype`` copy of the columns ``cols`` (every column when None) of a dense
     or sparse matrix; always a new array, so callers may modify it in place."""

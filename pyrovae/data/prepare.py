@@ -62,6 +62,7 @@ import numpy as np
 
 from pyrovae.data.anndata import PerturbationData, log_norm_stats
 from pyrovae.data.grn import UNS_KEY, grn_targets
+from pyrovae.data.matrix import nonzero_counts
 from pyrovae.data.qc import counterfactual_expression, qc_indicator
 
 #: data options (kept in a run's ``config.json``) read by :func:`prepare_data`, besides ``split_seed``.
@@ -334,13 +335,13 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
             "combinations only, load the data with split_mode='combinations'"
         )
     cols = [col[p] for p in names]
-    hit = (data.dosage[:, cols] != 0).any(1)
+    hit = nonzero_counts(data.dosage[:, cols], 1) > 0
     split = data.split.copy()
     split[hit & (split != "")] = "test"
     train_idx = np.flatnonzero(split == "train")
     if len(train_idx) == 0:
         raise ValueError("holding these perturbations out leaves no training cell")
-    if not ((data.dosage[train_idx] != 0).any(1)).any():
+    if not nonzero_counts(data.dosage[train_idx], 1).any():
         raise ValueError("holding these perturbations out leaves no perturbed training cell")
     mean, std = log_norm_stats(data.counts, train_idx)
     uns = dict(data.uns)

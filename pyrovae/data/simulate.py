@@ -717,7 +717,8 @@ def write_perturbseq_h5ad(
                 z, group_grn[group_of[sl]], low_quality[sl], library, decoder, baseline, theta, crng
             )
             chunk = sp.csr_matrix(counts.astype(np.float32))
-            if c == 0:
+            if c == 0:  # a 64-bit indptr: more than 2^31 non-zeros at ~2 M cells x 2,000 genes
+                chunk.indptr = chunk.indptr.astype(np.int64)
                 ad.io.write_elem(f, "X", chunk)
             else:
                 ad.io.sparse_dataset(f["X"]).append(chunk)

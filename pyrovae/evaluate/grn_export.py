@@ -28,7 +28,7 @@ import torch
 
 from pyrovae.data.anndata import untrained_treatments
 from pyrovae.data.grn import UNS_KEY
-from pyrovae.data.matrix import select_rows
+from pyrovae.data.matrix import nonzero_counts, select_rows
 from pyrovae.data.pairing import log_normalize
 from pyrovae.evaluate import grn as grn_eval
 from pyrovae.evaluate.grn import (
@@ -82,7 +82,7 @@ def run_n_perturbed(run, data=None) -> int:
         rec = data.uns.get(UNS_KEY)
         if isinstance(rec, dict) and "n_perturbed" in rec and list(data.treatments) == treatments:
             return int(rec["n_perturbed"])
-        used = (np.asarray(data.dosage) != 0).any(0)
+        used = nonzero_counts(data.dosage, 0) > 0
     else:
         used = ~untrained_treatments(run.schema["train_treatment_counts"])
     idx = np.flatnonzero(used)

@@ -438,6 +438,9 @@ class Posterior:
             transform: ``"perturbseq"`` (log2(1e4 x / sum x + 1), the reference's) or ``"mean"`` (identity);
                 default perturbseq for count likelihoods and identity for the normal likelihood.
 
+            chunk: samples drawn at once (global draws, basal noise, counts): memory O(chunk (T K + U G));
+                the same ``seed`` and ``chunk`` give the same numbers.
+
         Returns:
             DataFrame (perturbation x genes), index = canonical labels in the given order;
             ``attrs["prediction"]`` = :meth:`prediction_methods` (warns when a label rests on a prior draw).
@@ -463,11 +466,10 @@ class Posterior:
             lib_all = torch.as_tensor(lib_all, dtype=torch.float32, device=self.device)
         total = torch.zeros(U, len(self.genes), dtype=torch.float64)
         with rng_scope(seed):
-            g_all = self._draw_globals(n_samples)
-            for s in range(0, n_samples, chunk):
+            for s in range(0, n_samples, chunk):  # globals drawn per chunk: memory O(chunk), not O(S)
                 e = min(s + chunk, n_samples)
                 n = e - s
-                g = {k: v[s:e] for k, v in g_all.items()}
+                g = self._draw_globals(n)
                 eps = torch.randn(n, 1, self.model.n_latent, device=self.device)
                 loc = self.model.effect.prior_loc(d_unique, g) if g else None
                 z = eps.expand(n, U, eps.shape[-1]) if loc is None else eps + loc

@@ -200,21 +200,29 @@ def evaluate_loss(
     n_particles: int = 5,
     batch_size: int = 512,
     device: str = "cpu",
+    ddp: distributed.DataParallel | None = None,
 ) -> float:
     """Held-out predictive negative ELBO per cell of ``split`` (globals drawn from q, not scored).
 
     Treatments with no training cell are drawn from their prior, as at prediction time
     (:meth:`PerturbationVAE.sample_globals`), so early stopping scores the predictor that is used.
+    ``ddp``: each rank scores its contiguous share of the split's cells (``np.array_split``) and the
+    per-cell sum and the count are averaged over the ranks: the mean over every cell of the split, each
+    scored once (not every rank scoring the whole split).
     """
-    loader = MinibatchLoader(data, split, batch_size, device=device)
+    rows = data.indices(split)
+    if ddp is not None:
+        rows = np.array_split(rows, ddp.world_size)[ddp.rank]
     elbo = make_elbo(n_particles)
-    n = loader.n_cells
+    n = len(rows)
     untrained_np = data.untrained()
     untrained = torch.as_tensor(untrained_np, device=device)
     redraw = bool(untrained_np.any()) and model.effect.has_globals  # decided on the host, once
     model_fn, guide_fn = model.model, model.guide
     total = 0.0
-    for batch in loader:
+    # (an empty split in one process: the loader's error; a rank may get no cells when there are few)
+    batches = MinibatchLoader(data, split, batch_size, device=device, indices=rows) if n or not ddp else []
+    for batch in batches:
         if redraw:
             g = model.sample_globals(n_particles, untrained=untrained)
             if n_particles == 1:
@@ -226,6 +234,8 @@ def evaluate_loss(
             # conditioned globals are 'observed' in both programs; they carry weight 0 here either way
             warnings.filterwarnings("ignore", message="Found non-auxiliary vars in guide but not model")
             total += elbo.loss(model_fn, guide_fn, batch, n, w, 1.0 / n) * batch["x"].shape[0]
+    if ddp is not None:  # sum over ranks of the per-cell sums / sum of the counts
+        return ddp.mean(total, device) / ddp.mean(float(n), device)
     return total / n
 
 
@@ -241,7 +251,10 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
-        model.effect.check_dosage(torch.as_tensor(data.dosage))
+        step = max(1, 2**24 // max(1, data.n_treatments))  # D is sparse: checked in dense blocks of <= 64 MB
+        for start in range(0, data.n_cells, step):
+            rows = np.arange(start, min(start + step, data.n_cells))
+            model.effect.check_dosage(torch.as_tensor(data.dosage_rows(rows)))
         self.device = resolve_device(cfg.device)
         #: data-parallel context under torchrun (None in one process); see pyrovae.infer.distributed
         self.ddp = distributed.context(self.device)
@@ -372,7 +385,9 @@ class Trainer:
             rec = {"epoch": self.epoch, "step": self.step, "train_loss": float(np.mean(losses))}
             rec.update({k: float(v) / len(losses) for k, v in extras_sum.items()})
             if has_val:
-                rec["val_loss"] = evaluate_loss(model, data, "val", cfg.val_particles, cfg.batch_size, device)
+                rec["val_loss"] = evaluate_loss(
+                    model, data, "val", cfg.val_particles, cfg.batch_size, device, ddp=ddp
+                )
             if ddp is not None:  # the same numbers on every rank, so that they stop together
                 rec = {k: ddp.mean(v) if k.endswith("loss") else v for k, v in rec.items()}
             rec["seconds"] = time.perf_counter() - t0

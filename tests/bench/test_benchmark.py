@@ -51,7 +51,8 @@ def test_plain_torch_loss_equals_pyro_loss_on_the_same_draws(fused, n_treatments
 
 def test_quick_benchmark_writes_the_table(tmp_path):
     out = tmp_path / "quick.csv"
-    argv = ["--quick", "--models", "sams_vae,cpa_vae", "--out", str(out), "--warmup", "1", "--before"]
+    argv = ["--quick", "--models", "sams_vae,cpa_vae", "--out", str(out), "--warmup", "1"]
+    argv += ["--before", "--previous"]
     assert benchmark.main(argv) == 0
     with open(out) as f:
         reader = csv.DictReader(f)
@@ -60,35 +61,41 @@ def test_quick_benchmark_writes_the_table(tmp_path):
     assert [(r["model"], r["impl"]) for r in rows] == [
         ("sams_vae", "pyro"),
         ("sams_vae", "pyro_before"),
+        ("sams_vae", "pyro_prev"),
         ("sams_vae", "pyro_validated"),
         ("sams_vae", "torch"),
         ("sams_vae", "torch_fused"),
         ("cpa_vae", "pyro"),
         ("cpa_vae", "pyro_before"),
+        ("cpa_vae", "pyro_prev"),
     ]
     for r in rows:
         for c in benchmark.COLUMNS[2:]:
             if c in benchmark.OPTIONAL_COLUMNS and r[c] == "":
-                evaluated = r["impl"] in ("pyro", "pyro_before")
+                evaluated = r["impl"] in ("pyro", "pyro_before", "pyro_prev")
                 assert (c in benchmark.EVAL_COLUMNS and not evaluated) or (
-                    c == "vs_before" and r["impl"] != "pyro"
+                    c in ("vs_before", "vs_prev") and r["impl"] != "pyro"
                 ), (c, r)
                 continue
             v = float(r[c])
             assert math.isfinite(v), (c, r)
             assert v >= 0 if c.endswith("_mb") or c == "step_iqr_ms" else v > 0, (c, r)
-    assert float(rows[3]["vs_torch"]) == 1.0 and float(rows[4]["vs_fused"]) == 1.0
-    assert rows[0]["vs_before"] != ""
+    assert float(rows[4]["vs_torch"]) == 1.0 and float(rows[5]["vs_fused"]) == 1.0
+    assert rows[0]["vs_before"] != "" and rows[0]["vs_prev"] != ""
 
 
 def test_plain_paths_restore_the_fast_paths():
     from pyrovae.models import effects
+    from pyrovae.nn import likelihoods
     from pyrovae.nn.mlp import GaussianMLP
 
-    fast = (GaussianMLP.forward_parts, effects.matmul_dosage)
+    fast = (GaussianMLP.forward_parts, effects.matmul_dosage, likelihoods.GammaPoissonMean)
     with benchmark.plain_paths():
         assert effects.matmul_dosage is torch.matmul
-    assert (GaussianMLP.forward_parts, effects.matmul_dosage) == fast
+    assert (GaussianMLP.forward_parts, effects.matmul_dosage, likelihoods.GammaPoissonMean) == fast
+    with benchmark.previous_paths():
+        assert not likelihoods.GammaPoissonMean.log_domain
+    assert likelihoods.GammaPoissonMean.log_domain
 
 
 def test_scale_run_smoke(tmp_path):
@@ -132,9 +139,10 @@ def test_log_domain_negative_binomial_is_the_same_density():
     x = torch.poisson(torch.full((7, 11), 2.0, dtype=torch.float64), generator=g)
     lib = torch.rand(7, generator=g, dtype=torch.float64) * 100 + 10
     log_theta = torch.randn(11, generator=g, dtype=torch.float64)
-    want = nb_logprob.nb_pyrovae(out, log_theta, x, lib)
+    want = nb_logprob.nb_rate_form(out, log_theta, x, lib)
     got = nb_logprob.nb_log_domain(out, log_theta, x, lib)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(nb_logprob.nb_pyrovae(out, log_theta, x, lib), want, rtol=1e-10, atol=1e-10)
     m = lib.unsqueeze(-1) * torch.softmax(out, -1) + 1e-4  # both are the NB density of mean m
     ref = torch.distributions.NegativeBinomial(total_count=log_theta.exp(), probs=m / (m + log_theta.exp()))
     ref = ref.log_prob(x)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from pyrovae.data.dosage import (
     COMMON_CONTROL_LABELS,
@@ -259,3 +262,24 @@ def test_find_control_label_error_lists_labels():
 def test_short_gene_like_labels_are_not_controls():
     # "NT" can be a target name; only unambiguous control spellings are recognised
     assert find_control_label(["NT", "control", "A"], None) == "control"
+
+
+def test_sparse_dosage_equals_the_dense_one_and_is_never_dense():
+    labels = np.array(["ctrl", "A", "B+A", "C", "A"] * 3)
+    dense, treatments, canon = build_dosage(labels, "ctrl")
+    d, treatments2, canon2 = build_dosage(labels, "ctrl", sparse=True)
+    assert sp.isspmatrix_csr(d) and d.dtype == np.float32 and d.nnz == int((dense != 0).sum())
+    np.testing.assert_array_equal(d.toarray(), dense)
+    assert treatments2 == treatments and list(canon2) == list(canon)
+    # memory O(nnz + N): 20,000 cells x 2,000 treatments would be 160 MB dense
+    rng = np.random.default_rng(0)
+    names = np.array([f"P{t}" for t in range(2000)] + ["ctrl"])
+    many = names[rng.integers(0, len(names), size=20_000)]
+    tracemalloc.start()
+    try:
+        big, _, _ = build_dosage(many, "ctrl", sparse=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert big.shape == (20_000, 2000) and big.nnz == int((many != "ctrl").sum())
+    assert peak < 40 * 2**20, peak / 2**20  # the unique labels' (U, T) rows (16 MB) and O(N) arrays

@@ -65,7 +65,7 @@ def test_batch_shapes_and_contents():
         assert b["rows"].shape == (bsz,) and b["rows"].dtype == torch.int64
         rows = b["rows"].numpy()
         np.testing.assert_array_equal(b["x"].numpy(), x[rows])
-        np.testing.assert_array_equal(b["d"].numpy(), data.dosage[rows])
+        np.testing.assert_array_equal(b["d"].numpy(), data.dosage_rows(rows))
         np.testing.assert_allclose(b["library_size"].numpy(), x[rows].sum(1))
         assert b["x"].device == torch.device("cpu")
     assert set(batches[0]) == {"x", "d", "library_size", "idx", "rows"}
@@ -170,6 +170,8 @@ def test_sparse_batch_never_calls_toarray_on_whole_matrix(monkeypatch):
     monkeypatch.setattr(sp.csr_matrix, "toarray", spy)
     collect(MinibatchLoader(data, "train", batch_size=4))
     assert shapes and all(s[0] <= 4 for s in shapes)
+    # the dosage matrix too: it stays CSR and only a minibatch's rows are densified
+    assert sp.isspmatrix_csr(data.dosage) and (4, data.n_treatments) in shapes
 
 
 def test_split_none_and_explicit_indices():
@@ -260,7 +262,7 @@ def test_backed_training_reads_blocks_and_covers_every_cell_once(tmp_path, monke
         np.testing.assert_array_equal(want[idx], rows)
         for b in batches:
             np.testing.assert_array_equal(b["x"].numpy(), x[b["rows"].numpy()])
-            np.testing.assert_array_equal(b["d"].numpy(), data.dosage[b["rows"].numpy()])
+            np.testing.assert_array_equal(b["d"].numpy(), data.dosage_rows(b["rows"].numpy()))
         assert [len(b["idx"]) for b in batches[:-1]] == [16] * (len(batches) - 1)  # full batches
         epochs.append(idx)
     assert len(reads) == 2 * int(np.ceil(len(want) / 20))  # one read per block of 20 cells

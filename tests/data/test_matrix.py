@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from pyrovae.data.matrix import dense_cols, dense_rows, select_rows, to_dense
+from pyrovae.data.matrix import dense_cols, dense_rows, nonzero_counts, select_rows, to_dense
 
 
 def _matrices(tmp_path):
@@ -45,3 +45,10 @@ def test_dense_cols_is_a_copy_and_to_dense_converts():
         np.testing.assert_array_equal(x, np.arange(12.0).reshape(3, 4))
     assert to_dense(x) is x  # no copy unless asked
     assert to_dense(x, copy=True) is not x and to_dense(sp.csr_matrix(x), np.float32).dtype == np.float32
+
+
+def test_nonzero_counts_of_dense_and_sparse_matrices():
+    x = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 4.0]], dtype=np.float32)
+    for m in (x, sp.csr_matrix(x)):
+        np.testing.assert_array_equal(nonzero_counts(m, 0), [1, 2, 1])
+        np.testing.assert_array_equal(nonzero_counts(m, 1), [1, 1, 2])

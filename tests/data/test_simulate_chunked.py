@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 
@@ -54,6 +55,8 @@ def test_chunked_writer_is_seeded_and_reads_backed(tmp_path):
     data = load_perturbation_data(p1, backed=True)
     assert data.n_cells == 390 and data.n_genes == 40
     np.testing.assert_array_equal(data.rows(np.array([0, 7, 389])), x1[[0, 7, 389]])
+    with h5py.File(p1, "r") as f:  # 64-bit row pointers: appending past 2^31 non-zeros stays possible
+        assert f["X"]["indptr"].dtype == np.int64 and f["X"]["indptr"][-1] == (x1 != 0).sum()
 
 
 def test_chunked_writer_rejects_bad_chunks(tmp_path):

@@ -2,7 +2,7 @@
 
 ``ddp_worker.py grad OUT`` writes ``grad_rank{r}.pt`` (the rank's minibatch positions and its all-reduced
 gradients of one step at a fixed seed); ``ddp_worker.py train OUT`` trains into ``OUT/run``, then resumes it
-for more epochs.
+for more epochs; ``ddp_worker.py val OUT`` writes ``val_rank{r}.pt`` (the sharded validation loss).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.infer import distributed  # noqa: E402
 from pyrovae.infer.runs import train_run  # noqa: E402
-from pyrovae.infer.train import Trainer, split_counts  # noqa: E402
+from pyrovae.infer.train import Trainer, evaluate_loss, split_counts  # noqa: E402
 from pyrovae.models.zoo import model_config  # noqa: E402
 from tests.infer.test_distributed import (  # noqa: E402
     BATCH,
@@ -27,6 +27,8 @@ from tests.infer.test_distributed import (  # noqa: E402
     GRAD_SEED,
     MODEL,
     MORE_EPOCHS,
+    VAL_PARTICLES,
+    VAL_SEED,
     make_data,
     make_model,
     train_config,
@@ -45,6 +47,12 @@ def main(mode: str, out: Path) -> None:
         train_run(
             data, mcfg, train_config(BATCH, max_epochs=MORE_EPOCHS), out / "run", resume=True, progress=False
         )
+        return
+    if mode == "val":  # the validation loss, each rank scoring its share of the cells
+        model = make_model(data)
+        pyro.set_rng_seed(VAL_SEED + ddp.rank)
+        val = evaluate_loss(model, data, "val", VAL_PARTICLES, BATCH, ddp=ddp)
+        torch.save({"val": val}, out / f"val_rank{ddp.rank}.pt")
         return
     # one step: the all-reduced gradient
     model = make_model(data)

@@ -20,11 +20,12 @@ from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.infer import distributed
 from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig, make_elbo, split_counts
+from pyrovae.infer.train import TrainConfig, evaluate_loss, make_elbo, split_counts
 from pyrovae.models.zoo import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, PARTICLES, GRAD_SEED, EPOCHS, MORE_EPOCHS = 16, 3, 123, 12, 15
+VAL_SEED, VAL_PARTICLES = 11, 2
 MODEL = dict(n_latent=4, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=8)
 
 
@@ -109,6 +110,37 @@ def test_allreduced_gradient_equals_the_union_gradient(tmp_path, monkeypatch):
     assert set(r0["grads"]) == {k for k, p in got.items() if p.grad is not None}
     for k, g in r0["grads"].items():
         torch.testing.assert_close(g, got[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+class _OneShard:
+    """A single-process stand-in for rank ``rank`` of ``world`` ranks, with no other rank to average with."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def mean(self, value: float, device="cpu") -> float:
+        return float(value)
+
+
+def test_sharded_validation_loss_is_the_single_process_mean_over_the_cells(tmp_path):
+    """2 ranks each score their half of the validation cells; the result is the mean over all of them,
+    equal to one process scoring the same two halves with the same draws (and within noise of the
+    unsharded loss)."""
+    ddp_out = launch("val", tmp_path)
+    v0, v1 = (torch.load(ddp_out / f"val_rank{r}.pt", weights_only=True)["val"] for r in (0, 1))
+    assert v0 == v1  # every rank holds the same number
+    data = make_data()
+    model = make_model(data)
+    halves = np.array_split(data.indices("val"), 2)
+    means = []
+    for r in (0, 1):
+        pyro.set_rng_seed(VAL_SEED + r)
+        means.append(evaluate_loss(model, data, "val", VAL_PARTICLES, BATCH, ddp=_OneShard(r, 2)))
+    want = sum(m * len(h) for m, h in zip(means, halves)) / sum(len(h) for h in halves)
+    assert v0 == pytest.approx(want, rel=1e-6)
+    pyro.set_rng_seed(VAL_SEED)
+    whole = [evaluate_loss(model, data, "val", VAL_PARTICLES, BATCH) for _ in range(4)]
+    assert abs(v0 - np.mean(whole)) < 4 * np.std(whole) + 1e-3 * abs(v0)
 
 
 def _curve(path: Path) -> dict[str, np.ndarray]:

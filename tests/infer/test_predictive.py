@@ -151,3 +151,19 @@ def test_to_arviz_groups_and_dims(tiny_data):
     assert counts.shape == (1, 7, 2, tiny_data.n_genes)
     assert list(counts.coords["gene"].values) == tiny_data.genes
     assert list(counts.coords["cell"].values) == ["control", "A+B"]
+
+
+def test_model_ate_draws_the_globals_chunk_by_chunk(tiny_data, monkeypatch):
+    """Memory O(chunk): no call draws over ``chunk`` global samples; same seed and chunk, same numbers."""
+    post = Posterior(_model("sams_vae", tiny_data), tiny_data.schema())
+    sizes: list[int] = []
+    real = Posterior._draw_globals
+
+    def spy(self, n):
+        sizes.append(n)
+        return real(self, n)
+
+    monkeypatch.setattr(Posterior, "_draw_globals", spy)
+    a1 = post.model_ate(["A", "B"], n_samples=50, chunk=16, seed=4)
+    assert sizes == [16, 16, 16, 2]
+    assert a1.equals(post.model_ate(["A", "B"], n_samples=50, chunk=16, seed=4))

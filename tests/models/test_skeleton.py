@@ -120,7 +120,7 @@ def test_minibatch_objective_is_unbiased(name, scaling, tiny_data, tiny_data_uni
     # make sure the toy split uses several treatments
     loader = MinibatchLoader(data, indices=rows, batch_size=6)
     n, B = len(rows), 3
-    counts = {"perturbations": torch.as_tensor((data.dosage[rows] != 0).sum(0), dtype=torch.float32)}
+    counts = {"perturbations": torch.as_tensor((data.dosage_rows(rows) != 0).sum(0), dtype=torch.float32)}
     torch.manual_seed(0)
     values = {k: v.detach() for k, v in model.draw_globals().items()}
     values["z_basal"] = torch.randn(n, 3)
@@ -179,7 +179,7 @@ def test_minibatch_objective_matches_independent_full_data_elbo(name, tiny_data,
     rows = data.indices("train")[:7]
     loader = MinibatchLoader(data, indices=rows, batch_size=7)
     n, B = len(rows), 3
-    counts = {"perturbations": torch.as_tensor((data.dosage[rows] != 0).sum(0), dtype=torch.float32)}
+    counts = {"perturbations": torch.as_tensor((data.dosage_rows(rows) != 0).sum(0), dtype=torch.float32)}
     values = {k: v.detach() for k, v in model.draw_globals().items()}
     values["z_basal"] = torch.randn(n, 3)
     full_batch = loader.batch(np.arange(n))
@@ -230,7 +230,7 @@ def test_elbo_matches_closed_form_linear_gaussian(tiny_data):
     rows = data.indices("train")[:10]
     batch = MinibatchLoader(data, indices=rows, batch_size=10).batch(np.arange(10))
     n = 10
-    counts = {"perturbations": torch.as_tensor((data.dosage[rows] != 0).sum(0), dtype=torch.float32)}
+    counts = {"perturbations": torch.as_tensor((data.dosage_rows(rows) != 0).sum(0), dtype=torch.float32)}
     w = model.global_weights(batch, counts, n, "per_treatment")
     elbo = make_elbo(20000)
     with torch.no_grad():
@@ -285,7 +285,7 @@ def test_svae_plus_untrained_treatment_gets_no_shift_not_its_init(tiny_data_uniq
 
 def test_svae_plus_rejects_combinations(tiny_data):
     model = _build("svae_plus", tiny_data)
-    d = torch.as_tensor(tiny_data.dosage)
+    d = torch.as_tensor(tiny_data.dosage.toarray())
     assert d.sum(-1).max() == 2  # the fixture has "A+B" cells
     with pytest.raises(ValueError, match="encode_combos_as_unique=True"):
         model.effect.check_dosage(d)
