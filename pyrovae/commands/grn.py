@@ -81,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(edges)} edges among {T} GRN nodes ({n_pert} perturbed, {T - n_pert} extended); "
         f"probability > 0.5: {counts['perturbed']} perturbed-block, {counts['extended']} extended-block"
     )
+    blind = int(((edges["probability"] > 0.5) & ~edges["regulator_perturbed"]).sum())
+    if blind:
+        print(
+            f"note: {blind} of the edges above 0.5 leave a gene with no perturbed training cell "
+            "(regulator_perturbed = False): no knock-down informs those rows, so read them as no evidence"
+        )
     if args.truth:
         truth = ground_truth(adata)
         scores = score_run_grn(run_, truth, data, baselines=True, split="train")

@@ -55,7 +55,7 @@ def _model_of(model_or_run) -> PerturbationVAE:
 def grn_logits(model_or_run) -> np.ndarray:
     """(T, T) mask logits W of a GPO-VAE model (rows: regulators, columns: targets)."""
     model = _model_of(model_or_run)
-    w = getattr(model.effect, "q_mask_logits", None)
+    w = model.effect.mask_logits()
     if w is None or w.ndim != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(
             "this model has no square gene x gene mask (it is not a GPO-VAE model); a GRN exists only for "
@@ -108,7 +108,10 @@ def grn_edges(
 
     Returns:
         DataFrame with columns ``source``, ``target``, ``probability``, ``block`` (``"perturbed"`` when both
-        ends are perturbed genes, else ``"extended"``), sorted by block, then probability (descending).
+        ends are perturbed genes, else ``"extended"``) and ``regulator_perturbed`` (the source is one of the
+        perturbed genes: its row was fitted to its knock-down; the rows of the other sources are shaped
+        only by the K-hop terms and the sparsity penalty, and under ``gpo_vae``'s aligned defaults they
+        saturate, so they are no evidence of regulation), sorted by block, then probability (descending).
     """
     probs = grn_probabilities(model_or_run)
     T = probs.shape[0]
@@ -135,6 +138,7 @@ def grn_edges(
             "target": np.asarray(names, dtype=object)[t],
             "probability": probs[keep].astype(np.float64),
             "block": pd.Categorical(block, categories=list(BLOCKS)),
+            "regulator_perturbed": s < n_perturbed,
         }
     )
     df = df.sort_values(["block", "probability", "source", "target"], ascending=[True, False, True, True])
@@ -314,7 +318,7 @@ def gpo_unseen_globals(
         ``mask`` and ``E`` of shape (n, T, T).
     """
     grn_logits(model)  # raises for non-GPO models
-    w = model.effect.q_mask_logits
+    w = model.effect.mask_logits()
     dev = w.device
     unseen = torch.as_tensor(np.asarray(unseen, dtype=bool), device=dev)
     seen_t = ~unseen if seen is None else torch.as_tensor(np.asarray(seen, dtype=bool), device=dev) & ~unseen

@@ -349,6 +349,11 @@ class EffectBlock(nn.Module):
         """(T, dim) q(m = 1) of the block's mask entries, detached; ``None`` for a block without masks."""
         return None
 
+    def mask_logits(self) -> torch.Tensor | None:
+        """(T, dim) logits of q(m = 1), detached, for a block whose q(M) is Bernoulli with free logits
+        (SAMS-VAE, GPO-VAE: there the (T, T) GRN W); ``None`` otherwise."""
+        return None
+
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         """The block's parameters by optimiser role (:data:`PARAM_ROLES`, :func:`param_groups`): network
         weights, variational parameters (and point-estimated per-treatment values), mask logits. The
@@ -585,6 +590,9 @@ class AdditiveEffect(EffectBlock):
 
     def mask_probs(self) -> torch.Tensor | None:
         return torch.sigmoid(self.q_mask_logits.detach()) if self.use_masks else None
+
+    def mask_logits(self) -> torch.Tensor | None:
+        return self.q_mask_logits.detach() if self.use_masks else None
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         # q(E)'s free mean-field parameters are variational; q(E | M)'s network is a network; masks fixed by

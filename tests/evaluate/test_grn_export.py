@@ -37,7 +37,8 @@ def test_edges_names_blocks_and_self_loops():
     model, w = _model()
     probs = torch.sigmoid(w).numpy()
     edges = grn_edges(model, NODES, n_perturbed=3)
-    assert list(edges.columns) == ["source", "target", "probability", "block"]
+    assert list(edges.columns) == ["source", "target", "probability", "block", "regulator_perturbed"]
+    assert (edges["regulator_perturbed"] == edges["source"].isin(NODES[:3])).all()
     assert len(edges) == 16 - 4 and not (edges["source"] == edges["target"]).any()
     pos = {n: i for i, n in enumerate(NODES)}
     for r in edges.itertuples():
@@ -179,6 +180,9 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
     assert set(edges["block"]) == {"perturbed", "extended"}
     pert = set(adata.var_names[adata.var["perturbed"]])
     assert set(edges.loc[edges["block"] == "perturbed", "source"]) <= pert
+    assert (edges["regulator_perturbed"] == edges["source"].isin(pert)).all()
+    blind = int(((edges["probability"] > 0.5) & ~edges["regulator_perturbed"]).sum())
+    assert (f"note: {blind} of the edges" in text) == (blind > 0)
     np.testing.assert_allclose(
         np.sort(edges["probability"].to_numpy()),
         np.sort(grn_probabilities(run)[~np.eye(T, dtype=bool)]),
