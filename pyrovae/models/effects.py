@@ -49,8 +49,8 @@ BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
 #: baselines of the ``score_function`` estimator: Pyro's decaying average of the downstream cost, or that
 #: plus a learned correction (:class:`LearnedMaskBaseline`, fitted by Pyro's squared-error baseline loss)
 MASK_BASELINES = ("decaying_avg", "learned")
-#: q(E) families of :class:`AdditiveEffect` (``correlated``: the reference's; ``correlated_free``: a departure)
-GUIDES = ("mean_field", "correlated", "correlated_free")
+#: q(E) families of :class:`AdditiveEffect` (``correlated``: the reference's; ``correlated_free*``: departure)
+GUIDES = ("mean_field", "correlated", "correlated_free", "correlated_free_scale")
 #: how a treatment with no training cell is predicted (:meth:`EffectBlock.untrained_method`):
 #: ``grn_transfer`` (GPO-VAE: mask row from the learned GRN, effect sizes from seen perturbations),
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
@@ -371,12 +371,15 @@ class AdditiveEffect(EffectBlock):
         mask_prior: Bernoulli prior probability of a mask entry; ``None``: no masks (CPA-VAE).
         embedding_prior_scale: prior std of E.
         guide: ``"mean_field"``: q(M) q(E) factorised with free parameters; ``"correlated"``:
-            q(M) q(E | M) with an MLP on [m_t, onehot(t)] (the reference, §3.1); ``"correlated_free"``:
+            q(M) q(E | M) with an MLP on [m_t, onehot(t)] (the reference, §3.3); ``"correlated_free"``:
             q(M) q(E | M) = Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) * scale([m_t, onehot(t)])) with
             free per-treatment parameters a, b (T, K) (variational, initialised at 0, so the guide starts as
             ``"correlated"``) on top of the same MLP. A departure from the reference's guide family (the
             objective is the paper's): each treatment's effect gets its own free mean, as in CPA-VAE's
-            mean-field q(E), while the network keeps the dependence on the masks.
+            mean-field q(E), while the network keeps the dependence on the masks. ``"correlated_free_scale"``:
+            Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) + 1e-4): the same free mean offset and CPA-VAE's free
+            per-entry scale (starting at 1) instead of the network's (a departure; a diagnostic of where the
+            dense-mask IWELBO gap to CPA-VAE comes from, README "Mask inference").
         compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
             ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
         temperature: relaxation temperature of the straight-through / relaxed mask estimators.
@@ -479,7 +482,7 @@ class AdditiveEffect(EffectBlock):
             if mask_estimator == "score_function" and mask_baseline == "learned":
                 self.q_mask_baseline = LearnedMaskBaseline(n_treatments)
         if guide != "correlated" or not self.use_masks:
-            # mean-field: q(E)'s parameters; correlated_free: the free offsets a, b of q(E | M)
+            # mean-field: q(E)'s parameters; correlated_free*: the free offsets a, b of q(E | M)
             self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
             self.q_E_log_scale = nn.Parameter(torch.zeros(n_treatments, effect_dim))
         if guide != "mean_field" and self.use_masks:
@@ -517,6 +520,8 @@ class AdditiveEffect(EffectBlock):
             loc, scale = self.q_E_net.forward_parts([m, self.n_treatments])
             if self.guide_kind == "correlated_free":
                 loc, scale = loc + self.q_E_loc, scale * self.q_E_log_scale.exp()
+            elif self.guide_kind == "correlated_free_scale":
+                loc, scale = loc + self.q_E_loc, (self.q_E_log_scale.exp() + 1e-4).expand_as(loc)
         else:
             loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
         return pyro.sample("E", dist.Normal(loc, scale).to_event(1))

@@ -48,7 +48,8 @@ class ModelConfig:
     family: str = "sams"  # sams | sams_beta_bernoulli | cpa | svae_plus | conditional | gpo
     n_latent: int = 10
     likelihood: str = "nb"
-    # q(E) family: mean_field | correlated (reference) | correlated_free (free per-treatment offsets; departure)
+    # q(E) family: mean_field | correlated (reference) | correlated_free | correlated_free_scale (free
+    # per-treatment offsets on q(E | M)'s network; departures, see pyrovae.models.effects.AdditiveEffect)
     guide: str = "correlated"
     conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
     mask_prior: float = 0.01
