@@ -25,6 +25,7 @@ from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.prepare import Requirement
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
+    GUIDES,
     MASK_BASELINES,
     MASK_ESTIMATORS,
     AdditiveEffect,
@@ -47,7 +48,9 @@ class ModelConfig:
     family: str = "sams"  # sams | sams_beta_bernoulli | cpa | svae_plus | conditional | gpo
     n_latent: int = 10
     likelihood: str = "nb"
-    guide: str = "correlated"  # q(E) family: mean_field | correlated
+    # q(E) family: mean_field | correlated (reference) | correlated_free | correlated_free_scale (free
+    # per-treatment offsets on q(E | M)'s network; departures, see pyrovae.models.effects.AdditiveEffect)
+    guide: str = "correlated"
     conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
     mask_prior: float = 0.01
     embedding_prior_scale: float = 1.0
@@ -87,7 +90,7 @@ class ModelConfig:
         coerce_fields(self)
         check_range("family", self.family, choices=FAMILIES)
         check_range("likelihood", self.likelihood, choices=("nb", "poisson", "normal"))
-        check_range("guide", self.guide, choices=("mean_field", "correlated"))
+        check_range("guide", self.guide, choices=GUIDES)
         check_range("conditioning", self.conditioning, choices=("x", "x_shift", "x_dosage"))
         check_range("mask_prior", self.mask_prior, gt=0, lt=1)
         for name in ("embedding_prior_scale", "temperature", "svae_beta_c1", "svae_beta_c2"):

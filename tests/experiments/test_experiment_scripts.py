@@ -145,6 +145,27 @@ def test_mask_inference_scores_estimators_and_baselines(tmp_path):
 
 
 @pytest.mark.slow
+def test_iwelbo_gap_rescores_earlier_runs(tmp_path):
+    out = tmp_path / "mi"
+    base = [*TINY, "--seeds", "0", "--models", "cpa_vae", "sams_dense"]
+    assert _script("mask_inference").main(["--out", str(out), *base]) == 0
+    gap = tmp_path / "gap"
+    assert _script("iwelbo_gap").main(["--out", str(gap), "--runs", str(out), *base]) == 0
+    res = pd.read_csv(gap / "results.csv")
+    assert len(res) == 6  # 2 models x (100, 400 particles, q(E) narrowed)
+    assert set(res["particles"]) == {100, 400}
+    cpa = res[res["model"] == "cpa_vae"]
+    assert (cpa["test - ref"] == 0).all()
+    sams = res[res["model"] == "sams_dense"]
+    assert np.isfinite(sams[["test", "test - ref", "test_control - ref", "train_1500"]].to_numpy()).all()
+    # the narrowed q(E) changes the score; the control cells (no effect row) do not move
+    as_trained = sams[(sams["globals"] == "as trained") & (sams["particles"] == 100)].iloc[0]
+    narrow = sams[sams["globals"] != "as trained"].iloc[0]
+    assert narrow["test"] != as_trained["test"]
+    assert narrow["test_control"] == pytest.approx(as_trained["test_control"])
+
+
+@pytest.mark.slow
 def test_mask_estimators_reports_every_estimator(tmp_path):
     cfg = tmp_path / "est.yaml"
     cfg.write_text(
