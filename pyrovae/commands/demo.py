@@ -40,7 +40,7 @@ from pyrovae.outputs import atomic_write, clear_output_dir, mark_output_dir, wri
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
 from pyrovae.report import markdown_table, mean_std
 
-# Settings chosen for the demo's budget (2.7 min measured on 2 CPU cores for the default preset, < 10 min):
+# Settings chosen for the demo's budget (1.4 min measured on 2 idle cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
 # larger step (lr 2e-3, kept stable by the global gradient clipping at 100) on batches of 256 cells, 3
 # ELBO particles, and a fixed epoch budget (early stopping on the validation loss still picks the best).

@@ -538,4 +538,13 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
             save_run_config(run_dir, model_cfg, train_cfg, data, stored.get("data", {}), name, schema=False)
     elif main:
         save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {}, model_name)
-    trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
+    try:
+        trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
+    except KeyboardInterrupt:
+        # Ctrl-C between last.pt and metrics.csv would leave the table one epoch behind the checkpoint
+        # (--resume repairs it); bring it level with last.pt's history so the stopped run is consistent
+        if main and (run_dir / LAST).exists():
+            history = read_checkpoint(run_dir / LAST, "cpu").get("history")
+            if history is not None:
+                write_csv(run_dir / METRICS, history)
+        raise

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import make_adata
 
+import pyrovae.infer.runs as runs_mod
 from pyrovae.cli import main
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
@@ -218,7 +219,8 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(trained, tmp_path):
     run = tmp_path / "r"
     net = [f"{k}={v}" for k, v in SMALL.items()]
     cmd = [sys.executable, "-m", "pyrovae.cli", "train", "--data", str(data_path), "--out", str(run)]
-    cmd += ["--quiet", "--set", *net, "max_epochs=400", "batch_size=32"]
+    # no early stop and no end in sight: the run must be the one interrupted (tiny epochs take milliseconds)
+    cmd += ["--quiet", "--set", *net, "max_epochs=100000", "patience=100000", "batch_size=32"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -235,6 +237,32 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(trained, tmp_path):
     run_ = load_run(run, checkpoint="last")  # checkpoints intact
     epochs = len(pd.read_csv(run / "metrics.csv"))
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == epochs == len(run_.metrics())
+
+
+def test_ctrl_c_between_last_pt_and_metrics_leaves_them_level(tmp_path, monkeypatch):
+    """An interrupt in the window after last.pt and before metrics.csv: the table is brought level."""
+    real = runs_mod.write_csv
+    calls = {"n": 0}
+
+    def interrupted_once(path, rows):
+        if Path(path).name == "metrics.csv" and calls["n"] == 1:  # epoch 2's row, after its last.pt
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        calls["n"] += Path(path).name == "metrics.csv"
+        return real(path, rows)
+
+    monkeypatch.setattr(runs_mod, "write_csv", interrupted_once)
+    cfg = TrainConfig(max_epochs=5, batch_size=64, n_particles=1, val_particles=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(
+            load_perturbation_data(make_adata()),
+            model_config("cpa_vae", **SMALL),
+            cfg,
+            tmp_path / "r",
+            progress=False,
+        )
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 == len(pd.read_csv(tmp_path / "r" / "metrics.csv"))
 
 
 # --------------------------------------------------------------------------- 7. no half-made state
