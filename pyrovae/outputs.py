@@ -299,6 +299,22 @@ def clear_output_dir(
         shutil.rmtree(path)
 
 
+def fresh_output_dir(path: str | Path, kind: str, overwrite: bool) -> Path:
+    """An empty (or new) output directory of ``kind``, marked as pyrovae's.
+
+    A non-empty ``path`` is refused unless ``overwrite``, and then replaced only if pyrovae wrote it as a
+    ``kind`` directory holding nothing else (:func:`clear_output_dir`).
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already exists and is not empty; choose another --out or pass --overwrite"
+            )
+        clear_output_dir(path, kind)
+    return mark_output_dir(path, kind)
+
+
 @contextlib.contextmanager
 def staged_dir(
     final: str | Path, kind: str, overwrite: bool, protect: Iterable[str | Path] = ()

@@ -36,7 +36,7 @@ from pyrovae.evaluate.structure import mask_recovery
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
-from pyrovae.outputs import atomic_write, clear_output_dir, mark_output_dir, write_json
+from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
 from pyrovae.report import markdown_table, mean_std
 
@@ -78,14 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return run_gpo(args)
     t0 = time.perf_counter()
     device = command_device(args)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not args.overwrite:
-            raise FileExistsError(
-                f"{out} already exists and is not empty; choose another --out or pass --overwrite"
-            )
-        clear_output_dir(out, "demo")  # only a demo directory pyrovae wrote, holding nothing else
-    mark_output_dir(out, "demo")
+    out = fresh_output_dir(args.out, "demo", args.overwrite)  # replaces only a demo pyrovae wrote
     log = print if not args.quiet else (lambda *a, **k: None)
 
     # ------------------------------------------------------------------ data: simulate, split, write

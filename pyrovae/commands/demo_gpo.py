@@ -37,7 +37,7 @@ from pyrovae.evaluate.score import score_ate
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
-from pyrovae.outputs import atomic_write, clear_output_dir, mark_output_dir, write_json
+from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.report import markdown_table
 
 #: held-out perturbed genes (never trained on) and the demo's training budget (about 1 CPU-minute on the
@@ -118,14 +118,7 @@ def unseen_table(rep: dict, model_label: str) -> pd.DataFrame:
 def run_gpo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = command_device(args)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not args.overwrite:
-            raise FileExistsError(
-                f"{out} already exists and is not empty; choose another --out or pass --overwrite"
-            )
-        clear_output_dir(out, "demo")
-    mark_output_dir(out, "demo")
+    out = fresh_output_dir(args.out, "demo", args.overwrite)  # replaces only a demo pyrovae wrote
     log = print if not args.quiet else (lambda *a, **k: None)
 
     sim = {"grn_shape": args.grn_shape} if args.grn_shape else {}
