@@ -29,35 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.benchmark import nb_log_prob, nb_log_prob_log_domain  # noqa: E402
 from pyrovae.nn.likelihoods import GammaPoissonMean  # noqa: E402
 
 
 def nb_rate_form(out, log_theta, x, lib):
-    mu = lib.unsqueeze(-1) * torch.softmax(out, -1)
     theta = log_theta.exp()
-    rate = (theta / (mu + 1e-4)).clamp(min=1e-6)
-    post = theta + x
-    return (
-        torch.lgamma(post)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
-        + theta * rate.log()
-        - post * torch.log1p(rate)
-    )
+    rate = (theta / (lib.unsqueeze(-1) * torch.softmax(out, -1) + 1e-4)).clamp(min=1e-6)
+    return nb_log_prob(x, theta, rate)
 
 
 def nb_log_domain(out, log_theta, x, lib):
     m = lib.unsqueeze(-1) * torch.softmax(out, -1) + 1e-4
-    theta = log_theta.exp()
-    post = theta + x
-    return (
-        torch.lgamma(post)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
-        + theta * log_theta
-        + x * m.log()
-        - post * (m + theta).log()
-    )
+    return nb_log_prob_log_domain(x, log_theta.exp(), log_theta, m)
 
 
 def nb_pyrovae(out, log_theta, x, lib):

@@ -31,12 +31,13 @@ import pandas as pd
 
 from pyrovae.commands.common import command_device
 from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.data.prepare import prepare_data
 from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
 from pyrovae.evaluate.grn_export import score_run_grn
 from pyrovae.evaluate.score import score_ate
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
-from pyrovae.models.zoo import model_config
+from pyrovae.models.zoo import data_requirements, model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.report import markdown_table
 
@@ -133,22 +134,24 @@ def run_gpo(args: argparse.Namespace) -> int:
         "holdout_perturbations": held,
         "qc_key": "low_quality",
     }
+    cfg = model_config("gpo_vae", **DEMO_GPO_MODEL)
     data = load_perturbation_data(adata, perturbation_key="perturbation", split_seed=args.seed)
+    # what the model declares it needs, prepared once: train_run keeps prepared data as it is, and the
+    # scores below read the same data (the GRN nodes as treatments, ΔX, QC)
+    data = prepare_data(data, data_requirements(cfg), opts)
     shape = args.grn_shape or adata.uns["simulation_config"].get("grn_shape", "random")
     log(
         f"simulated {args.preset!r} (seed {args.seed}, GRN shape {shape}): {data.n_cells} cells x "
-        f"{data.n_genes} genes; held-out perturbations (test only): {', '.join(held)}"
+        f"{data.n_genes} genes, {data.n_treatments} GRN nodes; held-out perturbations (test only): "
+        f"{', '.join(held)}"
     )
 
     epochs = args.epochs or DEMO_GPO_EPOCHS.get(args.preset, 20)
-    cfg = model_config("gpo_vae", **DEMO_GPO_MODEL)
     tcfg = TrainConfig(max_epochs=epochs, seed=args.seed, device=device, **DEMO_GPO_TRAIN)
     log(f"training GPO-VAE ({epochs} epochs, lr {tcfg.lr}, batch {tcfg.batch_size})")
     ts = time.perf_counter()
     run = train_run(data, cfg, tcfg, out / "gpo_vae", data_options=opts, progress=not args.quiet)
     train_s = time.perf_counter() - ts
-    data = run.load_data(adata)  # as the run prepared it (prep.json): the GRN nodes as treatments, ΔX, QC
-    log(f"{data.n_treatments} GRN nodes")
 
     # the held-out genes' rows have no data for any method (GPO-VAE's are untrained), so they are left out
     scores = score_run_grn(run, without_genes(truth, held), data, baselines=True, split="train")
