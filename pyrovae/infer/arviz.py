@@ -15,6 +15,8 @@ first, positional ``data`` argument). Both results are indexed the same way: ``o
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,20 +78,10 @@ def installed_from_dict() -> Callable[..., Any]:
     """The installed ``from_dict``: ``arviz.from_dict`` (0.x or 1.x), else ``arviz_base.from_dict``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.23 announces the 1.x migration on import
-        try:
-            import arviz
-
-            return arviz.from_dict
-        except ImportError:
-            pass
-        try:
-            import arviz_base
-
-            return arviz_base.from_dict
-        except ImportError as err:
-            raise ImportError(
-                "the ArviZ export needs ArviZ: pip install arviz (0.x on Python 3.11, 1.x on >= 3.12)"
-            ) from err
+        for name in ("arviz", "arviz_base"):  # optional dependencies, imported only when exporting
+            if importlib.util.find_spec(name) is not None:
+                return importlib.import_module(name).from_dict
+    raise ImportError("the ArviZ export needs ArviZ: pip install arviz (0.x on Python 3.11, 1.x on >= 3.12)")
 
 
 def takes_nested_dict(from_dict: Callable[..., Any]) -> bool:
