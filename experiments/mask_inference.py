@@ -186,10 +186,9 @@ class MaskTracker:
 
         if self.fixed_on:
             model.effect.fix_masks(torch.ones_like(model.effect.q_mask_logits))
-        trained = model.effect.param_roles()["mask_logits"]  # none without masks or with fixed masks
-        if not trained:
+        logits = getattr(model.effect, "q_mask_logits", None)
+        if not isinstance(logits, torch.nn.Parameter):  # no masks (CPA-VAE) or masks fixed
             return
-        (logits,) = trained
 
         def hook(grad, logits=logits):
             p = torch.sigmoid(logits.detach())

@@ -90,3 +90,55 @@ class AntitheticBernoulli(DetachedBernoulli):
             rest = torch.rand((shape[0] - 2 * half,) + shape[1:], dtype=p.dtype, device=p.device)
             u = torch.cat([u, 1.0 - u, rest], dim=0)
             return (u < p).to(p.dtype)
+
+
+class SpikeSlabNormal(dist.TorchDistribution):
+    """q(e | m) of the ``spike_slab`` guide, per entry: Normal(loc, scale) where m = 1 (the slab), the prior
+    Normal(0, prior_scale) where m = 0 (the spike's effect row is never seen by the likelihood).
+
+    This is the spike-and-slab variational family (Titsias & Lazaro-Gredilla 2011): with q(e | m = 0) equal
+    to the prior, an entry that is off costs no KL and its slab parameters are fitted only by the draws in
+    which it is on. ``log_prob(e) = m log N(e; loc, scale) + (1 - m) log N(e; 0, prior_scale)``, exact for a
+    hard m and linear in m, so a straight-through mask gradient sees the KL cost of switching an entry on.
+
+    ``rsample``: while gradients are recorded (training) it returns the slab draw loc + scale * eps for every
+    entry. Where m = 0 the value does not change the ELBO's integrand (the likelihood sees e * m and
+    log p(e) - log q(e | 0) = 0 for any e), so the estimate and its expectation are those of the family's
+    exact draws, while the straight-through gradient of e * m at m = 0 is the slab's effect (the change in
+    likelihood if the entry were on), not prior noise. Otherwise (prediction) it returns the exact draw:
+    the slab where m = 1, a prior draw where m = 0.
+
+    Args:
+        mask: (..., K) 0/1 masks (hard values; a straight-through mask keeps its gradient).
+        loc, scale: the slab's parameters, broadcastable with ``mask``.
+        prior_scale: the prior's standard deviation (a scalar tensor).
+    """
+
+    arg_constraints = {}
+    support = dist.constraints.real
+    has_rsample = True
+
+    def __init__(self, mask, loc, scale, prior_scale, validate_args=None):
+        self.mask, self.loc, self.scale = torch.broadcast_tensors(mask, loc, scale)
+        self.prior_scale = torch.as_tensor(prior_scale, dtype=self.loc.dtype, device=self.loc.device)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return SpikeSlabNormal(
+            self.mask.expand(shape), self.loc.expand(shape), self.scale.expand(shape), self.prior_scale
+        )
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        slab = self.loc + self.scale * eps
+        if torch.is_grad_enabled():
+            return slab
+        spike = self.prior_scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return torch.where(self.mask > 0.5, slab, spike)
+
+    def log_prob(self, value):
+        slab = dist.Normal(self.loc, self.scale).log_prob(value)
+        prior = dist.Normal(torch.zeros_like(self.loc), self.prior_scale).log_prob(value)
+        return self.mask * slab + (1.0 - self.mask) * prior

@@ -32,6 +32,7 @@ from pyrovae.models.distributions import (
     DetachedBernoulli,
     HardenedBernoulli,
     RelaxedBernoulliMask,
+    SpikeSlabNormal,
     StraightThroughBernoulli,
 )
 from pyrovae.nn.mlp import GaussianMLP
@@ -49,8 +50,9 @@ BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
 #: baselines of the ``score_function`` estimator: Pyro's decaying average of the downstream cost, or that
 #: plus a learned correction (:class:`LearnedMaskBaseline`, fitted by Pyro's squared-error baseline loss)
 MASK_BASELINES = ("decaying_avg", "learned")
-#: q(E) families of :class:`AdditiveEffect` (``correlated``: the reference's; ``correlated_free*``: departure)
-GUIDES = ("mean_field", "correlated", "correlated_free", "correlated_free_scale")
+#: q(E) families of :class:`AdditiveEffect` (``correlated``: the reference's; ``correlated_free*`` and
+#: ``spike_slab``: departures from the reference's guide family, the objective unchanged)
+GUIDES = ("mean_field", "correlated", "correlated_free", "correlated_free_scale", "spike_slab")
 #: how a treatment with no training cell is predicted (:meth:`EffectBlock.untrained_method`):
 #: ``grn_transfer`` (GPO-VAE: mask row from the learned GRN, effect sizes from seen perturbations),
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
@@ -384,7 +386,13 @@ class AdditiveEffect(EffectBlock):
             mean-field q(E), while the network keeps the dependence on the masks. ``"correlated_free_scale"``:
             Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) + 1e-4): the same free mean offset and CPA-VAE's free
             per-entry scale (starting at 1) instead of the network's (a departure; a diagnostic of where the
-            dense-mask IWELBO gap to CPA-VAE comes from, README "Mask inference").
+            dense-mask IWELBO gap to CPA-VAE comes from, README "Mask inference"). ``"spike_slab"``:
+            q(E | M) factorised over entries, q(e_tk | m_tk = 1) = Normal(a_tk, exp(b_tk) + 1e-4) with free
+            parameters (the slab, as CPA-VAE's q(E)) and q(e_tk | m_tk = 0) = p(e_tk), the prior (the spike:
+            an entry that is off costs no KL; :class:`~pyrovae.models.distributions.SpikeSlabNormal`,
+            Titsias & Lazaro-Gredilla 2011). No network. A departure from the reference's guide family (the
+            objective is the paper's): the reference's q(E | M) network must learn both states of every
+            entry, and its off-state draws reach the straight-through mask gradient as noise.
         compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
             ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
         temperature: relaxation temperature of the straight-through / relaxed mask estimators.
@@ -398,6 +406,12 @@ class AdditiveEffect(EffectBlock):
             only). 0: none (the reference). Departure from the paper's objective while beta < 1.
         mask_baseline: baseline of the ``score_function`` estimator (:data:`MASK_BASELINES`):
             ``"decaying_avg"`` (Pyro's) or ``"learned"`` (Pyro's plus :class:`LearnedMaskBaseline`).
+        mask_freeze_steps: the q(M) logits take no gradient during the first n training steps (they stay
+            at ``mask_init_logits`` while q(E | M), the encoder and the decoder learn), then every estimator
+            trains them as usual. 0: none (the reference). An optimisation schedule, not a change of the
+            objective: the ELBO and its gradient in every other parameter are unchanged. With masks
+            started on, the effects are learned before the masks are pruned: without it, Adam's
+            normalised steps switch masks off on the early gradients of still-untrained effect draws.
 
     Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
     scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):
@@ -440,6 +454,7 @@ class AdditiveEffect(EffectBlock):
         temperature_anneal_steps: int = 1000,
         mask_kl_warmup_steps: int = 0,
         mask_baseline: str = "decaying_avg",
+        mask_freeze_steps: int = 0,
     ) -> None:
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
@@ -453,7 +468,10 @@ class AdditiveEffect(EffectBlock):
                 "mask_kl_warmup_steps works with mask_estimator 'straight_through' or 'relaxed' (the score-"
                 f"function estimators weight the mask KL inside their costs), not {mask_estimator!r}"
             )
+        if mask_freeze_steps < 0:
+            raise ValueError(f"mask_freeze_steps must be >= 0, got {mask_freeze_steps}")
         self.mask_kl_warmup_steps, self.mask_baseline = int(mask_kl_warmup_steps), mask_baseline
+        self.mask_freeze_steps = int(mask_freeze_steps)
         if not 0.0 <= mask_baseline_beta < 1.0:
             raise ValueError(f"mask_baseline_beta must be in [0, 1), got {mask_baseline_beta}")
         if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
@@ -466,7 +484,7 @@ class AdditiveEffect(EffectBlock):
             int(temperature_anneal_steps),
         )
         self._fresh_baseline = True
-        if temperature_final is not None or self.mask_kl_warmup_steps:
+        if temperature_final is not None or self.mask_kl_warmup_steps or self.mask_freeze_steps:
             # training steps taken (a buffer, so a resumed run continues the schedule)
             self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
         if guide not in GUIDES:
@@ -490,7 +508,7 @@ class AdditiveEffect(EffectBlock):
             # mean-field: q(E)'s parameters; correlated_free*: the free offsets a, b of q(E | M)
             self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
             self.q_E_log_scale = nn.Parameter(torch.zeros(n_treatments, effect_dim))
-        if guide != "mean_field" and self.use_masks:
+        if guide not in ("mean_field", "spike_slab") and self.use_masks:
             self.q_E_net = GaussianMLP(
                 effect_dim + n_treatments, effect_dim, embedding_encoder_hidden, embedding_encoder_layers
             )
@@ -520,6 +538,10 @@ class AdditiveEffect(EffectBlock):
 
     def _sample_q_E(self, m: torch.Tensor | None) -> torch.Tensor:
         """q(E) (mean-field) or q(E | M) (correlated) inside the perturbations plate; (..., T, K)."""
+        if m is not None and self.guide_kind == "spike_slab":
+            scale = self.q_E_log_scale.exp() + 1e-4
+            fn = SpikeSlabNormal(m, self.q_E_loc, scale, self.embedding_prior_scale)
+            return pyro.sample("E", fn.to_event(1))
         if m is not None and self.guide_kind != "mean_field":
             # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
             loc, scale = self.q_E_net.forward_parts([m, self.n_treatments])
@@ -550,6 +572,12 @@ class AdditiveEffect(EffectBlock):
             return 1.0
         return min(1.0, (float(self.mask_step) + 1.0) / self.mask_kl_warmup_steps)
 
+    def masks_frozen(self) -> bool:
+        """True while training within the first ``mask_freeze_steps`` steps (the q(M) logits take no
+        gradient)."""
+        training = self.training and torch.is_grad_enabled()
+        return training and int(getattr(self, "mask_step", 0)) < self.mask_freeze_steps
+
     def _learned_baseline_input(self, weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """(plates..., T, T): the minibatch's row weights (T,) broadcast to the mask site's plate shape (the
         vectorised particles included) and to each row, the input of :class:`LearnedMaskBaseline`."""
@@ -565,6 +593,8 @@ class AdditiveEffect(EffectBlock):
         """The q(M) site (inside the perturbations plate) for this block's estimator; (..., T, K)."""
         training = self.training and torch.is_grad_enabled()
         tau, beta = self.current_temperature(), self.mask_kl_weight()
+        if self.masks_frozen():
+            logits = logits.detach()  # no gradient reaches the q(M) logits (mask_freeze_steps)
         if training and hasattr(self, "mask_step"):
             self.mask_step += 1
         est, infer = self.mask_estimator, {}
@@ -714,10 +744,66 @@ class BetaBernoulliMaskEffect(AdditiveEffect):
 
     def guide_globals(self, weights):
         with weighted_plate(PERTURBATION_PLATE, self.n_treatments, weights):
-            pi = torch.sigmoid(self.q_mask_logits).clamp(1e-6, 1 - 1e-6)
+            lam = self.q_mask_logits.detach() if self.masks_frozen() else self.q_mask_logits
+            pi = torch.sigmoid(lam).clamp(1e-6, 1 - 1e-6)
             pi = pyro.sample("mask_prob", dist.Delta(pi, event_dim=1))
             m = self._sample_q_mask(torch.logit(pi), weights)
             return {"mask_prob": pi, "mask": m, "E": self._sample_q_E(m)}
+
+
+class LearnedSparsityMaskEffect(AdditiveEffect):
+    """SAMS-VAE whose mask prior level is learned per treatment (the issue's "sparsity prior whose strength
+    is learned per treatment"; a departure from the paper's fixed Bernoulli(alpha) prior).
+
+    alpha_t ~ Beta(c1, c2), m_tk | alpha_t ~ Bernoulli(alpha_t), e_t ~ N(0, s^2 I), z = z_basal + D (E * M).
+    Guide: q(alpha_t) = Delta(sigmoid(lambda_t)) (a MAP estimate, ``q_sparsity_logits`` = lambda, started at
+    logit(``mask_prior``) so training starts from the paper's prior), then q(M) and q(E | M) as in
+    SAMS-VAE with the block's estimator and guide. The ELBO's mask term is
+    sum_k log Bernoulli(m_tk; alpha_t) - log q(m_tk) plus the MAP penalty log Beta(alpha_t; c1, c2): for
+    fixed q(M) the best alpha_t is about the mean of q(m_t.), so each treatment's sparsity level follows
+    how many of its entries the data switch on, where the paper's alpha is the same fixed 0.01 for every
+    treatment and every dataset. The level's logits train with the mask logits (``mask_lr``).
+
+    Args:
+        sparsity_a, sparsity_b: the Beta(c1, c2) hyperprior of alpha_t.
+        **kw: as :class:`AdditiveEffect` (``mask_prior``: the initial level).
+    """
+
+    def __init__(
+        self, n_treatments: int, effect_dim: int, sparsity_a: float = 1.0, sparsity_b: float = 2.0, **kw
+    ):
+        if sparsity_a <= 0 or sparsity_b <= 0:
+            raise ValueError(f"Beta hyperprior concentrations must be > 0, got ({sparsity_a}, {sparsity_b})")
+        super().__init__(n_treatments, effect_dim, **kw)
+        self.register_buffer("sparsity_a", torch.tensor(float(sparsity_a)))
+        self.register_buffer("sparsity_b", torch.tensor(float(sparsity_b)))
+        init = torch.logit(self.mask_prior).item()
+        self.q_sparsity_logits = nn.Parameter(torch.full((n_treatments,), init))
+
+    def model_globals(self, weights):
+        T, K = self.n_treatments, self.shift_dim
+        with weighted_plate(PERTURBATION_PLATE, T, weights):
+            hyper = dist.Beta(self.sparsity_a.expand(T), self.sparsity_b.expand(T))
+            alpha = pyro.sample("mask_sparsity", hyper)
+            m = pyro.sample("mask", self._prior_mask(alpha.unsqueeze(-1).expand(alpha.shape + (K,))))
+            return {"mask_sparsity": alpha, "mask": m, "E": self._sample_p_E()}
+
+    def guide_globals(self, weights):
+        with weighted_plate(PERTURBATION_PLATE, self.n_treatments, weights):
+            lam = self.q_sparsity_logits.detach() if self.masks_frozen() else self.q_sparsity_logits
+            alpha = pyro.sample("mask_sparsity", dist.Delta(torch.sigmoid(lam).clamp(1e-6, 1 - 1e-6)))
+            m = self._sample_q_mask(self.q_mask_logits, weights)
+            return {"mask_sparsity": alpha, "mask": m, "E": self._sample_q_E(m)}
+
+    def sparsity(self) -> torch.Tensor:
+        """(T,) the learned per-treatment mask prior levels alpha_t."""
+        return torch.sigmoid(self.q_sparsity_logits.detach())
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        roles = super().param_roles()
+        roles["network"] = [q for q in roles["network"] if q is not self.q_sparsity_logits]
+        roles["mask_logits"] = roles["mask_logits"] + [self.q_sparsity_logits]
+        return roles
 
 
 class BetaBernoulliActionEffect(EffectBlock):

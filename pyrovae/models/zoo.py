@@ -33,19 +33,21 @@ from pyrovae.models.effects import (
     BetaBernoulliMaskEffect,
     ConcatDosageEffect,
     EffectBlock,
+    LearnedSparsityMaskEffect,
 )
 from pyrovae.models.penalties import CounterfactualKL, GRNAlignment
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
-FAMILIES = ("sams", "sams_beta_bernoulli", "cpa", "svae_plus", "conditional", "gpo")
+FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae_plus", "conditional", "gpo")
 
 
 @dataclasses.dataclass
 class ModelConfig:
     """Everything that defines a model (saved in a run's ``config.json``)."""
 
-    family: str = "sams"  # sams | sams_beta_bernoulli | cpa | svae_plus | conditional | gpo
+    # sams | sams_beta_bernoulli | sams_learned_sparsity | cpa | svae_plus | conditional | gpo
+    family: str = "sams"
     n_latent: int = 10
     likelihood: str = "nb"
     # q(E) family: mean_field | correlated (reference) | correlated_free | correlated_free_scale (free
@@ -64,6 +66,8 @@ class ModelConfig:
     temperature_anneal_steps: int = 1000
     # warm-up of the mask KL's gradient over this many steps (0: none, the reference; a departure while < 1)
     mask_kl_warmup_steps: int = 0
+    # the q(M) logits take no gradient for this many first training steps (0: none, the reference)
+    mask_freeze_steps: int = 0
     mask_baseline: str = "decaying_avg"  # score_function's baseline: decaying_avg | learned
     decoder_hidden: int = 128
     decoder_layers: int = 1
@@ -71,7 +75,9 @@ class ModelConfig:
     encoder_layers: int = 1
     embedding_encoder_hidden: int = 128
     embedding_encoder_layers: int = 2
-    svae_beta_c1: float = 1.0  # Beta(c1, c2) prior of the mask probabilities: SVAE+, sams_beta_bernoulli
+    # Beta(c1, c2) prior of the mask probabilities: SVAE+, sams_beta_bernoulli; of the per-treatment mask
+    # prior level: sams_learned_sparsity
+    svae_beta_c1: float = 1.0
     svae_beta_c2: float = 2.0
     # CRADLE-VAE quality-control component
     artifact: bool = False
@@ -107,6 +113,7 @@ class ModelConfig:
         check_range("temperature_final", self.temperature_final, gt=0)
         check_range("temperature_anneal_steps", self.temperature_anneal_steps, ge=1)
         check_range("mask_kl_warmup_steps", self.mask_kl_warmup_steps, ge=0)
+        check_range("mask_freeze_steps", self.mask_freeze_steps, ge=0)
         check_range("mask_baseline", self.mask_baseline, choices=MASK_BASELINES)
 
     def replace(self, **kw: Any) -> ModelConfig:
@@ -125,6 +132,7 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "sams_vae": {"family": "sams", "guide": "correlated"},
     "sams_vae_mf": {"family": "sams", "guide": "mean_field"},
     "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", "guide": "correlated"},
+    "sams_vae_learned_sparsity": {"family": "sams_learned_sparsity", "guide": "correlated"},
     "cpa_vae": {"family": "cpa", "guide": "mean_field"},
     "svae_plus": {"family": "svae_plus", "conditioning": "x"},
     "conditional_vae": {"family": "conditional", "conditioning": "x_dosage"},
@@ -155,13 +163,22 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         temperature_final=cfg.temperature_final,
         temperature_anneal_steps=cfg.temperature_anneal_steps,
         mask_kl_warmup_steps=cfg.mask_kl_warmup_steps,
+        mask_freeze_steps=cfg.mask_freeze_steps,
         mask_baseline=cfg.mask_baseline,
     )
     if cfg.family == "sams":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
-    if cfg.family == "sams_beta_bernoulli":
-        return BetaBernoulliMaskEffect(
-            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **common
+    if cfg.family in ("sams_beta_bernoulli", "sams_learned_sparsity"):
+        # Beta(c1, c2) on each entry's mask probability, or on each treatment's prior level (which
+        # starts at mask_prior)
+        beta = cfg.family == "sams_beta_bernoulli"
+        block, start = (
+            (BetaBernoulliMaskEffect, {})
+            if beta
+            else (LearnedSparsityMaskEffect, {"mask_prior": cfg.mask_prior})
+        )
+        return block(
+            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **start, **common
         )
     if cfg.family == "cpa":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)

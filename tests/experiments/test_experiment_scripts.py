@@ -102,10 +102,28 @@ def test_mask_recovery_on_the_reference_simulator(tmp_path):
     assert not (tmp_path / "nb" / "runs").exists()
 
 
+def test_every_mask_inference_model_is_a_valid_config():
+    """Every model of configs/mask_inference.yaml resolves to a valid ModelConfig and TrainConfig (a typo in
+    an override would otherwise fail only when that row is run)."""
+    from experiments.common import load_settings
+    from pyrovae.infer.train import TrainConfig
+    from pyrovae.models.zoo import model_config
+
+    mod = _script("mask_inference")
+    settings = load_settings("mask_inference")
+    assert len(settings["models"]) == len(set(settings["models"]))
+    for name in settings["models"]:
+        spec = mod.model_settings(settings, name)
+        model_config(spec["base"], **spec["model"])
+        TrainConfig(**spec["train"])
+    for section in ("model_base", "model_overrides", "train_overrides"):
+        assert set(settings.get(section) or {}) <= set(settings["models"]), section
+
+
 @pytest.mark.slow
 def test_mask_inference_scores_estimators_and_baselines(tmp_path):
     out = tmp_path / "mi"
-    models = ["cpa_vae", "sams_dense", "sams_loo", "sams_relaxed"]
+    models = ["cpa_vae", "sams_dense", "sams_loo", "sams_relaxed", "sams_ls_on_ss_frz_loo"]
     args = ["--out", str(out), *TINY, "--seeds", "0", "--models", *models]
     assert _script("mask_inference").main(args) == 0
     res = pd.read_csv(out / "results.csv")

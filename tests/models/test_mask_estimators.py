@@ -32,10 +32,8 @@ Y = torch.tensor([[1.2, -0.3], [2.0, 0.1], [0.2, 1.9], [0.9, 2.4], [0.1, 1.5], [
 class TinyModel:
     """The effect block alone with a Gaussian observation per cell (signature of PerturbationVAE)."""
 
-    def __init__(self, estimator: str, **kw):
-        self.effect = AdditiveEffect(
-            3, 2, mask_prior=ALPHA, guide="mean_field", mask_estimator=estimator, **kw
-        )
+    def __init__(self, estimator: str, guide: str = "mean_field", **kw):
+        self.effect = AdditiveEffect(3, 2, mask_prior=ALPHA, guide=guide, mask_estimator=estimator, **kw)
         with torch.no_grad():
             self.effect.q_mask_logits.copy_(LOGITS)
             self.effect.q_E_loc.copy_(E_LOC)
@@ -62,6 +60,15 @@ def exact_gradient() -> torch.Tensor:
     return dp * (lik / (2 * SIGMA**2) - (LOGITS - math.log(ALPHA / (1 - ALPHA))))
 
 
+def exact_spike_slab_gradient() -> torch.Tensor:
+    """The same under the spike-and-slab guide (q(e | m = 0) the prior N(0, 1)): the likelihood's moments
+    of e m are the mean-field ones (e m is the slab draw times m), and the E term becomes
+    -p KL(N(mu, s^2) || N(0, 1)), whose logit gradient is -p (1 - p) KL."""
+    p = torch.sigmoid(LOGITS)
+    kl_e = -torch.log(E_SCALE) + 0.5 * (E_SCALE**2 + E_LOC**2) - 0.5
+    return exact_gradient() - p * (1 - p) * kl_e
+
+
 def gradient_draws(estimator: str, n_draws: int, n_particles: int = 4, seed: int = 0, **kw) -> torch.Tensor:
     """(n_draws, T, K) estimates of d ELBO / d logits (one optimiser step's gradient each)."""
     pyro.set_rng_seed(seed)
@@ -84,6 +91,19 @@ def test_unbiased_estimators_average_to_the_exact_gradient(estimator):
     # within 4 standard errors everywhere, and the standard errors are small against the gradient
     assert torch.all((mean - exact).abs() < 4 * se + 1e-6), (mean, exact, se)
     assert float(se.max()) < 0.1 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "loo", "disarm"])
+def test_unbiased_estimators_under_the_spike_slab_guide(estimator):
+    """guide=spike_slab: the training-time E value (the slab draw where m = 0, see SpikeSlabNormal) keeps
+    every unbiased estimator unbiased for the spike-and-slab ELBO's closed-form gradient."""
+    draws = gradient_draws(estimator, 200, n_particles=64, guide="spike_slab")
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    exact = exact_spike_slab_gradient()
+    assert torch.all((mean - exact).abs() < 4 * se + 1e-6), (mean, exact, se)
+    assert float(se.max()) < 0.1 * float(exact.abs().max())
+    # the E term moves the gradient by more than the test's resolution: the test tells the guides apart
+    assert float((exact - exact_gradient()).abs().max()) > 8 * float(se.max())
 
 
 @pytest.mark.parametrize("estimator", ["loo", "disarm"])
@@ -146,9 +166,10 @@ def test_antithetic_pairs_are_exact_bernoulli_draws_coupled_by_one_uniform():
     assert torch.allclose(both, (2 * torch.sigmoid(logits) - 1).clamp_min(0), atol=0.015)
 
 
+@pytest.mark.parametrize("guide", ["mean_field", "spike_slab"])
 @pytest.mark.parametrize("estimator", MASK_ESTIMATORS)
-def test_mask_log_density_is_bernoulli_under_every_estimator(estimator):
-    tiny = TinyModel(estimator, temperature=0.5)
+def test_mask_log_density_is_bernoulli_under_every_estimator(estimator, guide):
+    tiny = TinyModel(estimator, guide=guide, temperature=0.5)
     batch = {"d": D, "y": Y}
     with pyro.plate("particles", 6, dim=-2):
         gtr = poutine.trace(tiny.guide).get_trace(batch)
@@ -229,6 +250,18 @@ def test_surrogate_terms_change_the_gradient_not_the_elbo_value(estimator):
     assert ours == pytest.approx(plain.loss(tiny.model, tiny.guide, batch), rel=1e-6)
 
 
+def _scored_traces(model, data, n_particles: int = 3):
+    """(guide trace, replayed model trace) of the skeleton on 7 training cells under a particles plate,
+    log-densities computed."""
+    batch = MinibatchLoader(data, "train", batch_size=7).batch(np.arange(7))
+    with pyro.plate("particles", n_particles, dim=-2):
+        gtr = poutine.trace(model.guide).get_trace(batch)
+        mtr = poutine.trace(poutine.replay(model.model, trace=gtr)).get_trace(batch)
+    gtr.compute_log_prob()
+    mtr.compute_log_prob()
+    return gtr, mtr
+
+
 def test_beta_bernoulli_mask_terms_are_the_map_penalty(tiny_data):
     """sams_vae_beta_bernoulli: log p(m | pi) - log q(m | pi) = 0 exactly, so the masks' only regulariser is
     log Beta(pi; a, b) at pi = sigmoid(q_mask_logits) (reference §2.5)."""
@@ -236,17 +269,47 @@ def test_beta_bernoulli_mask_terms_are_the_map_penalty(tiny_data):
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     with torch.no_grad():
         model.effect.q_mask_logits.normal_()
-    batch = MinibatchLoader(tiny_data, "train", batch_size=7).batch(np.arange(7))
-    with pyro.plate("particles", 3, dim=-2):
-        gtr = poutine.trace(model.guide).get_trace(batch)
-        mtr = poutine.trace(poutine.replay(model.model, trace=gtr)).get_trace(batch)
-    gtr.compute_log_prob()
-    mtr.compute_log_prob()
+    gtr, mtr = _scored_traces(model, tiny_data)
     assert torch.allclose(mtr.nodes["mask"]["log_prob"], gtr.nodes["mask"]["log_prob"])
     pi = torch.sigmoid(model.effect.q_mask_logits).clamp(1e-6, 1 - 1e-6)
     expected = dist.Beta(1.0, 2.0).log_prob(pi).sum(-1)
     assert torch.allclose(mtr.nodes["mask_prob"]["log_prob"], expected.expand(3, -1), atol=1e-5)
     assert float(gtr.nodes["mask_prob"]["log_prob"].abs().max()) == 0.0
+
+
+def test_learned_sparsity_terms_are_bernoulli_at_the_learned_level(tiny_data):
+    """sams_vae_learned_sparsity: log p(m) is Bernoulli(alpha_t) at alpha = sigmoid(q_sparsity_logits), one
+    level per treatment row (T,) broadcast over the K entries under the particles plate; the level's term
+    is the MAP penalty log Beta(alpha; c1, c2) (guide: a Delta); it starts at the paper's mask prior, its
+    logits train with the mask logits, and the ELBO moves it towards the mean of q(m_t.)."""
+    cfg = model_config("sams_vae_learned_sparsity", n_latent=3, decoder_hidden=8, encoder_hidden=8)
+    model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    eff, T = model.effect, tiny_data.n_treatments
+    torch.testing.assert_close(eff.sparsity(), torch.full((T,), 0.01))
+    with torch.no_grad():
+        eff.q_mask_logits.normal_()
+        eff.q_sparsity_logits.normal_()
+    gtr, mtr = _scored_traces(model, tiny_data)
+    m, alpha = gtr.nodes["mask"]["value"], eff.sparsity()
+    assert m.shape == (3, T, 3) and gtr.nodes["mask_sparsity"]["value"].shape[-1:] == (T,)
+    expected = dist.Bernoulli(probs=alpha.clamp(1e-6, 1 - 1e-6)[:, None]).log_prob(m).sum(-1)
+    torch.testing.assert_close(mtr.nodes["mask"]["log_prob"], expected, atol=1e-5, rtol=1e-5)
+    q = dist.Bernoulli(logits=eff.q_mask_logits).log_prob(m).sum(-1)
+    torch.testing.assert_close(gtr.nodes["mask"]["log_prob"], q)
+    hyper = dist.Beta(1.0, 2.0).log_prob(alpha.clamp(1e-6, 1 - 1e-6))
+    lp = mtr.nodes["mask_sparsity"]["log_prob"].detach()
+    torch.testing.assert_close(lp, hyper.expand_as(lp), atol=1e-5, rtol=1e-5)
+    assert float(gtr.nodes["mask_sparsity"]["log_prob"].abs().max()) == 0.0
+    roles = eff.param_roles()
+    assert any(p is eff.q_sparsity_logits for p in roles["mask_logits"])
+    assert not any(p is eff.q_sparsity_logits for p in roles["network"] + roles["variational"])
+    # the gradient moves alpha_t towards the mean of q(m_t.): masks on (q = 0.95), level 0.01 -> up
+    with torch.no_grad():
+        eff.q_mask_logits.fill_(3.0)
+        eff.q_sparsity_logits.fill_(math.log(0.01 / 0.99))
+    batch = MinibatchLoader(tiny_data, "train", batch_size=7).batch(np.arange(7))
+    make_elbo(8).loss_and_grads(model.model, model.guide, batch)
+    assert bool((eff.q_sparsity_logits.grad < 0).all())  # the loss falls as alpha rises
 
 
 def test_learned_baseline_keeps_score_function_unbiased_and_is_fitted():
@@ -325,3 +388,40 @@ def test_mask_kl_warmup_and_baseline_options_are_checked():
         AdditiveEffect(2, 2, mask_baseline="nn")
     with pytest.raises(ValueError, match="mask_kl_warmup_steps"):
         model_config("sams_vae", mask_kl_warmup_steps=-1)
+
+
+@pytest.mark.parametrize("estimator", MASK_ESTIMATORS)
+def test_mask_freeze_stops_the_logits_gradient_for_n_steps_only(estimator):
+    """mask_freeze_steps = n: the q(M) logits take no gradient in the first n training steps and the same
+    gradient as without the freeze afterwards (same seeds); the ELBO's value and q(E)'s gradient are
+    unchanged throughout; evaluation does not advance the count."""
+    n, batch = 3, {"d": D, "y": Y}
+    elbo = make_elbo(4)
+
+    def run(tiny):
+        out = []
+        pyro.clear_param_store()  # the score function's moving-average baseline lives there
+        for step in range(n + 2):
+            for q in (tiny.effect.q_mask_logits, tiny.effect.q_E_loc):
+                q.grad = None
+            pyro.set_rng_seed(step)
+            loss = elbo.loss_and_grads(tiny.model, tiny.guide, batch)
+            out.append((loss, tiny.effect.q_mask_logits.grad, tiny.effect.q_E_loc.grad.clone()))
+        return out
+
+    frozen = TinyModel(estimator, mask_freeze_steps=n)
+    with torch.no_grad():
+        elbo.loss(frozen.model, frozen.guide, batch)
+    assert int(frozen.effect.mask_step) == 0
+    for step, (a, b) in enumerate(zip(run(frozen), run(TinyModel(estimator)))):
+        assert a[0] == pytest.approx(b[0], rel=1e-6)
+        torch.testing.assert_close(a[2], b[2])
+        assert float(b[1].abs().max()) > 1e-3
+        if step < n:
+            assert a[1] is None or float(a[1].abs().max()) == 0.0
+        elif estimator != "score_function":
+            torch.testing.assert_close(a[1], b[1])
+        else:  # its baseline learned from the frozen steps too: same gradient up to the baseline's state
+            assert float(a[1].abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="mask_freeze_steps"):
+        model_config("sams_vae", mask_freeze_steps=-1)
