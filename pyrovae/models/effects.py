@@ -409,9 +409,10 @@ class AdditiveEffect(EffectBlock):
         mask_freeze_steps: the q(M) logits take no gradient during the first n training steps (they stay
             at ``mask_init_logits`` while q(E | M), the encoder and the decoder learn), then every estimator
             trains them as usual. 0: none (the reference). An optimisation schedule, not a change of the
-            objective: the ELBO and its gradient in every other parameter are unchanged. With masks
-            started on, the effects are learned before the masks are pruned: without it, Adam's
-            normalised steps switch masks off on the early gradients of still-untrained effect draws.
+            objective: the ELBO and its gradient in every other parameter are unchanged. Meant for masks
+            started on: the effects are learned before the masks can be pruned on the gradients of
+            still-untrained effect draws (measured, README "Spike and slab": it softens the spike-and-slab
+            guide's pruning under straight-through but does not stop it).
 
     Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
     scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):

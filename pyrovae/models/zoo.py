@@ -51,7 +51,8 @@ class ModelConfig:
     n_latent: int = 10
     likelihood: str = "nb"
     # q(E) family: mean_field | correlated (reference) | correlated_free | correlated_free_scale (free
-    # per-treatment offsets on q(E | M)'s network; departures, see pyrovae.models.effects.AdditiveEffect)
+    # per-treatment offsets on q(E | M)'s network) | spike_slab (q(e | m = 1) free, q(e | m = 0) the prior);
+    # the free and spike_slab ones departures from the reference, see pyrovae.models.effects.AdditiveEffect
     guide: str = "correlated"
     conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
     mask_prior: float = 0.01
