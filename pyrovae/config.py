@@ -13,7 +13,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,12 @@ def coerce_fields(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         setattr(obj, f.name, coerce_value(f.name, hints[f.name], getattr(obj, f.name)))
+
+
+def preview(items: Sequence[Any], n: int = 10) -> str:
+    """The first ``n`` of ``items`` as a list, with " ..." when there are more (for one-line errors)."""
+    items = list(items)
+    return f"{items[:n]}{' ...' if len(items) > n else ''}"
 
 
 def check_range(

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pyrovae.config import PyrovaeWarning
+from pyrovae.config import PyrovaeWarning, preview
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
 from pyrovae.data.matrix import dense_rows, nonzero_counts
 from pyrovae.data.protocols import combination_labels, pick_combinations
@@ -296,15 +296,21 @@ def _normalise_split_column(values: pd.Series) -> np.ndarray:
     return out.astype(str)
 
 
-def _split_by_name(obs_names: pd.Index, stored: pd.Series) -> np.ndarray:
-    """(N,) split of the cells named ``obs_names`` according to a stored split (name -> split)."""
+def unique_cell_names(obs_names: pd.Index) -> pd.Index:
+    """The cells' names as strings; an error if they are not unique (a run's split is stored by name)."""
     names = pd.Index(obs_names.astype(str))
     dup = names[names.duplicated()].unique().tolist()
     if dup:
         raise ValueError(
-            f"duplicated cell names {dup[:5]} in the data: the run's split is stored by cell name, so names "
-            "must be unique; call adata.obs_names_make_unique() (as before training)"
+            f"duplicated cell names {preview(dup, 5)} ({len(dup)} names): a run stores its split by cell "
+            "name, so names must be unique; call adata.obs_names_make_unique() (as before training)"
         )
+    return names
+
+
+def _split_by_name(obs_names: pd.Index, stored: pd.Series) -> np.ndarray:
+    """(N,) split of the cells named ``obs_names`` according to a stored split (name -> split)."""
+    names = unique_cell_names(obs_names)
     split = stored.reindex(names)
     unseen = int(split.isna().sum())
     if unseen:
@@ -494,7 +500,7 @@ def load_perturbation_data(
     dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
     if dup:
         raise ValueError(
-            f"duplicated gene names {dup[:5]}{' ...' if len(dup) > 5 else ''}: gene names must be unique; "
+            f"duplicated gene names {preview(dup, 5)}: gene names must be unique; "
             "call adata.var_names_make_unique() before loading"
         )
     if schema is not None:

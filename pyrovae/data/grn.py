@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.config import preview
 from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData
 
@@ -85,7 +86,7 @@ def grn_nodes(
     if missing:
         raise ValueError(
             f"GPO-VAE needs each perturbation to name a measured gene (its GRN node); {len(missing)} "
-            f"perturbation(s) are not in var_names: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+            f"perturbation(s) are not in var_names: {preview(missing)}. "
             "Rename the perturbation labels to the target gene symbols used in var_names, or drop those cells"
         )
     if extra_genes is None:
@@ -94,7 +95,7 @@ def grn_nodes(
     bad = [g for g in extra if g not in genes]
     if bad:
         raise ValueError(
-            f"extra GRN gene(s) {bad[:10]} are not in var_names; GRN nodes must be measured genes"
+            f"extra GRN gene(s) {preview(bad)} are not in var_names; GRN nodes must be measured genes"
         )
     extended = sorted(set(extra) - set(perturbed))
     return perturbed, extended

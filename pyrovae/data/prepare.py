@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from pyrovae.config import preview
 from pyrovae.data.anndata import PerturbationData, log_norm_stats
 from pyrovae.data.grn import UNS_KEY, grn_targets
 from pyrovae.data.matrix import nonzero_counts
@@ -330,9 +331,9 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
     unknown = [p for p in names if p not in col]
     if unknown:
         raise ValueError(
-            f"cannot hold out {unknown}: not treatment columns of the data ({data.treatments[:10]}"
-            f"{' ...' if data.n_treatments > 10 else ''}). Name single perturbations; to hold out "
-            "combinations only, load the data with split_mode='combinations'"
+            f"cannot hold out {unknown}: not treatment columns of the data ({preview(data.treatments)}). "
+            "Name single perturbations; to hold out combinations only, load the data with "
+            "split_mode='combinations'"
         )
     cols = [col[p] for p in names]
     hit = nonzero_counts(data.dosage[:, cols], 1) > 0

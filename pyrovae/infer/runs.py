@@ -30,6 +30,7 @@ from pyrovae.data.anndata import (
     PerturbationData,
     PyrovaeWarning,
     load_perturbation_data,
+    unique_cell_names,
     untrained_treatments,
 )
 from pyrovae.data.grn import UNS_KEY
@@ -74,14 +75,7 @@ __all__ = [
 
 def cell_names(data: PerturbationData) -> pd.Index:
     """The cells' names (obs_names); an error if they are not unique (a split is stored by name)."""
-    names = pd.Index(data.obs.index.astype(str))
-    dup = names[names.duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(
-            f"duplicated cell names {dup[:5]}{' ...' if len(dup) > 5 else ''} ({len(dup)} names): a run "
-            "stores its split by cell name, so names must be unique; call adata.obs_names_make_unique()"
-        )
-    return names
+    return unique_cell_names(data.obs.index)
 
 
 def save_split(run_dir: Path, data: PerturbationData) -> None:

@@ -576,8 +576,9 @@ class AdditiveEffect(EffectBlock):
     def masks_frozen(self) -> bool:
         """True while training within the first ``mask_freeze_steps`` steps (the q(M) logits take no
         gradient)."""
-        training = self.training and torch.is_grad_enabled()
-        return training and int(getattr(self, "mask_step", 0)) < self.mask_freeze_steps
+        if not self.mask_freeze_steps:
+            return False  # (no read of the step buffer: no host sync per step on an accelerator)
+        return self.training and torch.is_grad_enabled() and int(self.mask_step) < self.mask_freeze_steps
 
     def _learned_baseline_input(self, weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """(plates..., T, T): the minibatch's row weights (T,) broadcast to the mask site's plate shape (the
@@ -644,14 +645,19 @@ class AdditiveEffect(EffectBlock):
         # q(E)'s free mean-field parameters are variational; q(E | M)'s network is a network; masks fixed by
         # fix_masks are a buffer, seen by no optimiser
         free_e = self.guide_kind != "correlated" or not self.use_masks
-        logits = self.q_mask_logits if self.use_masks else None
         # the learned score-function baseline is part of the estimator, not of the model: no weight decay
         baseline = list(self.q_mask_baseline.parameters()) if hasattr(self, "q_mask_baseline") else []
         return parameter_roles(
             self,
             variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline,
-            mask_logits=[logits] if isinstance(logits, nn.Parameter) else [],
+            mask_logits=self.mask_role_parameters(),
         )
+
+    def mask_role_parameters(self) -> list[nn.Parameter]:
+        """The parameters that take the mask logits' optimiser settings (``mask_lr``): the q(M) logits
+        unless there are none (CPA-VAE) or :meth:`fix_masks` made them a buffer."""
+        logits = self.q_mask_logits if self.use_masks else None
+        return [logits] if isinstance(logits, nn.Parameter) else []
 
     @property
     def is_grn(self) -> bool:
@@ -800,11 +806,8 @@ class LearnedSparsityMaskEffect(AdditiveEffect):
         """(T,) the learned per-treatment mask prior levels alpha_t."""
         return torch.sigmoid(self.q_sparsity_logits.detach())
 
-    def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        roles = super().param_roles()
-        roles["network"] = [q for q in roles["network"] if q is not self.q_sparsity_logits]
-        roles["mask_logits"] = roles["mask_logits"] + [self.q_sparsity_logits]
-        return roles
+    def mask_role_parameters(self) -> list[nn.Parameter]:
+        return [*super().mask_role_parameters(), self.q_sparsity_logits]
 
 
 class BetaBernoulliActionEffect(EffectBlock):

@@ -170,17 +170,11 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
     if cfg.family == "sams":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
     if cfg.family in ("sams_beta_bernoulli", "sams_learned_sparsity"):
-        # Beta(c1, c2) on each entry's mask probability, or on each treatment's prior level (which
-        # starts at mask_prior)
-        beta = cfg.family == "sams_beta_bernoulli"
-        block, start = (
-            (BetaBernoulliMaskEffect, {})
-            if beta
-            else (LearnedSparsityMaskEffect, {"mask_prior": cfg.mask_prior})
-        )
-        return block(
-            n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **start, **common
-        )
+        if cfg.family == "sams_beta_bernoulli":  # Beta(c1, c2) on each entry's mask probability
+            block, kw = BetaBernoulliMaskEffect, common
+        else:  # Beta(c1, c2) on each treatment's prior level, which starts at mask_prior
+            block, kw = LearnedSparsityMaskEffect, {"mask_prior": cfg.mask_prior, **common}
+        return block(n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **kw)
     if cfg.family == "cpa":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)
     if cfg.family == "gpo":

@@ -250,10 +250,9 @@ def test_surrogate_terms_change_the_gradient_not_the_elbo_value(estimator):
     assert ours == pytest.approx(plain.loss(tiny.model, tiny.guide, batch), rel=1e-6)
 
 
-def _scored_traces(model, data, n_particles: int = 3):
-    """(guide trace, replayed model trace) of the skeleton on 7 training cells under a particles plate,
+def _scored_traces(model, batch, n_particles: int = 3):
+    """(guide trace, replayed model trace) of the skeleton on ``batch`` under a particles plate,
     log-densities computed."""
-    batch = MinibatchLoader(data, "train", batch_size=7).batch(np.arange(7))
     with pyro.plate("particles", n_particles, dim=-2):
         gtr = poutine.trace(model.guide).get_trace(batch)
         mtr = poutine.trace(poutine.replay(model.model, trace=gtr)).get_trace(batch)
@@ -269,7 +268,8 @@ def test_beta_bernoulli_mask_terms_are_the_map_penalty(tiny_data):
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     with torch.no_grad():
         model.effect.q_mask_logits.normal_()
-    gtr, mtr = _scored_traces(model, tiny_data)
+    batch = MinibatchLoader(tiny_data, "train", batch_size=7).batch(np.arange(7))
+    gtr, mtr = _scored_traces(model, batch)
     assert torch.allclose(mtr.nodes["mask"]["log_prob"], gtr.nodes["mask"]["log_prob"])
     pi = torch.sigmoid(model.effect.q_mask_logits).clamp(1e-6, 1 - 1e-6)
     expected = dist.Beta(1.0, 2.0).log_prob(pi).sum(-1)
@@ -289,7 +289,8 @@ def test_learned_sparsity_terms_are_bernoulli_at_the_learned_level(tiny_data):
     with torch.no_grad():
         eff.q_mask_logits.normal_()
         eff.q_sparsity_logits.normal_()
-    gtr, mtr = _scored_traces(model, tiny_data)
+    batch = MinibatchLoader(tiny_data, "train", batch_size=7).batch(np.arange(7))
+    gtr, mtr = _scored_traces(model, batch)
     m, alpha = gtr.nodes["mask"]["value"], eff.sparsity()
     assert m.shape == (3, T, 3) and gtr.nodes["mask_sparsity"]["value"].shape[-1:] == (T,)
     expected = dist.Bernoulli(probs=alpha.clamp(1e-6, 1 - 1e-6)[:, None]).log_prob(m).sum(-1)
@@ -307,7 +308,6 @@ def test_learned_sparsity_terms_are_bernoulli_at_the_learned_level(tiny_data):
     with torch.no_grad():
         eff.q_mask_logits.fill_(3.0)
         eff.q_sparsity_logits.fill_(math.log(0.01 / 0.99))
-    batch = MinibatchLoader(tiny_data, "train", batch_size=7).batch(np.arange(7))
     make_elbo(8).loss_and_grads(model.model, model.guide, batch)
     assert bool((eff.q_sparsity_logits.grad < 0).all())  # the loss falls as alpha rises
 
