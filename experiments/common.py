@@ -555,6 +555,7 @@ class Experiment:
             iwelbo_seeds=(int(ev["eval_seed"]),),
             n_particles=int(ev["iwelbo_particles"]),
             batch_size=int(ev["iwelbo_batch_size"]),
+            baselines=False,  # only the model's row is read here; scripts score their baselines apart
             log=lambda msg: marks.setdefault(
                 "ate" if msg.startswith("ATE") else "iwelbo", time.perf_counter()
             ),

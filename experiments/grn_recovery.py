@@ -268,7 +268,8 @@ def main(argv=None) -> int:
     if held:
         data = holdout_perturbations(data, held)
     t0 = time.perf_counter()
-    qc_key = args.qc_key or prep.pop("qc_key", None)
+    preset_qc_key = prep.pop("qc_key", None)  # always out of prep: it is passed once, by name
+    qc_key = args.qc_key or preset_qc_key
     data = prepare_gpo_data(data, extra_genes=extra_genes, qc_key=qc_key, seed=split_seed, **prep)
     prep_s = time.perf_counter() - t0
     exp.log(

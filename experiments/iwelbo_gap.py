@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from experiments import common
-from experiments.mask_inference import build_parser, make_split
+from experiments.mask_inference import build_parser, find_run, make_split
 from pyrovae.infer.iwelbo import predictive_iwelbo
 from pyrovae.infer.runs import load_run
 
@@ -61,20 +61,15 @@ def main(argv=None) -> int:
     rows = []
     for seed in exp.seeds:
         for model in exp.models:
-            run_dir = next(
-                (
-                    Path(d) / "runs" / f"seed{seed}" / model
-                    for d in args.runs
-                    if (Path(d) / "runs" / f"seed{seed}" / model / "best.pt").exists()
-                ),
-                None,
-            )
+            run_dir = find_run(args.runs, seed, model)
             if run_dir is None:
                 exp.log(f"  seed{seed}/{model}: no run in {args.runs}")
                 continue
+            trained = load_run(run_dir)
             for mode, k in (("as trained", 100), ("as trained", 400), (f"q(E) sd {NARROW_SD}", 100)):
-                run = load_run(run_dir)
-                if mode != "as trained":
+                run = trained
+                if mode != "as trained":  # narrowed in place: a fresh copy
+                    run = load_run(run_dir)
                     narrow_q_E(run.model.effect)
                 row = {"model": model, "seed": seed, "globals": mode, "particles": k}
                 test = predictive_iwelbo(run.model, data, "test", n_particles=k, seed=0)

@@ -49,6 +49,7 @@ from experiments import common
 from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
 from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
+from pyrovae.infer.runs import load_run
 
 NAME = "mask_inference"
 REFERENCE_MODEL = "cpa_vae"
@@ -182,8 +183,6 @@ class MaskTracker:
         self.fixed_on = fixed_on
 
     def __call__(self, model) -> None:
-        import torch
-
         if self.fixed_on:
             model.effect.fix_masks(torch.ones_like(model.effect.q_mask_logits))
         logits = getattr(model.effect, "q_mask_logits", None)
@@ -230,24 +229,25 @@ def ate_metrics(
     return out
 
 
+def find_run(roots, seed: int, model: str) -> Path | None:
+    """The first ``<root>/runs/seed<seed>/<model>`` among ``roots`` holding a trained run (best.pt)."""
+    name = Path("runs") / f"seed{seed}" / model
+    return next((Path(r) / name for r in roots if (Path(r) / name / "best.pt").exists()), None)
+
+
 def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None:
     """Monte Carlo spread of the sampled ATE metrics (:data:`MC_METRICS`): every model row's run (under
     ``--out`` or an ``--include`` directory) is reloaded and its ATE scored again at the evaluation
     ``seeds``; ``<metric>_mc_sd`` is the sd over the evaluation seeds, the config's one included."""
-    from pyrovae.infer.runs import load_run
-
     roots = [exp.out, *map(Path, dirs)]
     for row in exp.results:
         if row.get("model") not in exp.models or "seed" not in row:
             continue
-        name = Path("runs") / f"seed{int(row['seed'])}" / row["model"]
-        path = next((r / name for r in roots if (r / name / "best.pt").exists()), None)
+        path = find_run(roots, int(row["seed"]), row["model"])
         if path is None:
-            exp.log(f"  {name}: no run directory, no Monte Carlo spread")
+            exp.log(f"  seed{int(row['seed'])}/{row['model']}: no run directory, no Monte Carlo spread")
             continue
-        run = load_run(path)
-        if row["model"] in (exp.settings.get("fixed_masks_on") or ()):
-            run.model.effect.fix_masks(torch.ones_like(run.model.effect.q_mask_logits))
+        run = load_run(path)  # a dense ablation's fixed masks come back with its checkpoint
         draws = [row] + [ate_metrics(exp, run, data, held, seen, seed=s) for s in seeds]
         for k in MC_METRICS:
             vals = [d[k] for d in draws if k in d]

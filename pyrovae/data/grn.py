@@ -246,13 +246,14 @@ def grn_targets(
         names = pairing_names(data, matched)
         if names is not None:
             obs[matched_column(seed)] = names
-    if force or "delta_x" not in extras or np.shape(extras["delta_x"])[1:] != (len(nodes),):
-        dx = pairing.delta_x(data.counts, matched, node_idx)
-        extras["delta_x"] = np.nan_to_num(np.asarray(dx, dtype=np.float32), nan=0.0)
-    if force or "delta_x_group" not in extras or np.shape(extras["delta_x_group"])[1:] != (len(nodes),):
-        extras["delta_x_group"] = group_delta_x(
-            pairing.log_normalize(data.counts, node_idx), matched, data.labels, data.split
-        )
+    stale = [k for k in ("delta_x", "delta_x_group") if force or np.shape(extras.get(k))[1:] != (len(nodes),)]
+    if stale:
+        y = pairing.log_normalize(data.counts, node_idx)  # once for both targets
+    if "delta_x" in stale:
+        dx = np.abs(pairing.paired_difference(y, matched))
+        extras["delta_x"] = np.nan_to_num(dx.astype(np.float32), nan=0.0)
+    if "delta_x_group" in stale:
+        extras["delta_x_group"] = group_delta_x(y, matched, data.labels, data.split)
     record = {
         "nodes": list(nodes),
         "n_perturbed": len(perturbed),
@@ -273,12 +274,10 @@ def group_delta_x(y: np.ndarray, matched: np.ndarray, labels: np.ndarray, split:
     the pairing noise: their median ranks genes by noise as much as by shift). Cells without a match
     (``matched == -1``) do not enter the means and get 0; splits are kept apart (no leakage between them).
     """
-    y = np.asarray(y, dtype=np.float64)
     m = np.asarray(matched, dtype=np.int64).reshape(-1)
-    out = np.zeros(y.shape, dtype=np.float32)
+    diff = pairing.paired_difference(np.asarray(y, dtype=np.float64), m)
+    out = np.zeros(diff.shape, dtype=np.float32)
     has = m >= 0
-    diff = np.zeros_like(y)
-    diff[has] = y[has] - y[m[has]]
     key = pd.Series(
         np.char.add(np.asarray(split).astype(str), np.char.add("\x00", np.asarray(labels).astype(str)))
     )
@@ -287,11 +286,3 @@ def group_delta_x(y: np.ndarray, matched: np.ndarray, labels: np.ndarray, split:
         rows = np.flatnonzero((codes == c) & has)
         out[rows] = np.abs(diff[rows].mean(0)).astype(np.float32)
     return out
-
-
-def perturbed_block(data: PerturbationData) -> int:
-    """Number of perturbed genes at the front of the treatment list (the rest are extended GRN genes)."""
-    rec = data.uns.get(UNS_KEY)
-    if isinstance(rec, dict) and "n_perturbed" in rec:
-        return int(rec["n_perturbed"])
-    return data.n_treatments

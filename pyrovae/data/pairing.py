@@ -432,7 +432,13 @@ def delta_x(
     if m.size and (m.min() < -1 or m.max() >= n):
         raise ValueError("matched holds positions outside [-1, n_cells)")
     y = log_normalize(counts, genes_idx, target_sum=target_sum)
-    out = np.zeros(y.shape, dtype=np.float32)
+    return np.abs(paired_difference(y, m)).astype(np.float32)
+
+
+def paired_difference(y: np.ndarray, matched: np.ndarray) -> np.ndarray:
+    """(n_cells, G) y_i - y_m(i) for each cell and its matched control ``matched[i]``; 0 for -1 (no match)."""
+    m = np.asarray(matched, dtype=np.int64).reshape(-1)
+    out = np.zeros_like(y)
     has = m >= 0
-    out[has] = np.abs(y[has] - y[m[has]])
+    out[has] = y[has] - y[m[has]]
     return out

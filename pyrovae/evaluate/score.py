@@ -158,6 +158,7 @@ def score_ate(
     seed: int = 0,
     chunk: int = 256,
     cache: dict[tuple, pd.DataFrame] | None = None,
+    baselines: bool = True,
 ) -> dict[str, Any]:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
@@ -178,7 +179,7 @@ def score_ate(
     unseen = unseen_labels(post, data, rows)
     transform = ate_transform(run.model.likelihood)
     extra_preds = None
-    if unseen:
+    if unseen and baselines:
         names = [t for t, u in zip(post.treatments, post.untrained.tolist()) if u]
         # rows of the seen labels stay NaN: these baselines are about the unseen ones
         perts = sorted({str(lab) for lab in data.labels[rows]} - {data.control_label})
@@ -206,6 +207,7 @@ def score_ate(
             extra_models=models or None,
             extra_preds=extra_preds,
             cache=cache,
+            baselines=baselines,
         )
     method_of = {name: rep["prediction"]}
     for o in others or {}:
@@ -263,6 +265,7 @@ def score_run(
     particle_chunk: int = 25,
     score_globals: bool = False,
     log: Callable[[str], Any] | None = None,
+    baselines: bool = True,
 ) -> dict[str, Any]:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
 
@@ -275,6 +278,8 @@ def score_run(
             (:func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
             ``iwelbo_seeds``) of every run on each set, each run's untrained treatments as in training.
         name: the name of ``run`` in the tables (default: its model family).
+        baselines: also score the trivial and unseen-perturbation baselines in the ATE tables (False:
+            the runs only, for callers that read the models' rows alone).
         log: called with one line before each IWELBO and ATE computation (progress).
 
     Returns:
@@ -316,6 +321,7 @@ def score_run(
             seed=seed,
             chunk=chunk,
             cache=cache,
+            baselines=baselines,
         )
     return {
         "name": name,

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.anndata import PerturbationData, PyrovaeWarning
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.data.matrix import nonzero_counts
 from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
@@ -251,10 +252,7 @@ class Trainer:
     """
 
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
-        step = max(1, 2**24 // max(1, data.n_treatments))  # D is sparse: checked in dense blocks of <= 64 MB
-        for start in range(0, data.n_cells, step):
-            rows = np.arange(start, min(start + step, data.n_cells))
-            model.effect.check_dosage(torch.as_tensor(data.dosage_rows(rows)))
+        model.effect.check_treatments_per_cell(nonzero_counts(data.dosage, 1))  # sparse D is not densified
         self.device = resolve_device(cfg.device)
         #: data-parallel context under torchrun (None in one process); see pyrovae.infer.distributed
         self.ddp = distributed.context(self.device)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -348,6 +349,10 @@ class EffectBlock(nn.Module):
 
     def check_dosage(self, d: torch.Tensor) -> None:
         """Raise a clear error if this block cannot handle the dosage matrix."""
+
+    def check_treatments_per_cell(self, counts: np.ndarray | torch.Tensor) -> None:
+        """Raise a clear error if this block cannot handle cells with ``counts`` (N,) treatments each (the
+        data-wide form of :meth:`check_dosage`, computed without densifying a sparse dosage)."""
 
     def mask_probs(self) -> torch.Tensor | None:
         """(T, dim) q(m = 1) of the block's mask entries, detached; ``None`` for a block without masks."""
@@ -854,7 +859,10 @@ class BetaBernoulliActionEffect(EffectBlock):
         return {"mask_prob": pi, "mask": m}
 
     def check_dosage(self, d: torch.Tensor) -> None:
-        if d.numel() and int((d != 0).sum(-1).max()) > 1:
+        self.check_treatments_per_cell((d != 0).sum(-1))
+
+    def check_treatments_per_cell(self, counts: np.ndarray | torch.Tensor) -> None:
+        if len(counts) and int(counts.max()) > 1:
             raise ValueError(
                 "SVAE+ needs one-hot treatments (one perturbation per cell) but the data has combinations; "
                 "load the data with encode_combos_as_unique=True (CLI: --encode-combos-as-unique)"
