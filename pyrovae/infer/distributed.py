@@ -30,6 +30,7 @@ written by rank 0 only; ``--resume`` reads ``last.pt`` on every rank (ranks othe
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 
@@ -92,6 +93,14 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group :func:`context` joined, at interpreter exit: a process that exits with a
+    live gloo group can abort while its communication threads are torn down ("terminate called without an
+    active exception", exit code -6), failing a run that finished."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def context(device: str | torch.device = "cpu") -> DataParallel | None:
     """The data-parallel context of this process: ``None`` in a single process; under ``torchrun`` (more
     than one rank) joins the default process group on first use (gloo on CPU, nccl for CUDA devices)."""
@@ -104,6 +113,7 @@ def context(device: str | torch.device = "cpu") -> DataParallel | None:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(_leave_process_group)
     if dist.get_world_size() < 2:
         return None
     return DataParallel(dist.get_rank(), dist.get_world_size())
