@@ -273,6 +273,7 @@ class Model:
             overwrite=overwrite,
             resume=resume,
             progress=progress,
+            model_name=self.model_name,
         )
         return self
 
@@ -358,7 +359,8 @@ class Model:
                     f"({dir_path} has no {ADATA_FILE}; save(..., save_anndata=True) writes one)"
                 )
             adata = ad.read_h5ad(saved)
-        name = _zoo_name(run.model_cfg)
+        # the name it was trained as (config.json), else the zoo entry its options match (an older run)
+        name = run.model_name or _zoo_name(run.model_cfg)
         if cls.fixed_model is not None and name != cls.fixed_model:
             raise ValueError(
                 f"{dir_path} holds a {name!r} model, not {cls.fixed_model!r}; use pyrovae.Model.load"

@@ -325,6 +325,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
      r"option lr must be a number"),
     # --- evaluation commands
     ("iwelbo on non-run", ["iwelbo", "{root}/userdir", "--data", GOOD], 2, r"is not a pyrovae run"),
+    ("iwelbo on a missing run", ["iwelbo", "{root}/no_such_run", "--data", GOOD], 2,
+     r"run directory .*no_such_run does not exist"),
     ("iwelbo out json", ["iwelbo", RUN, "--data", GOOD, "--out", "{root}/x.json"], 2, r"must end in \.csv"),
     ("iwelbo zero particles", ["iwelbo", RUN, "--data", GOOD, "--particles", "0"], 2, r"must be >= 1"),
     ("iwelbo negative seed", ["iwelbo", RUN, "--data", GOOD, "--seeds", "-1"], 2, r"a seed must be >= 0"),

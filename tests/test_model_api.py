@@ -309,6 +309,17 @@ def test_scvi_style_example_runs(tmp_path, capsys):
     assert back.obsm["X_pyrovae"].shape == (back.n_obs, 10) and "pyrovae_effects" in back.uns
 
 
+def test_a_model_with_overridden_zoo_options_loads_as_its_named_model(tiny_adata, tmp_path):
+    """SAMSVAE(guide="spike_slab") overrides a field its zoo entry sets (guide): the run records the name it
+    was trained as, so SAMSVAE.load reads it back (it used to infer the name from the options and refuse)."""
+    adata = tiny_adata.copy()
+    pyrovae.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = pyrovae.SAMSVAE(adata, guide="spike_slab", **SMALL).train(**{**FAST, "max_epochs": 1})
+    model.save(tmp_path / "m")
+    back = pyrovae.SAMSVAE.load(tmp_path / "m", adata)
+    assert back.model_name == "sams_vae" and back.model_cfg.guide == "spike_slab"
+
+
 def test_a_cli_run_loads_into_the_python_api(tiny_adata, tmp_path):
     from pyrovae.cli import main
 

@@ -316,9 +316,12 @@ def _load_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> No
 
 def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, schema.json) of a run, with clear errors for a directory that is not a (whole) run."""
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"run directory {run_dir} {what}; give the --out of a `pyrovae train` run")
     for f in (CONFIG, SCHEMA):
         if not (run_dir / f).exists():
-            leftovers = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else [None]
+            leftovers = [p for p in run_dir.iterdir() if p.name != LOCK]
             if output_kind(run_dir) == "run" or (leftovers and all(is_temporary(p.name) for p in leftovers)):
                 raise FileNotFoundError(_incomplete(run_dir, f))
             raise FileNotFoundError(

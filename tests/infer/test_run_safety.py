@@ -222,12 +222,17 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(trained, tmp_path):
     # no early stop and no end in sight: the run must be the one interrupted (tiny epochs take milliseconds)
     cmd += ["--quiet", "--set", *net, "max_epochs=100000", "patience=100000", "batch_size=32"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # a failed or timed-out wait leaves no training process behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.strip()] == [
