@@ -75,6 +75,10 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[0]) / self.world_size
 
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` in place with rank 0's value."""
+        dist.broadcast(t, src=0)
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank."""
         for t in list(module.parameters()) + list(module.buffers()):

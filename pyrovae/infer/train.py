@@ -51,6 +51,7 @@ from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
+from pyrovae.models.rotation import rotate_latent, sparsest_rotation
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -322,7 +323,26 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
+        if (
+            getattr(self.model.effect, "mask_rotation", False)
+            and self.step == self.model.effect.mask_freeze_steps
+        ):
+            self.rotate_latent()
         return float(loss), extras
+
+    def rotate_latent(self) -> torch.Tensor:
+        """Rotate the model's latent basis to the sparsest orientation of its mean effects over the treatments
+        with training cells (``ModelConfig.mask_rotation``, :mod:`pyrovae.models.rotation`); the Adam
+        moments of the changed parameters restart (they were in the old basis). Returns R (K, K)."""
+        effect = self.model.effect
+        trained = ~torch.as_tensor(self.data.untrained(), device=self.device)
+        R = sparsest_rotation(effect.mean_effects()[trained], seed=self.cfg.seed)
+        if self.ddp is not None:  # every rank applies rank 0's rotation
+            R = R.to(self.device)
+            self.ddp.broadcast_tensor(R)
+        for p in rotate_latent(self.model, R):
+            self.optimizer.state.pop(p, None)
+        return R
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""

@@ -36,6 +36,7 @@ from pyrovae.models.distributions import (
     SpikeSlabNormal,
     StraightThroughBernoulli,
 )
+from pyrovae.models.rotation import rotate_heads, rotated_scales
 from pyrovae.nn.mlp import GaussianMLP
 
 PERTURBATION_PLATE = "perturbations"
@@ -418,6 +419,14 @@ class AdditiveEffect(EffectBlock):
             started on: the effects are learned before the masks can be pruned on the gradients of
             still-untrained effect draws (measured, README "Spike and slab": it softens the spike-and-slab
             guide's pruning under straight-through but does not stop it).
+        mask_rotation: once, when the freeze ends, the :class:`~pyrovae.infer.train.Trainer` rotates the
+            latent basis to the one in which :meth:`mean_effects` are sparsest
+            (:func:`~pyrovae.models.rotation.sparsest_rotation`,
+            :func:`~pyrovae.models.rotation.rotate_latent`): with the masks still on, the likelihood and
+            priors cannot tell the bases apart, so this is a reparametrisation of the current iterate
+            (exact in the means), and the masks are then pruned in a basis where most entries are small.
+            A schedule, not a change of the objective; needs ``mask_freeze_steps > 0`` (README "Sparse
+            rotation": measured in three regimes).
 
     Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
     scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):
@@ -461,6 +470,7 @@ class AdditiveEffect(EffectBlock):
         mask_kl_warmup_steps: int = 0,
         mask_baseline: str = "decaying_avg",
         mask_freeze_steps: int = 0,
+        mask_rotation: bool = False,
     ) -> None:
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
@@ -478,6 +488,11 @@ class AdditiveEffect(EffectBlock):
             raise ValueError(f"mask_freeze_steps must be >= 0, got {mask_freeze_steps}")
         self.mask_kl_warmup_steps, self.mask_baseline = int(mask_kl_warmup_steps), mask_baseline
         self.mask_freeze_steps = int(mask_freeze_steps)
+        if mask_rotation and (not mask_freeze_steps or compose != "add" or mask_prior is None):
+            raise ValueError(
+                "mask_rotation needs mask_freeze_steps > 0 and masks on an additive latent effect"
+            )
+        self.mask_rotation = bool(mask_rotation)
         if not 0.0 <= mask_baseline_beta < 1.0:
             raise ValueError(f"mask_baseline_beta must be in [0, 1), got {mask_baseline_beta}")
         if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
@@ -657,6 +672,40 @@ class AdditiveEffect(EffectBlock):
             variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline,
             mask_logits=self.mask_role_parameters(),
         )
+
+    @torch.no_grad()
+    def mean_effects(self) -> torch.Tensor:
+        """(T, K) the mean of q(E | M) with every mask on (of q(E) for CPA-VAE and the mean-field guide):
+        the effect rows :func:`~pyrovae.models.rotation.sparsest_rotation` reads."""
+        if self.guide_kind in ("mean_field", "spike_slab") or not self.use_masks:
+            return self.q_E_loc.detach().clone()
+        ones = self.q_mask_logits.new_ones(self.n_treatments, self.shift_dim)
+        loc, _ = self.q_E_net.forward_parts([ones, self.n_treatments])
+        return loc if self.guide_kind == "correlated" else loc + self.q_E_loc
+
+    @torch.no_grad()
+    def rotate(self, R: torch.Tensor) -> list[nn.Parameter]:
+        """Express q(E) in the latent basis z' = z @ R (called by
+        :func:`~pyrovae.models.rotation.rotate_latent`); returns the parameters it changed. Means rotate
+        exactly: E' = E @ R (the free means, and the loc head of q(E | M)'s network). Scales keep the
+        rotated marginal variances (:func:`~pyrovae.models.rotation.rotated_scales`; on the network's
+        log-variance head and on the ``correlated_free`` log-scale factors, the weighted mean of the old
+        log variances). q(M) and the network's mask input are unchanged (see ``rotate_latent``)."""
+        if self.compose != "add":
+            raise ValueError("only an additive latent effect can be rotated (not GPO-VAE's GRN)")
+        changed: list[nn.Parameter] = []
+        if hasattr(self, "q_E_net"):
+            changed += rotate_heads(self.q_E_net, R)
+        if hasattr(self, "q_E_loc"):
+            Rt = R.to(self.q_E_loc)
+            self.q_E_loc.copy_(self.q_E_loc @ Rt)
+            if self.guide_kind == "correlated_free":  # a factor on the network's scale
+                self.q_E_log_scale.copy_(self.q_E_log_scale @ Rt.pow(2))
+            else:  # scale = exp(b) + 1e-4
+                new = rotated_scales(self.q_E_log_scale.exp() + 1e-4, Rt)
+                self.q_E_log_scale.copy_((new - 1e-4).clamp_min(1e-6).log())
+            changed += [self.q_E_loc, self.q_E_log_scale]
+        return changed
 
     def mask_role_parameters(self) -> list[nn.Parameter]:
         """The parameters that take the mask logits' optimiser settings (``mask_lr``): the q(M) logits

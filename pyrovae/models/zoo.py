@@ -40,6 +40,8 @@ from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
 FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae_plus", "conditional", "gpo")
+#: the families whose latent basis ``mask_rotation`` can rotate (masks on an additive latent effect)
+ROTATABLE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity")
 
 
 @dataclasses.dataclass
@@ -69,6 +71,9 @@ class ModelConfig:
     mask_kl_warmup_steps: int = 0
     # the q(M) logits take no gradient for this many first training steps (0: none, the reference)
     mask_freeze_steps: int = 0
+    # when the freeze ends, rotate the latent basis to the one in which the mean effects are sparsest
+    # (pyrovae.models.rotation; a reparametrisation of the iterate, the objective unchanged)
+    mask_rotation: bool = False
     mask_baseline: str = "decaying_avg"  # score_function's baseline: decaying_avg | learned
     decoder_hidden: int = 128
     decoder_layers: int = 1
@@ -116,6 +121,12 @@ class ModelConfig:
         check_range("mask_kl_warmup_steps", self.mask_kl_warmup_steps, ge=0)
         check_range("mask_freeze_steps", self.mask_freeze_steps, ge=0)
         check_range("mask_baseline", self.mask_baseline, choices=MASK_BASELINES)
+        if self.mask_rotation and (self.mask_freeze_steps == 0 or self.family not in ROTATABLE_FAMILIES):
+            raise ValueError(
+                "mask_rotation rotates the latent basis when mask_freeze_steps ends (masks still on): set "
+                f"mask_freeze_steps > 0 and use a SAMS-VAE family {ROTATABLE_FAMILIES}, not "
+                f"{self.family!r} with mask_freeze_steps={self.mask_freeze_steps}"
+            )
 
     def replace(self, **kw: Any) -> ModelConfig:
         return replace_checked(self, "model", **kw)
@@ -165,6 +176,7 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         temperature_anneal_steps=cfg.temperature_anneal_steps,
         mask_kl_warmup_steps=cfg.mask_kl_warmup_steps,
         mask_freeze_steps=cfg.mask_freeze_steps,
+        mask_rotation=cfg.mask_rotation,
         mask_baseline=cfg.mask_baseline,
     )
     if cfg.family == "sams":

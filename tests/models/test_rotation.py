@@ -1,0 +1,213 @@
+"""The sparse rotation of the latent basis (pyrovae.models.rotation, ModelConfig.mask_rotation): the rotation
+recovers a planted sparse basis, rotating a model is exact in its means and leaves the ELBO unchanged where
+the scales are isotropic, and training rotates once, when the mask freeze ends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer.train import TrainConfig, Trainer, make_elbo, split_counts
+from pyrovae.models.rotation import rotate_latent, rotated_scales, sparsest_rotation
+from pyrovae.models.zoo import build_model, model_config
+
+K = 4
+SMALL = dict(n_latent=K, decoder_hidden=12, encoder_hidden=12, embedding_encoder_hidden=8)
+GUIDES = ("correlated", "correlated_free", "correlated_free_scale", "spike_slab", "mean_field")
+
+
+@pytest.fixture(autouse=True)
+def _validation():
+    pyro.enable_validation(True)
+    yield
+
+
+def _orthogonal(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _planted(T: int, k: int, seed: int) -> torch.Tensor:
+    """(T, k) sparse effects: about a quarter of the entries on, at +-U(1, 2), every row and column used."""
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(T, k, generator=g) < 0.25
+    on[torch.arange(T), torch.arange(T) % k] = True
+    size = 1.0 + torch.rand(T, k, generator=g)
+    sign = torch.where(torch.rand(T, k, generator=g) < 0.5, -1.0, 1.0)
+    return (on * size * sign).double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparsest_rotation_recovers_a_rotated_sparse_basis(seed):
+    """E Q R = E P for a signed permutation P: Q R has one entry of modulus ~1 in every row and column."""
+    E = _planted(40, 5, seed)
+    Q = _orthogonal(5, 10 + seed)
+    R = sparsest_rotation(E @ Q, seed=seed)
+    P = Q @ R
+    torch.testing.assert_close(R.T @ R, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert float(P.abs().max(0).values.min()) > 0.98, P
+    assert float((E @ P).abs().sum()) == pytest.approx(float(E.abs().sum()), rel=1e-2)
+
+
+def test_sparsest_rotation_is_deterministic_and_never_worse_than_the_identity():
+    E = _planted(20, 4, 3)
+    a, b = sparsest_rotation(E, seed=5), sparsest_rotation(E, seed=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float((E @ a).abs().sum()) <= float(E.abs().sum()) + 1e-9  # E is already sparse
+    torch.testing.assert_close(sparsest_rotation(E, steps=0), torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(T, K\)"):
+        sparsest_rotation(torch.zeros(3))
+
+
+def test_rotated_scales_are_the_marginal_sds():
+    s = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
+    R = _orthogonal(3, 0)
+    cov = R.T @ torch.diag(s[0] ** 2) @ R  # covariance of x @ R
+    torch.testing.assert_close(rotated_scales(s, R)[0], cov.diagonal().sqrt())
+
+
+def _model(tiny_data, guide="correlated", seed=0, **kw):
+    cfg = model_config("sams_vae", guide=guide, **{**SMALL, **kw})
+    m = build_model(
+        cfg, tiny_data.n_genes, tiny_data.n_treatments, tiny_data.norm_mean, tiny_data.norm_std, seed=0
+    )
+    with torch.no_grad():  # away from the initialisation, so that every block matters
+        g = torch.Generator().manual_seed(seed)
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _means(m, batch):
+    """Decoder mean, encoder (loc, scale) and effects at the guide's mean effects with every mask on."""
+    with torch.no_grad():
+        E = m.effect.mean_effects()
+        g = {"E": E, "mask": torch.ones_like(E)}
+        loc, sd = m.encoder_dist(batch["x"], batch, g)
+        return m.decoder_dist(loc, batch, g).mean, loc, sd, E
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+@pytest.mark.parametrize("layers", [1, 0])
+def test_rotate_latent_is_exact_in_the_means(guide, layers, tiny_data):
+    """z' = z R: q(z | x)'s mean and the mean effects rotate exactly (through the x_shift encoder input),
+    and the decoder's mean at the rotated latents is unchanged; for 1-layer and linear networks."""
+    m = _model(tiny_data, guide, encoder_layers=layers, decoder_layers=layers)
+    m.eval()
+    batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
+    before = _means(m, batch)
+    free_scale = guide in ("correlated_free_scale", "spike_slab", "mean_field")
+    sd_E = m.effect.q_E_log_scale.detach().exp() + 1e-4 if free_scale else None
+    R = _orthogonal(K, 1)
+    changed = rotate_latent(m, R)
+    after = _means(m, batch)
+    Rf = R.float()
+    if free_scale:  # q(E)'s free scales keep the rotated marginal sds
+        got = m.effect.q_E_log_scale.detach().exp() + 1e-4
+        torch.testing.assert_close(got, rotated_scales(sd_E, Rf), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[1], before[1] @ Rf, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[3], before[3] @ Rf, rtol=1e-4, atol=1e-5)
+    assert {id(p) for p in changed} <= {id(p) for p in m.parameters()}
+    assert id(m.encoder.loc.weight) in {id(p) for p in changed}
+
+
+def test_rotate_latent_keeps_the_elbo_where_the_scales_are_isotropic(tiny_data):
+    """With equal variances in every latent direction (q(z | x) and q(E)), the rotated guide is the same
+    distribution in the new basis, so the ELBO's expectation is unchanged (spike-slab guide, masks on)."""
+    m = _model(tiny_data, "spike_slab")
+    m.effect.fix_masks(torch.ones(tiny_data.n_treatments, K))
+    with torch.no_grad():
+        m.encoder.log_var.weight.zero_()
+        m.encoder.log_var.bias.fill_(-1.0)
+        m.effect.q_E_log_scale.copy_(
+            torch.linspace(-2, 0, tiny_data.n_treatments).unsqueeze(-1).expand(-1, K)
+        )
+    batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
+    n = len(tiny_data.indices("train"))
+    w = m.global_weights(batch, split_counts(m, tiny_data, "train", "cpu"), n, "per_treatment")
+    elbo = make_elbo(50)
+
+    def losses(seed0):
+        out = []
+        for r in range(40):
+            pyro.set_rng_seed(seed0 + r)
+            out.append(elbo.loss(m.model, m.guide, batch, n, w, 1.0 / n))
+        return np.array(out)
+
+    a = losses(0)
+    rotate_latent(m, _orthogonal(K, 2))
+    b = losses(1000)
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) < 4 * se + 1e-6, (a.mean(), b.mean(), se)
+
+
+def test_rotate_latent_rejects_what_it_cannot_rotate(tiny_data):
+    m = _model(tiny_data)
+    with pytest.raises(ValueError, match="orthogonal"):
+        rotate_latent(m, 2 * torch.eye(K))
+    with pytest.raises(ValueError, match=r"\(K, K\)"):
+        rotate_latent(m, torch.eye(K + 1))
+    gpo = build_model(model_config("gpo_vae", **SMALL), tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    with pytest.raises(ValueError, match="additive"):
+        rotate_latent(gpo, torch.eye(K))
+
+
+def test_mask_rotation_needs_a_freeze_and_a_sams_family():
+    with pytest.raises(ValueError, match="mask_freeze_steps > 0"):
+        model_config("sams_vae", mask_rotation=True)
+    with pytest.raises(ValueError, match="SAMS-VAE family"):
+        model_config("cpa_vae", mask_rotation=True, mask_freeze_steps=5)
+    assert model_config("sams_vae_learned_sparsity", mask_rotation=True, mask_freeze_steps=5).mask_rotation
+
+
+def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
+    """The Trainer rotates after step mask_freeze_steps (not before, not again), restarts the Adam moments
+    of the changed parameters, keeps the model's predictions (the means) and trains on."""
+    freeze = 3
+    cfg = model_config(
+        "sams_vae", mask_init_logits=3.0, mask_freeze_steps=freeze, mask_rotation=True, **SMALL
+    )
+    model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    trainer = Trainer(
+        model, tiny_data, TrainConfig(seed=0, max_epochs=6, batch_size=16, lr=5e-3, n_particles=2)
+    )
+    real, calls = trainer.rotate_latent, []
+    batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
+
+    def spy():
+        model.eval()
+        before = _means(model, batch)
+        R = real()
+        after = _means(model, batch)
+        model.train()
+        calls.append(trainer.step)
+        torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-5)
+        assert not trainer.optimizer.state[model.encoder.loc.weight]  # its moments restart
+        assert trainer.optimizer.state[model.decoder.trunk.layers[0].bias]  # an unrotated one keeps them
+        return R
+
+    monkeypatch.setattr(trainer, "rotate_latent", spy)
+    hist = trainer.fit(progress=False)
+    assert calls == [freeze]
+    assert trainer.step > freeze + 5 and all(math.isfinite(h["train_loss"]) for h in hist)
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "sams_vae_beta_bernoulli", "sams_vae_learned_sparsity"])
+@pytest.mark.parametrize("guide", ["correlated", "spike_slab"])
+def test_every_rotatable_family_trains_through_the_rotation(name, guide, tiny_data, monkeypatch):
+    cfg = model_config(
+        name, guide=guide, mask_init_logits=3.0, mask_freeze_steps=2, mask_rotation=True, **SMALL
+    )
+    model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    trainer = Trainer(model, tiny_data, TrainConfig(seed=0, max_epochs=2, batch_size=32, n_particles=2))
+    real, calls = trainer.rotate_latent, []
+    monkeypatch.setattr(trainer, "rotate_latent", lambda: calls.append(trainer.step) or real())
+    hist = trainer.fit(progress=False)
+    assert calls == [2] and all(math.isfinite(h["train_loss"]) for h in hist)
