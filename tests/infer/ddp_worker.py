@@ -2,7 +2,8 @@
 
 ``ddp_worker.py grad OUT`` writes ``grad_rank{r}.pt`` (the rank's minibatch positions and its all-reduced
 gradients of one step at a fixed seed); ``ddp_worker.py train OUT`` trains into ``OUT/run``, then resumes it
-for more epochs; ``ddp_worker.py val OUT`` writes ``val_rank{r}.pt`` (the sharded validation loss).
+for more epochs; ``ddp_worker.py val OUT`` writes ``val_rank{r}.pt`` (the sharded validation loss);
+``ddp_worker.py rotate OUT`` writes ``rot_rank{r}.pt`` (the state after 4 steps through the sparse rotation).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.infer import distributed  # noqa: E402
 from pyrovae.infer.runs import train_run  # noqa: E402
 from pyrovae.infer.train import Trainer, evaluate_loss, split_counts  # noqa: E402
-from pyrovae.models.zoo import model_config  # noqa: E402
+from pyrovae.models.zoo import build_model, model_config  # noqa: E402
 from tests.infer.test_distributed import (  # noqa: E402
     BATCH,
     EPOCHS,
@@ -46,6 +47,17 @@ def main(mode: str, out: Path) -> None:
         train_run(data, mcfg, train_config(BATCH, max_epochs=EPOCHS), out / "run", progress=False)
         train_run(
             data, mcfg, train_config(BATCH, max_epochs=MORE_EPOCHS), out / "run", resume=True, progress=False
+        )
+        return
+    if mode == "rotate":  # a few steps through the sparse rotation: every rank must hold the same model
+        mcfg = model_config(
+            "sams_vae", mask_init_logits=3.0, mask_freeze_steps=2, mask_rotation=True, **MODEL
+        )
+        model = build_model(mcfg, data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=0)
+        trainer = Trainer(model, data, train_config(BATCH, max_epochs=1, max_steps=4))
+        trainer.fit(progress=False)
+        torch.save(
+            {k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"rot_rank{ddp.rank}.pt"
         )
         return
     if mode == "val":  # the validation loss, each rank scoring its share of the cells

@@ -143,6 +143,16 @@ def test_sharded_validation_loss_is_the_single_process_mean_over_the_cells(tmp_p
     assert abs(v0 - np.mean(whole)) < 4 * np.std(whole) + 1e-3 * abs(v0)
 
 
+def test_every_rank_applies_the_same_sparse_rotation(tmp_path):
+    """mask_rotation under 2 ranks (each applies rank 0's rotation, broadcast): after the rotation at step 2
+    and two more all-reduced steps both ranks hold bit-identical models."""
+    out = launch("rotate", tmp_path)
+    r0, r1 = (torch.load(out / f"rot_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=k)
+    assert int(r0["effect.mask_step"]) == 4
+
+
 def _curve(path: Path) -> dict[str, np.ndarray]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
