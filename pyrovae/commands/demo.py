@@ -30,7 +30,7 @@ import torch
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.commands.demo_gpo import run_gpo
-from pyrovae.data.anndata import load_perturbation_data, make_split
+from pyrovae.data.anndata import PerturbationData, load_perturbation_data, make_split
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.protocols import combination_labels, pick_combinations
 from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
@@ -84,7 +84,7 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
     return split.astype(str), held
 
 
-def demo_model_options(name: str, data, tcfg: TrainConfig) -> dict[str, Any]:
+def demo_model_options(name: str, data: PerturbationData, tcfg: TrainConfig) -> dict[str, Any]:
     """The demo's options of a named model; a mask freeze lasts DEMO_FREEZE_FRACTION of the run's
     training steps, at most DEMO_FREEZE_MAX (600 on the default preset: 2,520 steps)."""
     opts = dict(DEMO_MODEL_OPTIONS.get(name, {}))
