@@ -56,8 +56,8 @@ from pyrovae.report import markdown_table, mean_std
 # pyrovae.models.rotation) and the mask KL prunes the entries the likelihood does not need. Measured with
 # experiments/mask_inference.py (README, "Sparse rotation"; default preset, 3 seeds): held-out-combination
 # ATE r / R² 0.952 / 0.895 against CPA-VAE's 0.945 / 0.883, mask F1 0.83 against chance 0.44 (the
-# previous demo's settings: 0.929 / 0.844, F1 0.51 against 0.45), and CPA-VAE's ATE within 0.02 / 0.03 in
-# the dense-mask and reference-simulator regimes.
+# second demo's settings, masks on without the rotation: 0.929 / 0.844, F1 0.51 against 0.45), and
+# CPA-VAE's ATE within 0.02 / 0.03 in the dense-mask and reference-simulator regimes.
 DEMO_TRAIN = dict(lr=2e-3, mask_lr=0.02, batch_size=256, n_particles=3, patience=10, val_particles=3)
 DEMO_MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "sams_vae_learned_sparsity": {"mask_init_logits": 3.0, "guide": "spike_slab", "mask_rotation": True}
