@@ -35,6 +35,14 @@ def make_adata(n: int = 240, g: int = 20, seed: int = 0, combos: bool = True) ->
     return a
 
 
+def assert_trains(history: list[dict[str, float]], keys: tuple[str, ...] = ("train_loss",)) -> None:
+    """Every loss of a training history is finite and the last three epochs beat the first three."""
+    for key in keys:
+        losses = [h[key] for h in history]
+        assert all(np.isfinite(losses)), (key, losses)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (key, losses)
+
+
 @pytest.fixture
 def tiny_data():
     return load_perturbation_data(make_adata())

@@ -323,10 +323,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        if (
-            getattr(self.model.effect, "mask_rotation", False)
-            and self.step == self.model.effect.mask_freeze_steps
-        ):
+        effect = self.model.effect
+        if effect.mask_rotation and self.step == effect.mask_freeze_steps:
             self.rotate_latent()
         return float(loss), extras
 

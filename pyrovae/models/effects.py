@@ -285,6 +285,9 @@ def param_groups(module: nn.Module, roles: Mapping[str, Sequence[nn.Parameter]],
 class EffectBlock(nn.Module):
     """Base class; the defaults describe a block without global sites."""
 
+    #: rotate the latent basis when the mask freeze ends (:class:`AdditiveEffect` ``mask_rotation``)
+    mask_rotation: bool = False
+
     shift_dim: int = 0
     has_globals: bool = True
 
@@ -557,21 +560,25 @@ class AdditiveEffect(EffectBlock):
             out["E"] = self._sample_q_E(out.get("mask"))
         return out
 
+    def _q_E_normal(self, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of q(E | M = m) (..., T, K): the free parameters (mean-field, CPA-VAE, and the
+        spike-and-slab guide's slab) or q(E | M)'s network on [m_t, onehot(t)] (with the free offsets)."""
+        if m is None or self.guide_kind in ("mean_field", "spike_slab"):
+            return self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
+        # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
+        loc, scale = self.q_E_net.forward_parts([m, self.n_treatments])
+        if self.guide_kind == "correlated_free":
+            return loc + self.q_E_loc, scale * self.q_E_log_scale.exp()
+        if self.guide_kind == "correlated_free_scale":
+            return loc + self.q_E_loc, (self.q_E_log_scale.exp() + 1e-4).expand_as(loc)
+        return loc, scale
+
     def _sample_q_E(self, m: torch.Tensor | None) -> torch.Tensor:
         """q(E) (mean-field) or q(E | M) (correlated) inside the perturbations plate; (..., T, K)."""
+        loc, scale = self._q_E_normal(m)
         if m is not None and self.guide_kind == "spike_slab":
-            scale = self.q_E_log_scale.exp() + 1e-4
-            fn = SpikeSlabNormal(m, self.q_E_loc, scale, self.embedding_prior_scale)
+            fn = SpikeSlabNormal(m, loc, scale, self.embedding_prior_scale)
             return pyro.sample("E", fn.to_event(1))
-        if m is not None and self.guide_kind != "mean_field":
-            # the MLP on [m_t, onehot(t)]: the one-hot block of its first layer is a row lookup
-            loc, scale = self.q_E_net.forward_parts([m, self.n_treatments])
-            if self.guide_kind == "correlated_free":
-                loc, scale = loc + self.q_E_loc, scale * self.q_E_log_scale.exp()
-            elif self.guide_kind == "correlated_free_scale":
-                loc, scale = loc + self.q_E_loc, (self.q_E_log_scale.exp() + 1e-4).expand_as(loc)
-        else:
-            loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
         return pyro.sample("E", dist.Normal(loc, scale).to_event(1))
 
     # ------------------------------------------------------------------------------- mask estimators
@@ -677,11 +684,8 @@ class AdditiveEffect(EffectBlock):
     def mean_effects(self) -> torch.Tensor:
         """(T, K) the mean of q(E | M) with every mask on (of q(E) for CPA-VAE and the mean-field guide):
         the effect rows :func:`~pyrovae.models.rotation.sparsest_rotation` reads."""
-        if self.guide_kind in ("mean_field", "spike_slab") or not self.use_masks:
-            return self.q_E_loc.detach().clone()
-        ones = self.q_mask_logits.new_ones(self.n_treatments, self.shift_dim)
-        loc, _ = self.q_E_net.forward_parts([ones, self.n_treatments])
-        return loc if self.guide_kind == "correlated" else loc + self.q_E_loc
+        on = self.q_mask_logits.new_ones(self.n_treatments, self.shift_dim) if self.use_masks else None
+        return self._q_E_normal(on)[0].detach().clone()
 
     @torch.no_grad()
     def rotate(self, R: torch.Tensor) -> list[nn.Parameter]:

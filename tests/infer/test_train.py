@@ -9,6 +9,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from conftest import assert_trains
 
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig, Trainer
@@ -31,11 +32,7 @@ def _fit(name, data, seed=0, **train):
 def test_every_model_trains_with_decreasing_loss(name, tiny_data, tiny_data_unique):
     data = tiny_data_unique if name == "svae_plus" else tiny_data
     _, hist = _fit(name, data)
-    train = [h["train_loss"] for h in hist]
-    val = [h["val_loss"] for h in hist]
-    assert all(math.isfinite(v) for v in train + val)
-    assert np.mean(train[-3:]) < np.mean(train[:3])
-    assert np.mean(val[-3:]) < np.mean(val[:3])
+    assert_trains(hist, ("train_loss", "val_loss"))
 
 
 def test_same_seed_same_numbers(tiny_data):

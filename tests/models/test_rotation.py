@@ -21,12 +21,6 @@ SMALL = dict(n_latent=K, decoder_hidden=12, encoder_hidden=12, embedding_encoder
 GUIDES = ("correlated", "correlated_free", "correlated_free_scale", "spike_slab", "mean_field")
 
 
-@pytest.fixture(autouse=True)
-def _validation():
-    pyro.enable_validation(True)
-    yield
-
-
 def _orthogonal(k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
