@@ -347,13 +347,23 @@ BASELINE_NAMES = {
 # ------------------------------------------------------------------------------------------ experiment
 
 
+def model_spec(settings: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """What a config's settings say of one model: ``base`` (its named model: ``model_base[model]``, else
+    the model's own name), ``model`` (the shared ``model`` section, then ``model_overrides[model]``) and
+    ``train`` (the shared ``train`` section, then ``train_overrides[model]``)."""
+    return {
+        "base": (settings.get("model_base") or {}).get(model, model),
+        "model": {**settings["model"], **(settings.get("model_overrides") or {}).get(model, {})},
+        "train": {**settings["train"], **(settings.get("train_overrides") or {}).get(model, {})},
+    }
+
+
 @dataclasses.dataclass
 class Scored:
     """What :meth:`Experiment.fit_and_score` returns: the metrics row and the trained run."""
 
     metrics: dict[str, Any]
     run: Any
-    ate_pred: pd.DataFrame | None = None
 
 
 class Experiment:
@@ -466,16 +476,11 @@ class Experiment:
 
     # ---------------------------------------------------------------------------------------- configs
     def configs(self, model: str, seed: int, **overrides: Any):
-        """(ModelConfig, TrainConfig) of a model: the config's shared ``model`` section, then its
-        ``model_overrides[model]``, then ``overrides``; training settings with ``seed``."""
-        m = {
-            **self.settings["model"],
-            **(self.settings.get("model_overrides") or {}).get(model, {}),
-            **overrides,
-        }
-        base = self.settings.get("model_base", {}).get(model, model)
-        t = {**self.settings["train"], "seed": int(seed)}
-        return model_config(base, **m), TrainConfig().replace(**t)
+        """(ModelConfig, TrainConfig) of a model (:func:`model_spec`, then ``overrides`` on the model
+        options); training settings with ``seed``."""
+        spec = model_spec(self.settings, model)
+        t = {**spec["train"], "seed": int(seed)}
+        return model_config(spec["base"], **{**spec["model"], **overrides}), TrainConfig().replace(**t)
 
     # ---------------------------------------------------------------------------------------- one run
     def empirical_all(self, data, perturbations: Sequence[str]) -> pd.DataFrame:
@@ -563,10 +568,8 @@ class Experiment:
         t_end = time.perf_counter()
         for split, r in res["iwelbo"]["model"].items():
             row[f"{split}_iwelbo"] = r["mean"]
-        pred = None
         for set_name, rep in res["ate"].items():
             row.update(table_scores(rep["table"].loc["model"], k, "" if set_name == "all" else "_heldout"))
-            pred = rep["preds"]["model"] if pred is None else pred
         t_ate = marks.get("ate", t_end)
         row.update(
             train_s=round(t_train, 2),
@@ -582,7 +585,7 @@ class Experiment:
             if k in row and row[k] == row[k]
         )
         self.log(f"  {run_name}: {shown} ({row['epochs']} epochs, {time.perf_counter() - t0:.1f}s)")
-        return Scored(row, run, pred)
+        return Scored(row, run)
 
     def score_baselines(
         self, data, perturbations: Sequence[str], tags: Mapping[str, Any], which: Sequence[str] | None = None

@@ -57,7 +57,7 @@ import pandas as pd
 from experiments import common
 from pyrovae import report
 from pyrovae.data.anndata import make_split
-from pyrovae.data.grn import var_grn_genes
+from pyrovae.data.grn import UNS_KEY, var_grn_genes
 from pyrovae.data.prepare import holdout_perturbations, prepare_gpo_data
 from pyrovae.data.protocols import canonical_labels, cell_split, split_summary
 from pyrovae.data.simulate import ground_truth
@@ -136,16 +136,16 @@ def reference_grn(exp: common.Experiment, path: str | None) -> dict | None:
     return None
 
 
-def grn_metrics(run, data, truth: dict | None) -> dict[str, float]:
-    """AUPRC/AUROC per block against ``truth`` and the number of edges with probability > 0.5."""
+def grn_metrics(run, data, table: pd.DataFrame | None) -> dict[str, float]:
+    """AUPRC/AUROC per block (``table``: the run's own :func:`score_run_grn` rows; None without a reference
+    GRN) and the number of edges with probability > 0.5."""
     n_pert = run_n_perturbed(run, data)
     counts = edge_counts(grn_edges(run, n_perturbed=n_pert))
     out: dict[str, float] = {
         "edges": float(sum(counts.values())),
         "edges_perturbed": float(counts["perturbed"]),
     }
-    if truth is not None:
-        table = score_run_grn(run, truth, data, baselines=False)
+    if table is not None:
         for _, r in table.iterrows():
             for metric in ("auprc", "auroc"):
                 if metric in r and pd.notna(r[metric]):
@@ -153,9 +153,9 @@ def grn_metrics(run, data, truth: dict | None) -> dict[str, float]:
     return out
 
 
-def baseline_rows(run, data, truth: dict) -> list[dict]:
-    """The non-model GRN baselines (correlation, differential expression, random) as results rows."""
-    table = score_run_grn(run, truth, data, baselines=True)
+def baseline_rows(table: pd.DataFrame) -> list[dict]:
+    """The non-model GRN baselines (correlation, differential expression, random) of a
+    :func:`score_run_grn` table as results rows."""
     rows: dict[str, dict] = {}
     for _, r in table[table["method"] != "gpo_vae"].iterrows():
         row = rows.setdefault(r["method"], {"model": f"baseline: {r['method']}", "seed": -1})
@@ -214,11 +214,10 @@ def make_cell_split(exp: common.Experiment, labels: np.ndarray, ctrl: str, seed:
     raise ValueError(f"{exp.settings['config_path']}: split must be 'cells' or 'data', got {kind!r}")
 
 
-def unseen_check(run, data, held: list[str], n_samples: int, seed: int) -> pd.DataFrame:
-    """ATE of the held-out perturbations (test cells vs test controls) against: the GRN-based prediction
-    (``Posterior``, whose GPO block transfers unseen rows through the GRN), the prior fallback
-    (``Posterior(transfer=False)``), zero (the control state, what the reference's mask_test predicts)
-    and the mean ATE of the seen single perturbations on the training cells."""
+def unseen_references(data, held: list[str]) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """The data-only part of :func:`unseen_check`, the same for every run: the test labels containing a
+    held-out perturbation, their empirical ATE (test cells vs test controls) and the zero-effect and
+    seen-singles-mean predictions (the mean ATE of the seen single perturbations on the training cells)."""
     te = data.indices("test")
     lab = data.labels[te]
     tokens = [set(str(v).split(data.sep)) for v in lab]
@@ -229,16 +228,29 @@ def unseen_check(run, data, held: list[str], n_samples: int, seed: int) -> pd.Da
     seen_ate = empirical_ate(
         data.rows(tr), data.labels[tr], data.control_label, groups=seen, genes=data.genes
     )
+    trivial = {
+        "zero_effect": pd.DataFrame(0.0, index=truth.index, columns=truth.columns),
+        "seen_mean": pd.DataFrame(
+            np.tile(seen_ate.to_numpy().mean(0), (len(groups), 1)), index=truth.index, columns=truth.columns
+        ),
+    }
+    return groups, truth, trivial
+
+
+def unseen_check(run, references, n_samples: int, seed: int) -> pd.DataFrame:
+    """ATE of the held-out perturbations (test cells vs test controls) against: the GRN-based prediction
+    (``Posterior``, whose GPO block transfers unseen rows through the GRN), the prior fallback
+    (``Posterior(transfer=False)``), zero (the control state, what the reference's mask_test predicts)
+    and the mean ATE of the seen single perturbations on the training cells (``references``:
+    :func:`unseen_references`)."""
+    groups, truth, trivial = references
     with warnings.catch_warnings():  # the prior fallback is a deliberate control here
         warnings.filterwarnings("ignore", message=".*drawn from the prior.*")
         prior = Posterior.from_run(run, transfer=False).model_ate(groups, n_samples, seed=seed)
     preds = {
         "gpo_grn_prediction": Posterior.from_run(run).model_ate(groups, n_samples, seed=seed),
         "prior_fallback": prior,
-        "zero_effect": pd.DataFrame(0.0, index=truth.index, columns=truth.columns),
-        "seen_mean": pd.DataFrame(
-            np.tile(seen_ate.to_numpy().mean(0), (len(groups), 1)), index=truth.index, columns=truth.columns
-        ),
+        **trivial,
     }
     cols = ["pearson", "pearson_topk", "mse", "direction_acc_topk", "jaccard_topk", "n_perturbations"]
     return ate_table(truth, preds)[cols]
@@ -273,13 +285,20 @@ def main(argv=None) -> int:
     data = prepare_gpo_data(data, extra_genes=extra_genes, qc_key=qc_key, seed=split_seed, **prep)
     prep_s = time.perf_counter() - t0
     exp.log(
-        f"prepared GPO data in {time.perf_counter() - t0:.1f}s: {data.n_treatments} GRN nodes, "
+        f"prepared GPO data in {prep_s:.1f}s: {data.n_treatments} GRN nodes, "
         f"{len(data.indices('train'))} train / {len(data.indices('val'))} val / {len(data.indices('test'))} "
         "test cells"
     )
     perts = sorted(set(data.labels[data.indices("test")]) - {data.control_label})
-    baselines_done = False
+    base = None  # the GRN baselines: data only, the same for every run, scored once (with the first run)
+    own: dict[str, pd.DataFrame | None] = {}  # the current run's own GRN scores, scored once
+
+    def run_metrics(run) -> dict[str, float]:
+        own["grn"] = None if truth is None else score_run_grn(run, truth, data, baselines=False)
+        return grn_metrics(run, data, own["grn"])
+
     scores, unseen = [], []
+    references = unseen_references(data, held) if held else None
     for seed in exp.seeds:
         for model in exp.models:
             mcfg, tcfg = exp.configs(model, seed=seed)
@@ -291,23 +310,25 @@ def main(argv=None) -> int:
                 f"seed{seed}/{model}",
                 perts,
                 tags={"model": model, "seed": seed},
-                extra=lambda run: grn_metrics(run, data, truth),
+                extra=run_metrics,
             )
-            if truth is not None and not baselines_done:
-                for row in baseline_rows(scored.run, data, truth):
-                    exp.record(row)
-                baselines_done = True
             if truth is not None:
-                scores.append(score_run_grn(scored.run, truth, data).assign(model=model, seed=seed))
+                if base is None:
+                    full = score_run_grn(scored.run, truth, data)
+                    base = full[full["method"] != "gpo_vae"]
+                    for row in baseline_rows(base):
+                        exp.record(row)
+                table = pd.concat([own["grn"], base], ignore_index=True)
+                scores.append(table.assign(model=model, seed=seed))
                 common.write_frame(exp.out / "grn_scores.csv", pd.concat(scores, ignore_index=True))
             if held:
                 ev = exp.settings["eval"]
                 # seeded by the training seed, as the former gpo_grn_check.py
-                table = unseen_check(scored.run, data, held, int(ev["ate_samples"]), seed)
+                table = unseen_check(scored.run, references, int(ev["ate_samples"]), seed)
                 unseen.append(table.reset_index().assign(model=model, seed=seed))
                 common.write_frame(exp.out / "unseen.csv", pd.concat(unseen, ignore_index=True))
     md = summarise(exp)
-    timings = data.uns["pyrovae_gpo"]["timings"]
+    timings = data.uns[UNS_KEY]["timings"]
     exp.finish(
         {
             "split": summary,

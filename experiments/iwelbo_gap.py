@@ -36,6 +36,7 @@ from experiments import common
 from experiments.mask_inference import build_parser, find_run, make_split
 from pyrovae.infer.iwelbo import predictive_iwelbo
 from pyrovae.infer.runs import load_run
+from pyrovae.report import add_relative
 
 NARROW_SD = 0.01
 
@@ -59,17 +60,16 @@ def main(argv=None) -> int:
     split, held, _, _ = make_split(exp)
     data = exp.load(split)
     rows = []
+    train = np.asarray(data.indices("train"))[:1500]
     for seed in exp.seeds:
         for model in exp.models:
             run_dir = find_run(args.runs, seed, model)
             if run_dir is None:
                 exp.log(f"  seed{seed}/{model}: no run in {args.runs}")
                 continue
-            trained = load_run(run_dir)
+            run = load_run(run_dir)
             for mode, k in (("as trained", 100), ("as trained", 400), (f"q(E) sd {NARROW_SD}", 100)):
-                run = trained
-                if mode != "as trained":  # narrowed in place: a fresh copy
-                    run = load_run(run_dir)
+                if mode != "as trained":  # the last mode: the run narrowed in place
                     narrow_q_E(run.model.effect)
                 row = {"model": model, "seed": seed, "globals": mode, "particles": k}
                 test = predictive_iwelbo(run.model, data, "test", n_particles=k, seed=0)
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
                 row["test_combos"] = test["iwelbo"][is_held].mean() if is_held.any() else np.nan
                 row["test_seen"] = test["iwelbo"][~is_held & ~is_ctrl].mean()
                 row["test_control"] = test["iwelbo"][is_ctrl].mean()
-                train = np.asarray(data.indices("train"))[:1500]
                 row["train_1500"] = predictive_iwelbo(run.model, data, train, n_particles=k, seed=0)[
                     "iwelbo"
                 ].mean()
@@ -87,12 +86,10 @@ def main(argv=None) -> int:
                 exp.log(f"  seed{seed}/{model} {mode}, {k} particles: test {row['test']:.2f}")
     df = pd.DataFrame(rows)
     cols = ["test", "test_combos", "test_seen", "test_control", "train_1500"]
-    ref = df[df["model"] == args.reference].set_index(["seed", "globals", "particles"])[cols]
-    diff = df.set_index(["seed", "globals", "particles"])
-    diff = diff.join(ref, rsuffix="_ref")
+    match = ("seed", "globals", "particles")
     for c in cols:
-        diff[f"{c} - ref"] = diff[c] - diff[f"{c}_ref"]
-    out = diff.reset_index()[["model", "seed", "globals", "particles", *cols, *(f"{c} - ref" for c in cols)]]
+        df = add_relative(df, c, {"model": args.reference}, match=match, name=f"{c} - ref")
+    out = df[["model", *match, *cols, *(f"{c} - ref" for c in cols)]]
     summ = out.groupby(["model", "globals", "particles"])[[f"{c} - ref" for c in cols]].agg(["mean", "std"])
     common.write_frame(exp.out / "results.csv", out)
     common.write_frame(exp.out / "summary.csv", summ, index=True)

@@ -42,13 +42,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import json
+
 import numpy as np
+import pandas as pd
 import torch
 
 from experiments import common
 from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
 from pyrovae import report
+from pyrovae.commands.demo import demo_split
+from pyrovae.data.dosage import build_dosage, parse_label
 from pyrovae.data.protocols import cell_split, split_summary
+from pyrovae.evaluate.ate import baseline_ates
+from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run
 
 NAME = "mask_inference"
@@ -90,7 +97,8 @@ FMTS = {
 
 def build_parser():
     p = common.build_parser(NAME, __doc__)
-    p.add_argument_group(NAME).add_argument(
+    group = p.add_argument_group(NAME)
+    group.add_argument(
         "--include",
         nargs="+",
         default=[],
@@ -99,7 +107,7 @@ def build_parser():
         "the models and seeds asked for here are summarised with the new ones instead of being rerun "
         "(training is deterministic per seed)",
     )
-    p.add_argument_group(NAME).add_argument(
+    group.add_argument(
         "--ate-mc-seeds",
         nargs="+",
         type=int,
@@ -114,9 +122,7 @@ def build_parser():
 def model_settings(settings: dict, model: str) -> dict:
     """Everything in the settings that defines one model's runs (to check that included rows match)."""
     return {
-        "base": (settings.get("model_base") or {}).get(model, model),
-        "model": {**settings["model"], **(settings.get("model_overrides") or {}).get(model, {})},
-        "train": {**settings["train"], **(settings.get("train_overrides") or {}).get(model, {})},
+        **common.model_spec(settings, model),
         "fixed_on": model in (settings.get("fixed_masks_on") or ()),
         "eval": settings["eval"],
         "split_seed": settings.get("split_seed"),
@@ -126,10 +132,6 @@ def model_settings(settings: dict, model: str) -> dict:
 def include_rows(exp: common.Experiment, dirs) -> set[tuple[str, int]]:
     """Record the rows of earlier runs (``--include``) of this invocation's models and seeds; the
     (model, seed) pairs recorded. A directory of other data or other settings for a model is refused."""
-    import json
-
-    import pandas as pd
-
     done: set[tuple[str, int]] = set()
     for d in map(Path, dirs):
         info_path, res_path = d / "experiment.json", d / "results.csv"
@@ -157,9 +159,6 @@ def include_rows(exp: common.Experiment, dirs) -> set[tuple[str, int]]:
 
 def make_split(exp: common.Experiment):
     """(split, held-out combination labels): the demo's split with combinations, else 80/10/10 cells."""
-    from pyrovae.commands.demo import demo_split
-    from pyrovae.data.dosage import build_dosage, parse_label
-
     labels, ctrl = exp.labels()
     _, _, canon = build_dosage(labels, ctrl, exp.args.combo_sep)
     canon = np.asarray(canon).astype(str)
@@ -202,21 +201,26 @@ class MaskTracker:
         return {"undecided_final": self.fractions[-1], "undecided_mean": float(np.mean(self.fractions))}
 
 
-def ate_metrics(
-    exp: common.Experiment, run, data, held: list[str], seen: list[str], seed: int | None = None
-) -> dict[str, float]:
-    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells
-    (model ATE drawn with evaluation seed ``seed``, default the config's ``eval_seed``)."""
-    from pyrovae.infer.predictive import Posterior
+def ate_sets(data, held: list[str], seen: list[str]) -> list[tuple[list[str], str, pd.DataFrame]]:
+    """(perturbations, metric suffix, empirical ATE of their test cells) of the held-out combinations and of
+    the seen perturbations' held-out cells: the data-only truths, computed once for every run and baseline."""
+    test = data.indices("test")
+    return [
+        (list(perts), suffix, common.empirical_ates(data, perts, test))
+        for perts, suffix in ((held, "_combos"), (seen, "_cells"))
+        if perts
+    ]
 
+
+def ate_metrics(exp: common.Experiment, run, data, sets, seed: int | None = None) -> dict[str, float]:
+    """ATE scores of the held-out combinations and of the seen perturbations on their held-out cells
+    (``sets``: :func:`ate_sets`; model ATE drawn with evaluation seed ``seed``, default the config's
+    ``eval_seed``)."""
     ev = exp.settings["eval"]
     post = Posterior.from_run(run)
     k = int(ev["top_k"])
-    test = data.indices("test")
     out: dict[str, float] = {}
-    for perts, suffix in ((held, "_combos"), (seen, "_cells")):
-        if not perts:
-            continue
+    for perts, suffix, truth in sets:
         pred = post.model_ate(
             list(perts),
             n_samples=int(ev["ate_samples"]),
@@ -225,7 +229,7 @@ def ate_metrics(
             chunk=int(ev["ate_chunk"]),
             transform=common.ate_transform(data),
         )
-        out.update(common.ate_scores(common.empirical_ates(data, perts, test), pred, k, suffix=suffix))
+        out.update(common.ate_scores(truth, pred, k, suffix=suffix))
     return out
 
 
@@ -235,7 +239,7 @@ def find_run(roots, seed: int, model: str) -> Path | None:
     return next((Path(r) / name for r in roots if (Path(r) / name / "best.pt").exists()), None)
 
 
-def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None:
+def ate_mc_spread(exp: common.Experiment, data, sets, dirs, seeds) -> None:
     """Monte Carlo spread of the sampled ATE metrics (:data:`MC_METRICS`): every model row's run (under
     ``--out`` or an ``--include`` directory) is reloaded and its ATE scored again at the evaluation
     ``seeds``; ``<metric>_mc_sd`` is the sd over the evaluation seeds, the config's one included."""
@@ -248,7 +252,7 @@ def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None
             exp.log(f"  seed{int(row['seed'])}/{row['model']}: no run directory, no Monte Carlo spread")
             continue
         run = load_run(path)  # a dense ablation's fixed masks come back with its checkpoint
-        draws = [row] + [ate_metrics(exp, run, data, held, seen, seed=s) for s in seeds]
+        draws = [row] + [ate_metrics(exp, run, data, sets, seed=s) for s in seeds]
         for k in MC_METRICS:
             vals = [d[k] for d in draws if k in d]
             if len(vals) > 1:
@@ -256,19 +260,13 @@ def ate_mc_spread(exp: common.Experiment, data, held, seen, dirs, seeds) -> None
     exp.log(f"ATE Monte Carlo spread over evaluation seeds {[exp.settings['eval']['eval_seed'], *seeds]}")
 
 
-def score_baselines(exp: common.Experiment, data, held: list[str], seen: list[str]) -> None:
+def score_baselines(exp: common.Experiment, data, sets) -> None:
     """One results row per trivial ATE predictor (training cells only; pyrovae.evaluate.ate.baseline_ates):
     the per-perturbation training mean and the additive sum of the singles, scored like the models."""
-    from pyrovae.evaluate.ate import baseline_ates
-
     k = int(exp.settings["eval"]["top_k"])
-    test = data.indices("test")
     rows = {name: {"model": common.BASELINE_NAMES.get(name, name)} for name in ("train_mean", "additive")}
-    for perts, suffix in ((held, "_combos"), (seen, "_cells")):
-        if not perts:
-            continue
-        truth = common.empirical_ates(data, perts, test)
-        preds = baseline_ates(data, list(perts), transform=common.ate_transform(data))
+    for perts, suffix, truth in sets:
+        preds = baseline_ates(data, perts, transform=common.ate_transform(data))
         for name, row in rows.items():
             row.update(common.ate_scores(truth, preds[name], k, suffix=suffix))
     for row in rows.values():
@@ -315,21 +313,21 @@ def main(argv=None) -> int:
         f"split: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
         f"{len(data.indices('test'))} test cells; {len(held)} held-out combinations, {len(seen)} seen labels"
     )
-    score_baselines(exp, data, held, seen)
+    sets = ate_sets(data, held, seen)
+    score_baselines(exp, data, sets)
     done = include_rows(exp, args.include)
     for seed in exp.seeds:
         for model in exp.models:
             if (model, seed) in done:
                 exp.log(f"  seed{seed}/{model}: from --include")
                 continue
-            mcfg, tcfg = exp.configs(model, seed=seed)
-            tcfg = tcfg.replace(**(exp.settings.get("train_overrides") or {}).get(model, {}))
+            mcfg, tcfg = exp.configs(model, seed=seed)  # train_overrides included
             tracker = MaskTracker(fixed_on=model in (exp.settings.get("fixed_masks_on") or ()))
 
             def extra(run, seed=seed, tracker=tracker):
                 out = structure_metrics(run, truth, rows, seed)
                 out.update(tracker.summary())
-                out.update(ate_metrics(exp, run, data, held, seen))
+                out.update(ate_metrics(exp, run, data, sets))
                 return out
 
             exp.fit_and_score(
@@ -344,7 +342,7 @@ def main(argv=None) -> int:
                 prepare=tracker,
             )
     if args.ate_mc_seeds:
-        ate_mc_spread(exp, data, held, seen, args.include, args.ate_mc_seeds)
+        ate_mc_spread(exp, data, sets, args.include, args.ate_mc_seeds)
     md = summarise(exp, held)
     exp.finish({"split": split_summary(split, labels, ctrl, args.combo_sep), "heldout_combinations": held})
     print(md)

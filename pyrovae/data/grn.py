@@ -229,6 +229,9 @@ def grn_targets(
     gene_pos = {g: i for i, g in enumerate(data.genes)}
     node_idx = np.array([gene_pos[g] for g in nodes], dtype=np.int64)
     matched = None if force else read_pairing(data, seed)
+    stale = [k for k in ("delta_x", "delta_x_group") if force or np.shape(extras.get(k))[1:] != (len(nodes),)]
+    # the log-normalised GRN nodes, once: the pairing's features and both targets' y
+    y = pairing.log_normalize(data.counts, node_idx) if matched is None or stale else None
     if matched is None:
         t0 = time.perf_counter()
         matched = pairing.pair_with_controls(
@@ -240,20 +243,19 @@ def grn_targets(
             method=pairing_method,
             reg=pairing_reg,
             seed=seed,
+            features=y,
         )
         matched = np.asarray(matched, dtype=np.int64)
         timings["pairing_s"] = time.perf_counter() - t0
         names = pairing_names(data, matched)
         if names is not None:
             obs[matched_column(seed)] = names
-    stale = [k for k in ("delta_x", "delta_x_group") if force or np.shape(extras.get(k))[1:] != (len(nodes),)]
     if stale:
-        y = pairing.log_normalize(data.counts, node_idx)  # once for both targets
+        diff = pairing.paired_difference(y, matched)  # once for both targets
     if "delta_x" in stale:
-        dx = np.abs(pairing.paired_difference(y, matched))
-        extras["delta_x"] = np.nan_to_num(dx.astype(np.float32), nan=0.0)
+        extras["delta_x"] = np.nan_to_num(np.abs(diff).astype(np.float32), nan=0.0)
     if "delta_x_group" in stale:
-        extras["delta_x_group"] = group_delta_x(y, matched, data.labels, data.split)
+        extras["delta_x_group"] = _group_mean_abs(diff, matched, data.labels, data.split)
     record = {
         "nodes": list(nodes),
         "n_perturbed": len(perturbed),
@@ -275,7 +277,14 @@ def group_delta_x(y: np.ndarray, matched: np.ndarray, labels: np.ndarray, split:
     (``matched == -1``) do not enter the means and get 0; splits are kept apart (no leakage between them).
     """
     m = np.asarray(matched, dtype=np.int64).reshape(-1)
-    diff = pairing.paired_difference(np.asarray(y, dtype=np.float64), m)
+    return _group_mean_abs(pairing.paired_difference(np.asarray(y, dtype=np.float64), m), m, labels, split)
+
+
+def _group_mean_abs(
+    diff: np.ndarray, matched: np.ndarray, labels: np.ndarray, split: np.ndarray
+) -> np.ndarray:
+    """:func:`group_delta_x` from the signed paired difference ``diff`` (N, T) (float64)."""
+    m = np.asarray(matched, dtype=np.int64).reshape(-1)
     out = np.zeros(diff.shape, dtype=np.float32)
     has = m >= 0
     key = pd.Series(

@@ -339,6 +339,7 @@ def pair_with_controls(
     exact_max: int = 500,
     batch_size: int | None = None,
     target_sum: float | None = None,
+    features: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pair every cell with a control of its own split (reference §5.7, done right).
 
@@ -360,6 +361,8 @@ def pair_with_controls(
         method, reg, max_controls, exact_max, batch_size: passed to :func:`ot_pair`.
         seed: base seed.
         target_sum: normalisation target (default: median library size).
+        features: the features, if the caller has them already: ``log_normalize(counts,
+            feature_genes_idx, target_sum)`` (n_cells, len(feature_genes_idx)); default: computed here.
 
     Returns:
         (n_cells,) int64: the global row position of each cell's matched control; -1 for unused cells.
@@ -372,7 +375,7 @@ def pair_with_controls(
     lab = label_strings(labels, n)
     split_names, used = split_strings(splits, n)
     control_label = str(control_label)
-    feats = log_normalize(counts, feature_genes_idx, target_sum=target_sum)
+    feats = log_normalize(counts, feature_genes_idx, target_sum=target_sum) if features is None else features
 
     matched = np.full(n, -1, dtype=np.int64)
     for split in sorted(set(split_names[used].tolist())):

@@ -109,13 +109,15 @@ class Requirement:
     """Per-cell data a model component reads from every minibatch, and how to make it.
 
     ``provides``: the ``PerturbationData.extras`` keys it makes; ``order``: steps run in increasing order
-    (a step may read what an earlier one made); ``step``: see :data:`Step`.
+    (a step may read what an earlier one made); ``step``: see :data:`Step`; ``after``: the requirements
+    its step reads (:func:`ordered` adds them).
     """
 
     name: str
     provides: tuple[str, ...]
     order: int
     step: Step = dataclasses.field(repr=False, compare=False)
+    after: tuple[Requirement, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
 
 def _qc_flags(data: PerturbationData, opts: PrepOptions, force: bool):
@@ -157,17 +159,22 @@ def _grn_targets(data: PerturbationData, opts: PrepOptions, force: bool):
 #: CRADLE-VAE's QC-failure indicator (the artifact block's input).
 QC_FLAGS = Requirement("qc_flags", ("qc",), 0, _qc_flags)
 #: CRADLE-VAE's counterfactual expression (the counterfactual KL), built on the QC flags.
-COUNTERFACTUALS = Requirement("counterfactuals", ("cfx", "has_cf"), 1, _counterfactuals)
+COUNTERFACTUALS = Requirement("counterfactuals", ("cfx", "has_cf"), 1, _counterfactuals, after=(QC_FLAGS,))
 #: GPO-VAE's GRN nodes and alignment targets (the GRN alignment penalty).
 GRN_TARGETS = Requirement("grn_targets", ("delta_x", "delta_x_group"), 2, _grn_targets)
-REQUIREMENTS = {r.name: r for r in (QC_FLAGS, COUNTERFACTUALS, GRN_TARGETS)}
 
 
 def ordered(requirements: Iterable[Requirement]) -> list[Requirement]:
-    """The distinct requirements in the order their steps run (with those they build on: cfx needs qc)."""
-    reqs = {r.name: r for r in requirements}
-    if COUNTERFACTUALS.name in reqs:
-        reqs.setdefault(QC_FLAGS.name, QC_FLAGS)
+    """The distinct requirements, with those they build on (``after``), in the order their steps run."""
+    reqs: dict[str, Requirement] = {}
+
+    def add(req: Requirement) -> None:
+        for dep in req.after:
+            add(dep)
+        reqs.setdefault(req.name, req)
+
+    for req in requirements:
+        add(req)
     return sorted(reqs.values(), key=lambda r: r.order)
 
 
@@ -223,19 +230,6 @@ def prepare_data(
     if verbose:
         print("prepare_data:", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) or "all cached")
     return dataclasses.replace(data, obs=data.obs.copy(), uns=uns)
-
-
-def check_prepared(
-    data: PerturbationData, requirements: Iterable[Requirement], what: str = "the model"
-) -> None:
-    """One ``ValueError`` naming the extras ``requirements`` need that ``data`` lacks."""
-    missing = {r.name: [k for k in r.provides if k not in data.extras] for r in ordered(requirements)}
-    missing = {k: v for k, v in missing.items() if v}
-    if missing:
-        raise ValueError(
-            f"{what} needs per-cell data the data lacks: {missing}; prepare it with pyrovae.data.prepare."
-            "prepare_data(data, pyrovae.models.zoo.data_requirements(model_cfg), options)"
-        )
 
 
 def preparation_record(data: PerturbationData, requirements: Iterable[Requirement]) -> dict[str, Any] | None:

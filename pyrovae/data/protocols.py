@@ -75,7 +75,8 @@ def canonical_labels(
 
 def combination_labels(labels: Sequence[str] | np.ndarray, control_label: str, sep: str = "+") -> list[str]:
     """The sorted distinct labels of ``labels`` that combine two or more perturbations."""
-    return sorted({lab for lab in map(str, labels) if len(parse_label(lab, control_label, sep)) > 1})
+    uniq = np.unique(np.asarray(labels).astype(str))  # each distinct label parsed once, not each cell's
+    return sorted(str(lab) for lab in uniq if len(parse_label(lab, control_label, sep)) > 1)
 
 
 def pick_combinations(combos: Sequence[str], frac: float, rng: np.random.Generator) -> list[str]:

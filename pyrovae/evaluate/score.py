@@ -166,7 +166,8 @@ def score_ate(
     For unseen labels the unseen-perturbation baselines
     (:func:`~pyrovae.evaluate.grn.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
     and a model that transfers to them (GPO-VAE through its GRN) is also shown as
-    ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer.
+    ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer (both only with
+    ``baselines``).
 
     Returns:
         :func:`ate_report`'s dict, its ``per_perturbation`` with a ``prediction`` column (how each model
@@ -188,7 +189,11 @@ def score_ate(
             for k, df in unseen_perturbation_baselines(data, unseen, names, transform=transform).items()
         }
     # a model that transfers (GPO-VAE) is also shown with prior draws on unseen rows: the transfer's worth
-    control = bool(unseen) and post.untrained_method != post.model.effect.untrained_method(transfer=False)
+    control = (
+        baselines
+        and bool(unseen)
+        and post.untrained_method != post.model.effect.untrained_method(transfer=False)
+    )
     if control:
         models[f"{name}_prior_draw"] = Posterior.from_run(run, transfer=False)
     with warnings.catch_warnings():
@@ -278,8 +283,9 @@ def score_run(
             (:func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
             ``iwelbo_seeds``) of every run on each set, each run's untrained treatments as in training.
         name: the name of ``run`` in the tables (default: its model family).
-        baselines: also score the trivial and unseen-perturbation baselines in the ATE tables (False:
-            the runs only, for callers that read the models' rows alone).
+        baselines: also score the trivial and unseen-perturbation baselines (and a transferring model's
+            prior-draw control) in the ATE tables (False: the runs only, for callers that read the models'
+            rows alone).
         log: called with one line before each IWELBO and ATE computation (progress).
 
     Returns:

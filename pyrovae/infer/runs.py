@@ -34,7 +34,7 @@ from pyrovae.data.anndata import (
     untrained_treatments,
 )
 from pyrovae.data.grn import UNS_KEY
-from pyrovae.data.prepare import check_prepared, preparation_record, prepare_data, record_options
+from pyrovae.data.prepare import preparation_record, prepare_data, record_options
 from pyrovae.infer import distributed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.train import TrainConfig, Trainer
@@ -456,7 +456,6 @@ def train_run(
     """
     reqs = data_requirements(model_cfg)
     data = prepare_data(data, reqs, data_options)
-    check_prepared(data, reqs, f"model family {model_cfg.family!r}")
     if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
         raise ValueError(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pyrovae.config import check_range, coerce_fields, replace_checked
-from pyrovae.data.prepare import Requirement
+from pyrovae.data.prepare import Requirement, ordered
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
     GUIDES,
@@ -233,11 +233,7 @@ def data_requirements(cfg: ModelConfig) -> tuple[Requirement, ...]:
     more), in the order :func:`pyrovae.data.prepare.prepare_data` supplies them."""
     parts: list[Any] = [ArtifactBlock] if cfg.artifact else []
     parts += build_penalties(cfg)
-    seen: dict[str, Requirement] = {}
-    for part in parts:
-        for req in part.data_needs:
-            seen.setdefault(req.name, req)
-    return tuple(sorted(seen.values(), key=lambda r: r.order))
+    return tuple(ordered(req for part in parts for req in part.data_needs))
 
 
 def build_model(
