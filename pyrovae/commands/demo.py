@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from pyrovae.commands.common import add_device_arg, command_device, positive_int
 from pyrovae.commands.demo_gpo import run_gpo
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data, make_split
 from pyrovae.data.dosage import build_dosage
+from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.protocols import combination_labels, pick_combinations
 from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 from pyrovae.evaluate.score import score_run
@@ -89,7 +89,7 @@ def demo_model_options(name: str, data: PerturbationData, tcfg: TrainConfig) -> 
     training steps, at most DEMO_FREEZE_MAX (600 on the default preset: 2,520 steps)."""
     opts = dict(DEMO_MODEL_OPTIONS.get(name, {}))
     if opts.get("mask_rotation"):
-        steps = tcfg.max_epochs * math.ceil(len(data.indices("train")) / tcfg.batch_size)
+        steps = tcfg.max_epochs * len(MinibatchLoader(data, "train", tcfg.batch_size))
         opts["mask_freeze_steps"] = max(1, min(DEMO_FREEZE_MAX, int(DEMO_FREEZE_FRACTION * steps)))
     return opts
 

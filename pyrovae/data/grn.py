@@ -215,7 +215,7 @@ def grn_targets(
     ):
         return None
     extras: dict[str, np.ndarray] = dict(data.extras)
-    obs = data.obs.copy()
+    obs = data.obs  # copied only if the pairing's column is written
     timings: dict[str, float] = {}
     dosage, treatments = data.dosage, list(data.treatments)
     perturbed, extended = grn_nodes(data, extra_genes)
@@ -249,6 +249,7 @@ def grn_targets(
         timings["pairing_s"] = time.perf_counter() - t0
         names = pairing_names(data, matched)
         if names is not None:
+            obs = obs.copy()
             obs[matched_column(seed)] = names
     if stale:
         diff = pairing.paired_difference(y, matched)  # once for both targets
