@@ -37,6 +37,7 @@ from pyrovae.evaluate.metrics import (
 __all__ = [
     "perturbseq_transform",
     "empirical_ate",
+    "label_means",
     "ate_metrics",
     "per_perturbation_metrics",
     "baseline_ates",
@@ -229,6 +230,35 @@ def empirical_ate(
     pos = {lab: i for i, lab in enumerate(wanted)}
     ate = means[[pos[g] for g in groups]] - means[pos[control_label]]
     return pd.DataFrame(ate, index=pd.Index(groups, name="perturbation"), columns=cols)
+
+
+def label_means(
+    x: np.ndarray | sp.spmatrix,
+    labels: Sequence[str] | np.ndarray,
+    groups: Sequence[str],
+    transform: str = "perturbseq",
+    batch_size: int = 4096,
+    *,
+    genes: Sequence[str] | None = None,
+    target_sum: float = 1e4,
+) -> pd.DataFrame:
+    """Mean transformed expression g(x) of the cells of each label in ``groups`` (the pseudobulk).
+
+    ``x``: (N, G) counts (dense or sparse, processed ``batch_size`` rows at a time); ``labels``: (N,);
+    ``transform``, ``genes``, ``target_sum``: as in :func:`empirical_ate`. Returns DataFrame
+    (len(groups), G) indexed by label; a label without cells raises ``ValueError``.
+    """
+    transform = _check_transform(transform)
+    labels = _check_labels(labels, _n_rows(x))
+    groups = [str(g) for g in groups]
+    sums, counts = _group_means(x, labels, groups, transform, target_sum, batch_size)
+    if (counts == 0).any():
+        raise ValueError(f"label(s) {[g for g, c in zip(groups, counts) if c == 0][:10]} have no cells")
+    return pd.DataFrame(
+        sums / counts[:, None],
+        index=pd.Index(groups, name="perturbation"),
+        columns=_columns(genes, int(x.shape[1])),
+    )
 
 
 # ---------------------------------------------------------------------------------------- metrics
