@@ -1,0 +1,167 @@
+"""Noise ceilings: how well the held-out cells agree with themselves, per metric of the ATE table.
+
+A Pearson delta of 0.2 can be at the ceiling (few, noisy cells per perturbation) or far below it. The
+ceiling is measured on the data alone: the held-out cells of every perturbation and of control are split
+into two random halves, half A's empirical ATE is taken as the truth and half B's as the prediction,
+and every metric of :func:`pyrovae.evaluate.ate.ate_table` is computed. Each half has half the cells, so
+the raw split-half score is corrected to the full depth where the correction is known:
+
+- a correlation r becomes 2r / (1 + r) (Spearman-Brown; NaN for r <= 0);
+- a squared error is halved (the noise variance of a mean of n cells is half that of n / 2 cells);
+- the mean absolute error is divided by sqrt(2) (the same for its standard deviation scale);
+- the other metrics (R^2, ranks, discrimination, accuracies, overlaps, energy distance) are reported at
+  half depth, uncorrected: a conservative (lower) ceiling for scores, a pessimistic one for distances.
+
+The corrected numbers are what a second, independent experiment of the same size would score against the
+first; a model that knew the population effect exactly could score better (its error has no noise of its
+own), so the ceiling is a yardstick, not a strict bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pyrovae.data.matrix import select_rows
+from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, empirical_ate
+from pyrovae.evaluate.cells import energy_by_perturbation, transform_cells
+from pyrovae.evaluate.metrics import CORRELATION_METRICS, de_qvalues, pca_basis, spearman_brown
+
+__all__ = ["noise_ceiling", "CEILING_INDEX"]
+
+#: the index label of the ceiling row
+CEILING_INDEX = "noise_ceiling"
+_SQUARED = ("mse", "mse_topk", "mse_de_topk", "interaction_mse")
+_COUNTS = ("top_k", "n_perturbations", "n_dropped", "n_interactions")
+
+
+def _halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into ``labels``) of two disjoint random halves of floor(n / 2) cells of every label with
+    at least 2 cells (an odd cell out is left out)."""
+    a, b = [], []
+    for lab in np.unique(labels):
+        pos = rng.permutation(np.flatnonzero(labels == lab))
+        h = len(pos) // 2
+        if h >= 1:
+            a.append(pos[:h])
+            b.append(pos[h : 2 * h])
+    if not a:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
+
+
+def _weighted_reference(ate: pd.DataFrame, labels: np.ndarray) -> np.ndarray:
+    """(G,) the effect of the average perturbed cell: ATE rows weighted by their number of cells."""
+    w = np.array([(labels == lab).sum() for lab in ate.index], dtype=np.float64)
+    return (w[:, None] * ate.to_numpy(dtype=np.float64)).sum(0) / max(w.sum(), 1.0)
+
+
+def _correct(row: dict[str, float]) -> dict[str, float]:
+    out = dict(row)
+    for key in CORRELATION_METRICS:
+        if key in out:
+            out[key] = float(spearman_brown(out[key]))
+    for key in _SQUARED:
+        if key in out:
+            out[key] = out[key] / 2.0
+    if "mae" in out:
+        out["mae"] = out["mae"] / np.sqrt(2.0)
+    return out
+
+
+def noise_ceiling(
+    counts: Any,
+    labels: Sequence[str] | np.ndarray,
+    control_label: str,
+    rows: np.ndarray,
+    *,
+    transform: str,
+    library_size: float | str | None = None,
+    n_splits: int = 5,
+    seed: int = 0,
+    top_k: int = 20,
+    genes: Sequence[str] | None = None,
+    sep: str = "+",
+    energy: bool = True,
+    n_components: int = 50,
+    max_cells: int = 300,
+) -> pd.DataFrame:
+    """The split-half noise ceiling of every metric of :func:`pyrovae.evaluate.ate.ate_table`.
+
+    For each of ``n_splits`` random halvings (seeded by ``seed`` and the split number) of the cells
+    ``rows`` (each perturbation's and the control's cells halved separately; labels with fewer than 2
+    cells left out), half A is the truth and half B the prediction: empirical ATEs of both halves, the DE
+    q-values of half A (Wilcoxon + BH, for the DE top-k metrics), the perturbed-mean reference of half A,
+    the interaction residuals of the combinations whose members are among the labels, and (``energy``) the
+    energy distance between the halves' cells in a PCA of all the cells ``rows`` (``n_components`` axes,
+    at most ``max_cells`` cells per label and half). Each split's metrics are corrected to full depth (see
+    the module docstring), then averaged.
+
+    Args:
+        counts: (N, G) counts (dense, sparse or backed), all cells of the data.
+        labels: (N,) perturbation label of every cell.
+        control_label: the control cells' label (at least 2 control cells among ``rows``).
+        rows: positions of the held-out cells (the cells the ATE table's truth is measured on).
+        transform: ``"perturbseq"`` or ``"mean"``, as the ATE table's.
+        library_size: the perturbseq scale (target_sum) of the real cells' transform; ``None`` or a string
+            (e.g. ``"data"``, the model's library option) mean 1e4, the scale of the table's empirical ATE.
+        n_splits: random halvings; seed: their seed; top_k: as in the table.
+        genes: G gene names (default 0..G-1); sep: combination separator.
+
+    Returns:
+        DataFrame with one row (index ``"noise_ceiling"``, name ``"method"``): the ATE table's metric
+        columns (mean over splits) and ``<metric>_sd`` (their standard deviation over splits), plus
+        ``n_splits``.
+
+    Raises:
+        ValueError: fewer than 2 control or perturbed cells to halve, ``n_splits`` < 1.
+    """
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    target_sum = float(library_size) if isinstance(library_size, int | float) else 1e4
+    rows = np.asarray(rows)
+    lab = np.asarray(labels).astype(str)[rows]
+    control_label = str(control_label)
+    if (lab == control_label).sum() < 2:
+        raise ValueError(f"the noise ceiling needs at least 2 control cells ({control_label!r}) among rows")
+    x_rows = select_rows(counts, rows)
+    g = transform_cells(x_rows, transform, target_sum)
+    genes = [str(c) for c in genes] if genes is not None else list(range(g.shape[1]))
+    basis = pca_basis(g, n_components=n_components, seed=seed) if energy else None
+    per_split = []
+    for s in range(n_splits):
+        a, b = _halves(lab, np.random.default_rng([seed, s]))
+        la, lb = lab[a], lab[b]
+        perts = sorted(set(la.tolist()) - {control_label})
+        if not perts:
+            raise ValueError("the noise ceiling needs a perturbation with at least 2 cells among rows")
+        ate_a = empirical_ate(g[a], la, control_label, perts, transform="mean", genes=genes)
+        ate_b = empirical_ate(g[b], lb, control_label, perts, transform="mean", genes=genes)
+        q = de_qvalues(g[a], la, control_label, perts, genes=genes)
+        table = ate_table(
+            ate_a,
+            {"split": ate_b},
+            top_k,
+            de_qvalues=q,
+            reference=_weighted_reference(ate_a, la),
+            singles_true=ate_a,
+            singles_preds={"split": ate_b},
+            sep=sep,
+        )
+        row = _correct(table.loc["split"].astype(float).to_dict())
+        if energy:
+            e = energy_by_perturbation(g[a], la, g[b], lb, perts, basis, max_cells=max_cells, seed=seed + s)
+            row["energy_distance"] = float(e.mean())
+        per_split.append(row)
+    df = pd.DataFrame(per_split)
+    metric_cols = [c for c in df.columns if c not in _COUNTS]
+    out = {c: float(df[c].mean()) for c in df.columns}
+    out.update({f"{c}_sd": float(df[c].std(ddof=1)) if len(df) > 1 else float("nan") for c in metric_cols})
+    out["n_splits"] = float(n_splits)
+    order = [c for c in [*METRIC_KEYS, "n_dropped", "energy_distance"] if c in out]
+    cols = order + [c for c in out if c not in order]
+    res = pd.DataFrame([out], index=pd.Index([CEILING_INDEX], name="method"))[cols]
+    return res
