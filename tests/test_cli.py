@@ -91,7 +91,15 @@ def test_ate_command_held_out_and_all_cells(trained_run, capsys):
     assert "held-out test cells" in printed and "| method |" in printed
     out = run / "ate_test"
     table = pd.read_csv(out / "ate_metrics.csv", index_col="method")
-    assert list(table.index) == ["sams", "train_mean", "additive", "global_mean"]
+    assert list(table.index) == [
+        "sams",
+        "no_change",
+        "train_mean",
+        "additive",
+        "global_mean",
+        "matching_mean",
+        "linear",
+    ]
     assert {"pearson", "pearson_topk", "r2", "n_perturbations"} <= set(table.columns)
     per = pd.read_csv(out / "ate_per_perturbation.csv")
     assert {"method", "perturbation", "pearson"} <= set(per.columns)

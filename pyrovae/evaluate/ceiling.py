@@ -28,7 +28,13 @@ import pandas as pd
 from pyrovae.data.matrix import select_rows
 from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, empirical_ate
 from pyrovae.evaluate.cells import energy_by_perturbation, transform_cells
-from pyrovae.evaluate.metrics import CORRELATION_METRICS, de_qvalues, pca_basis, spearman_brown
+from pyrovae.evaluate.metrics import (
+    CORRELATION_METRICS,
+    de_qvalues,
+    pca_basis,
+    perturbed_reference,
+    spearman_brown,
+)
 
 __all__ = ["noise_ceiling", "CEILING_INDEX"]
 
@@ -51,12 +57,6 @@ def _halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     if not a:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
-
-
-def _weighted_reference(ate: pd.DataFrame, labels: np.ndarray) -> np.ndarray:
-    """(G,) the effect of the average perturbed cell: ATE rows weighted by their number of cells."""
-    w = np.array([(labels == lab).sum() for lab in ate.index], dtype=np.float64)
-    return (w[:, None] * ate.to_numpy(dtype=np.float64)).sum(0) / max(w.sum(), 1.0)
 
 
 def _correct(row: dict[str, float]) -> dict[str, float]:
@@ -146,7 +146,7 @@ def noise_ceiling(
             {"split": ate_b},
             top_k,
             de_qvalues=q,
-            reference=_weighted_reference(ate_a, la),
+            reference=perturbed_reference(ate_a, [(la == p).sum() for p in perts]),
             singles_true=ate_a,
             singles_preds={"split": ate_b},
             sep=sep,

@@ -33,6 +33,7 @@ __all__ = [
     "rank_metric",
     "centroid_accuracy",
     "pearson_delta_reference",
+    "perturbed_reference",
     "de_test",
     "de_qvalues",
     "de_top_k",
@@ -236,6 +237,15 @@ def pearson_delta_reference(
         raise ValueError(f"reference has shape {r.shape}, expected ({t.shape[1]},)")
     out = np.array([pearson(a - r, b - r) for a, b in zip(t, p)]) if len(t) else np.array([])
     return pd.Series(out, index=ate_true.index, name="pearson_delta_pert")
+
+
+def perturbed_reference(ate: pd.DataFrame, n_cells: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(G,) the effect of the average perturbed cell: the rows of ``ate`` (A, G) weighted by their numbers
+    of cells ``n_cells`` (A,), i.e. mean g(x) over all perturbed cells minus the control mean."""
+    w = np.asarray(n_cells, dtype=np.float64).reshape(-1)
+    if w.shape != (len(ate),):
+        raise ValueError(f"n_cells has {w.size} entries for {len(ate)} ATE rows")
+    return (w[:, None] * ate.to_numpy(dtype=np.float64)).sum(0) / max(float(w.sum()), 1e-300)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,8 @@ import pandas as pd
 
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+from pyrovae.evaluate.ate import ate_table, empirical_ate
+from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
 from pyrovae.infer.predictive import Posterior
@@ -75,6 +76,12 @@ def ate_report(
     extra_models: dict[str, Any] | None = None,
     extra_preds: dict[str, pd.DataFrame] | None = None,
     cache: dict[tuple, pd.DataFrame] | None = None,
+    de: bool = True,
+    cells: bool = False,
+    n_cells: int = 200,
+    ceiling: bool = True,
+    ceiling_splits: int = 5,
+    mc_seeds: int = 1,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
 
@@ -87,11 +94,20 @@ def ate_report(
     ``cache``: model ATEs already computed with these settings, by (model name, perturbations); filled
     in, so that cell sets with the same perturbations share one prediction (:func:`score_run`).
 
+    The table holds the field-standard metrics too (:func:`pyrovae.evaluate.field.field_table`: all
+    model-free baselines, DE top-k genes with ``de``, interaction residuals, the noise ceiling with
+    ``ceiling`` over ``ceiling_splits`` halvings); ``cells`` adds the energy distance of ``n_cells``
+    predicted cells per perturbation (:meth:`~pyrovae.infer.predictive.Posterior.predict`, at
+    ``library_size``) against the held-out cells; ``mc_seeds`` > 1 adds each model's ``<metric>_mc_sd``,
+    the spread of its metrics over model ATEs at seeds ``seed``, ``seed + 1``, ...
+
     Returns:
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
         ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}), and from
+        :func:`~pyrovae.evaluate.field.field_table`: ``ceiling``, ``vs_baseline``, ``baseline_names``,
+        ``de_qvalues``, ``energy``.
     """
     rows = np.asarray(rows)
     labels = data.labels[rows]
@@ -111,31 +127,51 @@ def ate_report(
     ate_true = ate_true.loc[perts]
     preds: dict[str, pd.DataFrame] = {}
     cache = {} if cache is None else cache
-    for name, post in {model_name: posterior, **(extra_models or {})}.items():
-        key = (name, tuple(perts))
-        if key not in cache:
-            cache[key] = post.model_ate(
-                perts,
-                n_samples=n_samples,
-                library_size=library_size,
-                data=data,
-                seed=seed,
-                chunk=chunk,
-                transform=transform,
+    members = combination_members(perts, data.sep)  # for the interaction residuals of combinations
+    model_singles, mc_preds, predicted_cells = {}, {}, {}
+    models = {model_name: posterior, **(extra_models or {})}
+    kw = dict(n_samples=n_samples, library_size=library_size, data=data, chunk=chunk, transform=transform)
+    for name, post in models.items():
+        asked = [((name, tuple(perts)), perts, seed)]
+        asked += [((name, tuple(members)), members, seed)] if members else []
+        asked += [((name, tuple(perts), seed + k), perts, seed + k) for k in range(1, mc_seeds)]
+        for key, labs, s in asked:
+            if key not in cache:
+                cache[key] = post.model_ate(labs, seed=s, **kw)
+        preds[name] = cache[asked[0][0]]
+        model_singles[name] = pd.concat([preds[name], *([cache[asked[1][0]]] if members else [])])
+        mc_preds[name] = [cache[(name, tuple(perts), seed + k)] for k in range(1, mc_seeds)]
+        if cells:
+            predicted_cells[name] = post.predict(
+                [*perts, ctrl], n_cells=n_cells, library_size=library_size, data=data, seed=seed, chunk=chunk
             )
-        preds[name] = cache[key]
-    if baselines:
-        preds.update(baseline_ates(data, perts, transform=transform))
     for name, df in (extra_preds or {}).items():
         preds[name] = df.loc[perts]
+    field = field_table(
+        data,
+        rows,
+        ate_true,
+        preds,
+        transform=transform,
+        top_k=top_k,
+        model_singles=model_singles,
+        baselines=baselines,
+        de=de,
+        cells=predicted_cells or None,
+        ceiling=ceiling,
+        ceiling_splits=ceiling_splits,
+        mc_preds=mc_preds if mc_seeds > 1 else None,
+        seed=seed,
+    )
     return {
         "ate_true": ate_true,
-        "preds": preds,
-        "table": ate_table(ate_true, preds, top_k),
-        "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
+        "preds": field["preds"],
+        "table": field["table"],
+        "per_perturbation": field["per_perturbation"],
         "control_source": control_source,
         "perturbations": perts,
         "prediction": dict(preds[model_name].attrs.get("prediction", {})),
+        **{k: field[k] for k in ("ceiling", "vs_baseline", "baseline_names", "de_qvalues", "energy")},
     }
 
 
@@ -159,6 +195,7 @@ def score_ate(
     chunk: int = 256,
     cache: dict[tuple, pd.DataFrame] | None = None,
     baselines: bool = True,
+    field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
@@ -167,7 +204,8 @@ def score_ate(
     (:func:`~pyrovae.evaluate.grn.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
     and a model that transfers to them (GPO-VAE through its GRN) is also shown as
     ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer (both only with
-    ``baselines``).
+    ``baselines``). ``field_options``: :func:`ate_report`'s ``de``, ``cells``, ``n_cells``, ``ceiling``,
+    ``ceiling_splits``, ``mc_seeds``.
 
     Returns:
         :func:`ate_report`'s dict, its ``per_perturbation`` with a ``prediction`` column (how each model
@@ -213,6 +251,7 @@ def score_ate(
             extra_preds=extra_preds,
             cache=cache,
             baselines=baselines,
+            **(field_options or {}),
         )
     method_of = {name: rep["prediction"]}
     for o in others or {}:
@@ -271,6 +310,7 @@ def score_run(
     score_globals: bool = False,
     log: Callable[[str], Any] | None = None,
     baselines: bool = True,
+    field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
 
@@ -286,6 +326,9 @@ def score_run(
         baselines: also score the trivial and unseen-perturbation baselines (and a transferring model's
             prior-draw control) in the ATE tables (False: the runs only, for callers that read the models'
             rows alone).
+        field_options: the field-standard options of :func:`ate_report` (``de``, ``cells``, ``n_cells``,
+            ``ceiling``, ``ceiling_splits``, ``mc_seeds``); each ATE set's dict then holds ``ceiling`` (the
+            noise ceiling row) and ``vs_baseline`` beside ``table``.
         log: called with one line before each IWELBO and ATE computation (progress).
 
     Returns:
@@ -328,6 +371,7 @@ def score_run(
             chunk=chunk,
             cache=cache,
             baselines=baselines,
+            field_options=field_options,
         )
     return {
         "name": name,
