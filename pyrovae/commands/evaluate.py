@@ -17,6 +17,7 @@ import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.config import PyrovaeWarning
+from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
 from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run
@@ -131,10 +132,15 @@ def run_iwelbo(args: argparse.Namespace) -> int:
 SHOWN_ATE_COLUMNS = (
     "pearson",
     "pearson_topk",
-    "r2",
-    "pearson_per_pert_mean",
+    "pearson_de_topk",
+    "pearson_delta_pert",
     "mse",
-    "direction_acc_topk",
+    "mae",
+    "pds",
+    "rank",
+    "centroid_accuracy",
+    "interaction_pearson",
+    "energy_distance",
     "n_perturbations",
     "n_dropped",
 )
@@ -145,6 +151,8 @@ def run_ate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path(args.run) / f"ate_{tag}"
     if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already holds ATE results; pass --overwrite to replace them")
+    if args.cell_eval and not cell_eval_available():
+        raise ValueError("--cell-eval needs the cell-eval package: pip install 'pyrovae[eval]'")
     run, data = _load(args)
     if args.all_cells:
         rows = np.arange(data.n_cells)
@@ -164,6 +172,13 @@ def run_ate(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         library_size=args.library,
         seed=args.seed,
+        field_options=dict(
+            cells=args.cells,
+            n_cells=args.n_cells,
+            ceiling=args.ceiling_splits > 0,
+            ceiling_splits=max(args.ceiling_splits, 1),
+            mc_seeds=args.mc_seeds,
+        ),
     )["ate"][scope]
     table, per_pert, unseen, unseen_table = (
         rep["table"],
@@ -172,7 +187,7 @@ def run_ate(args: argparse.Namespace) -> int:
         rep["unseen_table"],
     )
     method_of = rep["prediction"]
-    fig = None
+    fig = ce = None
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
     with (
@@ -185,6 +200,12 @@ def run_ate(args: argparse.Namespace) -> int:
         if unseen_table is not None:
             atomic_write(stage / "ate_metrics_unseen.csv", lambda tmp: unseen_table.to_csv(tmp))
         atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
+        if rep["ceiling"] is not None:
+            atomic_write(stage / "ate_ceiling.csv", lambda tmp: rep["ceiling"].to_csv(tmp))
+        if rep["vs_baseline"] is not None:
+            atomic_write(stage / "ate_vs_baseline.csv", lambda tmp: rep["vs_baseline"].to_csv(tmp))
+        if rep["energy"] is not None:
+            atomic_write(stage / "ate_energy.csv", lambda tmp: rep["energy"].to_csv(tmp, index=False))
         for name, df in rep["preds"].items():
             atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
         write_json(
@@ -207,8 +228,33 @@ def run_ate(args: argparse.Namespace) -> int:
                 "metrics_unseen": None
                 if unseen_table is None
                 else unseen_table.reset_index().to_dict(orient="records"),
+                "noise_ceiling": None
+                if rep["ceiling"] is None
+                else rep["ceiling"].reset_index().to_dict(orient="records")[0],
+                "best_baseline_per_metric": None
+                if rep["vs_baseline"] is None
+                else rep["vs_baseline"].attrs["baseline"],
+                "mc_seeds": args.mc_seeds,
             },
         )
+        if args.cell_eval:
+            print(f"running cell-eval ({args.cell_eval_profile}) on {args.n_cells} predicted cells per label")
+            inputs = cell_eval_inputs(
+                Posterior.from_run(run),
+                data,
+                rows,
+                n_cells=args.n_cells,
+                library_size=args.library,
+                seed=args.seed,
+            )
+            ce = run_cell_eval(
+                inputs[0],
+                inputs[1],
+                data.control_label,
+                stage / "cell_eval",
+                train=inputs[2],
+                profile=args.cell_eval_profile,
+            )
         try:
             fig = plot_ate_scatter(rep["ate_true"], rep["preds"], stage / "ate_scatter.png", top_k=args.top_k)
         except ImportError as err:
@@ -218,7 +264,23 @@ def run_ate(args: argparse.Namespace) -> int:
         f"model library size: {args.library}"
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
-    print(markdown_table(table[shown]))
+    ceiling = rep["ceiling"]
+    print(markdown_table(table[shown] if ceiling is None else pd.concat([table[shown], ceiling[shown]])))
+    if ceiling is not None:
+        print(
+            f"noise_ceiling: the held-out cells against themselves ({int(ceiling['n_splits'].iloc[0])} "
+            "random halvings; correlations Spearman-Brown corrected, errors to full depth; sd in "
+            "ate_ceiling.csv)"
+        )
+    if ce is not None:
+        avg = ce["score"].set_index("metric")["from_baseline"].get("avg_score", float("nan"))
+        print(f"cell-eval: avg_score against its mean baseline {avg:.3f} (0 = the baseline, 1 = perfect)")
+    if args.mc_seeds > 1:
+        spread = table.loc[model_name, [f"{c}_mc_sd" for c in shown if f"{c}_mc_sd" in table.columns]]
+        print(
+            f"Monte Carlo sd of {model_name} over {args.mc_seeds} model-ATE seeds: "
+            + ", ".join(f"{k[:-6]} {v:.3g}" for k, v in spread.items())
+        )
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
@@ -235,6 +297,10 @@ def run_ate(args: argparse.Namespace) -> int:
     print(
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
         f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"
+        f"{', ate_ceiling.csv' if ceiling is not None else ''}"
+        f"{', ate_vs_baseline.csv' if rep['vs_baseline'] is not None else ''}"
+        f"{', ate_energy.csv' if rep['energy'] is not None else ''}"
+        f"{', cell_eval/' if args.cell_eval else ''}"
         f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
@@ -340,6 +406,41 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
+    p.add_argument(
+        "--mc-seeds",
+        type=positive_int,
+        default=3,
+        help="model ATEs at this many seeds: each model metric's Monte Carlo sd (<metric>_mc_sd; default 3)",
+    )
+    p.add_argument(
+        "--ceiling-splits",
+        type=int,
+        default=5,
+        help="random halvings of the held-out cells for the noise ceiling (default 5; 0: no ceiling)",
+    )
+    p.add_argument(
+        "--cells",
+        action="store_true",
+        help="also compare predicted with held-out cells (energy distance in a PCA; --n-cells per label)",
+    )
+    p.add_argument(
+        "--n-cells",
+        type=positive_int,
+        default=500,
+        help="predicted cells per label for --cells and --cell-eval (default 500)",
+    )
+    p.add_argument(
+        "--cell-eval",
+        action="store_true",
+        help="also run cell-eval (pip install 'pyrovae[eval]') on predicted and held-out cells; "
+        "tables in OUT/cell_eval/",
+    )
+    p.add_argument(
+        "--cell-eval-profile",
+        default="full",
+        choices=["full", "vcc", "minimal", "de", "anndata"],
+        help="cell-eval's metric profile (default full)",
+    )
     p.add_argument("--out", default=None, help="output directory (default RUN/ate_<split>, RUN/ate_all)")
     p.add_argument("--overwrite", action="store_true")
     add_device_arg(p)

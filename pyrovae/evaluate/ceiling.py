@@ -9,8 +9,10 @@ the raw split-half score is corrected to the full depth where the correction is 
 - a correlation r becomes 2r / (1 + r) (Spearman-Brown; NaN for r <= 0);
 - a squared error is halved (the noise variance of a mean of n cells is half that of n / 2 cells);
 - the mean absolute error is divided by sqrt(2) (the same for its standard deviation scale);
-- the other metrics (R^2, ranks, discrimination, accuracies, overlaps, energy distance) are reported at
-  half depth, uncorrected: a conservative (lower) ceiling for scores, a pessimistic one for distances.
+- the energy distance (the unbiased estimate) does not depend on the numbers of cells: about 0 when the
+  halves follow one distribution, as a model's cells would if they followed the real cells';
+- the other metrics (R^2, ranks, discrimination, accuracies, overlaps) are reported at half depth,
+  uncorrected: a conservative (lower) ceiling.
 
 The corrected numbers are what a second, independent experiment of the same size would score against the
 first; a model that knew the population effect exactly could score better (its error has no noise of its
@@ -88,6 +90,7 @@ def noise_ceiling(
     energy: bool = True,
     n_components: int = 50,
     max_cells: int = 300,
+    singles: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The split-half noise ceiling of every metric of :func:`pyrovae.evaluate.ate.ate_table`.
 
@@ -95,7 +98,7 @@ def noise_ceiling(
     ``rows`` (each perturbation's and the control's cells halved separately; labels with fewer than 2
     cells left out), half A is the truth and half B the prediction: empirical ATEs of both halves, the DE
     q-values of half A (Wilcoxon + BH, for the DE top-k metrics), the perturbed-mean reference of half A,
-    the interaction residuals of the combinations whose members are among the labels, and (``energy``) the
+    the interaction residuals of the combinations (against ``singles``), and (``energy``) the unbiased
     energy distance between the halves' cells in a PCA of all the cells ``rows`` (``n_components`` axes,
     at most ``max_cells`` cells per label and half). Each split's metrics are corrected to full depth (see
     the module docstring), then averaged.
@@ -110,6 +113,11 @@ def noise_ceiling(
             (e.g. ``"data"``, the model's library option) mean 1e4, the scale of the table's empirical ATE.
         n_splits: random halvings; seed: their seed; top_k: as in the table.
         genes: G gene names (default 0..G-1); sep: combination separator.
+        energy, n_components, max_cells: the energy distance between the halves' cells (unbiased
+            estimate, about 0 at the ceiling) in a PCA of the cells ``rows``.
+        singles: (S, G) reference ATEs of the combinations' members for the interaction residuals, the
+            same for both halves: pass the ones the ATE table's observed residuals use (the members'
+            training ATEs); default: each half's own ATEs of the members, where they are among ``rows``.
 
     Returns:
         DataFrame with one row (index ``"noise_ceiling"``, name ``"method"``): the ATE table's metric
@@ -147,8 +155,8 @@ def noise_ceiling(
             top_k,
             de_qvalues=q,
             reference=perturbed_reference(ate_a, [(la == p).sum() for p in perts]),
-            singles_true=ate_a,
-            singles_preds={"split": ate_b},
+            singles_true=ate_a if singles is None else singles,
+            singles_preds={"split": ate_b if singles is None else singles},
             sep=sep,
         )
         row = _correct(table.loc["split"].astype(float).to_dict())
@@ -164,4 +172,6 @@ def noise_ceiling(
     order = [c for c in [*METRIC_KEYS, "n_dropped", "energy_distance"] if c in out]
     cols = order + [c for c in out if c not in order]
     res = pd.DataFrame([out], index=pd.Index([CEILING_INDEX], name="method"))[cols]
+    for c in (*_COUNTS, "n_splits"):
+        res[c] = res[c].round().astype(int)
     return res

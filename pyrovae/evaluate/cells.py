@@ -55,8 +55,13 @@ def energy_by_perturbation(
     *,
     max_cells: int = 300,
     seed: int = 0,
+    unbiased: bool = True,
 ) -> pd.Series:
     """Energy distance between the predicted and the real cells of each perturbation, in a PCA.
+
+    The unbiased (U-statistic) estimate by default (:func:`pyrovae.evaluate.metrics.energy_distance`):
+    about 0 when the predicted cells follow the real cells' distribution, whatever the numbers of cells, so
+    that models, cell baselines and the noise ceiling (split halves) can be compared.
 
     Args:
         real: (N, G) transformed held-out cells; real_labels: (N,).
@@ -66,9 +71,10 @@ def energy_by_perturbation(
         basis: ((G,) mean, (K, G) axes) of :func:`pyrovae.evaluate.metrics.pca_basis`; cells are projected
             to (x - mean) @ axes.T before the distances.
         max_cells: at most this many cells per label and side (seeded subsets) enter each distance.
+        unbiased: the U-statistic (default) or the V-statistic (0 for a set against itself).
 
     Returns:
-        Series (len(perturbations),) indexed by label; NaN where a side has no cell.
+        Series (len(perturbations),) indexed by label; NaN where a side has no cell (or, unbiased, one).
     """
     mean, axes = basis
     real_pos = subsample_by_label(np.asarray(real_labels), perturbations, max_cells, seed)
@@ -81,5 +87,5 @@ def energy_by_perturbation(
             continue
         za = (np.asarray(real[a], dtype=np.float64) - mean) @ axes.T
         zb = (to_dense(select_rows(pred, b)) - mean) @ axes.T
-        out[str(lab)] = energy_distance(zb, za)
+        out[str(lab)] = energy_distance(zb, za, unbiased)
     return pd.Series(out, name="energy_distance", dtype=np.float64)

@@ -141,6 +141,7 @@ def field_table(
             sep=data.sep,
             energy=bool(cells),
             max_cells=max_cells,
+            singles=singles_true,
         )
     vs = score_vs_baseline(table, baseline_names) if baseline_names else None
     return {

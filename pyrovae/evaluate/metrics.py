@@ -365,25 +365,33 @@ def pca_basis(x: np.ndarray, n_components: int = 50, max_cells: int = 5000, seed
     return mean, axes * np.where(flip == 0, 1.0, flip)[:, None]
 
 
-def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+def energy_distance(x: np.ndarray, y: np.ndarray, unbiased: bool = False) -> float:
     """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two sets of points (Euclidean).
 
-    The expectations are the averages over all pairs (the V-statistic, pairs of a point with itself
-    included, as cell-eval and scipy compute it), so the energy distance of a set to itself is exactly 0;
-    it grows with any difference of the two distributions (location, spread, shape). Two samples of one
-    distribution score about 2 E|X - X'| (1/n + 1/m) / 2 > 0, not 0: compare with the noise ceiling.
+    ``unbiased=False`` (the V-statistic, as cell-eval and scipy compute it): the expectations are averages
+    over all pairs, a point paired with itself included, so the energy distance of a set to itself is
+    exactly 0 and it grows with any difference of the two distributions (location, spread, shape); but two
+    samples of ONE distribution score about E|X - X'| (1/n + 1/m) > 0, more for fewer points.
+
+    ``unbiased=True`` (the U-statistic): E|X - X'| and E|Y - Y'| average over distinct pairs only, which
+    makes the estimate unbiased for the population energy distance: about 0 (either sign) for two samples
+    of one distribution, whatever n and m. Use it to compare sets of different sizes (predicted cells,
+    held-out cells, split halves of a noise ceiling); it needs n, m >= 2.
 
     Args:
         x: (n, D) points (e.g. predicted cells in a PCA); y: (m, D).
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if len(x) == 0 or len(y) == 0:
+    n, m = len(x), len(y)
+    if n == 0 or m == 0 or (unbiased and (n < 2 or m < 2)):
         return float("nan")
     dxy = pairwise_distances(x, y, "l2").mean()
-    dxx = pairwise_distances(x, x, "l2").mean()
-    dyy = pairwise_distances(y, y, "l2").mean()
-    return float(max(2.0 * dxy - dxx - dyy, 0.0))
+    sxx = pairwise_distances(x, x, "l2").sum()
+    syy = pairwise_distances(y, y, "l2").sum()
+    if unbiased:
+        return float(2.0 * dxy - sxx / (n * (n - 1)) - syy / (m * (m - 1)))
+    return float(max(2.0 * dxy - sxx / n**2 - syy / m**2, 0.0))
 
 
 # ------------------------------------------------------------------------------------- interactions

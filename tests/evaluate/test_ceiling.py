@@ -31,8 +31,9 @@ def test_ceiling_of_noiseless_duplicated_data_is_perfect():
     row = c.iloc[0]
     for key in ("pearson", "pearson_topk", "pearson_per_pert_mean", "pearson_de_topk", "pearson_delta_pert"):
         assert row[key] == pytest.approx(1.0), key
-    for key in ("mse", "mse_topk", "mae", "mse_de_topk", "interaction_mse", "energy_distance", "rank"):
+    for key in ("mse", "mse_topk", "mae", "mse_de_topk", "interaction_mse", "rank"):
         assert row[key] == pytest.approx(0.0, abs=1e-12), key
+    assert row["energy_distance"] == pytest.approx(0.0, abs=1e-6)  # Euclidean distances to rounding
     assert row["pds"] == 1.0 and row["centroid_accuracy"] == 1.0 and row["interaction_pearson"] == 1.0
     assert row["pearson_sd"] == pytest.approx(0.0) and row["n_splits"] == 3
     assert row["n_interactions"] == 1 and row["n_perturbations"] == 4
@@ -79,8 +80,13 @@ def test_energy_by_perturbation():
     real = rng.normal(size=(40, 5))
     labels = np.repeat(["A", "B"], 20)
     basis = pca_basis(real, n_components=5)
-    same = energy_by_perturbation(real, labels, real, labels, ["A", "B", "Z"], basis)
+    same = energy_by_perturbation(real, labels, real, labels, ["A", "B", "Z"], basis, unbiased=False)
     assert same["A"] == 0.0 and same["B"] == 0.0 and np.isnan(same["Z"])
+    # the unbiased estimate of a set against itself is -2 sum|x - x'| / (n^2 (n - 1)), in the PCA
+    u = energy_by_perturbation(real, labels, real, labels, ["A"], basis)["A"]
+    z = (real[:20] - basis[0]) @ basis[1].T
+    s = np.linalg.norm(z[:, None] - z[None], axis=-1).sum()
+    assert u == pytest.approx(-2 * s / (20**2 * 19))
     shifted = energy_by_perturbation(real, labels, real + 1.0, labels, ["A", "B"], basis)
     assert (shifted > 0).all()
     assert np.allclose(transform_cells(np.array([[1.0, 3.0]]), "perturbseq"), np.log2([2501.0, 7501.0]))

@@ -99,6 +99,21 @@ def test_energy_distance_self_zero_grows_with_shift_and_matches_scipy_in_1d():
     assert energy_distance(a[:, None], b[:, None]) == pytest.approx(stats.energy_distance(a, b) ** 2)
 
 
+def test_unbiased_energy_distance_is_about_zero_for_one_distribution():
+    rng = np.random.default_rng(1)
+    v, u = [], []
+    for _ in range(200):
+        a, b = rng.normal(size=(8, 2)), rng.normal(size=(5, 2))
+        v.append(energy_distance(a, b))
+        u.append(energy_distance(a, b, unbiased=True))
+    # V-statistic: biased up by about E|X - X'| (1/8 + 1/5), E|X - X'| = sqrt(pi) for 2-D standard normals
+    assert np.mean(v) == pytest.approx(np.sqrt(np.pi) * (1 / 8 + 1 / 5), rel=0.15)
+    assert abs(np.mean(u)) < 0.05 < np.mean(v)
+    assert np.isnan(energy_distance(a[:1], b, unbiased=True))
+    shifted = [energy_distance(rng.normal(size=(8, 2)), rng.normal(size=(5, 2)) + 2, True) for _ in range(20)]
+    assert np.mean(shifted) > 1.0
+
+
 def test_pca_basis_is_seeded_and_orthonormal():
     x = np.random.default_rng(0).normal(size=(200, 8))
     m1, ax1 = pca_basis(x, n_components=3, max_cells=100, seed=4)
