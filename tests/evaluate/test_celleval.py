@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import pyrovae
+from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.evaluate.ate import empirical_ate, per_perturbation_metrics
 from pyrovae.evaluate.celleval import PERT_COL, cell_eval_adata, lognorm
 
@@ -51,3 +53,13 @@ def test_cell_eval_pearson_delta_equals_pyrovae(tmp_path):
     score = pd.read_csv(tmp_path / "ce" / "score.csv")
     assert "avg_score" in set(score["metric"])
     assert PERT_COL in real.obs
+
+
+def test_model_cell_eval(tmp_path):
+    adata = simulate_perturbseq("tiny", seed=0)
+    pyrovae.Model.setup_anndata(adata, perturbation_key="perturbation")
+    model = pyrovae.Model(adata, model="cpa_vae", n_latent=3, decoder_hidden=16, encoder_hidden=16)
+    model.train(max_epochs=1, batch_size=128, progress=False)
+    res = model.cell_eval(tmp_path / "ce", n_cells=30, profile="minimal")
+    assert "pearson_delta" in res["results"].columns and "avg_score" in set(res["score"]["metric"])
+    assert (tmp_path / "ce" / "agg_results.csv").is_file()
