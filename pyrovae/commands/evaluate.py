@@ -230,7 +230,7 @@ def run_ate(args: argparse.Namespace) -> int:
                 else unseen_table.reset_index().to_dict(orient="records"),
                 "noise_ceiling": None
                 if rep["ceiling"] is None
-                else rep["ceiling"].reset_index().to_dict(orient="records")[0],
+                else rep["ceiling"].reset_index().to_dict(orient="records"),
                 "best_baseline_per_metric": None
                 if rep["vs_baseline"] is None
                 else rep["vs_baseline"].attrs["baseline"],
@@ -270,7 +270,8 @@ def run_ate(args: argparse.Namespace) -> int:
         print(
             f"noise_ceiling: the held-out cells against themselves ({int(ceiling['n_splits'].iloc[0])} "
             "random halvings; correlations Spearman-Brown corrected, errors to full depth; sd in "
-            "ate_ceiling.csv)"
+            "ate_ceiling.csv): a same-size replicate experiment; perfect_predictor: a noiseless prediction "
+            "of the population effect"
         )
     if ce is not None:
         avg = ce["score"].set_index("metric")["from_baseline"].get("avg_score", float("nan"))

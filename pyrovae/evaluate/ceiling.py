@@ -14,9 +14,14 @@ the raw split-half score is corrected to the full depth where the correction is 
 - the other metrics (R^2, ranks, discrimination, accuracies, overlaps) are reported at half depth,
   uncorrected: a conservative (lower) ceiling.
 
-The corrected numbers are what a second, independent experiment of the same size would score against the
-first; a model that knew the population effect exactly could score better (its error has no noise of its
-own), so the ceiling is a yardstick, not a strict bound.
+These corrected numbers (``kind="replicate"``, the row ``noise_ceiling``) are what a second, independent
+experiment of the same size would score against the first: the field's noise ceiling (cell-eval's). A model
+that knew the population effect exactly scores better, since its prediction carries no noise of its own;
+``kind="perfect"`` (the row ``perfect_predictor``) is that score, under the same model of the noise
+(independent noise of variance v per entry at full depth, 2v in a half): a correlation sqrt(2r / (1 + r)),
+a squared error a quarter, the mean absolute error half of the split-half value. A model above the
+``noise_ceiling`` row is more reproducible than the experiment itself (e.g. it averages many training
+cells); the ``perfect_predictor`` row bounds what any prediction can reach in expectation.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from pyrovae.evaluate.metrics import (
     spearman_brown,
 )
 
-__all__ = ["noise_ceiling", "CEILING_INDEX"]
+__all__ = ["noise_ceiling", "noise_ceilings", "CEILING_INDEX", "PERFECT_INDEX"]
 
-#: the index label of the ceiling row
+#: the index label of the ceiling row (a same-size replicate experiment)
 CEILING_INDEX = "noise_ceiling"
+#: the index label of the noiseless-predictor row
+PERFECT_INDEX = "perfect_predictor"
 _SQUARED = ("mse", "mse_topk", "mse_de_topk", "interaction_mse")
 _COUNTS = ("top_k", "n_perturbations", "n_dropped", "n_interactions")
 
@@ -61,20 +68,53 @@ def _halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
-def _correct(row: dict[str, float]) -> dict[str, float]:
+def _correct(row: dict[str, float], kind: str) -> dict[str, float]:
+    """Split-half metrics at full depth: a same-size replicate (``"replicate"``) or a noiseless predictor
+    (``"perfect"``); see the module docstring."""
+    perfect = kind == "perfect"
     out = dict(row)
     for key in CORRELATION_METRICS:
         if key in out:
-            out[key] = float(spearman_brown(out[key]))
+            r = float(spearman_brown(out[key]))
+            out[key] = float(np.sqrt(r)) if perfect and np.isfinite(r) else r
     for key in _SQUARED:
         if key in out:
-            out[key] = out[key] / 2.0
+            out[key] = out[key] / (4.0 if perfect else 2.0)
     if "mae" in out:
-        out["mae"] = out["mae"] / np.sqrt(2.0)
+        out["mae"] = out["mae"] / (2.0 if perfect else np.sqrt(2.0))
     return out
 
 
 def noise_ceiling(
+    counts: Any,
+    labels: Sequence[str] | np.ndarray,
+    control_label: str,
+    rows: np.ndarray,
+    *,
+    transform: str,
+    library_size: float | str | None = None,
+    n_splits: int = 5,
+    seed: int = 0,
+    top_k: int = 20,
+    **options: Any,
+) -> pd.DataFrame:
+    """The split-half noise ceiling: the one row ``noise_ceiling`` of :func:`noise_ceilings` (a same-size
+    replicate experiment; same arguments, ``options`` = its keyword arguments)."""
+    return noise_ceilings(
+        counts,
+        labels,
+        control_label,
+        rows,
+        transform=transform,
+        library_size=library_size,
+        n_splits=n_splits,
+        seed=seed,
+        top_k=top_k,
+        **options,
+    ).loc[[CEILING_INDEX]]
+
+
+def noise_ceilings(
     counts: Any,
     labels: Sequence[str] | np.ndarray,
     control_label: str,
@@ -120,9 +160,9 @@ def noise_ceiling(
             training ATEs); default: each half's own ATEs of the members, where they are among ``rows``.
 
     Returns:
-        DataFrame with one row (index ``"noise_ceiling"``, name ``"method"``): the ATE table's metric
-        columns (mean over splits) and ``<metric>_sd`` (their standard deviation over splits), plus
-        ``n_splits``.
+        DataFrame with two rows (index name ``"method"``): ``noise_ceiling`` (a same-size replicate) and
+        ``perfect_predictor`` (a noiseless predictor), each with the ATE table's metric columns (mean over
+        splits), ``<metric>_sd`` (their standard deviation over splits) and ``n_splits``.
 
     Raises:
         ValueError: fewer than 2 control or perturbed cells to halve, ``n_splits`` < 1.
@@ -159,19 +199,24 @@ def noise_ceiling(
             singles_preds={"split": ate_b if singles is None else singles},
             sep=sep,
         )
-        row = _correct(table.loc["split"].astype(float).to_dict())
+        raw = table.loc["split"].astype(float).to_dict()
         if energy:
             e = energy_by_perturbation(g[a], la, g[b], lb, perts, basis, max_cells=max_cells, seed=seed + s)
-            row["energy_distance"] = float(e.mean())
-        per_split.append(row)
-    df = pd.DataFrame(per_split)
-    metric_cols = [c for c in df.columns if c not in _COUNTS]
-    out = {c: float(df[c].mean()) for c in df.columns}
-    out.update({f"{c}_sd": float(df[c].std(ddof=1)) if len(df) > 1 else float("nan") for c in metric_cols})
-    out["n_splits"] = float(n_splits)
-    order = [c for c in [*METRIC_KEYS, "n_dropped", "energy_distance"] if c in out]
-    cols = order + [c for c in out if c not in order]
-    res = pd.DataFrame([out], index=pd.Index([CEILING_INDEX], name="method"))[cols]
+            raw["energy_distance"] = float(e.mean())
+        per_split.append(raw)
+    frames = []
+    for kind, name in (("replicate", CEILING_INDEX), ("perfect", PERFECT_INDEX)):
+        df = pd.DataFrame([_correct(r, kind) for r in per_split])
+        metric_cols = [c for c in df.columns if c not in _COUNTS]
+        out = {c: float(df[c].mean()) for c in df.columns}
+        out.update(
+            {f"{c}_sd": float(df[c].std(ddof=1)) if len(df) > 1 else float("nan") for c in metric_cols}
+        )
+        out["n_splits"] = float(n_splits)
+        frames.append(pd.DataFrame([out], index=pd.Index([name], name="method")))
+    res = pd.concat(frames)
+    order = [c for c in [*METRIC_KEYS, "n_dropped", "energy_distance"] if c in res.columns]
+    res = res[order + [c for c in res.columns if c not in order]]
     for c in (*_COUNTS, "n_splits"):
         res[c] = res[c].round().astype(int)
     return res

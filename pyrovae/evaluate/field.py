@@ -12,7 +12,8 @@ of the held-out cells and the models' predicted ATEs. It adds
 - optionally (``cells``) the energy distance between predicted and held-out cells per perturbation, for the
   models (:meth:`~pyrovae.infer.predictive.Posterior.predict`) and for two cell baselines: the training
   control cells (no change) and the training cells of the same label (train mean);
-- the split-half noise ceiling (:func:`pyrovae.evaluate.ceiling.noise_ceiling`);
+- the split-half noise ceiling and the noiseless predictor's score
+  (:func:`pyrovae.evaluate.ceiling.noise_ceilings`);
 - optionally (``mc_seeds`` > 1) the Monte Carlo spread of each model's metrics over model-ATE seeds;
 - every metric as a score against the best baseline (:func:`pyrovae.evaluate.metrics.score_vs_baseline`).
 """
@@ -28,7 +29,7 @@ import pandas as pd
 from pyrovae.baselines import all_baseline_ates
 from pyrovae.data.matrix import select_rows
 from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, baseline_ates, per_perturbation_metrics
-from pyrovae.evaluate.ceiling import noise_ceiling
+from pyrovae.evaluate.ceiling import noise_ceilings
 from pyrovae.evaluate.cells import energy_by_perturbation, subsample_by_label, transform_cells
 from pyrovae.evaluate.metrics import de_qvalues, pca_basis, perturbed_reference, score_vs_baseline
 
@@ -83,7 +84,8 @@ def field_table(
 
     Returns:
         dict with ``preds`` (``preds`` and the baselines, rows ``ate_true.index``), ``table``,
-        ``per_perturbation``, ``ceiling`` (one-row DataFrame or None), ``vs_baseline`` (methods x metrics,
+        ``per_perturbation``, ``ceiling`` (the two rows of :func:`~pyrovae.evaluate.ceiling.noise_ceilings`
+        or None), ``vs_baseline`` (methods x metrics,
         or None without baselines), ``baseline_names``, ``de_qvalues`` (A x G or None), ``energy``
         (long table: method, perturbation, energy_distance; None without ``cells``).
     """
@@ -128,7 +130,7 @@ def field_table(
             table.loc[name, f"{c}_mc_sd"] = v
     ceil = None
     if ceiling:
-        ceil = noise_ceiling(
+        ceil = noise_ceilings(
             data.counts,
             data.labels,
             ctrl,

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from pyrovae.evaluate.ate import METRIC_KEYS
-from pyrovae.evaluate.ceiling import noise_ceiling
+from pyrovae.evaluate.ceiling import noise_ceiling, noise_ceilings
 from pyrovae.evaluate.cells import energy_by_perturbation, transform_cells
 from pyrovae.evaluate.metrics import pca_basis, spearman_brown
 
@@ -23,10 +23,13 @@ def _duplicated(n_copies=4, seed=0):
 
 def test_ceiling_of_noiseless_duplicated_data_is_perfect():
     x, labels = _duplicated()
-    c = noise_ceiling(
+    both = noise_ceilings(
         sp.csr_matrix(x), labels, "ctrl", np.arange(len(x)), transform="perturbseq", n_splits=3, top_k=5
     )
-    assert list(c.index) == ["noise_ceiling"] and c.index.name == "method"
+    assert list(both.index) == ["noise_ceiling", "perfect_predictor"]
+    assert np.allclose(both.iloc[0][["pearson", "mse"]], both.iloc[1][["pearson", "mse"]])
+    c = both.loc[["noise_ceiling"]]
+    assert c.index.name == "method"
     assert set(METRIC_KEYS) <= set(c.columns) and "pearson_sd" in c.columns and "energy_distance" in c.columns
     row = c.iloc[0]
     for key in ("pearson", "pearson_topk", "pearson_per_pert_mean", "pearson_de_topk", "pearson_delta_pert"):

@@ -105,7 +105,8 @@ def test_ate_report_field_metrics(two_runs):
     assert np.isnan(table.loc["no_change", "pearson_mc_sd"])  # baselines are not sampled
     # A+B is scored for interactions by every predictor that predicts its members
     assert table.loc["sams", "n_interactions"] == 1 and table.loc["additive", "interaction_mse"] >= 0
-    assert list(rep["ceiling"].index) == ["noise_ceiling"] and 0 < rep["ceiling"].iloc[0]["pearson"] <= 1
+    assert list(rep["ceiling"].index) == ["noise_ceiling", "perfect_predictor"]
+    assert 0 < rep["ceiling"].iloc[0]["pearson"] <= rep["ceiling"].iloc[1]["pearson"] <= 1
     vs = rep["vs_baseline"]
     assert list(vs.index) == list(table.index) and set(vs.attrs["baseline"]) <= set(vs.columns)
     assert rep["de_qvalues"].shape == rep["ate_true"].shape
