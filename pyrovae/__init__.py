@@ -18,7 +18,9 @@ or the library underneath::
     run = pyrovae.train_run(data, pyrovae.model_config("sams_vae"), pyrovae.TrainConfig(), "runs/r1")
 """
 
+from pyrovae import datasets
 from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
+from pyrovae.data.options import DataOptions
 from pyrovae.infer.arviz import to_arviz
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.predictive import Posterior
@@ -27,10 +29,14 @@ from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
+from pyrovae.setup import read_data
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataOptions",
+    "datasets",
+    "read_data",
     "Model",
     "SAMSVAE",
     "CPAVAE",

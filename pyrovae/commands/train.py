@@ -12,11 +12,10 @@ from pyrovae.commands.common import (
     gather_overrides,
 )
 from pyrovae.config import route_options
-from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.prepare import MODEL_DATA_OPTIONS
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.setup import read_data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,16 +32,15 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"cannot change model options {changed} when resuming a run")
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
-        opts = {**opts, **stored.data_options}
+        opts = stored.options
         data = stored.load_data(args.data)
         name = args.model or stored.model_name
     else:
         name = args.model or "sams_vae"
         mcfg = model_config(name, **m_over)
         tcfg = TrainConfig().replace(**t_over)
-        load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
-        # train_run gives the data what the model needs (GPO/CRADLE preparation, held-out perturbations)
-        data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
+        # read and prepared as the model needs (GPO/CRADLE preparation, held-out perturbations)
+        data, opts = read_data(args.data, opts, mcfg, model_name=name)
     # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
     tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     run_ = train_run(
@@ -50,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         mcfg,
         tcfg,
         args.out,
-        data_options=opts,
+        data_options=opts.to_dict(),
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,

@@ -58,6 +58,11 @@ GRN genes, ``n = T + E`` GRN genes, ``H`` decoder hidden units.
    inside a double; categorical), ``obs_names`` are ``cell00000 ..``. ``X`` is a
    ``scipy.sparse.csr_matrix`` of float32 integer counts.
 
+9. **Batches.** With ``n_batches > 1`` each cell is assigned to a batch uniformly at random and its
+   log-means get the batch's per-gene shift ``beta_b ~ N(0, batch_effect^2)`` (G,), whatever its
+   perturbation: a replicate effect that is not a perturbation effect. Ground truth ``batch_shift``
+   (n_batches, G); ``obs["batch"]``.
+
 Independent random streams (``default_rng([seed, k])``) draw the masks/embeddings, decoder, baselines, GRN,
 dispersions, doubles and cells, so e.g. changing the number of cells or doubles leaves the other parameters
 unchanged.
@@ -120,7 +125,7 @@ FORK_CHILDREN = 3
 COLLIDER_PARENTS = 2
 
 # sub-stream ids of ``default_rng([seed, k])``
-_S_MECH, _S_DECODER, _S_BASELINE, _S_GRN, _S_DISPERSION, _S_DOUBLES, _S_CELLS = range(7)
+_S_MECH, _S_DECODER, _S_BASELINE, _S_GRN, _S_DISPERSION, _S_DOUBLES, _S_CELLS, _S_BATCH = range(8)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,10 @@ class SimulationConfig:
         dispersion_range: ``(low, high)`` of the per-gene NB concentration ``theta ~ LogUniform``.
         frac_low_quality: fraction of low-quality cells.
         decoder_hidden: hidden units ``H`` of the random decoder.
+        n_batches: batches (replicates, lanes); cells are assigned to them at random (``obs["batch"]``
+            ``B1 ..``, only when ``n_batches > 1``).
+        batch_effect: sd of each batch's per-gene log-fold shift ``beta_b ~ N(0, batch_effect^2)`` (G,),
+            added to every cell's log-means (step 9); 0: batches differ in name only.
     """
 
     n_genes: int
@@ -171,6 +180,8 @@ class SimulationConfig:
     frac_low_quality: float
     decoder_hidden: int
     grn_shape: str = "random"
+    n_batches: int = 1
+    batch_effect: float = 0.0
 
     @property
     def n_cells(self) -> int:
@@ -193,12 +204,15 @@ class SimulationConfig:
             "cells_per_single",
             "cells_per_double",
             "decoder_hidden",
+            "n_batches",
         ]
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"SimulationConfig.{name} must be a non-negative integer, got {v!r}")
-        for name in ("n_latent", "n_perturbed", "decoder_hidden"):
+        if not (np.isfinite(self.batch_effect) and self.batch_effect >= 0):
+            raise ValueError(f"SimulationConfig.batch_effect must be >= 0, got {self.batch_effect!r}")
+        for name in ("n_latent", "n_perturbed", "decoder_hidden", "n_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
         needed = self.n_perturbed + self.n_extra_grn_genes + len(MT_GENES)
@@ -285,6 +299,29 @@ PRESETS: dict[str, SimulationConfig] = {
         frac_low_quality=0.05,
         decoder_hidden=64,
     ),
+    # 10,400 cells x 72 genes: a targeted-panel CRISPRi screen (few genes, most targets measured, strong
+    # on-target knock-downs, hundreds of cells per target: effects the data pins down).
+    "targeted_panel": SimulationConfig(
+        n_genes=72,
+        n_latent=8,
+        n_perturbed=14,
+        n_extra_grn_genes=10,
+        n_doubles=0,
+        n_control_cells=2000,
+        cells_per_single=600,
+        cells_per_double=0,
+        mask_prob=0.2,
+        effect_mean=0.8,
+        effect_sd=0.3,
+        grn_edge_prob=0.1,
+        grn_weight=0.8,
+        knockdown=-2.5,
+        library_log_mean=7.3,
+        library_log_sd=0.4,
+        dispersion_range=(3.0, 30.0),
+        frac_low_quality=0.02,
+        decoder_hidden=32,
+    ),
     # 100,000 cells x 2,000 genes: benchmarks.
     "large": SimulationConfig(
         n_genes=2000,
@@ -333,7 +370,8 @@ n = T + E GRN genes, D doubles, H decoder hidden units):
 - low_quality_library_factor float, low_quality_mt_log_boost float: the low-quality artifact.
 - seed int, preset str ("custom" for a SimulationConfig argument): how the data was made; the full
   configuration is uns["simulation_config"].
-Per cell: obs["perturbation"] (label), obs["low_quality"] (bool)."""
+- batch_shift (n_batches, G) float32 (only with n_batches > 1): each batch's per-gene log-fold shift.
+Per cell: obs["perturbation"] (label), obs["low_quality"] (bool), obs["batch"] (with n_batches > 1)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -477,12 +515,16 @@ def _sample_counts(
     baseline: np.ndarray,
     theta: np.ndarray,
     rng: np.random.Generator,
+    batch_shift: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n, G) NB counts of n cells (steps 4-7): latent z (n, K), GRN log-fold shift (n, n_grn),
-    low-quality flags (n,), library sizes (n,) (the low-quality factor already applied)."""
+    """(n, G) NB counts of n cells (steps 4-7, 9): latent z (n, K), GRN log-fold shift (n, n_grn),
+    low-quality flags (n,), library sizes (n,) (the low-quality factor already applied), batch shifts
+    (n, G) or ``None``."""
     W1, b1, W2 = decoder
     eta = np.tanh(z @ W1 + b1) @ W2 + baseline
     eta[:, : grn_shift.shape[1]] += grn_shift
+    if batch_shift is not None:
+        eta += batch_shift
     eta[np.ix_(low_quality, np.arange(len(baseline) - len(MT_GENES), len(baseline)))] += (
         LOW_QUALITY_MT_LOG_BOOST
     )
@@ -503,8 +545,9 @@ def simulate_perturbseq(
     """Simulate a Perturb-seq-like dataset with known ground truth (see the module docstring).
 
     Args:
-        preset: ``"tiny"`` (~390 cells x 40 genes), ``"default"`` (6,900 x 200), ``"large"``
-            (100,000 x 2,000), or a :class:`SimulationConfig`.
+        preset: ``"tiny"`` (~390 cells x 40 genes), ``"default"`` (6,900 x 200), ``"targeted_panel"``
+            (10,400 x 72, strong on-target knock-downs), ``"large"`` (100,000 x 2,000), or a
+            :class:`SimulationConfig`.
         seed: non-negative integer seed; the same seed (and configuration) gives bit-identical output.
         **overrides: :class:`SimulationConfig` fields replacing those of the preset, e.g. ``knockdown=-3``.
 
@@ -585,12 +628,25 @@ def simulate_perturbseq(
     low_quality = np.zeros(N, dtype=bool)
     low_quality[rng.choice(N, size=int(round(cfg.frac_low_quality * N)), replace=False)] = True
     library[low_quality] *= LOW_QUALITY_LIBRARY_FACTOR
+    batch_of, shifts = None, None
+    if cfg.n_batches > 1:  # its own stream: the other parameters and cells do not change
+        brng = seed_stream(seed, _S_BATCH)
+        shifts = brng.normal(0.0, cfg.batch_effect, size=(cfg.n_batches, G))
+        batch_of = brng.integers(0, cfg.n_batches, size=N)
 
     data, indices, row_nnz = [], [], []
     for start in range(0, N, _CHUNK_CELLS):
         sl = slice(start, min(start + _CHUNK_CELLS, N))
         counts = _sample_counts(
-            z[sl], group_grn[group_of[sl]], low_quality[sl], library[sl], (W1, b1, W2), baseline, theta, rng
+            z[sl],
+            group_grn[group_of[sl]],
+            low_quality[sl],
+            library[sl],
+            (W1, b1, W2),
+            baseline,
+            theta,
+            rng,
+            None if batch_of is None else shifts[batch_of[sl]],
         )
         nonzero = counts != 0
         data.append(counts[nonzero].astype(np.float32))  # row-major: CSR order
@@ -606,6 +662,9 @@ def simulate_perturbseq(
         },
         index=pd.Index([f"cell{i:0{width}d}" for i in range(N)]),
     )
+    if batch_of is not None:
+        names = [f"B{b + 1}" for b in range(cfg.n_batches)]
+        obs["batch"] = pd.Categorical.from_codes(batch_of, categories=names)
     is_mt = np.zeros(G, dtype=bool)
     is_mt[mt_idx] = True
     var = pd.DataFrame(
@@ -640,6 +699,8 @@ def simulate_perturbseq(
         "preset": preset_name,
         "description": GROUND_TRUTH_DESCRIPTION,
     }
+    if shifts is not None:
+        truth["batch_shift"] = shifts.astype(np.float32)
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     return ad.AnnData(X=X, obs=obs, var=var, uns={"ground_truth": truth, "simulation_config": config_dict})
 

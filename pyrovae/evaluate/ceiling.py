@@ -92,7 +92,7 @@ def noise_ceiling(
     rows: np.ndarray,
     *,
     transform: str,
-    library_size: float | str | None = None,
+    library_size: np.ndarray | None = None,
     n_splits: int = 5,
     seed: int = 0,
     top_k: int = 20,
@@ -121,10 +121,11 @@ def noise_ceilings(
     rows: np.ndarray,
     *,
     transform: str,
-    library_size: float | str | None = None,
+    library_size: np.ndarray | None = None,
     n_splits: int = 5,
     seed: int = 0,
     top_k: int = 20,
+    target_sum: float = 1e4,
     genes: Sequence[str] | None = None,
     sep: str = "+",
     energy: bool = True,
@@ -149,9 +150,10 @@ def noise_ceilings(
         control_label: the control cells' label (at least 2 control cells among ``rows``).
         rows: positions of the held-out cells (the cells the ATE table's truth is measured on).
         transform: ``"perturbseq"`` or ``"mean"``, as the ATE table's.
-        library_size: the perturbseq scale (target_sum) of the real cells' transform; ``None`` or a string
-            (e.g. ``"data"``, the model's library option) mean 1e4, the scale of the table's empirical ATE.
-        n_splits: random halvings; seed: their seed; top_k: as in the table.
+        library_size: (N,) per-cell totals l of the perturbseq transform log2(target_sum x / l + 1) for
+            every cell of ``counts`` (size factors: ``data_totals(data, np.arange(data.n_cells))`` of
+            :mod:`pyrovae.evaluate.ate`), or ``None``: each cell's total count (the table's default).
+        n_splits: random halvings; seed: their seed; top_k: as in the table; target_sum: the scale.
         genes: G gene names (default 0..G-1); sep: combination separator.
         energy, n_components, max_cells: the energy distance between the halves' cells (unbiased
             estimate, about 0 at the ceiling) in a PCA of the cells ``rows``.
@@ -169,14 +171,16 @@ def noise_ceilings(
     """
     if n_splits < 1:
         raise ValueError(f"n_splits must be >= 1, got {n_splits}")
-    target_sum = float(library_size) if isinstance(library_size, int | float) else 1e4
     rows = np.asarray(rows)
+    if library_size is not None and np.ndim(library_size) != 1:
+        raise ValueError("library_size must be None or (N,) per-cell totals (size factors) of every cell")
     lab = np.asarray(labels).astype(str)[rows]
     control_label = str(control_label)
     if (lab == control_label).sum() < 2:
         raise ValueError(f"the noise ceiling needs at least 2 control cells ({control_label!r}) among rows")
     x_rows = select_rows(counts, rows)
-    g = transform_cells(x_rows, transform, target_sum)
+    totals = None if library_size is None else np.asarray(library_size, dtype=np.float64)[rows]
+    g = transform_cells(x_rows, transform, target_sum, totals)
     genes = [str(c) for c in genes] if genes is not None else list(range(g.shape[1]))
     basis = pca_basis(g, n_components=n_components, seed=seed) if energy else None
     per_split = []

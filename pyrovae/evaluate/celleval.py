@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import perturbseq_transform
+from pyrovae.evaluate.ate import data_totals, perturbseq_transform
+from pyrovae.evaluate.cells import sample_totals
 
 __all__ = [
     "PERT_COL",
@@ -53,10 +54,11 @@ def _import_cell_eval():
     return cell_eval
 
 
-def lognorm(x: Any, target_sum: float = 1e4) -> np.ndarray:
-    """(N, G) float32 ln(1 + target_sum * x / cell total) of counts ``x`` (dense or sparse; zero rows stay
-    zero): scanpy's normalize_total + log1p at a fixed scale, the same for predicted and real cells."""
-    return (perturbseq_transform(x, target_sum) * np.log(2.0)).astype(np.float32)
+def lognorm(x: Any, target_sum: float = 1e4, totals: np.ndarray | None = None) -> np.ndarray:
+    """(N, G) float32 ln(1 + target_sum * x / l) of counts ``x`` (dense or sparse; zero rows stay zero),
+    l = the cell's total count or its ``totals`` entry (size factors): scanpy's normalize_total + log1p at
+    a fixed scale, the same for predicted and real cells."""
+    return (perturbseq_transform(x, target_sum, totals) * np.log(2.0)).astype(np.float32)
 
 
 def cell_eval_adata(x: np.ndarray, labels: np.ndarray, genes: list[str], prefix: str) -> ad.AnnData:
@@ -86,8 +88,9 @@ def cell_eval_inputs(
         rows: the held-out cells (e.g. ``data.indices("test")``); when they hold no control cell, every
             control cell of a split is added (as the ATE report does).
         n_cells: predicted cells per label (each perturbation of ``rows`` and the control).
-        library_size: of the predicted cells (default ``"data"``: drawn from the observed library sizes of
-            the same label, so that the predicted cells are as deep as the real ones); a number fixes it.
+        library_size: of the predicted cells (default ``"data"``, i.e. matched: drawn from the observed
+            library sizes of the same label, so that the predicted cells are as deep as the real ones); a
+            number fixes it.
         seed, chunk: of :meth:`~pyrovae.infer.predictive.Posterior.predict`.
         target_sum: the normalisation scale of both sides.
 
@@ -107,12 +110,14 @@ def cell_eval_inputs(
     sample = posterior.predict(
         [*perts, ctrl], n_cells=n_cells, library_size=library_size, data=data, seed=seed, chunk=chunk
     )
-    pred = cell_eval_adata(
-        lognorm(sample.X, target_sum), np.asarray(sample.obs["perturbation"]), genes, "pred_"
-    )
-    real = cell_eval_adata(lognorm(select_rows(data.counts, rows), target_sum), labels[rows], genes, "real_")
+    sf = data.size_factor_key is not None
+    x_pred = lognorm(sample.X, target_sum, sample_totals(sample, sf))
+    pred = cell_eval_adata(x_pred, np.asarray(sample.obs["perturbation"]), genes, "pred_")
+    x_real = lognorm(select_rows(data.counts, rows), target_sum, data_totals(data, rows))
+    real = cell_eval_adata(x_real, labels[rows], genes, "real_")
     train = np.asarray(data.indices("train"))
-    tr = cell_eval_adata(lognorm(select_rows(data.counts, train), target_sum), labels[train], genes, "train_")
+    x_train = lognorm(select_rows(data.counts, train), target_sum, data_totals(data, train))
+    tr = cell_eval_adata(x_train, labels[train], genes, "train_")
     return pred, real, tr
 
 

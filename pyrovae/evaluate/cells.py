@@ -16,17 +16,27 @@ from pyrovae.data.matrix import select_rows, to_dense
 from pyrovae.evaluate.ate import perturbseq_transform
 from pyrovae.evaluate.metrics import energy_distance
 
-__all__ = ["transform_cells", "energy_by_perturbation", "subsample_by_label"]
+__all__ = ["transform_cells", "sample_totals", "energy_by_perturbation", "subsample_by_label"]
 
 
-def transform_cells(x: Any, transform: str = "perturbseq", target_sum: float = 1e4) -> np.ndarray:
-    """(N, G) dense float64 g(x) of counts ``x`` (dense or sparse): log2(target_sum x / row total + 1)
-    for ``"perturbseq"``, the values themselves for ``"mean"`` (the normal likelihood's data)."""
+def transform_cells(
+    x: Any, transform: str = "perturbseq", target_sum: float = 1e4, totals: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, G) dense float64 g(x) of counts ``x`` (dense or sparse): log2(target_sum x / l + 1) for
+    ``"perturbseq"`` (l = ``totals``, (N,) per-cell size factors, or the row totals by default), the values
+    themselves for ``"mean"`` (the normal likelihood's data)."""
     if transform == "perturbseq":
-        return perturbseq_transform(x, target_sum)
+        return perturbseq_transform(x, target_sum, totals)
     if transform == "mean":
         return to_dense(x)
     raise ValueError(f"unknown transform {transform!r}; use 'perturbseq' or 'mean'")
+
+
+def sample_totals(sample: Any, size_factors: bool) -> np.ndarray | None:
+    """(N,) the totals of the perturbseq transform of predicted cells (an AnnData of
+    :meth:`~pyrovae.infer.predictive.Posterior.predict`): their sampled library sizes when the data has size
+    factors (as the model ATE uses them), else ``None`` (the cells' own totals)."""
+    return np.asarray(sample.obs["library_size"], dtype=np.float64) if size_factors else None
 
 
 def subsample_by_label(

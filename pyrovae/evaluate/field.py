@@ -28,9 +28,9 @@ import pandas as pd
 
 from pyrovae.baselines import all_baseline_ates
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, baseline_ates, per_perturbation_metrics
+from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, baseline_ates, data_totals, per_perturbation_metrics
 from pyrovae.evaluate.ceiling import noise_ceilings
-from pyrovae.evaluate.cells import energy_by_perturbation, subsample_by_label, transform_cells
+from pyrovae.evaluate.cells import energy_by_perturbation, sample_totals, subsample_by_label, transform_cells
 from pyrovae.evaluate.metrics import de_qvalues, pca_basis, perturbed_reference, score_vs_baseline
 
 __all__ = ["field_table", "combination_members", "CELL_BASELINES"]
@@ -107,7 +107,10 @@ def field_table(
     if members or any(data.sep in p for p in perts):
         singles = [p for p in perts + members if data.sep not in p]
         singles_true = baseline_ates(data, singles, transform=transform)["train_mean"].dropna()
-    g_rows = transform_cells(select_rows(data.counts, rows), transform) if (de or cells) else None
+    totals = data_totals(data, rows)
+    g_rows = (
+        transform_cells(select_rows(data.counts, rows), transform, totals=totals) if (de or cells) else None
+    )
     q = de_qvalues(g_rows, labels_rows, ctrl, perts, genes=data.genes) if de else None
     reference = perturbed_reference(ate_true, [(labels_rows == p).sum() for p in perts])
     kw = dict(de_qvalues=q, reference=reference, singles_true=singles_true, sep=data.sep)
@@ -136,6 +139,7 @@ def field_table(
             ctrl,
             rows,
             transform=transform,
+            library_size=data_totals(data, np.arange(data.n_cells)),
             n_splits=ceiling_splits,
             seed=seed,
             top_k=top_k,
@@ -179,7 +183,7 @@ def _energy(
         )
 
     for name, adata in cells.items():
-        g = transform_cells(adata.X, transform)
+        g = transform_cells(adata.X, transform, totals=sample_totals(adata, data.size_factor_key is not None))
         lab = np.asarray(adata.obs["perturbation"]).astype(str)
         add(
             name,
@@ -189,7 +193,9 @@ def _energy(
     train_labels = np.asarray(data.labels)[train].astype(str)
     picked = subsample_by_label(train_labels, [*perts, data.control_label], max_cells, seed + 2)
     ctrl_pos = train[picked[data.control_label]]
-    g_ctrl = transform_cells(select_rows(data.counts, ctrl_pos), transform)
+    g_ctrl = transform_cells(
+        select_rows(data.counts, ctrl_pos), transform, totals=data_totals(data, ctrl_pos)
+    )
     no_change = {
         p: energy_by_perturbation(
             g_rows, labels_rows, g_ctrl, np.full(len(g_ctrl), p), [p], basis, max_cells=max_cells, seed=seed
@@ -198,7 +204,7 @@ def _energy(
     }
     add(CELL_BASELINES[0], pd.Series(no_change, dtype=np.float64))
     pos = np.concatenate([train[picked[p]] for p in perts]) if perts else np.zeros(0, dtype=np.int64)
-    g_train = transform_cells(select_rows(data.counts, pos), transform)
+    g_train = transform_cells(select_rows(data.counts, pos), transform, totals=data_totals(data, pos))
     lab_train = np.asarray(data.labels)[pos].astype(str)
     add(
         CELL_BASELINES[1],

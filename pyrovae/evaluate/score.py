@@ -21,11 +21,11 @@ import pandas as pd
 
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import ate_table, empirical_ate
+from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.predictive import MATCHED, Posterior
 from pyrovae.infer.runs import Run
 
 # -------------------------------------------------------------------------------------------- iwelbo
@@ -68,7 +68,7 @@ def ate_report(
     *,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     model_name: str = "model",
@@ -76,6 +76,7 @@ def ate_report(
     extra_models: dict[str, Any] | None = None,
     extra_preds: dict[str, pd.DataFrame] | None = None,
     cache: dict[tuple, pd.DataFrame] | None = None,
+    covariates: dict[str, str] | None = None,
     de: bool = True,
     cells: bool = False,
     n_cells: int = 200,
@@ -84,6 +85,11 @@ def ate_report(
     mc_seeds: int = 1,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
+
+    The model ATE is sampled at the depth of the compared cells by default (``library_size="matched"``:
+    each sample takes the library size, and covariates, of a cell of its label among ``rows``;
+    :meth:`~pyrovae.infer.predictive.Posterior.model_ate`); a number samples every cell at that depth (the
+    reference's 1e4). ``covariates`` ({key: level}) evaluates the model at chosen levels.
 
     The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
     ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
@@ -122,7 +128,12 @@ def ate_report(
     transform = ate_transform(posterior.model.likelihood)
     # sparse counts stay sparse (empirical_ate densifies one row batch at a time); same numbers as dense
     ate_true = empirical_ate(
-        select_rows(data.counts, rows), data.labels[rows], ctrl, genes=data.genes, transform=transform
+        select_rows(data.counts, rows),
+        data.labels[rows],
+        ctrl,
+        genes=data.genes,
+        transform=transform,
+        totals=data_totals(data, rows),
     )
     ate_true = ate_true.loc[perts]
     preds: dict[str, pd.DataFrame] = {}
@@ -130,20 +141,37 @@ def ate_report(
     members = combination_members(perts, data.sep)  # for the interaction residuals of combinations
     model_singles, mc_preds, predicted_cells = {}, {}, {}
     models = {model_name: posterior, **(extra_models or {})}
-    kw = dict(n_samples=n_samples, library_size=library_size, data=data, chunk=chunk, transform=transform)
+    kw = dict(
+        n_samples=n_samples,
+        library_size=library_size,
+        data=data,
+        chunk=chunk,
+        transform=transform,
+        rows=rows,
+        covariates=covariates,
+    )
+    # matched depths depend on the compared cells: sets share a prediction only with the same cells
+    cell_key = hash(np.asarray(rows).tobytes()) if isinstance(library_size, str) else None
+    cond = (cell_key, tuple(sorted((covariates or {}).items())))
     for name, post in models.items():
-        asked = [((name, tuple(perts)), perts, seed)]
-        asked += [((name, tuple(members)), members, seed)] if members else []
-        asked += [((name, tuple(perts), seed + k), perts, seed + k) for k in range(1, mc_seeds)]
+        asked = [((name, tuple(perts), *cond), perts, seed)]
+        asked += [((name, tuple(members), *cond), members, seed)] if members else []
+        asked += [((name, tuple(perts), *cond, seed + k), perts, seed + k) for k in range(1, mc_seeds)]
         for key, labs, s in asked:
             if key not in cache:
                 cache[key] = post.model_ate(labs, seed=s, **kw)
         preds[name] = cache[asked[0][0]]
         model_singles[name] = pd.concat([preds[name], *([cache[asked[1][0]]] if members else [])])
-        mc_preds[name] = [cache[(name, tuple(perts), seed + k)] for k in range(1, mc_seeds)]
+        mc_preds[name] = [cache[key] for key, _, _ in asked[1 + bool(members) :]]
         if cells:
             predicted_cells[name] = post.predict(
-                [*perts, ctrl], n_cells=n_cells, library_size=library_size, data=data, seed=seed, chunk=chunk
+                [*perts, ctrl],
+                n_cells=n_cells,
+                library_size=library_size,
+                data=data,
+                seed=seed,
+                chunk=chunk,
+                covariates=covariates,
             )
     for name, df in (extra_preds or {}).items():
         preds[name] = df.loc[perts]
@@ -171,6 +199,7 @@ def ate_report(
         "control_source": control_source,
         "perturbations": perts,
         "prediction": dict(preds[model_name].attrs.get("prediction", {})),
+        "conditions": preds[model_name].attrs.get("conditions", ""),
         **{k: field[k] for k in ("ceiling", "vs_baseline", "baseline_names", "de_qvalues", "energy")},
     }
 
@@ -190,11 +219,12 @@ def score_ate(
     others: Mapping[str, Run] | None = None,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     cache: dict[tuple, pd.DataFrame] | None = None,
     baselines: bool = True,
+    covariates: dict[str, str] | None = None,
     field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
@@ -251,6 +281,7 @@ def score_ate(
             extra_preds=extra_preds,
             cache=cache,
             baselines=baselines,
+            covariates=covariates,
             **(field_options or {}),
         )
     method_of = {name: rep["prediction"]}
@@ -290,6 +321,24 @@ def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: i
 # ------------------------------------------------------------------------------------------ score_run
 
 
+def level_sets(
+    data: PerturbationData, sets: Mapping[str, np.ndarray], by: str | None
+) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
+    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the
+    covariate ``by`` that holds perturbed cells (named ``"<set> [by=level]"``)."""
+    out = [(name, np.asarray(rows), None) for name, rows in sets.items()]
+    if by is None:
+        return out
+    values = data.covariate_values(by)
+    for name, rows in sets.items():
+        rows = np.asarray(rows)
+        for level in data.covariate_levels[by]:
+            at = rows[values[rows] == level]
+            if (data.labels[at] != data.control_label).any():
+                out.append((f"{name} [{by}={level}]", at, {by: level}))
+    return out
+
+
 def score_run(
     run: Run,
     data: PerturbationData,
@@ -300,7 +349,7 @@ def score_run(
     others: Mapping[str, Run] | None = None,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     iwelbo_seeds: Sequence[int] = (0, 1, 2),
@@ -310,6 +359,7 @@ def score_run(
     score_globals: bool = False,
     log: Callable[[str], Any] | None = None,
     baselines: bool = True,
+    by: str | None = None,
     field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
@@ -330,6 +380,8 @@ def score_run(
             ``ceiling``, ``ceiling_splits``, ``mc_seeds``); each ATE set's dict then holds ``ceiling`` (the
             noise ceiling row) and ``vs_baseline`` beside ``table``.
         log: called with one line before each IWELBO and ATE computation (progress).
+        by: a covariate of the run (e.g. ``"cell_type"``): every ATE set is also scored per level, on its
+            cells at that level with the model evaluated at that level (sets ``"<set> [key=level]"``).
 
     Returns:
         dict with ``name``, ``ate`` ({set: :func:`score_ate`'s dict}), ``iwelbo`` ({model: {set:
@@ -356,7 +408,7 @@ def score_run(
                 score_globals=score_globals,
             )
     ate, cache = {}, {}  # sets with the same perturbations share one model ATE per model
-    for set_name, rows in (ate_sets or {}).items():
+    for set_name, rows, covariates in level_sets(data, ate_sets or {}, by):
         log(f"ATE on {set_name}")
         ate[set_name] = score_ate(
             run,
@@ -371,6 +423,7 @@ def score_run(
             chunk=chunk,
             cache=cache,
             baselines=baselines,
+            covariates=covariates,
             field_options=field_options,
         )
     return {

@@ -97,7 +97,7 @@ def test_ate_report_field_metrics(two_runs):
     assert table.loc[["additive", "linear"], "energy_distance"].isna().all()
     assert set(rep["energy"]["method"]) == {"sams", "no_change", "train_mean"}
     # the model's Monte Carlo spread over two model-ATE seeds; the second seed's table reproduces it
-    other = post.model_ate(rep["perturbations"], n_samples=30, seed=3, data=data)
+    other = post.model_ate(rep["perturbations"], n_samples=30, seed=3, data=data, rows=test)
     sd = table.loc["sams", "pearson_mc_sd"]
     t = rep["ate_true"].to_numpy()
     r = [pearson(t, rep["preds"]["sams"].to_numpy()), pearson(t, other.loc[rep["ate_true"].index].to_numpy())]
