@@ -151,8 +151,7 @@ def run_cell_eval(
         ``score`` (pandas); ``out_dir``.
     """
     ce = _import_cell_eval()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # cell-eval makes the folders
     kw = dict(control_pert=str(control_label), pert_col=PERT_COL, num_threads=int(num_threads))
     evaluator = ce.MetricsEvaluator(adata_pred=pred, adata_real=real, outdir=str(out), **kw)
     results, agg = evaluator.compute(profile=profile)
