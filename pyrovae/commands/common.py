@@ -147,6 +147,11 @@ def positive_int(value: str) -> int:
     return _int_at_least(value, 1, "")
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0 (0 switches a step off)."""
+    return _int_at_least(value, 0, "")
+
+
 def seed_int(value: str) -> int:
     """argparse type: a seed, an integer >= 0."""
     return _int_at_least(value, 0, "a seed ")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
+from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
 from pyrovae.config import PyrovaeWarning
 from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
@@ -448,7 +448,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--ceiling-splits",
-        type=int,
+        type=non_negative_int,
         default=5,
         help="random halvings of the held-out cells for the noise ceiling (default 5; 0: no ceiling)",
     )
