@@ -61,6 +61,7 @@ def field_table(
     ceiling: bool = True,
     ceiling_splits: int = 5,
     mc_preds: Mapping[str, Sequence[pd.DataFrame]] | None = None,
+    mc_cells: Mapping[str, Sequence[Any]] | None = None,
     seed: int = 0,
     max_cells: int = 300,
 ) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def field_table(
         ceiling: compute the noise ceiling (``ceiling_splits`` halvings).
         mc_preds: {model name: further predicted ATEs at other seeds}: ``<metric>_mc_sd`` columns, the
             standard deviation of each metric over the model's seeds (its Monte Carlo spread).
+        mc_cells: {model name: further predicted cells at other seeds}: ``energy_distance_mc_sd``.
         seed: seeds the PCA subset, cell subsets and ceiling halvings.
         max_cells: at most this many cells per label and side in an energy distance.
 
@@ -120,9 +122,11 @@ def field_table(
     )
     energy = None
     if cells:
-        energy = _energy(data, g_rows, labels_rows, perts, cells, transform, seed, max_cells)
+        energy, e_sd = _energy(data, g_rows, labels_rows, perts, cells, transform, seed, max_cells, mc_cells)
         means = energy.groupby("method", sort=False)["energy_distance"].mean()
         table["energy_distance"] = [means.get(m, np.nan) for m in table.index]
+        if e_sd:
+            table["energy_distance_mc_sd"] = [e_sd.get(m, np.nan) for m in table.index]
         per_pert = per_pert.merge(energy, on=["method", "perturbation"], how="left")
     for name, others in (mc_preds or {}).items():
         runs = [table.loc[name]] + [
@@ -162,6 +166,15 @@ def field_table(
     }
 
 
+def _cells_energy(
+    data, adata, g_rows, labels_rows, perts, basis, transform: str, seed: int, max_cells: int
+) -> pd.Series:
+    """Energy distance (by perturbation) of the predicted cells ``adata`` against the held-out cells."""
+    g = transform_cells(adata.X, transform, totals=sample_totals(adata, data.size_factor_key is not None))
+    lab = np.asarray(adata.obs["perturbation"]).astype(str)
+    return energy_by_perturbation(g_rows, labels_rows, g, lab, perts, basis, max_cells=max_cells, seed=seed)
+
+
 def _energy(
     data,
     g_rows: np.ndarray,
@@ -171,9 +184,11 @@ def _energy(
     transform: str,
     seed: int,
     max_cells: int,
-) -> pd.DataFrame:
+    mc_cells: Mapping[str, Sequence[Any]] | None = None,
+) -> tuple[pd.DataFrame, dict[str, float]]:
     """Long table (method, perturbation, energy_distance) of the models' predicted cells and the two cell
-    baselines against the held-out cells, in a PCA of the held-out cells."""
+    baselines against the held-out cells, in a PCA of the held-out cells; and {model: sd of its mean energy
+    distance over its cells at all seeds} for the models in ``mc_cells`` (further predictions)."""
     basis = pca_basis(g_rows, seed=seed)
     frames = []
 
@@ -182,13 +197,16 @@ def _energy(
             pd.DataFrame({"method": name, "perturbation": series.index, "energy_distance": series.to_numpy()})
         )
 
+    mc_sd = {}
     for name, adata in cells.items():
-        g = transform_cells(adata.X, transform, totals=sample_totals(adata, data.size_factor_key is not None))
-        lab = np.asarray(adata.obs["perturbation"]).astype(str)
-        add(
-            name,
-            energy_by_perturbation(g_rows, labels_rows, g, lab, perts, basis, max_cells=max_cells, seed=seed),
-        )
+        first = _cells_energy(data, adata, g_rows, labels_rows, perts, basis, transform, seed, max_cells)
+        add(name, first)
+        if (mc_cells or {}).get(name):
+            means = [first.mean()] + [
+                _cells_energy(data, a, g_rows, labels_rows, perts, basis, transform, seed, max_cells).mean()
+                for a in mc_cells[name]
+            ]
+            mc_sd[name] = float(np.std(means, ddof=1))
     train = np.asarray(data.indices("train"))
     train_labels = np.asarray(data.labels)[train].astype(str)
     picked = subsample_by_label(train_labels, [*perts, data.control_label], max_cells, seed + 2)
@@ -212,4 +230,4 @@ def _energy(
             g_rows, labels_rows, g_train, lab_train, perts, basis, max_cells=max_cells, seed=seed
         ),
     )
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), mc_sd

@@ -105,7 +105,8 @@ def ate_report(
     ``ceiling`` over ``ceiling_splits`` halvings); ``cells`` adds the energy distance of ``n_cells``
     predicted cells per perturbation (:meth:`~pyrovae.infer.predictive.Posterior.predict`, at
     ``library_size``) against the held-out cells; ``mc_seeds`` > 1 adds each model's ``<metric>_mc_sd``,
-    the spread of its metrics over model ATEs at seeds ``seed``, ``seed + 1``, ...
+    the spread of its metrics over model ATEs (and, with ``cells``, predicted cells) at seeds ``seed``,
+    ``seed + 1``, ...
 
     Returns:
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
@@ -139,7 +140,7 @@ def ate_report(
     preds: dict[str, pd.DataFrame] = {}
     cache = {} if cache is None else cache
     members = combination_members(perts, data.sep)  # for the interaction residuals of combinations
-    model_singles, mc_preds, predicted_cells = {}, {}, {}
+    model_singles, mc_preds, predicted_cells, mc_cells = {}, {}, {}, {}
     models = {model_name: posterior, **(extra_models or {})}
     kw = dict(
         n_samples=n_samples,
@@ -164,15 +165,18 @@ def ate_report(
         model_singles[name] = pd.concat([preds[name], *([cache[asked[1][0]]] if members else [])])
         mc_preds[name] = [cache[key] for key, _, _ in asked[1 + bool(members) :]]
         if cells:
-            predicted_cells[name] = post.predict(
-                [*perts, ctrl],
-                n_cells=n_cells,
-                library_size=library_size,
-                data=data,
-                seed=seed,
-                chunk=chunk,
-                covariates=covariates,
-            )
+            predicted_cells[name], *mc_cells[name] = [
+                post.predict(
+                    [*perts, ctrl],
+                    n_cells=n_cells,
+                    library_size=library_size,
+                    data=data,
+                    seed=seed + k,
+                    chunk=chunk,
+                    covariates=covariates,
+                )
+                for k in range(mc_seeds)
+            ]
     for name, df in (extra_preds or {}).items():
         preds[name] = df.loc[perts]
     field = field_table(
@@ -189,6 +193,7 @@ def ate_report(
         ceiling=ceiling,
         ceiling_splits=ceiling_splits,
         mc_preds=mc_preds if mc_seeds > 1 else None,
+        mc_cells=mc_cells if mc_seeds > 1 else None,
         seed=seed,
     )
     return {

@@ -103,6 +103,10 @@ def test_ate_report_field_metrics(two_runs):
     r = [pearson(t, rep["preds"]["sams"].to_numpy()), pearson(t, other.loc[rep["ate_true"].index].to_numpy())]
     assert sd == pytest.approx(np.std(r, ddof=1))
     assert np.isnan(table.loc["no_change", "pearson_mc_sd"])  # baselines are not sampled
+    # the energy distance's spread over predicted cells at the two seeds
+    assert table.loc["sams", "energy_distance_mc_sd"] >= 0 and np.isnan(
+        table.loc["no_change", "energy_distance_mc_sd"]
+    )
     # A+B is scored for interactions by every predictor that predicts its members
     assert table.loc["sams", "n_interactions"] == 1 and table.loc["additive", "interaction_mse"] >= 0
     assert list(rep["ceiling"].index) == ["noise_ceiling", "perfect_predictor"]
