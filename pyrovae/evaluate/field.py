@@ -106,9 +106,14 @@ def field_table(
             preds[k] = v.loc[perts]
             singles_preds[k] = v
     singles_true = None
-    if members or any(data.sep in p for p in perts):
+    if data.sep and any(data.sep in p for p in perts):  # combinations: their members' training ATEs
         singles = [p for p in perts + members if data.sep not in p]
-        singles_true = baseline_ates(data, singles, transform=transform)["train_mean"].dropna()
+        train_mean = (
+            base["train_mean"]
+            if baselines
+            else baseline_ates(data, singles, transform=transform)["train_mean"]
+        )
+        singles_true = train_mean.loc[singles].dropna()
     totals = data_totals(data, rows)
     g_rows = (
         transform_cells(select_rows(data.counts, rows), transform, totals=totals) if (de or cells) else None
