@@ -59,13 +59,20 @@ def stratified_split(labels: np.ndarray, levels: np.ndarray | None, seed: int) -
     return out.astype(str)
 
 
-def noise_ceiling(data, rows: np.ndarray, n_splits: int = 5, seed: int = 0) -> dict[str, float]:
-    """Split-half agreement of the cells ``rows`` with themselves: each label's cells (controls too) are
-    halved at random; r between the halves' empirical ATEs is Spearman-Brown corrected (2r / (1 + r)), and
-    twice the halves' MSE estimates the noise MSE of a full-size empirical ATE against its own truth (each
-    half has twice the variance). Mean over ``n_splits`` halvings."""
+def noise_ceiling(
+    data, rows: np.ndarray, strata: np.ndarray | None = None, n_splits: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """Split-half agreement of the cells ``rows`` with themselves: each label's cells (controls too; within
+    each level of ``strata``, (len(rows),), so both halves keep the level mix) are halved at random; r
+    between the halves' empirical ATEs is Spearman-Brown corrected (2r / (1 + r)), and half the halves'
+    MSE estimates the noise MSE of a full-size empirical ATE against its own truth (each half has twice
+    the variance, their difference four times). Mean over ``n_splits`` halvings.
+
+    The correlation ceiling is sqrt(reliability), reliability = the Spearman-Brown corrected split-half r:
+    the r a perfect predictor (the true effects) reaches against the noisy held-out ATE; the MSE floor is
+    what a perfect predictor scores."""
     rng = np.random.default_rng(seed)
-    labels = data.labels[rows]
+    labels = data.labels[rows] if strata is None else np.char.add(data.labels[rows].astype(str), strata)
     out = []
     for _ in range(n_splits):
         half = np.zeros(len(rows), dtype=bool)
@@ -80,8 +87,16 @@ def noise_ceiling(data, rows: np.ndarray, n_splits: int = 5, seed: int = 0) -> d
             data.counts[b], data.labels[b], data.control_label, genes=data.genes, totals=data_totals(data, b)
         )
         m = ate_metrics(ea, eb.loc[ea.index])
-        out.append({k: (2 * m[k] / (1 + m[k]) if k != "mse" else m[k] / 2) for k in METRICS})
+        out.append({k: (_reliability_ceiling(m[k]) if k != "mse" else m[k] / 4) for k in METRICS})
     return pd.DataFrame(out).mean().to_dict()
+
+
+def _reliability_ceiling(r: float) -> float:
+    """sqrt of the Spearman-Brown corrected split-half r (0 where the halves do not agree)."""
+    if not np.isfinite(r):
+        return float("nan")
+    reliability = 2 * r / (1 + r) if r > 0 else 0.0
+    return float(np.sqrt(reliability))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             data = m.data
             test = data.indices("test")
             if ceiling is None:
-                ceiling = noise_ceiling(data, test)
+                strata = None if level_key is None else "|" + data.covariate_values(level_key)[test]
+                ceiling = noise_ceiling(data, test, strata)
                 rows.append({"method": "noise ceiling", "seed": -1, **ceiling})
             perts = data.groups("test")
             zero = pd.DataFrame(0.0, index=pd.Index(perts, name="perturbation"), columns=data.genes)
@@ -173,8 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     frame = pd.DataFrame(rows)
+    if "level" in frame.columns:
+        by_level = (
+            frame.dropna(subset=["level"])
+            .groupby(["method", "level"])[[f"{k}_level" for k in METRICS]]
+            .agg(["mean", "std"])
+        )
+        (out / "summary_by_level.md").write_text(markdown_table(by_level.round(4)) + "\n")
+        print(markdown_table(by_level.round(4)))
+        frame = frame[frame["level"].isna()]
     frame = frame.drop_duplicates(subset=["method", "seed"])
-    summary = frame.groupby("method", sort=False).agg(["mean", "std"])
+    summary = frame.groupby("method", sort=False)[
+        [c for c in ("pearson", "pearson_topk", "mse", "test_iwelbo", "seconds") if c in frame.columns]
+    ].agg(["mean", "std"])
     cols = [c for c in ("pearson", "pearson_topk", "mse", "test_iwelbo", "seconds") if c in frame.columns]
     text = pd.DataFrame(
         {

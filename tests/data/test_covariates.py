@@ -134,7 +134,7 @@ def test_cli_and_model_write_identical_config(tmp_path):
 
 
 def test_embedded_datasets_ship_with_their_licences():
-    for name, ds in DATASETS.items():
+    for name in DATASETS:
         assert path(name).is_file(), name
         assert len(licence(name)) > 100, name
     adata = pyrovae.datasets.mcfaline2023()
