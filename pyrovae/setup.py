@@ -39,7 +39,7 @@ def resolve_options(
 def read_data(
     source: str | Path | ad.AnnData,
     options: DataOptions | Mapping[str, Any] | None,
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | None,
     *,
     model_name: str | None = None,
     schema: dict[str, Any] | None = None,
@@ -52,7 +52,8 @@ def read_data(
     Args:
         options: the data options (a mapping is checked: unknown keys are an error).
         model_cfg: the model's configuration (its likelihood decides whether raw counts are required; its
-            data requirements, e.g. GPO-VAE's OT-paired differences, are prepared).
+            data requirements, e.g. GPO-VAE's OT-paired differences, are prepared). ``None``: data for
+            several models (no count check, no preparation; training checks and prepares per model).
         model_name: the zoo name, for its data defaults (:data:`~pyrovae.models.zoo.DATA_DEFAULTS`).
         schema, stored_split: a trained run's schema and split by cell name (evaluation, resume).
         backed: keep the counts on disk.
@@ -70,12 +71,12 @@ def read_data(
         kwargs.pop("heldout")  # a split column fixes the split; the run's recorded hold-out only made one
     data = load_perturbation_data(
         source,
-        require_counts=needs_counts(model_cfg),
+        require_counts=model_cfg is not None and needs_counts(model_cfg),
         schema=schema,
         stored_split=stored_split,
         backed=backed,
         **kwargs,
     )
-    if prepare:
+    if prepare and model_cfg is not None:
         data = prepare_data(data, data_requirements(model_cfg), opts.prep_options())
     return data, opts

@@ -427,6 +427,8 @@ def register(sub) -> None:
     p.add_argument("--n-samples", type=positive_int, default=2500, help="model samples (default 2500)")
     p.add_argument(
         "--library",
+        "--library-size",
+        dest="library",
         type=_library_arg,
         default=MATCHED,
         help="model library size: matched (default: each sample at the depth, and covariates, of a compared "
@@ -493,6 +495,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument(
         "--library",
+        "--library-size",
+        dest="library",
         type=_library_arg,
         default=DEFAULT_LIBRARY_SIZE,
         help="library size: a number (default 1e4) or matched (drawn from --data's cells of each label)",

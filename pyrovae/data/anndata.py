@@ -183,6 +183,15 @@ class PerturbationData:
             "size_factor_key": self.size_factor_key,
         }
 
+    def kept_share(self, split: str | None = "train") -> float:
+        """Median over the cells of ``split`` of (counts over the modelled genes) / library size: 1 without
+        size factors, the modelled genes' share of each cell's depth with them."""
+        idx = self.indices(split)
+        kept = np.concatenate(
+            [dense_rows(self.counts, idx[i : i + 8192]).sum(1) for i in range(0, len(idx), 8192)] or [[]]
+        )
+        return float(np.median(kept / np.maximum(self.library_size[idx], 1e-12)))
+
     def covariate_combos(self, split: str | None = "train") -> dict[str, list]:
         """The combinations of covariate levels among the cells of ``split`` and how many cells hold each:
         ``{"levels": [[level of each key], ...], "counts": [...]}`` (empty lists without covariates).

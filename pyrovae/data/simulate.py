@@ -58,7 +58,8 @@ GRN genes, ``n = T + E`` GRN genes, ``H`` decoder hidden units.
    inside a double; categorical), ``obs_names`` are ``cell00000 ..``. ``X`` is a
    ``scipy.sparse.csr_matrix`` of float32 integer counts.
 
-9. **Batches.** With ``n_batches > 1`` each cell is assigned to a batch uniformly at random and its
+9. **Batches.** With ``n_batches > 1`` each cell is assigned to a batch uniformly at random (with
+   probability ``batch_confounding`` to its label's own batch instead) and its
    log-means get the batch's per-gene shift ``beta_b ~ N(0, batch_effect^2)`` (G,), whatever its
    perturbation: a replicate effect that is not a perturbation effect. Ground truth ``batch_shift``
    (n_batches, G); ``obs["batch"]``.
@@ -96,6 +97,7 @@ __all__ = [
     "CONTROL_LABEL",
     "write_perturbseq_h5ad",
     "GRN_SHAPES",
+    "simulated_ate",
 ]
 
 #: obs label of control cells.
@@ -158,6 +160,9 @@ class SimulationConfig:
             ``B1 ..``, only when ``n_batches > 1``).
         batch_effect: sd of each batch's per-gene log-fold shift ``beta_b ~ N(0, batch_effect^2)`` (G,),
             added to every cell's log-means (step 9); 0: batches differ in name only.
+        batch_confounding: probability that a cell goes to its label's own batch (group index mod
+            ``n_batches``) instead of a uniformly random one: batches confounded with perturbations, so
+            that a pooled comparison mixes batch shifts into the effects.
     """
 
     n_genes: int
@@ -182,6 +187,7 @@ class SimulationConfig:
     grn_shape: str = "random"
     n_batches: int = 1
     batch_effect: float = 0.0
+    batch_confounding: float = 0.0
 
     @property
     def n_cells(self) -> int:
@@ -212,6 +218,10 @@ class SimulationConfig:
                 raise ValueError(f"SimulationConfig.{name} must be a non-negative integer, got {v!r}")
         if not (np.isfinite(self.batch_effect) and self.batch_effect >= 0):
             raise ValueError(f"SimulationConfig.batch_effect must be >= 0, got {self.batch_effect!r}")
+        if not 0.0 <= self.batch_confounding <= 1.0:
+            raise ValueError(
+                f"SimulationConfig.batch_confounding must be in [0, 1], got {self.batch_confounding!r}"
+            )
         for name in ("n_latent", "n_perturbed", "decoder_hidden", "n_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -633,6 +643,8 @@ def simulate_perturbseq(
         brng = seed_stream(seed, _S_BATCH)
         shifts = brng.normal(0.0, cfg.batch_effect, size=(cfg.n_batches, G))
         batch_of = brng.integers(0, cfg.n_batches, size=N)
+        home = brng.random(N) < cfg.batch_confounding
+        batch_of[home] = group_of[home] % cfg.n_batches
 
     data, indices, row_nnz = [], [], []
     for start in range(0, N, _CHUNK_CELLS):
@@ -703,6 +715,50 @@ def simulate_perturbseq(
         truth["batch_shift"] = shifts.astype(np.float32)
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     return ad.AnnData(X=X, obs=obs, var=var, uns={"ground_truth": truth, "simulation_config": config_dict})
+
+
+def simulated_ate(
+    truth: dict[str, Any],
+    labels: list[str],
+    depths: dict[str, np.ndarray],
+    n_samples: int = 4000,
+    seed: int = 0,
+    batch: int | None = None,
+    control_label: str = CONTROL_LABEL,
+) -> np.ndarray:
+    """The true ATE of ``labels`` under the simulator (:func:`ground_truth` ``truth``): a Monte Carlo of
+    g(x) = log2(1e4 x / sum x + 1) over fresh cells (basal noise, NB counts; good-quality cells) of each
+    label and of the control, at library sizes drawn from ``depths[label]`` ((n,) sizes, e.g. the data's
+    cells of that label; ``depths[control_label]`` for the control), with batch ``batch``'s shift
+    (``None``: no batch shift). Returns (len(labels), G): mean g of the label minus mean g of the control.
+    Labels are singles or combinations ``A+B`` of the simulated treatments."""
+    rng = np.random.default_rng([int(seed), 7919])
+    W1, b1, W2 = (np.asarray(truth["decoder"][k], dtype=np.float64) for k in ("W1", "b1", "W2"))
+    treatments = list(truth["treatments"])
+    T = len(treatments)
+    total = np.asarray(truth["grn_total_effect"], dtype=np.float64)
+    propagate = total[:T] + np.eye(T, total.shape[1])
+    shift = None if batch is None else np.asarray(truth["batch_shift"], dtype=np.float64)[batch]
+
+    def mean_g(label: str) -> np.ndarray:
+        d = np.zeros(T)
+        if label != control_label:
+            for part in label.split("+"):
+                d[treatments.index(part)] = 1.0
+        z = rng.standard_normal((n_samples, W1.shape[0])) + d @ truth["latent_effects"]
+        eta = np.tanh(z @ W1 + b1) @ W2 + truth["baseline"]
+        eta[:, : total.shape[1]] += (truth["knockdown"] * d) @ propagate
+        if shift is not None:
+            eta += shift
+        p = np.exp(eta - eta.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        mu = rng.choice(np.asarray(depths[label], dtype=np.float64), size=n_samples)[:, None] * p
+        theta = np.asarray(truth["dispersion"], dtype=np.float64)
+        x = rng.poisson(rng.gamma(theta, mu / theta))
+        return np.log2(1e4 * x / np.maximum(x.sum(1, keepdims=True), 1e-12) + 1.0).mean(0)
+
+    control = mean_g(control_label)
+    return np.stack([mean_g(lab) - control for lab in labels])
 
 
 # ------------------------------------------------------------------------------------ chunked writer
@@ -796,6 +852,7 @@ _ARRAY_DTYPES = {
     "grn_total_effect": np.float32,
     "dispersion": np.float32,
     "baseline": np.float32,
+    "batch_shift": np.float32,
 }
 
 

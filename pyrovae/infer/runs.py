@@ -511,6 +511,8 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
         n_covariates=data.n_covariates,
         size_factors=data.size_factor_key is not None,
     )
+    if data.size_factor_key is not None:  # start the outside-genes share at the data's (resume: overwritten)
+        model.decoder.init_rest_share(data.kept_share("train"))
     if prepare is not None:
         prepare(model)
     trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))

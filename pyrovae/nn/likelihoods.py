@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -157,6 +158,23 @@ class Decoder(nn.Module):
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
         if likelihood == "normal":
             self.log_scale = nn.Parameter(torch.zeros(n_genes))
+
+    @torch.no_grad()
+    def init_rest_share(self, share: float) -> None:
+        """Start the outside-genes category at the data's share: with the other logits near 0, the modelled
+        genes then hold ``share`` of the size factor at initialisation (a softmax starting uniform over
+        G + 1 categories would give them G / (G + 1), often 20 times the data's, which training at a small
+        learning rate takes thousands of steps to undo)."""
+        if not self.rest:
+            raise ValueError("init_rest_share needs a decoder with the outside-genes category (rest=True)")
+        share = float(share)
+        if not 0.0 < share < 1.0:
+            raise ValueError(
+                f"the modelled genes' share of the size factor must be in (0, 1), got {share:.4g}: size "
+                "factors must exceed the counts over the modelled genes (whole-transcriptome totals)"
+            )
+        g = self.head.out_features - 1
+        self.head.bias[-1] = self.head.bias[:-1].mean() + float(np.log(g * (1.0 - share) / share))
 
     def mean_fraction(self, u: torch.Tensor) -> torch.Tensor:
         """(..., B, G) expected fraction of a cell's library size per gene (count likelihoods)."""

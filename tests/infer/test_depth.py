@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 import pyrovae
+from pyrovae.data.simulate import ground_truth, simulated_ate
 from pyrovae.evaluate.ate import ate_metrics, empirical_ate
 from pyrovae.infer.predictive import MATCHED
 
@@ -51,35 +52,14 @@ def test_depth_matched_model_ate_is_unbiased_where_the_fixed_1e4_one_is_far_off(
     the data's depths, matches the cells' empirical ATE (to its sampling noise); sampled at 1e4 it is off by
     the Jensen gap of g(x) = log2(1e4 x / l + 1)."""
     adata = _shallow()
-    truth = adata.uns["ground_truth"]
+    truth = ground_truth(adata)
     labels = adata.obs["perturbation"].astype(str).to_numpy()
     lib = np.asarray(adata.X.sum(1)).reshape(-1)
     singles = [str(t) for t in truth["treatments"]]
     emp = empirical_ate(adata.X, labels, "control", groups=singles, genes=adata.var_names)
-    rng = np.random.default_rng(1)
-    W1, b1, W2 = (truth["decoder"][k] for k in ("W1", "b1", "W2"))
-    T = len(truth["treatments"])
-    effect = {t: truth["latent_effects"][i] for i, t in enumerate(truth["treatments"])}
-    kd = truth["knockdown"] * (truth["grn_total_effect"][:T] + np.eye(T, truth["grn_total_effect"].shape[1]))
-
-    def oracle(depth_of):  # Monte Carlo of g(x) under the simulator, counts at the given depths
-        out = {}
-        for lab in ["control", *emp.index]:
-            n = 4000
-            z = rng.standard_normal((n, W1.shape[0])) + (effect[lab] if lab != "control" else 0.0)
-            eta = np.tanh(z @ W1 + b1) @ W2 + truth["baseline"]
-            if lab != "control":
-                eta[:, : kd.shape[1]] += kd[list(truth["treatments"]).index(lab)]
-            p = np.exp(eta - eta.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            mu = depth_of(lab, n)[:, None] * p
-            theta = truth["dispersion"]
-            x = rng.poisson(rng.gamma(theta, mu / theta))
-            out[lab] = np.log2(1e4 * x / np.maximum(x.sum(1, keepdims=True), 1e-12) + 1).mean(0)
-        return np.stack([out[lab] - out["control"] for lab in emp.index])
-
-    matched = oracle(lambda lab, n: rng.choice(lib[labels == lab], size=n))
-    fixed = oracle(lambda lab, n: np.full(n, 1e4))
+    depths = {lab: lib[labels == lab] for lab in ["control", *singles]}
+    matched = simulated_ate(truth, singles, depths, n_samples=4000, seed=1)
+    fixed = simulated_ate(truth, singles, {lab: [1e4] for lab in depths}, n_samples=4000, seed=1)
     err_matched = float(np.mean((matched - emp.to_numpy()) ** 2))
     err_fixed = float(np.mean((fixed - emp.to_numpy()) ** 2))
     assert err_matched < 0.25 * err_fixed, (err_matched, err_fixed)
