@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.pop("covariate_keys", None)
     options = pyrovae.DataOptions.from_dict({**opts, "split_key": SPLIT_COLUMN})
     # ATE per level of the dataset's first categorical column (also for a model trained without it)
-    level_key = options.categorical_keys[0] if options.categorical_keys else None
+    level_key = strata[1] if len(strata) > 1 else None
     rows = []
     for model in args.models:
         for seed in args.seeds:

@@ -329,11 +329,30 @@ def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: i
 def level_sets(
     data: PerturbationData, sets: Mapping[str, np.ndarray], by: str | None
 ) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
-    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the
-    covariate ``by`` that holds perturbed cells (named ``"<set> [by=level]"``)."""
+    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the obs
+    column ``by`` that holds perturbed cells (named ``"<set> [by=level]"``). When ``by`` is a covariate of
+    the model, the model is evaluated at the level (``covariates``); any other obs column only selects the
+    cells (a model trained without it can still be scored per level)."""
     out = [(name, np.asarray(rows), None) for name, rows in sets.items()]
     if by is None:
         return out
+    if by in data.covariate_levels:
+        values, levels, model_level = data.covariate_values(by), data.covariate_levels[by], True
+    elif by in data.obs.columns:
+        values = data.obs[by].astype(str).to_numpy()
+        levels, model_level = sorted(set(values[data.split != ""].tolist())), False
+    else:
+        raise ValueError(
+            f"--by {by!r}: neither a covariate of the run ({list(data.covariate_levels) or 'none'}) nor an obs "
+            "column of the data"
+        )
+    for name, rows in sets.items():
+        rows = np.asarray(rows)
+        for level in levels:
+            at = rows[values[rows] == level]
+            if (data.labels[at] != data.control_label).any():
+                out.append((f"{name} [{by}={level}]", at, {by: level} if model_level else None))
+    return out
     values = data.covariate_values(by)
     for name, rows in sets.items():
         rows = np.asarray(rows)
