@@ -343,8 +343,8 @@ def level_sets(
         levels, model_level = sorted(set(values[data.split != ""].tolist())), False
     else:
         raise ValueError(
-            f"--by {by!r}: neither a covariate of the run ({list(data.covariate_levels) or 'none'}) nor an obs "
-            "column of the data"
+            f"--by {by!r}: neither a covariate of the run ({list(data.covariate_levels) or 'none'}) nor an "
+            "obs column of the data"
         )
     for name, rows in sets.items():
         rows = np.asarray(rows)
