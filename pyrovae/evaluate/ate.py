@@ -259,7 +259,7 @@ def _nan_stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
 
 
 def _top_k_idx(a: np.ndarray, k: int) -> np.ndarray:
-    """(A, k) column indices of the k largest |a| per row; ties in stable order (lower index first)."""
+    """(A, k) column indices of the k largest ``|a|`` per row; ties in stable order (lower index first)."""
     return np.argsort(-np.abs(a), axis=1, kind="stable")[:, :k]
 
 
@@ -324,21 +324,25 @@ def ate_metrics(ate_true: pd.DataFrame, ate_pred: pd.DataFrame, top_k: int = 20)
     """Compare a predicted ATE matrix with the empirical one.
 
     Rows are aligned by perturbation label and columns by gene (``ate_pred`` may hold extra rows or
-    columns; they are ignored). For each perturbation, its top-k genes are the k largest |true ATE|
-    (``np.argsort(-|x|, kind="stable")``: ties keep the lower column first); k = min(top_k, G).
+    columns; they are ignored). For each perturbation, its top-k genes are the k largest ``|true ATE|``
+    (``np.argsort(-abs(x), kind="stable")``: ties keep the lower column first); k = min(top_k, G).
 
-    Returns (floats; NaN where undefined, e.g. a constant vector's Pearson r):
-        pearson, r2: pooled over all (perturbation, gene) entries; r2 = 1 - SS_res/SS_tot with
-            y_true = data (sklearn ``r2_score`` convention, but NaN for constant data).
-        pearson_topk, r2_topk: the same over the per-perturbation top-k entries only.
-        pearson_per_pert_mean, pearson_per_pert_median: Pearson r over all genes computed per
-            perturbation, then averaged (NaN rows, i.e. constant rows, ignored).
-        mse, mse_topk: mean squared error over all entries / over the top-k entries.
-        direction_acc_topk: fraction of top-k entries where sign(pred) == sign(true); entries whose true
-            ATE is exactly 0 have no direction and are left out.
-        jaccard_topk: Jaccard index of the top-k |true| and top-k |pred| gene sets, averaged over
-            perturbations.
-        top_k: the k used; n_perturbations: number of rows scored.
+    The returned dict holds floats (NaN where undefined, e.g. a constant vector's Pearson r):
+
+    - ``pearson``, ``r2``: pooled over all (perturbation, gene) entries; r2 = 1 - SS_res/SS_tot with
+      y_true = data (sklearn ``r2_score`` convention, but NaN for constant data).
+    - ``pearson_topk``, ``r2_topk``: the same over the per-perturbation top-k entries only.
+    - ``pearson_per_pert_mean``, ``pearson_per_pert_median``: Pearson r over all genes computed per
+      perturbation, then averaged (NaN rows, i.e. constant rows, ignored).
+    - ``mse``, ``mse_topk``: mean squared error over all entries / over the top-k entries.
+    - ``direction_acc_topk``: fraction of top-k entries where sign(pred) == sign(true); entries whose true
+      ATE is exactly 0 have no direction and are left out.
+    - ``jaccard_topk``: Jaccard index of the top-k ``|true|`` and top-k ``|pred|`` gene sets, averaged over
+      perturbations.
+    - ``top_k``: the k used; ``n_perturbations``: number of rows scored.
+
+    Returns:
+        dict[str, float], the metrics above.
 
     Raises:
         ValueError: ``ate_pred`` lacks labels/genes of ``ate_true``, non-finite values, top_k < 1.

@@ -172,7 +172,7 @@ def correlation_grn(x_lognorm: np.ndarray | sp.spmatrix) -> np.ndarray:
         x_lognorm: (cells, n) log-normalised expression (dense or sparse).
 
     Returns:
-        (n, n) |corr|, diagonal 0; constant genes have 0 correlation with everything.
+        (n, n) ``|corr|``, diagonal 0; constant genes have 0 correlation with everything.
     """
     x = to_dense(x_lognorm)
     if x.ndim != 2:
@@ -221,7 +221,7 @@ def de_grn(
     sep: str = "+",
     signed: bool = False,
 ) -> np.ndarray:
-    """Differential-expression baseline: score(j -> k) = |mean(x_k | j perturbed) - mean(x_k | control)|.
+    """Differential-expression baseline: score(j -> k) = abs(mean(x_k given j perturbed) - mean(x_k given control)).
 
     ``signed=True``: the difference itself (the interventional mean shifts, for :func:`deconvolved_grn`).
 
@@ -320,7 +320,7 @@ def deconvolved_de_grn(
     ridge: float = 1e-3,
     regulators: np.ndarray | None = None,
 ) -> np.ndarray:
-    """|B| of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
+    """``|B|`` of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
     ``de_grn(..., signed=True)`` of genes with cells): direct-edge scores with indirect effects removed.
     ``regulators`` default: every gene (perturbed or not; unperturbed ones are identified only through how
     their shifts co-vary across the interventions)."""

@@ -150,7 +150,7 @@ def effect_recovery(
 ) -> dict[str, Any]:
     """Mean correlation coefficient (MCC) between true and estimated latent effects after matching.
 
-    C[i, j] = |corr(effect_true[:, i], effect_est[:, j])| over the T treatments (Pearson, or Spearman =
+    C[i, j] = ``|corr(effect_true[:, i], effect_est[:, j])|`` over the T treatments (Pearson, or Spearman =
     Pearson of ranks). Unless ``matching`` is given, columns are matched by the Hungarian algorithm to
     maximise sum C (as in the sVAE/SAMS-VAE ``mean_corr_coef``); the MCC is the mean of C over the
     min(K, K_est) matched pairs. A constant column has correlation 0 with everything (not NaN).
@@ -162,7 +162,7 @@ def effect_recovery(
         matching: optional (row_ind, col_ind) to use instead, e.g. from :func:`match_latents` on the masks.
 
     Returns:
-        dict with ``mcc`` (float), ``row_ind``, ``col_ind`` (matched columns) and ``abs_corr`` (|corr| of
+        dict with ``mcc`` (float), ``row_ind``, ``col_ind`` (matched columns) and ``abs_corr`` (``|corr|`` of
         each matched pair).
     """
     et = _as_2d(effect_true, "effect_true").astype(np.float64)

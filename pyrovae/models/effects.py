@@ -60,7 +60,7 @@ GUIDES = ("mean_field", "correlated", "correlated_free", "correlated_free_scale"
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
 #: ``untrained_weights`` (the conditional VAE: the dosage column meets network weights never trained).
 UNTRAINED_METHODS = ("grn_transfer", "prior_draw", "no_shift", "untrained_weights")
-#: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
+#: ``|logit|`` of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
 FIXED_MASK_LOGIT = 12.0
 
 
@@ -151,7 +151,7 @@ def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
     Particles p and p + h, h = P // 2, are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`; with P
     odd the last particle enters the ELBO but not this mask gradient). Per pair and
     entry (t, k) the DisARM gradient of the logit is 1/2 (c_t(b) - c_t(b~)) (-1)^{b~_tk} 1[b_tk != b~_tk]
-    sigmoid(|logit_tk|), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
+    sigmoid(``|logit_tk|``), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
     ``loo``, valid here too: the terms left out of c_t do not depend on m_t and the pair's marginals are
     equal). The term is linear in the logits with the pair-averaged gradient as its (detached) slope,
     times P because the ELBO averages particles.
