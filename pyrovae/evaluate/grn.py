@@ -14,7 +14,7 @@
 - :func:`propagate_knockdown`, :func:`unseen_perturbation_baselines`: predictions for perturbations with no
   training cell (zero effect, mean seen effect, the knock-down pushed through a GRN).
 - :func:`statistical_evaluation`: the statistical (CausalBench-style) evaluation of a predicted edge list
-  on interventional data (reference gpo_vae_cradle_vae.md §6.7), without the bugs listed in §10.14:
+  on interventional data (the GPO-VAE code's CausalBench-style evaluation), without that code's bugs:
   self-loops are not counted, negative pairs really exclude the predicted edges, and the false omission
   rate divides by the number of pairs actually tested.
 
@@ -677,7 +677,7 @@ def matched_count_evaluation(
 
 
 def path_expansion(adjacency: np.ndarray, max_path_length: int = 3) -> dict[int, np.ndarray]:
-    """The edges first reached by a path of each length (the reference's path expansion, §6.7).
+    """The edges first reached by a path of each length (the GPO-VAE code's path expansion).
 
     ``{1: the predicted edges (diagonal dropped), d: pairs (a, b), a != b, joined by a directed path of d
     predicted edges but by none shorter}`` for d = 2..max_path_length; each is an (n, n) bool matrix, to be

@@ -3,7 +3,7 @@
 The GRN of a GPO-VAE model is its mask posterior q(M): edge j -> k ("perturbing gene j acts on gene k's
 latent coordinate") has probability sigmoid(W_jk), W = ``model.effect.q_mask_logits`` (T, T); rows and
 columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, then extended genes
-(:func:`pyrovae.data.prepare.prepare_data`). Following shared/reference/gpo_vae_cradle_vae.md §10.5/§10.14:
+(:func:`pyrovae.data.prepare.prepare_data`). Unlike the GPO-VAE reference code's ``grn.csv``:
 
 - edges are exported with probabilities (not only the 0.5 threshold), so AUROC/AUPRC can be computed;
 - the *perturbed* block (both ends perturbed genes: the rows fitted to data) is kept apart from the

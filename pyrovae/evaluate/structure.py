@@ -1,6 +1,6 @@
 """Recovery of a planted latent structure: treatment masks and latent effects (simulations).
 
-Definitions follow shared/reference/sams_vae.md §5.3 (``get_mask_stats``, ``mean_corr_coef``): latent
+Definitions follow the SAMS-VAE reference code's ``get_mask_stats`` and ``mean_corr_coef``: latent
 coordinates are identifiable only up to a permutation, so estimated latents are first matched to the true
 ones by the Hungarian algorithm. Pure numpy/scipy.
 """
@@ -75,7 +75,7 @@ def mask_recovery(
     """Precision, recall and F1 of an estimated treatment mask after latent matching, with a chance level.
 
     The estimated mask is 1[probability > threshold]. After :func:`match_latents`, with matched TP the
-    sum of the overlaps of matched column pairs (reference §5.3):
+    sum of the overlaps of matched column pairs (as the SAMS-VAE code does):
 
     - precision = matched TP / #estimated positives (all estimated columns, matched or not);
     - recall = matched TP / #true positives;

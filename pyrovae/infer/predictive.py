@@ -11,7 +11,7 @@ so calling these methods never perturbs the caller's random stream.
 
 Untrained treatments (no training cell, e.g. unseen perturbations): their global rows are drawn from the
 *prior* (:meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` with ``untrained``), not from their
-never-updated q (shared/reference/sams_vae.md §10.3), and then predicted by the effect block's
+never-updated q (as the reference code does), and then predicted by the effect block's
 :meth:`~pyrovae.models.effects.EffectBlock.predict_untrained` (GPO-VAE: transfer through its GRN; other
 blocks keep the prior draw). Every prediction states how each label was predicted
 (:meth:`Posterior.prediction_methods`: ``trained`` or one of
@@ -424,7 +424,7 @@ class Posterior:
 
         ATE[a] = (1/S) sum_s g(x_s^a) - (1/S) sum_s g(x_s^control). Sample s uses, for the control and for
         every perturbation, the SAME global draw, the SAME basal noise (z_a = prior_loc(d_a) + eps; the
-        prior mean depends on d for SVAE+) and the SAME library size (shared/reference/sams_vae.md §10.8);
+        prior mean depends on d for SVAE+) and the SAME library size (common random numbers; the reference draws them apart);
         only the count noise is independent. Rows with identical dosage (``"control"`` itself) share all
         samples, so control-vs-control is exactly 0.
 

@@ -151,7 +151,7 @@ class CounterfactualKL(nn.Module):
 
         weight * (1/B) * sum_{i with a counterfactual} KL(q_ref || q_cf)
 
-    Departures from the reference code (shared/reference/gpo_vae_cradle_vae.md §4.4, §10.1): the exact
+    Departures from the reference code (CRADLE-VAE's and GPO-VAE's counterfactual term): the exact
     Gaussian KL (the reference omits the 1/sigma_2^2 on the mean term); averaged over the batch like the
     ELBO rather than summed (so ``weight`` does not depend on the batch size); both encodings share one draw
     of the global sites. Because the reference summed over the batch (512 cells) while its ELBO was a
