@@ -415,7 +415,7 @@ def delta_x(
     genes_idx: np.ndarray | Sequence[int],
     target_sum: float | None = None,
 ) -> np.ndarray:
-    """ΔX_i = ``|y_i - y_m(i)|`` with ``y = log_normalize(counts, genes_idx, target_sum)`` (the reference's ΔX).
+    """The reference's ΔX_i = ``|y_i - y_m(i)|`` with ``y = log_normalize(counts, genes_idx, target_sum)``.
 
     Args:
         counts: (n_cells, n_genes) counts, dense or sparse.

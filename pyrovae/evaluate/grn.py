@@ -221,7 +221,7 @@ def de_grn(
     sep: str = "+",
     signed: bool = False,
 ) -> np.ndarray:
-    """Differential-expression baseline: score(j -> k) = abs(mean(x_k given j perturbed) - mean(x_k given control)).
+    """Differential-expression baseline: score(j -> k) = abs(mean(x_k, j perturbed) - mean(x_k, control)).
 
     ``signed=True``: the difference itself (the interventional mean shifts, for :func:`deconvolved_grn`).
 

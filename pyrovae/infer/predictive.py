@@ -424,9 +424,9 @@ class Posterior:
 
         ATE[a] = (1/S) sum_s g(x_s^a) - (1/S) sum_s g(x_s^control). Sample s uses, for the control and for
         every perturbation, the SAME global draw, the SAME basal noise (z_a = prior_loc(d_a) + eps; the
-        prior mean depends on d for SVAE+) and the SAME library size (common random numbers; the reference draws them apart);
-        only the count noise is independent. Rows with identical dosage (``"control"`` itself) share all
-        samples, so control-vs-control is exactly 0.
+        prior mean depends on d for SVAE+) and the SAME library size (common random numbers; the reference
+        draws them apart); only the count noise is independent. Rows with identical dosage (``"control"``
+        itself) share all samples, so control-vs-control is exactly 0.
 
         Args:
             perturbations: labels (canonicalised; unknown ones raise ``ValueError``).

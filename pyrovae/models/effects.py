@@ -777,7 +777,7 @@ class AdditiveEffect(EffectBlock):
 
 
 class BetaBernoulliMaskEffect(AdditiveEffect):
-    """SAMS-VAE with Beta-Bernoulli masks (the reference code's ``sams_vae_beta_bernoulli``): a learned sparsity.
+    """SAMS-VAE with Beta-Bernoulli masks (the reference code's ``sams_vae_beta_bernoulli``).
 
     pi_tk ~ Beta(a, b), m_tk | pi_tk ~ Bernoulli(pi_tk), e_t ~ N(0, s^2 I), z = z_basal + D (E * M).
     Guide (the reference's first two guides): q(pi) = Delta(sigmoid(lambda)) (a MAP estimate of each

@@ -136,7 +136,8 @@ class ModelConfig:
 #: docstring and :class:`~pyrovae.models.penalties.GRNAlignment`): align on single-perturbation cells only
 #: (on a combination cell the reference fits S_a + S_b to delta_x - c, pulling both rows towards each
 #: other's targets), to the per-perturbation ``|mean OT-paired difference|`` (pairing noise averaged out
-#: before the absolute value), with a 10x GRN weight (the per-cell alignment is otherwise weak against the ELBO).
+#: before the absolute value), with a 10x GRN weight (the per-cell alignment is otherwise weak against the
+#: ELBO).
 GPO_ALIGNMENT: dict[str, Any] = {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
 
 #: The named models of the two papers (``gpo_vae_reference``: GPO-VAE with the reference's GRN alignment).

@@ -117,8 +117,8 @@ def test_rao_blackwellised_estimators_have_lower_variance_than_pyro_score_functi
 
 
 def test_straight_through_is_biased_on_the_closed_form_model():
-    """The reference estimator's bias (straight-through at a fixed temperature), measured: it is why the others
-    exist. (The KL part of its gradient is pathwise through the relaxation too.)"""
+    """The reference estimator's bias (straight-through at a fixed temperature), measured: it is why the
+    others exist. (The KL part of its gradient is pathwise through the relaxation too.)"""
     draws = gradient_draws("straight_through", 200, n_particles=64)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
     assert float(((mean - exact_gradient()).abs() / se).max()) > 6
