@@ -56,5 +56,6 @@ suppress_warnings = ["myst.header"]
 
 html_theme = "furo"
 html_title = f"pyrovae {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 templates_path = ["_templates"]
