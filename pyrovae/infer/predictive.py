@@ -394,7 +394,10 @@ class Posterior:
             index=[f"{lab}_{j}" for lab in labels for j in range(n)],
         )
         obs.index = pd.Index(obs.index.astype(str))
-        out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, dtype=str)))
+        # var_names set after construction: an AnnData given a var DataFrame without columns reads a pandas
+        # option that pandas 3 deprecates (anndata 0.13 emits a Pandas4Warning then)
+        out = ad.AnnData(X=X, obs=obs)
+        out.var_names = pd.Index(self.genes, dtype=str)
         out.obs_names_make_unique()
         out.uns["pyrovae_sample"] = {
             "seed": int(seed),
