@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     effects = model.get_perturbation_effects()
     adata.uns["pyrovae_effects"] = effects["effect"]
     adata.uns["pyrovae_mask_probability"] = effects["mask_probability"]
-    on = (effects["mask_probability"] > 0.5).sum(1)
+    on = (effects["mask_probability"] > 0.5).sum(axis=1)
     print("latent axes each perturbation switches on (q(m) > 0.5):", {k: int(v) for k, v in on.items()})
 
     # 4. ATE of held-out cells: model vs empirical, with the additive baseline

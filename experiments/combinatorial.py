@@ -1,6 +1,6 @@
 """Combinatorial generalisation: predict held-out double perturbations (SAMS-VAE paper, Norman OOD).
 
-Protocol (shared/reference/sams_vae.md §5.4; :func:`pyrovae.data.protocols.combinatorial_split`): a
+Protocol (the SAMS-VAE paper's Norman OOD task; :func:`pyrovae.data.protocols.combinatorial_split`): a
 seeded shuffle of the combinations holds out the last ceil(0.25 C) as test combinations (their test cells
 are never trained on); training uses singles and controls plus the first floor(f C) combinations, f in
 {0, 0.25, 0.5, 0.75, 1} (nested as f grows; disjoint from the test combinations for f <= 0.75; at f = 1

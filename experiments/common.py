@@ -20,12 +20,12 @@ atomically (temporary file + rename), so an interrupted experiment never leaves 
 
 Metrics of one run (:meth:`Experiment.fit_and_score`, from :func:`~pyrovae.evaluate.score.score_run`):
 
-- ``val_iwelbo``, ``test_iwelbo``: held-out predictive IWELBO (nats per cell; shared/reference/sams_vae.md
-  §5.1), untrained treatments drawn from the prior;
+- ``val_iwelbo``, ``test_iwelbo``: held-out predictive IWELBO (nats per cell, the SAMS-VAE
+  paper's metric), untrained treatments drawn from the prior;
 - ``ate_r``, ``ate_r_top20`` (and ``ate_r2*``): Pearson r (R²) between model ATE and empirical ATE of the
   evaluated perturbations, over all genes and over each perturbation's top-k genes by |empirical ATE|.
   The empirical ATE is the reference's: computed on **all cells** of the data (every split, including cells
-  with no split), with the perturbseq transform log2(1e4 x / sum x + 1) (§5.2);
+  with no split), with the perturbseq transform log2(1e4 x / sum x + 1) (the papers');
 - ``ate_r_heldout``, ``ate_r_top20_heldout``: the same against the empirical ATE of the **test cells
   only** (controls: the test controls, or every control cell with a split when the test split has none).
   On cell-level splits this is the honest held-out check (the reference's version includes training

@@ -1,9 +1,10 @@
 """Data efficiency ("resource paucity"): how much of each combination must be seen (SAMS-VAE paper, Norman).
 
-Protocol (shared/reference/sams_vae.md §5.4; :func:`pyrovae.data.protocols.data_efficiency_split`): 20% of
-ALL combination cells are test cells and 16% validation cells; training uses the first f fraction of the
-remaining 64% (nested as f grows), f in {0, 0.25, 0.5, 0.75, 1}; singles and controls are split 80/20
-train/val. Every combination is tested, with between 0% and 64% of its cells in training.
+Protocol (the SAMS-VAE paper's Norman data-efficiency task;
+:func:`pyrovae.data.protocols.data_efficiency_split`): 20% of ALL combination cells are test cells and 16%
+validation cells; training uses the first f fraction of the remaining 64% (nested as f grows), f in
+{0, 0.25, 0.5, 0.75, 1}; singles and controls are split 80/20 train/val. Every combination is tested,
+with between 0% and 64% of its cells in training.
 
 Models and metrics as in ``combinatorial.py``: test IWELBO (also relative to SAMS-VAE correlated at f = 0
 for the same split seed), ATE Pearson r (all genes, top-20) of the combinations with test cells; mean ± std

@@ -1,6 +1,6 @@
 """GRN recovery: GPO-VAE against its ablations, scored on a known gene regulatory network (GPO-VAE paper).
 
-Protocol (shared/reference/gpo_vae_cradle_vae.md §4.5, §5.6, §4.9): a random 64/16/20 cell-level split,
+Protocol (the GPO-VAE paper's code: GRN alignment, split and settings): a random 64/16/20 cell-level split,
 fixed (split seed 0); the seeds are training seeds. The data is prepared with
 :func:`pyrovae.data.prepare.prepare_gpo_data` (GRN nodes = perturbed genes + extended genes, QC flags,
 counterfactual expression, OT pairing with controls and delta X), once, and shared by every run.

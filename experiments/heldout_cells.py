@@ -1,6 +1,6 @@
 """Held-out cells (Replogle-style): test IWELBO and ATE of every model on a random cell-level split.
 
-Protocol (shared/reference/sams_vae.md §5.5; :func:`pyrovae.data.protocols.cell_split`): a random 64/16/20
+Protocol (the SAMS-VAE paper's Replogle task; :func:`pyrovae.data.protocols.cell_split`): a random 64/16/20
 train/val/test split of the cells, fixed (split seed 0, as the reference's ``random_state=0``); the seeds
 are training seeds. Every perturbation is seen in training: this is an in-distribution check.
 

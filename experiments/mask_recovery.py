@@ -1,6 +1,6 @@
 """Mask recovery: does SAMS-VAE find the planted masks of a simulation, and what do they cost in ELBO?
 
-Protocol (the SAMS-VAE simulation study, shared/reference/sams_vae.md §5.3, on our simulator): simulated
+Protocol (the SAMS-VAE code's simulation study, on our simulator): simulated
 data with planted masks (``--preset``, ``--sim-seed``; or an ``.h5ad`` written by ``pyrovae simulate``,
 which carries ``uns["ground_truth"]``), a fixed stratified 80/10/10 cell split; the seeds are training seeds.
 
@@ -14,10 +14,11 @@ Models (``configs/mask_recovery.yaml``):
   what a perfect mask estimator would reach, so its validation/test IWELBO against ``sams_vae``'s says
   whether the ELBO prefers the planted masks to the learned ones at this budget.
 
-Metrics: mask precision / recall / F1 after latent matching (estimated mask = q(m) > 0.5; reference §5.3)
-with the chance F1 of random masks with as many positives (mean and sd); the MCC of the posterior-mean
-latent effects against the planted ones (Hungarian-matched |Pearson r|, every model); validation and test
-IWELBO, and both relative to CPA-VAE of the same seed (``- CPA``: > 0 means better than CPA-VAE).
+Metrics: mask precision / recall / F1 after latent matching (estimated mask = q(m) > 0.5, as the reference
+code does) with the chance F1 of random masks with as many positives (mean and sd); the MCC of the
+posterior-mean latent effects against the planted ones (Hungarian-matched |Pearson r|, every model);
+validation and test IWELBO, and both relative to CPA-VAE of the same seed (``- CPA``: > 0 means better
+than CPA-VAE).
 
 Usage::
 

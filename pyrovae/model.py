@@ -90,9 +90,9 @@ def _check_setup(adata: ad.AnnData, options: DataOptions) -> None:
             )
     layer = options.layer
     if layer is not None and layer not in adata.layers:
+        names = [k for k in adata.layers.keys() if k is not None]  # anndata 0.13 lists X as layer None
         raise ValueError(
-            f"layer={layer!r}: the AnnData has no such layer; its layers are {list(adata.layers.keys())} "
-            "(layer=None reads X)"
+            f"layer={layer!r}: the AnnData has no such layer; its layers are {names} (layer=None reads X)"
         )
 
 

@@ -163,6 +163,7 @@ def json_writer(obj: Any) -> Callable[[str], None]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write`)."""
     atomic_write(path, json_writer(obj))
 
 
@@ -178,6 +179,7 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (one dict per row; the columns in order of first appearance) as CSV, atomically."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -77,7 +77,7 @@ def _top_k_mask(true, top_k: int) -> np.ndarray:
 
 
 def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, top_k: int = 20) -> Path:
-    """Model versus empirical ATE, one panel per model; the top-k genes (by |empirical ATE|) of every
+    """Model versus empirical ATE, one panel per model; the top-k genes (by ``|empirical ATE|``) of every
     perturbation highlighted, Pearson r (all entries / top-k) in the title.
 
     Args:

@@ -154,7 +154,7 @@ def test_shifted_minus_basal_is_the_perturbation_effect(trained):
     labels = model.data.labels
     for lab in ("control", "PG03", "PG02+PG03"):
         rows = labels == lab
-        want = np.zeros(4) if lab == "control" else effect.loc[lab.split("+")].sum(0).to_numpy()
+        want = np.zeros(4) if lab == "control" else effect.loc[lab.split("+")].sum(axis=0).to_numpy()
         np.testing.assert_allclose(
             shifted[rows] - basal[rows], np.broadcast_to(want, (rows.sum(), 4)), atol=1e-5
         )

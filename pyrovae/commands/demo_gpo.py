@@ -10,12 +10,12 @@
 3. GRN recovery: the edge probabilities sigma(W) against the planted GRN, self-loops and the held-out
    genes excluded (no method has data on their edges), on the perturbed -> perturbed and
    perturbed -> extended blocks (AUPRC, AUROC, precision at the true edge count),
-   next to |DE|, deconvolved DE, the OT-paired DE (GPO-VAE's alignment target without the model),
-   |correlation| and random (:func:`pyrovae.evaluate.grn_export.score_run_grn`).
+   next to ``|DE|``, deconvolved DE, the OT-paired DE (GPO-VAE's alignment target without the model),
+   ``|correlation|`` and random (:func:`pyrovae.evaluate.grn_export.score_run_grn`).
 4. Unseen perturbations: the ATE of the held-out genes' test cells (:func:`pyrovae.evaluate.score.score_ate`,
    as ``pyrovae ate``): GPO-VAE's prediction (its ``untrained_method``, stated in the table), GPO-VAE with
    prior draws on those rows, zero effect, the seen perturbations' mean effect and the gene's own
-   knock-down pushed through the |DE| and the deconvolved GRN.
+   knock-down pushed through the ``|DE|`` and the deconvolved GRN.
 5. Print both tables (Markdown) and write them (``grn_recovery.csv``, ``unseen_ate.csv``,
    ``comparison_gpo.md``) and a ``summary.json``.
 """

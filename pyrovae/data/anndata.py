@@ -259,8 +259,9 @@ def _get_matrix(adata: ad.AnnData, layer: str | None):
             raise ValueError("the AnnData has no X; name the layer holding raw counts with layer=...")
         return adata.X
     if layer not in adata.layers:
+        names = [k for k in adata.layers.keys() if k is not None]  # anndata 0.13 lists X as layer None
         raise ValueError(
-            f"the AnnData has no layer {layer!r}; its layers are {list(adata.layers.keys())}. "
+            f"the AnnData has no layer {layer!r}; its layers are {names}. "
             "Pass layer=None to use X, or the name of the layer holding raw counts"
         )
     return adata.layers[layer]

@@ -3,17 +3,17 @@
 The GRN nodes of a :class:`~pyrovae.data.anndata.PerturbationData` are its perturbed genes (the existing
 treatment columns, already sorted, each of which must be a measured gene) followed by the sorted
 *extended* genes (GRN nodes that are never perturbed; their dosage columns are all zero, so their rows of E
-and M get no ELBO signal, shared/reference/gpo_vae_cradle_vae.md §4.1). :func:`grn_targets` builds them
-and the per-cell targets of the GRN alignment (§5.7):
+and M get no ELBO signal). :func:`grn_targets` builds them
+and the per-cell targets of the GRN alignment:
 
-========== ======== ===========================================================================
-key        shape    meaning
-========== ======== ===========================================================================
-delta_x    (N, T)   |log-normalised expression - that of the OT-matched control| on the T GRN genes,
-                    in treatment order
-delta_x_   (N, T)   |mean of those signed differences over the cell's label and split|
-group               (:func:`group_delta_x`; the target of ``grn_target="group"``)
-========== ======== ===========================================================================
+================= ======== ===================================================================
+key               shape    meaning
+================= ======== ===================================================================
+``delta_x``       (N, T)   ``|log-normalised expression - that of the OT-matched control|`` on the
+                           T GRN genes, in treatment order
+``delta_x_group`` (N, T)   ``|mean of those signed differences over the cell's label and split|``
+                           (:func:`group_delta_x`; the target of ``grn_target="group"``)
+================= ======== ===================================================================
 
 **Pairing cache.** The control matched to each cell (found by optimal transport *within each split*, on the
 log-normalised GRN-gene features, :func:`pyrovae.data.pairing.pair_with_controls`) is stored in
@@ -24,7 +24,7 @@ split, it is recomputed). :func:`write_pairing` copies the column into an AnnDat
 in the ``.h5ad`` and read back by any later run; the column name only carries the seed, so pass
 ``force=True`` after changing the pairing method, regulariser or GRN genes. Names rather than row
 positions are stored, so subsetting or reordering the cells keeps the cache valid (the reference stored
-positions, §10.8).
+positions).
 
 Which model needs this, and the preparation record in ``uns["pyrovae_gpo"]``: :mod:`pyrovae.data.prepare`.
 """
@@ -270,10 +270,10 @@ def grn_targets(
 
 
 def group_delta_x(y: np.ndarray, matched: np.ndarray, labels: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """(N, T) float32: for each cell, |mean over the cells of its label and split of (y_i - y_m(i))|.
+    """(N, T) float32: for each cell, ``|mean over the cells of its label and split of (y_i - y_m(i))|``.
 
     The signed OT-paired difference is averaged over the perturbation's cells *before* the absolute value
-    (a departure from the reference's per-cell |y_i - y_m(i)|, §5.7, whose per-cell absolute values keep
+    (a departure from the reference's per-cell ``|y_i - y_m(i)|``, whose per-cell absolute values keep
     the pairing noise: their median ranks genes by noise as much as by shift). Cells without a match
     (``matched == -1``) do not enter the means and get 0; splits are kept apart (no leakage between them).
     """

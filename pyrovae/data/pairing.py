@@ -4,7 +4,7 @@ Pure numpy / scipy / POT on plain arrays; no torch, no pyro. A counts matrix arg
 ``(n_cells, n_genes)`` dense :class:`numpy.ndarray` or a :mod:`scipy.sparse` matrix (CSR preferred). A
 sparse matrix is never densified as a whole: only the rows or columns a computation needs are.
 
-What is here, and how it departs from the reference code (reference §5.3, §5.7, §5.8, §10.7, 8, 10):
+What is here, and how it departs from the reference code (its QC, control pairing and counterfactual steps):
 
 * :func:`log_normalize` -- ``normalize_total`` (target = median library size) then ``log1p``.
 * :func:`ot_pair` / :func:`pair_with_controls` -- each perturbed cell gets one control of the same split,
@@ -341,7 +341,7 @@ def pair_with_controls(
     target_sum: float | None = None,
     features: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Pair every cell with a control of its own split (reference §5.7, done right).
+    """Pair every cell with a control of its own split (the reference's OT pairing, done right).
 
     Features are :func:`log_normalize` of ``counts`` on ``feature_genes_idx`` (the target sum is the
     median library size over all cells, as in :func:`delta_x`, unless ``target_sum`` is given). Then, for
@@ -415,7 +415,7 @@ def delta_x(
     genes_idx: np.ndarray | Sequence[int],
     target_sum: float | None = None,
 ) -> np.ndarray:
-    """ΔX_i = |y_i - y_m(i)| with ``y = log_normalize(counts, genes_idx, target_sum)`` (reference §5.7).
+    """The reference's ΔX_i = ``|y_i - y_m(i)|`` with ``y = log_normalize(counts, genes_idx, target_sum)``.
 
     Args:
         counts: (n_cells, n_genes) counts, dense or sparse.

@@ -29,7 +29,7 @@ which ``Run.load_data`` prepares evaluation data the same way.
 **Held-out perturbations** (:func:`holdout_perturbations`). Every cell whose label contains one of the
 given perturbations (singles and the combinations containing them) moves to the ``test`` split, so neither
 training nor validation ever sees them, and the training normalisation statistics are recomputed without
-them. Unlike the reference's ``mask_test`` (shared/reference/gpo_vae_cradle_vae.md §5.6, §10.13) their
+them. Unlike the reference's ``mask_test`` (which zeroes the held-out dosage columns in every split) their
 dosage columns are *kept*: the cells are not turned into control-like cells, and at prediction time the
 dosage row really names the perturbation. :func:`prepare_data` applies it *before* the requirements, so that
 the pairing and counterfactuals are built within the final splits.

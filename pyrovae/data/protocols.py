@@ -5,7 +5,7 @@ Every function takes the per-cell perturbation labels (any spelling the data lay
 array with ``"train"``, ``"val"``, ``"test"`` or ``""`` (cell used by no split). Write it into
 ``adata.obs[...]`` and load the data with ``split_key=...`` (see ``experiments/``).
 
-Protocols (shared/reference/sams_vae.md §5.4, §5.5; gpo_vae_cradle_vae.md §5.6):
+Protocols (of the SAMS-VAE and GPO-VAE papers' code; ``docs/findings.md`` runs them):
 
 - :func:`combinatorial_split` -- SAMS-VAE Norman OOD ("combinatorial reasoning"): a seeded shuffle of the
   sorted combination labels; the first ``floor(f * C)`` are training combinations, the last

@@ -5,9 +5,9 @@ Pure numpy / pandas on plain arrays (a ``counts`` argument is a dense or :mod:`s
 :class:`~pyrovae.data.anndata.PerturbationData`. The model-facing preparation (which model needs what)
 is :mod:`pyrovae.data.prepare`.
 
-How this departs from the reference code (shared/reference/gpo_vae_cradle_vae.md §5.3, §5.8, §10.7):
+How this departs from the reference code (CRADLE-VAE's and GPO-VAE's data modules):
 
-* :func:`qc_metrics` / :func:`qc_flags` -- the MAD rule of §5.3 with a guard for MAD = 0 (the reference
+* :func:`qc_metrics` / :func:`qc_flags` -- the reference's MAD rule with a guard for MAD = 0 (the reference
   then flags every cell off the median, e.g. every cell with a single haemoglobin read).
 * :func:`counterfactual_expression` -- cfX as *intended*: the median of up to ``n_sample`` cells of the
   same label and split with the *opposite* QC status, sampled without replacement and seeded, indexed in
@@ -51,7 +51,7 @@ def qc_metrics(
     case_sensitive: bool = False,
     hb_pattern: str = r"^HB[^P]",
 ) -> pd.DataFrame:
-    """Per-cell QC metrics (reference §5.3).
+    """Per-cell QC metrics (those of the reference code).
 
     Args:
         counts: (n_cells, n_genes) counts, dense or sparse.
@@ -121,7 +121,7 @@ def _mad_scale(x: np.ndarray, med: float) -> float:
 
 
 def qc_flags(metrics: pd.DataFrame, threshold: float = 3.0) -> pd.DataFrame:
-    """MAD outlier flags (reference §5.3) with a guard for MAD = 0.
+    """MAD outlier flags (the reference's rule) with a guard for MAD = 0.
 
     Rules, with ``med`` and ``MAD`` over the cells with a finite value:
 
@@ -143,7 +143,7 @@ def qc_flags(metrics: pd.DataFrame, threshold: float = 3.0) -> pd.DataFrame:
     Returns:
         DataFrame (same index) of bool columns ``qc_<metric>`` and ``total_qc`` (any flag). The
         thresholds used are in ``.attrs["thresholds"]`` as ``{metric: (tail, value)}`` (to score generated
-        cells, reference §6.5).
+        cells, as the reference's QC pass rate does).
     """
     flags: dict[str, np.ndarray] = {}
     thresholds: dict[str, tuple[str, float]] = {}
@@ -191,7 +191,7 @@ def counterfactual_expression(
     n_sample: int = 50,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """cfX as intended by the reference (§5.8, §10.7).
+    """cfX as intended by the reference code (whose implementation indexes the wrong cells).
 
     The counterfactual of a cell is the element-wise median of the raw counts of up to ``n_sample`` cells
     with the same label, the same split and the OPPOSITE QC status. Every cell of a (label, split, status)

@@ -264,6 +264,7 @@ class SimulationConfig:
             )
 
 
+#: the named simulation settings (``"tiny"``, ``"default"``, ``"large"``)
 PRESETS: dict[str, SimulationConfig] = {
     # ~390 cells x 40 genes: unit tests and the quick demo.
     "tiny": SimulationConfig(

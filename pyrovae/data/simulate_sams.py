@@ -1,6 +1,6 @@
 """The SAMS-VAE reference simulator's regime: sparse latent shifts read out by a random LeakyReLU network.
 
-``../shared/reference/sams_vae.md`` §5.3 (``SAMSVAESimulationDataModule``), at a configurable size:
+the SAMS-VAE code's ``SAMSVAESimulationDataModule``, at a configurable size:
 
 1. Masks ``m_t ~ Bernoulli(mask_prob)^K`` (>= 1 active entry per treatment; the reference allows none)
    and embeddings ``e_tk = +-|N(effect_mean, effect_sd)|`` (reference: K = 15, T = 100, p = 2/15, N(5, 0.5)).

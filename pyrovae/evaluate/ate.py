@@ -1,7 +1,7 @@
 """Average treatment effects (ATE): empirical ATEs, ATE metrics, trivial baselines.
 
-Pure numpy/scipy/pandas (no torch). Definitions follow shared/reference/sams_vae.md §5.2 and
-gpo_vae_cradle_vae.md §6.3-6.4, with the additions asked for in §10.12 of the latter (per-perturbation
+Pure numpy/scipy/pandas (no torch). Definitions follow the SAMS-VAE and GPO-VAE
+reference code (documentation: ``docs/evaluation.md``), with additions that code lacks (per-perturbation
 correlations, MSE, direction accuracy, trivial baselines):
 
 - transform g ("perturbseq"): g(x) = log2(target_sum * x / sum_j x_j + 1) per cell; ("mean"): g(x) = x;
@@ -9,7 +9,7 @@ correlations, MSE, direction accuracy, trivial baselines):
 - metrics compare an empirical ("true") ATE matrix with a predicted one, rows aligned by label.
 
 Which cells enter the empirical ATE is the caller's choice: pass only held-out cells to get a held-out
-reference (the original code used every cell, training cells included; reference §10.6 / §10.12).
+reference (the original code used every cell, training cells included, so its reference was not held out).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def _nan_stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
 
 
 def _top_k_idx(a: np.ndarray, k: int) -> np.ndarray:
-    """(A, k) column indices of the k largest |a| per row; ties in stable order (lower index first)."""
+    """(A, k) column indices of the k largest ``|a|`` per row; ties in stable order (lower index first)."""
     return np.argsort(-np.abs(a), axis=1, kind="stable")[:, :k]
 
 
@@ -436,8 +436,8 @@ def ate_metrics(
     """Compare a predicted ATE matrix with the empirical one.
 
     Rows are aligned by perturbation label and columns by gene (``ate_pred`` may hold extra rows or
-    columns; they are ignored). For each perturbation, its top-k genes are the k largest |true ATE|
-    (``np.argsort(-|x|, kind="stable")``: ties keep the lower column first); k = min(top_k, G).
+    columns; they are ignored). For each perturbation, its top-k genes are the k largest ``|true ATE|``
+    (``np.argsort(-abs(x), kind="stable")``: ties keep the lower column first); k = min(top_k, G).
 
     Args:
         ate_true: (A, G) empirical ATE; ate_pred: (A', G') predicted ATE holding its rows and columns.
@@ -462,7 +462,7 @@ def ate_metrics(
             error over all entries.
         direction_acc_topk: fraction of top-k entries where sign(pred) == sign(true); entries whose true
             ATE is exactly 0 have no direction and are left out.
-        jaccard_topk: Jaccard index of the top-k |true| and top-k |pred| gene sets, averaged over
+        jaccard_topk: Jaccard index of the top-k ``|true|`` and top-k ``|pred|`` gene sets, averaged over
             perturbations.
         pds: mean perturbation discrimination score (cell-eval; 1 perfect, (A + 1) / 2A chance);
         rank: mean PerturBench rank (0 perfect, 0.5 chance); centroid_accuracy: systema's (1 perfect,
@@ -675,7 +675,8 @@ def baseline_ates(
 
     - ``"train_mean"``: the empirical ATE of the same group on the training cells; a NaN row for a group
       with no training cells (e.g. a held-out combination). This is the "memorise the training mean"
-      baseline that saturates ATE-rho on cell-level splits (reference gpo_vae_cradle_vae.md §10.12).
+      baseline that saturates ATE-rho on cell-level splits (a third-party GPO-VAE reproduction found
+      this).
     - ``"additive"``: for a combination ``"A<sep>B"``, the sum of the single perturbations' training ATEs
       (training ATE of A + training ATE of B), whether or not the combination itself has training cells;
       for a single perturbation, its training ATE (the same as ``train_mean``). NaN when any component

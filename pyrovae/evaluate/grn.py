@@ -14,7 +14,7 @@
 - :func:`propagate_knockdown`, :func:`unseen_perturbation_baselines`: predictions for perturbations with no
   training cell (zero effect, mean seen effect, the knock-down pushed through a GRN).
 - :func:`statistical_evaluation`: the statistical (CausalBench-style) evaluation of a predicted edge list
-  on interventional data (reference gpo_vae_cradle_vae.md §6.7), without the bugs listed in §10.14:
+  on interventional data (the GPO-VAE code's CausalBench-style evaluation), without that code's bugs:
   self-loops are not counted, negative pairs really exclude the predicted edges, and the false omission
   rate divides by the number of pairs actually tested.
 
@@ -172,7 +172,7 @@ def correlation_grn(x_lognorm: np.ndarray | sp.spmatrix) -> np.ndarray:
         x_lognorm: (cells, n) log-normalised expression (dense or sparse).
 
     Returns:
-        (n, n) |corr|, diagonal 0; constant genes have 0 correlation with everything.
+        (n, n) ``|corr|``, diagonal 0; constant genes have 0 correlation with everything.
     """
     x = to_dense(x_lognorm)
     if x.ndim != 2:
@@ -221,7 +221,7 @@ def de_grn(
     sep: str = "+",
     signed: bool = False,
 ) -> np.ndarray:
-    """Differential-expression baseline: score(j -> k) = |mean(x_k | j perturbed) - mean(x_k | control)|.
+    """Differential-expression baseline: score(j -> k) = abs(mean(x_k, j perturbed) - mean(x_k, control)).
 
     ``signed=True``: the difference itself (the interventional mean shifts, for :func:`deconvolved_grn`).
 
@@ -320,7 +320,7 @@ def deconvolved_de_grn(
     ridge: float = 1e-3,
     regulators: np.ndarray | None = None,
 ) -> np.ndarray:
-    """|B| of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
+    """``|B|`` of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
     ``de_grn(..., signed=True)`` of genes with cells): direct-edge scores with indirect effects removed.
     ``regulators`` default: every gene (perturbed or not; unperturbed ones are identified only through how
     their shifts co-vary across the interventions)."""
@@ -677,7 +677,7 @@ def matched_count_evaluation(
 
 
 def path_expansion(adjacency: np.ndarray, max_path_length: int = 3) -> dict[int, np.ndarray]:
-    """The edges first reached by a path of each length (the reference's path expansion, §6.7).
+    """The edges first reached by a path of each length (the GPO-VAE code's path expansion).
 
     ``{1: the predicted edges (diagonal dropped), d: pairs (a, b), a != b, joined by a directed path of d
     predicted edges but by none shorter}`` for d = 2..max_path_length; each is an (n, n) bool matrix, to be

@@ -3,7 +3,7 @@
 The GRN of a GPO-VAE model is its mask posterior q(M): edge j -> k ("perturbing gene j acts on gene k's
 latent coordinate") has probability sigmoid(W_jk), W = ``model.effect.q_mask_logits`` (T, T); rows and
 columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, then extended genes
-(:func:`pyrovae.data.prepare.prepare_data`). Following shared/reference/gpo_vae_cradle_vae.md §10.5/§10.14:
+(:func:`pyrovae.data.prepare.prepare_data`). Unlike the GPO-VAE reference code's ``grn.csv``:
 
 - edges are exported with probabilities (not only the 0.5 threshold), so AUROC/AUPRC can be computed;
 - the *perturbed* block (both ends perturbed genes: the rows fitted to data) is kept apart from the
@@ -255,13 +255,13 @@ def baseline_scores(
 ) -> dict[str, np.ndarray]:
     """(T, T) edge scores of the non-model baselines on the ``split`` cells, in ``nodes`` order.
 
-    ``correlation``: |Pearson correlation| of log-normalised expression (symmetric, undirected);
+    ``correlation``: ``|Pearson correlation|`` of log-normalised expression (symmetric, undirected);
     ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
     cell perturbs are 0); ``deconvolved_de``: the direct effects of a linear structural regression on
     those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
     All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
     shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
-    ``paired_de`` (GPO-prepared data only): |mean OT-paired difference| of each perturbation's cells
+    ``paired_de`` (GPO-prepared data only): ``|mean OT-paired difference|`` of each perturbation's cells
     (``extras["delta_x_group"]``, :func:`pyrovae.data.grn.group_delta_x`), the statistic GPO-VAE's GRN
     alignment fits with ``grn_target="group"``, computed without any model: what the pairing alone gives.
     """

@@ -392,7 +392,7 @@ def score_run(
         run: the trained run (``data`` read with ``run.load_data``: its genes, treatments and split).
         ate_sets: {set name: (n,) row positions}: :func:`score_ate` on each set, the other runs' ATEs in the
             same table (model ATE with ``n_samples`` samples at ``library_size``, seeded by ``seed``; top-k
-            genes by |empirical ATE| ``top_k``).
+            genes by ``|empirical ATE|`` ``top_k``).
         iwelbo_sets: {set name: split name or row positions}: held-out IWELBO
             (:func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
             ``iwelbo_seeds``) of every run on each set, each run's untrained treatments as in training.

@@ -1,6 +1,6 @@
 """Recovery of a planted latent structure: treatment masks and latent effects (simulations).
 
-Definitions follow shared/reference/sams_vae.md §5.3 (``get_mask_stats``, ``mean_corr_coef``): latent
+Definitions follow the SAMS-VAE reference code's ``get_mask_stats`` and ``mean_corr_coef``: latent
 coordinates are identifiable only up to a permutation, so estimated latents are first matched to the true
 ones by the Hungarian algorithm. Pure numpy/scipy.
 """
@@ -75,7 +75,7 @@ def mask_recovery(
     """Precision, recall and F1 of an estimated treatment mask after latent matching, with a chance level.
 
     The estimated mask is 1[probability > threshold]. After :func:`match_latents`, with matched TP the
-    sum of the overlaps of matched column pairs (reference §5.3):
+    sum of the overlaps of matched column pairs (as the SAMS-VAE code does):
 
     - precision = matched TP / #estimated positives (all estimated columns, matched or not);
     - recall = matched TP / #true positives;
@@ -150,7 +150,7 @@ def effect_recovery(
 ) -> dict[str, Any]:
     """Mean correlation coefficient (MCC) between true and estimated latent effects after matching.
 
-    C[i, j] = |corr(effect_true[:, i], effect_est[:, j])| over the T treatments (Pearson, or Spearman =
+    C[i, j] = ``|corr(effect_true[:, i], effect_est[:, j])|`` over the T treatments (Pearson, or Spearman =
     Pearson of ranks). Unless ``matching`` is given, columns are matched by the Hungarian algorithm to
     maximise sum C (as in the sVAE/SAMS-VAE ``mean_corr_coef``); the MCC is the mean of C over the
     min(K, K_est) matched pairs. A constant column has correlation 0 with everything (not NaN).
@@ -162,7 +162,7 @@ def effect_recovery(
         matching: optional (row_ind, col_ind) to use instead, e.g. from :func:`match_latents` on the masks.
 
     Returns:
-        dict with ``mcc`` (float), ``row_ind``, ``col_ind`` (matched columns) and ``abs_corr`` (|corr| of
+        dict with ``mcc`` (float), ``row_ind``, ``col_ind`` (matched columns) and ``abs_corr`` (``|corr|`` of
         each matched pair).
     """
     et = _as_2d(effect_true, "effect_true").astype(np.float64)

@@ -7,7 +7,7 @@ Launch (the same arguments as ``pyrovae train``; one process per rank)::
         --out runs/ddp
     # 4 nodes x 8 GPUs (nccl): run this on every node
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id JOB \\
-        -m pyrovae.cli train --data /shared/screen.h5ad --backed --model sams_vae --out /shared/runs/ddp \\
+        -m pyrovae.cli train --data /shared/screen.h5ad --model sams_vae --out /shared/runs/ddp \\
         --set device=cuda
 
 How it works. ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; the first call

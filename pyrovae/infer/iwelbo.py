@@ -1,4 +1,4 @@
-"""Held-out predictive IWELBO per cell (shared/reference/sams_vae.md §5.1, §9.7, §10.5).
+"""Held-out predictive IWELBO per cell (the SAMS-VAE paper's evaluation metric).
 
 For the held-out cells i of a split, with K global particles g_k ~ q(g) drawn ONCE and shared by every
 cell and batch (untrained treatments' rows from the prior)::
@@ -17,7 +17,7 @@ mask probabilities it is a MAP-style score, not a bound).
 
 Units: nats per cell, summed over genes. Because the K global draws are shared, per-cell values are
 correlated and the mean over cells carries Monte Carlo noise from only K global draws:
-:func:`iwelbo_over_seeds` reports its spread over evaluation seeds (§10.5).
+:func:`iwelbo_over_seeds` reports its spread over evaluation seeds.
 
 Memory is bounded by looping over cell batches and particle chunks with a running logsumexp. The basal
 noise of each cell comes from a generator keyed by (seed, block of cells), so the result does not depend on
@@ -186,7 +186,7 @@ def iwelbo_over_seeds(
     seeds: Sequence[int] = (0, 1, 2),
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """:func:`predictive_iwelbo` for several evaluation seeds (§10.5: report the Monte Carlo spread).
+    """:func:`predictive_iwelbo` for several evaluation seeds (to report the Monte Carlo spread).
 
     Returns:
         dict with ``mean`` (mean over seeds of the mean IWELBO per cell), ``std`` (their standard deviation

@@ -11,7 +11,7 @@ so calling these methods never perturbs the caller's random stream.
 
 Untrained treatments (no training cell, e.g. unseen perturbations): their global rows are drawn from the
 *prior* (:meth:`~pyrovae.models.skeleton.PerturbationVAE.sample_globals` with ``untrained``), not from their
-never-updated q (shared/reference/sams_vae.md §10.3), and then predicted by the effect block's
+never-updated q (as the reference code does), and then predicted by the effect block's
 :meth:`~pyrovae.models.effects.EffectBlock.predict_untrained` (GPO-VAE: transfer through its GRN; other
 blocks keep the prior draw). Every prediction states how each label was predicted
 (:meth:`Posterior.prediction_methods`: ``trained`` or one of
@@ -549,7 +549,10 @@ class Posterior:
             index=[f"{lab}_{j}" for lab in labels for j in range(n)],
         )
         obs.index = pd.Index(obs.index.astype(str))
-        out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, dtype=str)))
+        # var_names set after construction: an AnnData given a var DataFrame without columns reads a pandas
+        # option that pandas 3 deprecates (anndata 0.13 emits a Pandas4Warning then)
+        out = ad.AnnData(X=X, obs=obs)
+        out.var_names = pd.Index(self.genes, dtype=str)
         out.obs_names_make_unique()
         out.uns["pyrovae_sample"] = {
             "seed": int(seed),

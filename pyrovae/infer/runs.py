@@ -56,8 +56,20 @@ from pyrovae.outputs import (
 )
 from pyrovae.setup import needs_counts, read_data
 
-CONFIG, SCHEMA, SPLIT, PREP = "config.json", "schema.json", "split.csv", "prep.json"
-BEST, LAST, METRICS = "best.pt", "last.pt", "metrics.csv"
+#: the file names of a run directory: model, training and data options
+CONFIG = "config.json"
+#: genes, treatments and normalisation statistics
+SCHEMA = "schema.json"
+#: the split, by cell name
+SPLIT = "split.csv"
+#: what the model-specific data preparation made (CRADLE-VAE, GPO-VAE)
+PREP = "prep.json"
+#: the best checkpoint on the validation loss
+BEST = "best.pt"
+#: the last checkpoint (with the metrics history and the optimiser state, for ``--resume``)
+LAST = "last.pt"
+#: the losses per epoch
+METRICS = "metrics.csv"
 
 __all__ = [
     "CONFIG",

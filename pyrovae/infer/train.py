@@ -115,7 +115,7 @@ def split_counts(
 
 def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
     # the blocks declare their parameters' roles (network / variational / mask logits): see
-    # pyrovae.models.effects.param_groups for the decay and step-size rules (§10.12)
+    # pyrovae.models.effects.param_groups for the decay and step-size rules
     return model.param_groups(cfg)
 
 

@@ -14,7 +14,7 @@ class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):
 
     ``log_prob`` scores the *hard* value under the discrete Bernoulli. Pyro's parent class scores the
     relaxed value under the Concrete density, which is meaningless next to a Bernoulli prior
-    (see shared/reference/sams_vae.md §3.1, §9.2).
+    (the reference code overrides ``log_prob`` the same way).
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class RelaxedBernoulliMask(dist.RelaxedBernoulli):
     s = sigmoid((logit u + logits) / temperature); otherwise (prediction, evaluation) the hard value
     1[s > 0.5] = 1[logit u + logits > 0], an exact Bernoulli(sigmoid(logits)) draw. ``log_prob(value)`` is
     the Bernoulli log-probability of the hard value 1[value > 0.5], never the Concrete density (which would be
-    meaningless next to a Bernoulli prior, shared/reference/sams_vae.md §9.2).
+    meaningless next to a Bernoulli prior; the reference code does the same).
     """
 
     support = dist.constraints.unit_interval

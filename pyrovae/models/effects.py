@@ -60,7 +60,7 @@ GUIDES = ("mean_field", "correlated", "correlated_free", "correlated_free_scale"
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
 #: ``untrained_weights`` (the conditional VAE: the dosage column meets network weights never trained).
 UNTRAINED_METHODS = ("grn_transfer", "prior_draw", "no_shift", "untrained_weights")
-#: |logit| of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
+#: ``|logit|`` of a mask entry fixed by :meth:`AdditiveEffect.fix_masks` (q puts 6e-6 on the other value).
 FIXED_MASK_LOGIT = 12.0
 
 
@@ -151,7 +151,7 @@ def disarm_surrogate(model_trace, guide_trace) -> torch.Tensor:
     Particles p and p + h, h = P // 2, are an antithetic pair (b, b~) (:class:`AntitheticBernoulli`; with P
     odd the last particle enters the ELBO but not this mask gradient). Per pair and
     entry (t, k) the DisARM gradient of the logit is 1/2 (c_t(b) - c_t(b~)) (-1)^{b~_tk} 1[b_tk != b~_tk]
-    sigmoid(|logit_tk|), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
+    sigmoid(``|logit_tk|``), with c = :func:`per_treatment_costs` (the per-treatment Rao-Blackwellisation of
     ``loo``, valid here too: the terms left out of c_t do not depend on m_t and the pair's marginals are
     equal). The term is linear in the logits with the pair-averaged gradient as its (detached) slope,
     times P because the ELBO averages particles.
@@ -177,7 +177,7 @@ def mask_kl_warmup_surrogate(beta: float, analytic: bool, model_trace, guide_tra
     the relaxation plus the logits' direct one) or, with ``analytic`` (the ``relaxed`` estimator, whose
     surrogate already swapped it for the analytic term), -KL(q(M) || p(M)); both with the sites' scales.
     Adding (beta - 1) (term - term.detach()) leaves the ELBO's value unchanged and scales the term's
-    gradient by beta. Departure from the paper's objective (no schedule there, reference §4.3): while
+    gradient by beta. Departure from the paper's objective (the paper has no schedule): while
     beta < 1 the gradient is that of an ELBO whose mask KL is down-weighted by beta.
     """
     q_site, p_site = guide_trace.nodes["mask"], model_trace.nodes["mask"]
@@ -255,7 +255,7 @@ def param_groups(module: nn.Module, roles: Mapping[str, Sequence[nn.Parameter]],
 
     Weight decay (``cfg.weight_decay``) regularises network weights only; variational parameters and
     point-estimated per-treatment values get none, so the optimum is the ELBO's (the reference decays
-    everything; §10.12). Mask logits get their own step size ``cfg.mask_lr`` (without decay) when it is
+    everything). Mask logits get their own step size ``cfg.mask_lr`` (without decay) when it is
     set, else they join the variational group. A parameter absent from ``roles`` is a network weight.
 
     Args:
@@ -387,7 +387,7 @@ class AdditiveEffect(EffectBlock):
         mask_prior: Bernoulli prior probability of a mask entry; ``None``: no masks (CPA-VAE).
         embedding_prior_scale: prior std of E.
         guide: ``"mean_field"``: q(M) q(E) factorised with free parameters; ``"correlated"``:
-            q(M) q(E | M) with an MLP on [m_t, onehot(t)] (the reference, §3.3); ``"correlated_free"``:
+            q(M) q(E | M) with an MLP on [m_t, onehot(t)] (the reference); ``"correlated_free"``:
             q(M) q(E | M) = Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) * scale([m_t, onehot(t)])) with
             free per-treatment parameters a, b (T, K) (variational, initialised at 0, so the guide starts as
             ``"correlated"``) on top of the same MLP. A departure from the reference's guide family (the
@@ -434,7 +434,7 @@ class AdditiveEffect(EffectBlock):
     Mask estimators (every one samples exact Bernoulli(sigmoid(logits)) masks at prediction time and
     scores masks with the Bernoulli log-density, so the ELBO's value is the same in all):
 
-    - ``"straight_through"`` (reference parity, §3.1): hard masks, gradient through the relaxed sample
+    - ``"straight_through"`` (reference parity): hard masks, gradient through the relaxed sample
       (biased).
     - ``"score_function"``: q(M) a plain ``Bernoulli`` site, so Pyro's ``TraceGraph_ELBO`` adds the
       score-function term with its own variance reduction (provenance-based downstream costs) and a
@@ -777,7 +777,7 @@ class AdditiveEffect(EffectBlock):
 
 
 class BetaBernoulliMaskEffect(AdditiveEffect):
-    """SAMS-VAE with Beta-Bernoulli masks (reference ``sams_vae_beta_bernoulli``, §2.5): a learned sparsity.
+    """SAMS-VAE with Beta-Bernoulli masks (the reference code's ``sams_vae_beta_bernoulli``).
 
     pi_tk ~ Beta(a, b), m_tk | pi_tk ~ Bernoulli(pi_tk), e_t ~ N(0, s^2 I), z = z_basal + D (E * M).
     Guide (the reference's first two guides): q(pi) = Delta(sigmoid(lambda)) (a MAP estimate of each
@@ -986,7 +986,7 @@ def grn_transfer(
       M_tk = 1; where none acts on k, 0.
 
     Seen rows and rows in neither set are returned unchanged. Departure: the reference has no prediction
-    for unseen perturbations (its ``mask_test`` predicts them as controls, gpo_vae_cradle_vae.md §10.13).
+    for unseen perturbations (its ``mask_test`` zeroes their dosage, so they are predicted as controls).
 
     Args:
         g: global draws with ``mask`` and ``E`` of shape (n, T, T).

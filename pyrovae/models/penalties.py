@@ -52,7 +52,7 @@ def path_accumulation(
 
 #: how :class:`GRNAlignment` scales the k-hop terms.
 HOP_NORMS = ("T", "knockdown")
-#: what :class:`GRNAlignment` aligns to: per-cell |delta_x| (the reference) or its per-perturbation mean.
+#: what :class:`GRNAlignment` aligns to: per-cell ``|delta_x|`` (the reference) or its per-perturbation mean.
 GRN_TARGETS = ("cell", "group")
 
 
@@ -60,26 +60,26 @@ class GRNAlignment(nn.Module):
     """GPO-VAE's GRN-aligned parameter optimisation on the mask logits W (T, T).
 
     - alignment: ``weight * mean_{i, j} | (d_i S)_j - (delta_x_ij - threshold) |`` with S the K-hop sum
-      of W and delta_x the OT-based |log-expression difference| of each cell to its matched control on the
+      of W and delta_x the OT-based ``|log-expression difference|`` of each cell to its matched control on the
       T GRN genes;
     - sparsity: ``sparsity_weight * mean sigmoid(W)``.
 
     ``hop_norm``: ``"T"`` (the reference): S = sum_k W^k / T^(k-1) (:func:`k_hop_accumulation`). With
     T >= 10 nodes the path terms are then tiny next to W (a path a -> b -> c of two strong edges adds
-    W_ab W_bc / T), so W must absorb every indirect effect: W is a thresholded |DE| of the total effect.
+    W_ab W_bc / T), so W must absorb every indirect effect: W is a thresholded ``|DE|`` of the total effect.
     ``"knockdown"`` (a departure): :func:`path_accumulation` with the scale of a linear structural model,
     the batch's mean self delta_x (detached), so that the paths can explain indirect effects and W keeps
     the direct ones.
 
-    ``target``: ``"cell"`` (the reference) aligns to the per-cell |delta_x|; ``"group"`` (a departure) to
-    ``batch["delta_x_group"]``, the |mean signed paired difference| of the cell's perturbation
+    ``target``: ``"cell"`` (the reference) aligns to the per-cell ``|delta_x|``; ``"group"`` (a departure) to
+    ``batch["delta_x_group"]``, the ``|mean signed paired difference|`` of the cell's perturbation
     (:func:`pyrovae.data.grn.group_delta_x`), which averages the pairing noise out before the absolute
-    value, as |DE| does.
+    value, as ``|DE|`` does.
 
     ``singles_only`` (a departure): align on single-perturbation cells only. The reference aligns every
     cell, and on a combination cell d_i S = S_a + S_b is fitted to delta_x - threshold with the threshold
     subtracted once for two rows, which pulls both rows towards each other's targets (on simulated data
-    with combinations this costs W its lead over |DE|; see experiments/README.md).
+    with combinations this costs W its lead over ``|DE|``; see experiments/README.md).
 
     Needs ``batch["delta_x"]`` (B, T) (and ``batch["delta_x_group"]`` with ``target="group"``).
     """
@@ -151,7 +151,7 @@ class CounterfactualKL(nn.Module):
 
         weight * (1/B) * sum_{i with a counterfactual} KL(q_ref || q_cf)
 
-    Departures from the reference code (shared/reference/gpo_vae_cradle_vae.md §4.4, §10.1): the exact
+    Departures from the reference code (CRADLE-VAE's and GPO-VAE's counterfactual term): the exact
     Gaussian KL (the reference omits the 1/sigma_2^2 on the mean term); averaged over the batch like the
     ELBO rather than summed (so ``weight`` does not depend on the batch size); both encodings share one draw
     of the global sites. Because the reference summed over the batch (512 cells) while its ELBO was a

@@ -31,7 +31,7 @@ def sparsest_rotation(
     smoothing: float = 1e-2,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The orthogonal (K, K) R minimising sum_tk |(effects @ R)_tk| (smoothed), over several restarts.
+    """The orthogonal (K, K) R minimising sum_tk ``|(effects @ R)_tk|`` (smoothed), over several restarts.
 
     R = matrix_exp(A - A^T) (the special orthogonal group), A by Adam on sum sqrt((E R)^2 + smoothing *
     mean(E^2)), from the identity and from ``restarts - 1`` seeded random starts (batched); the result is

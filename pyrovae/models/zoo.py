@@ -1,16 +1,16 @@
 """Named models = the skeleton + an effect block + guide options. A model is data, not a class.
 
-Defaults follow the reference papers (shared/reference/): SAMS-VAE mask prior 0.01, embedding prior 1,
+Defaults follow the reference papers and their code: SAMS-VAE mask prior 0.01, embedding prior 1,
 q(M) logits initialised at 0, temperature 1, basal encoder conditioned on (x, z_p); GPO-VAE mask prior 0.3,
 K = 5 hops, cf-KL weight 0.1. Layer sizes default to a small network suited to the simulated data; the
 papers' sizes are in ``experiments/configs``.
 
 Departure (GPO-VAE): ``gpo_vae`` aligns its GRN W with the options of :data:`GPO_ALIGNMENT`, not the
-reference's (gpo_vae_cradle_vae.md §4.5: every cell, per-cell |delta_x|, GRN weight 100), which stay
+reference's (every cell, per-cell ``|delta_x|``, GRN weight 100), which stay
 available as ``gpo_vae_reference``. On planted GRNs of four shapes (chain, fork, collider, random DAG;
-3 seeds each) the reference's W ranks direct edges no better than |differential expression| (paired
+3 seeds each) the reference's W ranks direct edges no better than ``|differential expression|`` (paired
 AUPRC difference within the seed spread on three of the four), GPO_ALIGNMENT's by +0.07 to +0.10 AUPRC,
-more than the spread on all four (experiments/README.md, "GPO-VAE: direct edges against |DE|").
+more than the spread on all four (docs/findings.md, "GPO-VAE: direct edges against ``|DE|``").
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ class ModelConfig:
 #: GPO-VAE's GRN alignment in the named model ``gpo_vae`` (departures from the reference, see the module
 #: docstring and :class:`~pyrovae.models.penalties.GRNAlignment`): align on single-perturbation cells only
 #: (on a combination cell the reference fits S_a + S_b to delta_x - c, pulling both rows towards each
-#: other's targets), to the per-perturbation |mean OT-paired difference| (pairing noise averaged out before
-#: the absolute value), with a 10x GRN weight (the per-cell alignment is otherwise weak against the ELBO).
+#: other's targets), to the per-perturbation ``|mean OT-paired difference|`` (pairing noise averaged out
+#: before the absolute value), with a 10x GRN weight (the per-cell alignment is otherwise weak against the
+#: ELBO).
 GPO_ALIGNMENT: dict[str, Any] = {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
 
 #: The named models of the two papers (``gpo_vae_reference``: GPO-VAE with the reference's GRN alignment).

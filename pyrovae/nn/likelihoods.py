@@ -13,7 +13,7 @@ from pyrovae.nn.mlp import ResidualMLP
 LIKELIHOODS = ("nb", "poisson", "normal")
 COUNT_LIKELIHOODS = ("nb", "poisson")
 
-#: Library size at which counts are sampled by default (the reference's ATE setting, §5.2).
+#: Library size at which counts are sampled by default (the reference code's ATE setting).
 DEFAULT_LIBRARY_SIZE = 1e4
 
 
@@ -64,7 +64,7 @@ class GammaPoissonMean(dist.GammaPoisson):
       with r = theta / m: two logs on (P, B, G), no division, clamp or log1p (and at large theta / m
       no less accurate in float32 than the rate form: ``tests/nn/test_likelihoods.py``). Where the clamp
       is active anywhere in the batch, the rate form, clamped as the reference's CRADLE/GPO code does
-      (reference/gpo_vae_cradle_vae.md, decoder; reference/sams_vae.md §3.3 has no clamp).
+      (the CRADLE-VAE / GPO-VAE decoder; the SAMS-VAE code has no clamp).
 
     The density and its gradients are those of Pyro's ``GammaPoisson`` on the clamped rate to float
     rounding (``tests/nn/test_likelihoods.py``). The rate (for sampling and validation) is made on first

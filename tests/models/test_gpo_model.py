@@ -119,7 +119,7 @@ def test_gpo_vae_defaults_depart_from_the_reference_which_stays_available():
     gpo, ref = model_config("gpo_vae"), model_config("gpo_vae_reference")
     assert (gpo.grn_singles_only, gpo.grn_target, gpo.grn_weight) == (True, "group", 1000.0)
     assert GPO_ALIGNMENT == {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
-    # the reference (gpo_vae_cradle_vae.md §4.5): every cell, per-cell |delta_x|, GRN weight 100
+    # the reference: every cell, per-cell |delta_x|, GRN weight 100
     assert (ref.grn_singles_only, ref.grn_target, ref.grn_weight) == (False, "cell", 100.0)
     # everything else is the same model
     same = {k: v for k, v in dataclasses.asdict(gpo).items() if k not in GPO_ALIGNMENT}

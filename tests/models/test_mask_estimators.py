@@ -117,8 +117,8 @@ def test_rao_blackwellised_estimators_have_lower_variance_than_pyro_score_functi
 
 
 def test_straight_through_is_biased_on_the_closed_form_model():
-    """The reference estimator's bias (shared/reference/sams_vae.md §10.2), measured: it is why the others
-    exist. (The KL part of its gradient is pathwise through the relaxation too.)"""
+    """The reference estimator's bias (straight-through at a fixed temperature), measured: it is why the
+    others exist. (The KL part of its gradient is pathwise through the relaxation too.)"""
     draws = gradient_draws("straight_through", 200, n_particles=64)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
     assert float(((mean - exact_gradient()).abs() / se).max()) > 6
@@ -262,7 +262,7 @@ def _scored_traces(model, batch, n_particles: int = 3):
 
 def test_beta_bernoulli_mask_terms_are_the_map_penalty(tiny_data):
     """sams_vae_beta_bernoulli: log p(m | pi) - log q(m | pi) = 0 exactly, so the masks' only regulariser is
-    log Beta(pi; a, b) at pi = sigmoid(q_mask_logits) (reference §2.5)."""
+    log Beta(pi; a, b) at pi = sigmoid(q_mask_logits) (the reference code's Beta-Bernoulli model)."""
     cfg = model_config("sams_vae_beta_bernoulli", n_latent=3, decoder_hidden=8, encoder_hidden=8)
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     with torch.no_grad():
