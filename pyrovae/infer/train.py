@@ -51,7 +51,6 @@ from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
-from pyrovae.models.rotation import rotate_latent, sparsest_rotation
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -261,6 +260,8 @@ class Trainer:
         self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
         self.elbo = make_training_elbo(model, cfg.n_particles)
+        #: the model's step hooks (``after_step(trainer)`` after each optimiser step)
+        self.hooks = list(model.effect.training_hooks())
         self.history: list[dict[str, float]] = []
         self.epoch = 0
         self.step = 0
@@ -323,24 +324,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        effect = self.model.effect
-        if effect.mask_rotation and self.step == effect.mask_freeze_steps:
-            self.rotate_latent()
+        for hook in self.hooks:  # the model's schedules between steps (e.g. the sparse rotation)
+            hook.after_step(self)
         return float(loss), extras
 
-    def rotate_latent(self) -> torch.Tensor:
-        """Rotate the model's latent basis to the sparsest orientation of its mean effects over the treatments
-        with training cells (``ModelConfig.mask_rotation``, :mod:`pyrovae.models.rotation`); the Adam
-        moments of the changed parameters restart (they were in the old basis). Returns R (K, K)."""
-        effect = self.model.effect
-        trained = ~torch.as_tensor(self.data.untrained(), device=self.device)
-        R = sparsest_rotation(effect.mean_effects()[trained], seed=self.cfg.seed)
-        if self.ddp is not None:  # every rank applies rank 0's rotation
-            R = R.to(self.device)
-            self.ddp.broadcast_tensor(R)
-        for p in rotate_latent(self.model, R):
-            self.optimizer.state.pop(p, None)
-        return R
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        """The run's planned number of training steps: ``max_epochs`` x ``steps_per_epoch``, at most
+        ``max_steps`` (what the model's step schedules given as fractions of the run are resolved against;
+        early stopping may end the run sooner)."""
+        total = self.cfg.max_epochs * int(steps_per_epoch)
+        return total if self.cfg.max_steps is None else min(total, self.cfg.max_steps)
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""
@@ -366,6 +359,7 @@ class Trainer:
             shard=None if ddp is None else ddp.shard,
         )
         train.epoch = self.epoch
+        model.effect.start_training(self.planned_steps(len(train)))
         has_val = len(data.indices("val")) > 0
         if not has_val and self.epoch == 0:
             warnings.warn(

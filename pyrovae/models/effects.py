@@ -36,7 +36,7 @@ from pyrovae.models.distributions import (
     SpikeSlabNormal,
     StraightThroughBernoulli,
 )
-from pyrovae.models.rotation import rotate_heads, rotated_scales
+from pyrovae.models.rotation import SparseRotationStep, rotate_heads, rotated_scales
 from pyrovae.nn.mlp import GaussianMLP
 
 PERTURBATION_PLATE = "perturbations"
@@ -250,35 +250,43 @@ def parameter_roles(
     }
 
 
-def param_groups(module: nn.Module, roles: Mapping[str, Sequence[nn.Parameter]], cfg) -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module,
+    roles: Mapping[str, Sequence[nn.Parameter]],
+    cfg,
+    model_mask_lr: float | None = None,
+) -> list[dict[str, Any]]:
     """Adam parameter groups of ``module.parameters()`` (in their order) by role.
 
     Weight decay (``cfg.weight_decay``) regularises network weights only; variational parameters and
     point-estimated per-treatment values get none, so the optimum is the ELBO's (the reference decays
-    everything; §10.12). Mask logits get their own step size ``cfg.mask_lr`` (without decay) when it is
-    set, else they join the variational group. A parameter absent from ``roles`` is a network weight.
+    everything; §10.12). Mask logits get their own step size (without decay): ``cfg.mask_lr`` when it is
+    set, else the model's ``model_mask_lr`` (``ModelConfig.mask_lr``) when that is set, else they join the
+    variational group (the network's step). A parameter absent from ``roles`` is a network weight.
 
     Args:
         module: the model (or block) whose parameters are grouped.
         roles: {role: parameters}, roles among :data:`PARAM_ROLES` (e.g. :meth:`EffectBlock.param_roles`).
         cfg: the training settings (``weight_decay``, ``mask_lr``; a
             :class:`~pyrovae.infer.train.TrainConfig`).
+        model_mask_lr: the model's own step size of its mask logits (used when ``cfg.mask_lr`` is unset).
 
     Returns:
         ``[{network, weight_decay}, {variational, weight_decay 0}]`` plus ``{mask logits, weight_decay 0,
-        lr mask_lr}`` when there are mask logits and ``cfg.mask_lr`` is set.
+        lr mask_lr}`` when there are mask logits and a mask step size is set.
     """
+    mask_lr = cfg.mask_lr if cfg.mask_lr is not None else model_mask_lr
     role_of = {id(q): role for role in ("variational", "mask_logits") for q in roles.get(role, ())}
     decay, no_decay, masks = [], [], []
     for q in module.parameters():
         role = role_of.get(id(q), "network")
-        if role == "mask_logits" and cfg.mask_lr is not None:
+        if role == "mask_logits" and mask_lr is not None:
             masks.append(q)
         else:
             (decay if role == "network" else no_decay).append(q)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if masks:
-        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": mask_lr})
     return groups
 
 
@@ -287,6 +295,8 @@ class EffectBlock(nn.Module):
 
     #: rotate the latent basis when the mask freeze ends (:class:`AdditiveEffect` ``mask_rotation``)
     mask_rotation: bool = False
+    #: the model's own Adam step size of its mask logits (``ModelConfig.mask_lr``; :func:`param_groups`)
+    mask_lr: float | None = None
 
     shift_dim: int = 0
     has_globals: bool = True
@@ -375,7 +385,18 @@ class EffectBlock(nn.Module):
 
     def param_groups(self, cfg) -> list[dict[str, Any]]:
         """Adam parameter groups of this block's parameters under ``cfg`` (:func:`param_groups`)."""
-        return param_groups(self, self.param_roles(), cfg)
+        return param_groups(self, self.param_roles(), cfg, self.mask_lr)
+
+    def start_training(self, total_steps: int) -> None:
+        """Called by the :class:`~pyrovae.infer.train.Trainer` before its first step (and again on a resume)
+        with the run's planned number of training steps (``max_epochs`` x batches per epoch, at most
+        ``max_steps``): a block resolves step schedules given as fractions of the run here. Default: none."""
+
+    def training_hooks(self) -> list[Any]:
+        """Objects whose ``after_step(trainer)`` the :class:`~pyrovae.infer.train.Trainer` calls after each
+        optimiser step (schedules that change the model between steps, e.g. the sparse rotation). Default:
+        none."""
+        return []
 
 
 class AdditiveEffect(EffectBlock):
@@ -415,6 +436,12 @@ class AdditiveEffect(EffectBlock):
             only). 0: none (the reference). Departure from the paper's objective while beta < 1.
         mask_baseline: baseline of the ``score_function`` estimator (:data:`MASK_BASELINES`):
             ``"decaying_avg"`` (Pyro's) or ``"learned"`` (Pyro's plus :class:`LearnedMaskBaseline`).
+        mask_freeze_fraction: the same freeze for this fraction of the run's training steps, resolved to
+            ``mask_freeze_steps`` = max(1, floor(fraction x steps)) by :meth:`start_training` (the Trainer
+            calls it with ``max_epochs`` x batches per epoch, at most ``max_steps``; a resumed run keeps
+            the value its first start resolved). 0: none.
+        mask_lr: the block's own Adam step size of its q(M) logits (``None``: the network's; a
+            training setting ``TrainConfig.mask_lr`` overrides it; :func:`param_groups`).
         mask_freeze_steps: the q(M) logits take no gradient during the first n training steps (they stay
             at ``mask_init_logits`` while q(E | M), the encoder and the decoder learn), then every estimator
             trains them as usual. 0: none (the reference). An optimisation schedule, not a change of the
@@ -474,6 +501,8 @@ class AdditiveEffect(EffectBlock):
         mask_baseline: str = "decaying_avg",
         mask_freeze_steps: int = 0,
         mask_rotation: bool = False,
+        mask_freeze_fraction: float = 0.0,
+        mask_lr: float | None = None,
     ) -> None:
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
@@ -489,11 +518,21 @@ class AdditiveEffect(EffectBlock):
             )
         if mask_freeze_steps < 0:
             raise ValueError(f"mask_freeze_steps must be >= 0, got {mask_freeze_steps}")
+        if not 0.0 <= mask_freeze_fraction < 1.0:
+            raise ValueError(f"mask_freeze_fraction must be in [0, 1), got {mask_freeze_fraction}")
+        if mask_freeze_steps and mask_freeze_fraction:
+            raise ValueError("give mask_freeze_steps or mask_freeze_fraction, not both")
+        if mask_lr is not None and mask_lr <= 0:
+            raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
         self.mask_kl_warmup_steps, self.mask_baseline = int(mask_kl_warmup_steps), mask_baseline
         self.mask_freeze_steps = int(mask_freeze_steps)
-        if mask_rotation and (not mask_freeze_steps or compose != "add" or mask_prior is None):
+        self.mask_freeze_fraction = float(mask_freeze_fraction)
+        self.mask_lr = None if mask_lr is None else float(mask_lr)
+        freezes = bool(mask_freeze_steps or mask_freeze_fraction)
+        if mask_rotation and (not freezes or compose != "add" or mask_prior is None):
             raise ValueError(
-                "mask_rotation needs mask_freeze_steps > 0 and masks on an additive latent effect"
+                "mask_rotation needs a mask freeze (mask_freeze_steps or mask_freeze_fraction > 0) and masks "
+                "on an additive latent effect"
             )
         self.mask_rotation = bool(mask_rotation)
         if not 0.0 <= mask_baseline_beta < 1.0:
@@ -508,9 +547,13 @@ class AdditiveEffect(EffectBlock):
             int(temperature_anneal_steps),
         )
         self._fresh_baseline = True
-        if temperature_final is not None or self.mask_kl_warmup_steps or self.mask_freeze_steps:
+        if temperature_final is not None or self.mask_kl_warmup_steps or freezes:
             # training steps taken (a buffer, so a resumed run continues the schedule)
             self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
+        if self.mask_freeze_fraction:
+            # the freeze's length in steps once resolved (0: not yet; a buffer, so a resumed run keeps it
+            # even when it is resumed with more epochs)
+            self.register_buffer("mask_freeze_resolved", torch.zeros((), dtype=torch.long))
         if guide not in GUIDES:
             raise ValueError(f"unknown guide {guide!r}; use one of {GUIDES}")
         if compose not in ("add", "concat"):
@@ -580,6 +623,17 @@ class AdditiveEffect(EffectBlock):
             fn = SpikeSlabNormal(m, loc, scale, self.embedding_prior_scale)
             return pyro.sample("E", fn.to_event(1))
         return pyro.sample("E", dist.Normal(loc, scale).to_event(1))
+
+    def start_training(self, total_steps: int) -> None:
+        """Resolve ``mask_freeze_fraction`` to ``mask_freeze_steps`` for a run of ``total_steps`` steps, once:
+        a resumed run keeps the freeze it started with (the checkpoint holds it)."""
+        if self.mask_freeze_fraction:
+            if int(self.mask_freeze_resolved) == 0:
+                self.mask_freeze_resolved.fill_(max(1, int(self.mask_freeze_fraction * int(total_steps))))
+            self.mask_freeze_steps = int(self.mask_freeze_resolved)
+
+    def training_hooks(self) -> list[Any]:
+        return [SparseRotationStep(self)] if self.mask_rotation else []
 
     # ------------------------------------------------------------------------------- mask estimators
     def current_temperature(self) -> torch.Tensor:

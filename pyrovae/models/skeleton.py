@@ -240,7 +240,7 @@ class PerturbationVAE(nn.Module):
         for block in (self.effect, self.artifact):
             for role, params in (block.param_roles() if block is not None else {}).items():
                 roles[role] += params
-        return param_groups(self, roles, cfg)
+        return param_groups(self, roles, cfg, self.effect.mask_lr)
 
     def draw_globals(self) -> dict[str, torch.Tensor]:
         """One differentiable draw of the global sites from the guide (shapes (T, ...)), for penalties."""

@@ -19,17 +19,19 @@ ZOO = tuple(MODEL_ZOO)
 
 def _groups_by_name(model, cfg):
     """The optimiser groups as pyrovae made them before the hooks: parameters sorted by their names (the
-    leaf ``q_mask_logits`` gets mask_lr; leaves starting ``q_`` or ``action_mean`` get no weight decay)."""
+    leaf ``q_mask_logits`` gets the training's mask_lr, else the model's; leaves starting ``q_`` or
+    ``action_mean`` get no weight decay)."""
+    mask_lr = cfg.mask_lr if cfg.mask_lr is not None else model.effect.mask_lr
     decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
         leaf = name.split(".")[-1]
-        if leaf in ("q_mask_logits", "q_sparsity_logits") and cfg.mask_lr is not None:
+        if leaf in ("q_mask_logits", "q_sparsity_logits") and mask_lr is not None:
             masks.append(p)
         else:
             (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if masks:
-        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": mask_lr})
     return groups
 
 
@@ -48,6 +50,24 @@ def test_param_groups_are_the_name_sorted_groups(name, mask_lr):
     model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
     cfg = TrainConfig(weight_decay=1e-3, mask_lr=mask_lr)
     _same_groups(model.param_groups(cfg), _groups_by_name(model, cfg))
+
+
+@pytest.mark.parametrize(
+    ("name", "train_mask_lr", "expected"),
+    [
+        ("sams_vae", None, 0.02),  # the model's own (ModelConfig.mask_lr)
+        ("sams_vae", 0.1, 0.1),  # the training setting overrides it
+        ("sams_vae_reference", None, None),  # the reference: the network's step, no own group
+        ("sams_vae_reference", 0.1, 0.1),
+    ],
+)
+def test_the_mask_step_size_is_the_trainings_else_the_models(name, train_mask_lr, expected):
+    model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
+    groups = model.param_groups(TrainConfig(lr=1e-3, mask_lr=train_mask_lr))
+    masks = [g for g in groups if "lr" in g]
+    assert [g["lr"] for g in masks] == ([] if expected is None else [expected])
+    if expected is not None:
+        assert [id(p) for p in masks[0]["params"]] == [id(model.effect.q_mask_logits)]
 
 
 def test_trainer_optimises_the_model_groups(tiny_data):
