@@ -7,10 +7,10 @@ One step; the objective is one loss object, :class:`PenalisedELBO` (the one plac
     clip_grad_norm_(params, clip_norm); Adam.step()
 
 ``TraceGraph_ELBO`` is subclassed to add the surrogate terms guide sites ask for (the q(M) gradient
-estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss:
+estimators of :mod:`pyrovae.models.mask_estimators`; they change the gradient, not the loss:
 :class:`SurrogateTraceGraphELBO`, also used for validation), and then the penalties (:class:`PenalisedELBO`,
 training only). The optimiser's parameter groups come from the blocks' declared roles
-(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_groups`).
+(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_roles`, :func:`pyrovae.infer.optim.param_groups`).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
@@ -49,8 +49,10 @@ from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.matrix import nonzero_counts
 from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
+from pyrovae.infer.optim import model_param_groups
 from pyrovae.models.artifact import QC_PLATE
-from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
+from pyrovae.models.mask_estimators import SURROGATE_ELBO
+from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -112,17 +114,11 @@ def split_counts(
     return out
 
 
-def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
-    # the blocks declare their parameters' roles (network / variational / mask logits): see
-    # pyrovae.models.effects.param_groups for the decay and step-size rules (§10.12)
-    return model.param_groups(cfg)
-
-
 class SurrogateTraceGraphELBO(TraceGraph_ELBO):
     """``TraceGraph_ELBO`` plus the surrogate terms guide sites ask for in ``infer[SURROGATE_ELBO]``.
 
     Such a term changes the gradient only, never the ELBO's value (the mask estimators of
-    :class:`~pyrovae.models.effects.AdditiveEffect` use it).
+    :mod:`pyrovae.models.mask_estimators` use it).
     """
 
     def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
@@ -258,7 +254,7 @@ class Trainer:
         self.ddp = distributed.context(self.device)
         self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint
-        self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(model_param_groups(model, cfg), lr=cfg.lr)
         self.elbo = make_training_elbo(model, cfg.n_particles)
         #: the model's step hooks (``after_step(trainer)`` after each optimiser step)
         self.hooks = list(model.effect.training_hooks())

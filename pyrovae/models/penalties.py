@@ -13,7 +13,7 @@ from torch import nn
 
 from pyrovae.data import prepare
 from pyrovae.models.artifact import gaussian_kl
-from pyrovae.models.effects import matmul_dosage
+from pyrovae.models.plates import matmul_dosage
 
 
 def k_hop_accumulation(w: torch.Tensor, hops: int) -> torch.Tensor:

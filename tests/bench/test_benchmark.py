@@ -85,7 +85,7 @@ def test_quick_benchmark_writes_the_table(tmp_path):
 
 
 def test_plain_paths_restore_the_fast_paths():
-    from pyrovae.models import effects
+    from pyrovae.models.effects import additive as effects
     from pyrovae.nn import likelihoods
     from pyrovae.nn.mlp import GaussianMLP
 
