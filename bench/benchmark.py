@@ -489,7 +489,7 @@ def run_benchmark(
     trainers: dict[tuple[str, str], Trainer] = {}
     for name in models:
         variants = ("pyro",) + (("pyro_before",) if before else ()) + (("pyro_prev",) if previous else ())
-        if name == "sams_vae":
+        if name == "sams_vae_reference":
             variants += ("pyro_validated",)
         for impl in variants:
             model = build_model(
@@ -511,7 +511,7 @@ def run_benchmark(
             elif impl == "pyro_prev":  # the previous code path, run as "pyro" is
                 step = _in(previous_paths, _in(trainer.step_validation, step))
             impls.append((name, impl, step, model))
-        if name == "sams_vae":
+        if name == "sams_vae_reference":
             n_t = counts["perturbations"]
             for impl, fused in (("torch", False), ("torch_fused", True)):
                 m2 = build_model(

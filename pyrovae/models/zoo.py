@@ -52,9 +52,8 @@ class ModelConfig:
     family: str = "sams"
     n_latent: int = 10
     likelihood: str = "nb"
-    # q(E) family: mean_field | correlated (reference) | correlated_free | correlated_free_scale (free
-    # per-treatment offsets on q(E | M)'s network) | spike_slab (q(e | m = 1) free, q(e | m = 0) the prior);
-    # the free and spike_slab ones departures from the reference, see pyrovae.models.effects.AdditiveEffect
+    # q(E) family: mean_field | correlated (reference) | spike_slab (q(e | m = 1) free, q(e | m = 0) the
+    # prior; a departure from the reference), see pyrovae.models.effects.guides
     guide: str = "correlated"
     conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
     mask_prior: float = 0.01
@@ -100,7 +99,8 @@ class ModelConfig:
     grn_threshold: float = 0.5  # reference: 0.4 Adamson, 0.8 K562, 0.5 RPE1
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
-    grn_hop_norm: str = "T"  # reference: k-hop terms / T^(k-1); "knockdown": see penalties.GRNAlignment
+    # the k-hop terms / T^(k-1) (the reference); the only value, kept so that saved runs' configs load
+    grn_hop_norm: str = "T"
     grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
     grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
 
@@ -134,6 +134,7 @@ class ModelConfig:
                 f"steps), not both: got {self.mask_freeze_steps} and {self.mask_freeze_fraction}"
             )
         check_range("mask_baseline", self.mask_baseline, choices=MASK_BASELINES)
+        check_range("grn_hop_norm", self.grn_hop_norm, choices=("T",))
         freezes = self.mask_freeze_steps > 0 or self.mask_freeze_fraction > 0
         if self.mask_rotation and (not freezes or self.family not in ROTATABLE_FAMILIES):
             raise ValueError(
@@ -171,8 +172,8 @@ SAMS_INFERENCE: dict[str, Any] = {
 MODEL_ZOO: dict[str, dict[str, Any]] = {
     "sams_vae": {"family": "sams", **SAMS_INFERENCE},
     "sams_vae_reference": {"family": "sams", "guide": "correlated"},
-    "sams_vae_mf": {"family": "sams", **SAMS_INFERENCE, "guide": "mean_field"},
-    "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", **SAMS_INFERENCE},
+    "sams_vae_mf": {"family": "sams", "guide": "mean_field"},
+    "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", "guide": "correlated"},
     "sams_vae_learned_sparsity": {"family": "sams_learned_sparsity", **SAMS_INFERENCE},
     "cpa_vae": {"family": "cpa", "guide": "mean_field"},
     "svae_plus": {"family": "svae_plus", "conditioning": "x"},
@@ -250,7 +251,6 @@ def build_penalties(cfg: ModelConfig) -> list[torch.nn.Module]:
                 cfg.grn_threshold,
                 cfg.grn_hops,
                 cfg.sparsity_weight,
-                cfg.grn_hop_norm,
                 cfg.grn_target,
                 cfg.grn_singles_only,
             )

@@ -18,7 +18,7 @@ from pyrovae.models.zoo import build_model, model_config
 
 K = 4
 SMALL = dict(n_latent=K, decoder_hidden=12, encoder_hidden=12, embedding_encoder_hidden=8)
-GUIDES = ("correlated", "correlated_free", "correlated_free_scale", "spike_slab", "mean_field")
+GUIDES = ("correlated", "spike_slab", "mean_field")
 
 
 def _orthogonal(k: int, seed: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_rotate_latent_is_exact_in_the_means(guide, layers, tiny_data):
     m.eval()
     batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
     before = _means(m, batch)
-    free_scale = guide in ("correlated_free_scale", "spike_slab", "mean_field")
+    free_scale = guide in ("spike_slab", "mean_field")
     sd_E = m.effect.q_E_log_scale.detach().exp() + 1e-4 if free_scale else None
     R = _orthogonal(K, 1)
     changed = rotate_latent(m, R)

@@ -41,7 +41,7 @@ class AdditiveEffect(EffectBlock):
         mask_prior: Bernoulli prior probability of a mask entry; ``None``: no masks (CPA-VAE).
         embedding_prior_scale: prior std of E.
         guide: the q(E) family (:mod:`pyrovae.models.effects.guides`): ``"mean_field"``, ``"correlated"``
-            (the reference, §3.3), ``"correlated_free"``, ``"correlated_free_scale"``, ``"spike_slab"``.
+            (the reference, §3.3), ``"spike_slab"``.
         compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
             ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
         temperature: relaxation temperature of the straight-through / relaxed mask estimators.
@@ -171,7 +171,7 @@ class AdditiveEffect(EffectBlock):
             if mask_estimator == "score_function" and mask_baseline == "learned":
                 self.q_mask_baseline = LearnedMaskBaseline(n_treatments)
         if self.q_E.free or not self.use_masks:
-            # mean-field: q(E)'s parameters; correlated_free*: the free offsets a, b of q(E | M)
+            # mean-field, spike-and-slab (the slab), CPA-VAE: q(E)'s free parameters
             self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
             self.q_E_log_scale = nn.Parameter(torch.zeros(n_treatments, effect_dim))
         if self.q_E.network and self.use_masks:
@@ -322,8 +322,8 @@ class AdditiveEffect(EffectBlock):
         :func:`~pyrovae.models.rotation.rotate_latent`); returns the parameters it changed. Means rotate
         exactly: E' = E @ R (the free means, and the loc head of q(E | M)'s network). Scales keep the
         rotated marginal variances (:func:`~pyrovae.models.rotation.rotated_scales`; on the network's
-        log-variance head and on the ``correlated_free`` log-scale factors, the weighted mean of the old
-        log variances). q(M) and the network's mask input are unchanged (see ``rotate_latent``)."""
+        log-variance head, the weighted mean of the old log variances). q(M) and the network's mask input
+        are unchanged (see ``rotate_latent``)."""
         if self.compose != "add":
             raise ValueError("only an additive latent effect can be rotated (not GPO-VAE's GRN)")
         changed: list[nn.Parameter] = []
@@ -332,11 +332,8 @@ class AdditiveEffect(EffectBlock):
         if hasattr(self, "q_E_loc"):
             Rt = R.to(self.q_E_loc)
             self.q_E_loc.copy_(self.q_E_loc @ Rt)
-            if self.q_E.scale_factor:  # a factor on the network's scale
-                self.q_E_log_scale.copy_(self.q_E_log_scale @ Rt.pow(2))
-            else:  # scale = exp(b) + 1e-4
-                new = rotated_scales(self.q_E_log_scale.exp() + 1e-4, Rt)
-                self.q_E_log_scale.copy_((new - 1e-4).clamp_min(1e-6).log())
+            new = rotated_scales(self.q_E_log_scale.exp() + 1e-4, Rt)  # scale = exp(b) + 1e-4
+            self.q_E_log_scale.copy_((new - 1e-4).clamp_min(1e-6).log())
             changed += [self.q_E_loc, self.q_E_log_scale]
         return changed
 

@@ -7,12 +7,6 @@ keys); a strategy is stateless and reads them from the block.
 
 - ``mean_field``: q(M) q(E) factorised, q(e_t) = Normal(a_t, exp(b_t) + 1e-4) with free (T, K) a, b.
 - ``correlated`` (the reference): q(M) q(E | M) with an MLP on [m_t, onehot(t)].
-- ``correlated_free``: Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) * scale([m_t, onehot(t)])), free
-  per-treatment offsets (started at 0: the guide starts as ``correlated``) on the same MLP. A departure
-  from the reference's guide family (the objective is the paper's).
-- ``correlated_free_scale``: Normal(a_t + loc([m_t, onehot(t)]), exp(b_t) + 1e-4): the free mean offset and
-  CPA-VAE's free per-entry scale instead of the network's (a departure; a diagnostic of the dense-mask
-  IWELBO gap).
 - ``spike_slab``: q(E | M) factorised over entries, q(e_tk | m_tk = 1) = Normal(a_tk, exp(b_tk) + 1e-4)
   (the slab, as CPA-VAE's q(E)) and q(e_tk | m_tk = 0) = p(e_tk), the prior (the spike: an entry that is
   off costs no KL; :class:`~pyrovae.models.distributions.SpikeSlabNormal`, Titsias & Lazaro-Gredilla
@@ -41,8 +35,6 @@ class QEffect:
     free: bool = True
     #: q(E | M)'s network ``q_E_net`` on [m_t, onehot(t)] (only for a block with masks)
     network: bool = False
-    #: ``q_E_log_scale`` multiplies the network's scale (rotated as log factors, not as scales)
-    scale_factor: bool = False
 
     def normal(self, block, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) (..., T, K) of q(E | M = m) for masks ``m`` (..., T, K); default: the free ones."""
@@ -65,22 +57,6 @@ class Correlated(QEffect):
         return block.q_E_net.forward_parts([m, block.n_treatments])
 
 
-class CorrelatedFree(Correlated):
-    name, free, scale_factor = "correlated_free", True, True
-
-    def normal(self, block, m):
-        loc, scale = super().normal(block, m)
-        return loc + block.q_E_loc, scale * block.q_E_log_scale.exp()
-
-
-class CorrelatedFreeScale(Correlated):
-    name, free = "correlated_free_scale", True
-
-    def normal(self, block, m):
-        loc, _ = super().normal(block, m)
-        return loc + block.q_E_loc, (block.q_E_log_scale.exp() + 1e-4).expand_as(loc)
-
-
 class SpikeSlab(QEffect):
     name = "spike_slab"
 
@@ -88,10 +64,9 @@ class SpikeSlab(QEffect):
         return SpikeSlabNormal(m, loc, scale, block.embedding_prior_scale).to_event(1)
 
 
-_FAMILIES = {f.name: f() for f in (MeanField, Correlated, CorrelatedFree, CorrelatedFreeScale, SpikeSlab)}
+_FAMILIES = {f.name: f() for f in (MeanField, Correlated, SpikeSlab)}
 #: q(E) families of :class:`~pyrovae.models.effects.additive.AdditiveEffect` (``correlated``: the
-#: reference's; ``correlated_free*`` and ``spike_slab``: departures from the reference's guide family, the
-#: objective unchanged)
+#: reference's; ``spike_slab``: a departure from the reference's guide family, the objective unchanged)
 GUIDES = tuple(_FAMILIES)
 
 
