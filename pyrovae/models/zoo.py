@@ -5,6 +5,13 @@ q(M) logits initialised at 0, temperature 1, basal encoder conditioned on (x, z_
 K = 5 hops, cf-KL weight 0.1. Layer sizes default to a small network suited to the simulated data; the
 papers' sizes are in ``experiments/configs``.
 
+Departure (SAMS-VAE's inference): ``sams_vae`` and ``sams_vae_learned_sparsity`` train with
+:data:`SAMS_INFERENCE` (the spike-and-slab guide, masks started on, frozen for a quarter of the run's
+steps, the sparse rotation, the mask logits at lr 0.02), the model and objective unchanged; the
+reference's settings stay available as ``sams_vae_reference``. With the reference's settings the masks
+stay undecided (most q(m) near their start) and the held-out ATE trails CPA-VAE's; with these, SAMS-VAE
+reaches CPA-VAE's held-out ATE with masks well above chance (docs/models/sams_vae.md).
+
 Departure (GPO-VAE): ``gpo_vae`` aligns its GRN W with the options of :data:`GPO_ALIGNMENT`, not the
 reference's (gpo_vae_cradle_vae.md §4.5: every cell, per-cell |delta_x|, GRN weight 100), which stay
 available as ``gpo_vae_reference``. On planted GRNs of four shapes (chain, fork, collider, random DAG;

@@ -250,3 +250,20 @@ def test_freeze_steps_and_fraction_exclude_each_other():
     assert model_config("sams_vae", mask_freeze_fraction=0, mask_freeze_steps=5).mask_freeze_steps == 5
     with pytest.raises(ValueError, match="mask_freeze_fraction"):
         model_config("sams_vae", mask_freeze_fraction=1.0)
+
+
+def test_a_resumed_run_keeps_an_ended_freeze_and_follows_the_new_plan_before_its_end():
+    eff = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0).effect
+    eff.start_training(100)
+    assert eff.mask_freeze_steps == 25
+    eff.mask_step.fill_(10)  # resumed at step 10 with twice the epochs: the freeze has not ended
+    eff.start_training(200)
+    assert eff.mask_freeze_steps == 50
+    eff.mask_step.fill_(60)  # resumed after the freeze (and its rotation): kept
+    eff.start_training(400)
+    assert eff.mask_freeze_steps == 50
+    short = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0).effect
+    short.start_training(100)
+    short.mask_step.fill_(20)  # resumed with a shorter plan whose freeze would already be over
+    short.start_training(40)
+    assert short.mask_freeze_steps == 21  # it ends at the next step, so the rotation still happens

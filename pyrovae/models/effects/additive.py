@@ -58,7 +58,7 @@ class AdditiveEffect(EffectBlock):
         mask_freeze_fraction: the same freeze for this fraction of the run's training steps, resolved to
             ``mask_freeze_steps`` = max(1, floor(fraction x steps)) by :meth:`start_training` (the Trainer
             calls it with ``max_epochs`` x batches per epoch, at most ``max_steps``; a resumed run keeps
-            the value its first start resolved). 0: none.
+            the value once its freeze has ended). 0: none.
         mask_lr: the block's own Adam step size of its q(M) logits (``None``: the network's; a
             training setting ``TrainConfig.mask_lr`` overrides it; :func:`param_groups`).
         mask_freeze_steps: the q(M) logits take no gradient during the first n training steps (they stay
@@ -217,11 +217,15 @@ class AdditiveEffect(EffectBlock):
         return pyro.sample("E", self.q_E.site(self, m, loc, scale))
 
     def start_training(self, total_steps: int) -> None:
-        """Resolve ``mask_freeze_fraction`` to ``mask_freeze_steps`` for a run of ``total_steps`` steps, once:
-        a resumed run keeps the freeze it started with (the checkpoint holds it)."""
+        """Resolve ``mask_freeze_fraction`` to ``mask_freeze_steps`` for a run of ``total_steps`` steps. A
+        resumed run (the checkpoint holds the value) keeps the freeze it started with once that freeze has
+        ended (so the rotation happens once); resumed before its end, it follows the new plan, ending no
+        earlier than the next step."""
         if self.mask_freeze_fraction:
-            if int(self.mask_freeze_resolved) == 0:
-                self.mask_freeze_resolved.fill_(max(1, int(self.mask_freeze_fraction * int(total_steps))))
+            resolved, step = int(self.mask_freeze_resolved), int(self.mask_step)
+            if resolved == 0 or step < resolved:
+                new = max(1, int(self.mask_freeze_fraction * int(total_steps)), step + 1)
+                self.mask_freeze_resolved.fill_(new)
             self.mask_freeze_steps = int(self.mask_freeze_resolved)
 
     def training_hooks(self) -> list[Any]:
