@@ -84,7 +84,8 @@ from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.infer.iwelbo import predictive_iwelbo  # noqa: E402
 from pyrovae.infer.predictive import Posterior  # noqa: E402
 from pyrovae.infer.train import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
-from pyrovae.models import effects, penalties  # noqa: E402
+from pyrovae.models import penalties  # noqa: E402
+from pyrovae.models.effects import additive, svae_plus  # noqa: E402
 from pyrovae.models.skeleton import PerturbationVAE  # noqa: E402
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config  # noqa: E402
 from pyrovae.nn import likelihoods  # noqa: E402
@@ -244,7 +245,8 @@ def plain_paths():
 
     with (
         mock.patch.object(GaussianMLP, "forward_parts", _concat_parts),
-        mock.patch.object(effects, "matmul_dosage", torch.matmul),
+        mock.patch.object(additive, "matmul_dosage", torch.matmul),
+        mock.patch.object(svae_plus, "matmul_dosage", torch.matmul),
         mock.patch.object(penalties, "matmul_dosage", torch.matmul),
         mock.patch.object(likelihoods, "GammaPoissonMean", pyro_gamma_poisson),
     ):
@@ -487,7 +489,7 @@ def run_benchmark(
     trainers: dict[tuple[str, str], Trainer] = {}
     for name in models:
         variants = ("pyro",) + (("pyro_before",) if before else ()) + (("pyro_prev",) if previous else ())
-        if name == "sams_vae":
+        if name == "sams_vae_reference":
             variants += ("pyro_validated",)
         for impl in variants:
             model = build_model(
@@ -509,7 +511,7 @@ def run_benchmark(
             elif impl == "pyro_prev":  # the previous code path, run as "pyro" is
                 step = _in(previous_paths, _in(trainer.step_validation, step))
             impls.append((name, impl, step, model))
-        if name == "sams_vae":
+        if name == "sams_vae_reference":
             n_t = counts["perturbations"]
             for impl, fused in (("torch", False), ("torch_fused", True)):
                 m2 = build_model(

@@ -2,7 +2,8 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/profile_step.py --model sams_vae --steps 3 [--impl torch] [--validate]
+    OMP_NUM_THREADS=1 python bench/profile_step.py --model sams_vae_reference --steps 3 [--impl torch] \
+        [--validate]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pyrovae.models.zoo import build_model, model_config  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="sams_vae")
+    p.add_argument("--model", default="sams_vae_reference")
     p.add_argument("--impl", choices=["pyro", "torch", "torch_fused"], default="pyro")
     p.add_argument("--size", choices=sorted(SIZES), default="replogle")
     p.add_argument("--steps", type=int, default=3)

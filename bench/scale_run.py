@@ -141,7 +141,7 @@ def scale_run(args) -> None:
     d = data.dosage  # CSR: values, column indices, row pointers
     row["dosage_mb"] = (d.data.nbytes + d.indices.nbytes + d.indptr.nbytes) / 2**20
     mcfg = model_config(
-        "sams_vae",
+        "sams_vae_reference",
         n_latent=args.latent,
         decoder_hidden=args.hidden,
         encoder_hidden=args.hidden,

@@ -43,20 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         adata, perturbation_key=args.perturbation_key, split_mode="combinations", heldout=0.25
     )
 
-    # 2. model and training (progress bar; the demo's settings for the SAMS-VAE masks, see the README
-    # "Sparse rotation": masks start on and stay frozen for 600 steps, then the latent basis is rotated)
-    model = pyrovae.SAMSVAE(
-        adata,
-        n_latent=10,
-        mask_init_logits=3.0,
-        guide="spike_slab",
-        mask_freeze_steps=600,
-        mask_rotation=True,
-    )
+    # 2. model and training (progress bar; SAMS-VAE's default inference: masks start on and stay frozen for
+    # a quarter of the steps, then the latent basis is rotated and the masks pruned, docs/models/sams_vae.md)
+    model = pyrovae.SAMSVAE(adata, n_latent=10)
     print(model)
-    model.train(
-        max_epochs=args.epochs, accelerator=args.device, lr=2e-3, mask_lr=0.02, batch_size=256, seed=args.seed
-    )
+    model.train(max_epochs=args.epochs, accelerator=args.device, lr=2e-3, batch_size=256, seed=args.seed)
     print(model)
     print(model.history[["train_loss", "val_loss"]].tail(3))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -50,18 +49,23 @@ def trained_run(tmp_path_factory):
     return data, run
 
 
-def test_the_shipped_sparse_config_trains_through_the_rotation(trained_run, tmp_path):
-    """experiments/configs/sams_sparse.yaml (the demo's SAMS-VAE settings for the CLI) routes its options to
-    the model and the training, and the run rotates when its (here shortened) freeze ends."""
+def test_the_default_sams_vae_trains_through_its_rotation(trained_run, tmp_path):
+    """``--model sams_vae`` alone gives the default inference (pyrovae.models.zoo.SAMS_INFERENCE), records it
+    in config.json, and the run rotates when its freeze (a quarter of the run's steps) ends."""
     data, _ = trained_run
-    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "sams_sparse.yaml"
-    run = tmp_path / "sparse"
-    args = ["train", "--data", str(data), "--model", "sams_vae_learned_sparsity", "--config", str(config)]
-    assert main([*args, "--out", str(run), "--quiet", "--set", *TINY_NET, "mask_freeze_steps=3"]) == 0
+    run = tmp_path / "default"
+    args = ["train", "--data", str(data), "--model", "sams_vae", "--out", str(run), "--quiet"]
+    assert main([*args, "--set", *TINY_NET, "max_epochs=4"]) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["guide"] == "spike_slab" and cfg["model"]["mask_rotation"] is True
-    assert cfg["train"]["mask_lr"] == 0.02 and cfg["model_name"] == "sams_vae_learned_sparsity"
-    assert int(pd.read_csv(run / "metrics.csv")["step"].iloc[-1]) > 3  # it trained past the rotation
+    model = cfg["model"]
+    assert (
+        model["guide"] == "spike_slab" and model["mask_rotation"] is True and model["mask_init_logits"] == 3
+    )
+    assert (
+        model["mask_freeze_fraction"] == 0.25 and model["mask_lr"] == 0.02 and cfg["train"]["mask_lr"] is None
+    )
+    steps = int(pd.read_csv(run / "metrics.csv")["step"].iloc[-1])
+    assert steps >= 4 and cfg["model_name"] == "sams_vae"  # trained past the freeze of max(1, steps // 4)
 
 
 def test_iwelbo_command_writes_per_cell_csv_and_summary(trained_run, capsys):

@@ -4,9 +4,8 @@
 2. Split it: a quarter of the double perturbations are *held-out combinations* (all their cells in
    ``test``, never trained on); every other label (controls, singles, the other doubles) is split
    80/10/10 into train/val/test, so held-out cells of seen perturbations are scored too.
-3. Train SAMS-VAE (``sams_vae_learned_sparsity``, spike-and-slab guide; masks frozen on, then the latent
-   basis rotated and the masks pruned) and CPA-VAE (seeded, progress bar) into
-   ``sams_vae_learned_sparsity/`` and ``cpa_vae/``.
+3. Train SAMS-VAE (the zoo's ``sams_vae``: spike-and-slab guide; masks frozen on, then the latent basis
+   rotated and the masks pruned) and CPA-VAE (seeded, progress bar) into ``sams_vae/`` and ``cpa_vae/``.
 4. Evaluate on the two held-out sets separately: test IWELBO (100 particles, 3 evaluation seeds: mean and
    Monte Carlo spread), ATE metrics (empirical ATE of held-out cells vs model ATE at their depths, with
    trivial baselines fitted on the training cells), and SAMS-VAE's mask recovery against the simulated
@@ -30,9 +29,8 @@ import torch
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.commands.demo_gpo import run_gpo
 from pyrovae.commands.demo_real import run_real
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data, make_split
+from pyrovae.data.anndata import load_perturbation_data, make_split
 from pyrovae.data.dosage import build_dosage
-from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.protocols import combination_labels, pick_combinations
 from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 from pyrovae.datasets import DATASETS
@@ -50,25 +48,11 @@ from pyrovae.report import markdown_table, mean_std
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
 # larger step (lr 2e-3, kept stable by the global gradient clipping at 100) on batches of 256 cells, 3
 # ELBO particles, and a fixed epoch budget (early stopping on the validation loss still picks the best).
-# SAMS-VAE is sams_vae_learned_sparsity: the paper's model with one mask prior level per treatment, learned
-# (started at the paper's 0.01; a departure from its prior), and the spike-and-slab guide (q(e | m = 0)
-# the prior; a departure from the reference's guide family). Its mask logits get their own Adam step
-# (mask_lr 0.02, see pyrovae.infer.train) and start on, q(m) = sigmoid(3) = 0.95. The masks stay frozen for
-# the first quarter of training (at most 600 steps) while the effects are learned; then the latent basis is
-# rotated to the one where the mean effects are sparsest (mask_rotation, a reparametrisation:
-# pyrovae.models.rotation) and the mask KL prunes the entries the likelihood does not need. Measured with
-# experiments/mask_inference.py (README, "Sparse rotation"; default preset, 3 seeds): held-out-combination
-# ATE r / R² 0.952 / 0.895 against CPA-VAE's 0.945 / 0.883, mask F1 0.83 against chance 0.44 (the
-# second demo's settings, masks on without the rotation: 0.929 / 0.844, F1 0.51 against 0.45), and
-# CPA-VAE's ATE within 0.02 / 0.03 in the dense-mask and reference-simulator regimes.
-DEMO_TRAIN = dict(lr=2e-3, mask_lr=0.02, batch_size=256, n_particles=3, patience=10, val_particles=3)
-DEMO_MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "sams_vae_learned_sparsity": {"mask_init_logits": 3.0, "guide": "spike_slab", "mask_rotation": True}
-}
-#: the masks are frozen for this fraction of the demo's training steps, at most DEMO_FREEZE_MAX steps
-DEMO_FREEZE_FRACTION, DEMO_FREEZE_MAX = 0.25, 600
+# SAMS-VAE is the zoo's sams_vae (pyrovae.models.zoo.SAMS_INFERENCE: the paper's model with its inference
+# settings, measured in docs/models/sams_vae.md).
+DEMO_TRAIN = dict(lr=2e-3, batch_size=256, n_particles=3, patience=10, val_particles=3)
 DEMO_EPOCHS = {"tiny": 30, "default": 120, "large": 3}
-MODELS = (("SAMS-VAE", "sams_vae_learned_sparsity"), ("CPA-VAE", "cpa_vae"))
+MODELS = (("SAMS-VAE", "sams_vae"), ("CPA-VAE", "cpa_vae"))
 HELDOUT_FRACTION = 0.25
 IWELBO_PARTICLES, IWELBO_SEEDS = 100, (0, 1, 2)
 ATE_SAMPLES, TOP_K = 2500, 20
@@ -85,16 +69,6 @@ def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> t
     split = split.astype(object)
     split[np.isin(labels, held)] = "test"
     return split.astype(str), held
-
-
-def demo_model_options(name: str, data: PerturbationData, tcfg: TrainConfig) -> dict[str, Any]:
-    """The demo's options of a named model; a mask freeze lasts DEMO_FREEZE_FRACTION of the run's
-    training steps, at most DEMO_FREEZE_MAX (600 on the default preset: 2,520 steps)."""
-    opts = dict(DEMO_MODEL_OPTIONS.get(name, {}))
-    if opts.get("mask_rotation"):
-        steps = tcfg.max_epochs * len(MinibatchLoader(data, "train", tcfg.batch_size))
-        opts["mask_freeze_steps"] = max(1, min(DEMO_FREEZE_MAX, int(DEMO_FREEZE_FRACTION * steps)))
-    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,12 +99,11 @@ def run(args: argparse.Namespace) -> int:
     # ------------------------------------------------------------------------------------ training
     epochs = args.epochs or DEMO_EPOCHS.get(args.preset, 20)
     n_latent = int(np.asarray(truth["masks"]).shape[1])  # the simulator's K, so masks are comparable
-    runs, seconds, options = {}, {}, {}
+    runs, seconds = {}, {}
     for label, name in MODELS:
         ts = time.perf_counter()
         tcfg = TrainConfig(max_epochs=epochs, seed=args.seed, device=device, **DEMO_TRAIN)
-        options[name] = demo_model_options(name, data, tcfg)
-        cfg = model_config(name, n_latent=n_latent, **options[name])
+        cfg = model_config(name, n_latent=n_latent)
         log(f"training {label} ({epochs} epochs, lr {tcfg.lr}, batch {tcfg.batch_size})")
         runs[label] = train_run(data, cfg, tcfg, out / name, data_options=opts, progress=not args.quiet)
         seconds[label] = time.perf_counter() - ts
@@ -252,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "epochs": epochs,
             "train_settings": DEMO_TRAIN,
-            "model_options": options,
+            "models": dict(MODELS),
             "n_latent": n_latent,
             "heldout_combinations": held,
             "torch_threads": torch.get_num_threads(),

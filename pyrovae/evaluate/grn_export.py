@@ -37,7 +37,7 @@ from pyrovae.evaluate.grn import (
     score_blocks,
     statistical_evaluation,
 )
-from pyrovae.models.effects import grn_transfer
+from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.skeleton import PerturbationVAE
 
 BLOCKS = ("perturbed", "extended")

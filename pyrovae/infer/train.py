@@ -7,10 +7,10 @@ One step; the objective is one loss object, :class:`PenalisedELBO` (the one plac
     clip_grad_norm_(params, clip_norm); Adam.step()
 
 ``TraceGraph_ELBO`` is subclassed to add the surrogate terms guide sites ask for (the q(M) gradient
-estimators of :class:`~pyrovae.models.effects.AdditiveEffect`; they change the gradient, not the loss:
+estimators of :mod:`pyrovae.models.mask_estimators`; they change the gradient, not the loss:
 :class:`SurrogateTraceGraphELBO`, also used for validation), and then the penalties (:class:`PenalisedELBO`,
 training only). The optimiser's parameter groups come from the blocks' declared roles
-(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_groups`).
+(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_roles`, :func:`pyrovae.infer.optim.param_groups`).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
@@ -49,9 +49,10 @@ from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.matrix import nonzero_counts
 from pyrovae.infer import distributed
 from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
+from pyrovae.infer.optim import model_param_groups
 from pyrovae.models.artifact import QC_PLATE
-from pyrovae.models.effects import PERTURBATION_PLATE, SURROGATE_ELBO
-from pyrovae.models.rotation import rotate_latent, sparsest_rotation
+from pyrovae.models.mask_estimators import SURROGATE_ELBO
+from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
 
 
@@ -113,17 +114,11 @@ def split_counts(
     return out
 
 
-def _param_groups(model: PerturbationVAE, cfg: TrainConfig) -> list[dict[str, Any]]:
-    # the blocks declare their parameters' roles (network / variational / mask logits): see
-    # pyrovae.models.effects.param_groups for the decay and step-size rules
-    return model.param_groups(cfg)
-
-
 class SurrogateTraceGraphELBO(TraceGraph_ELBO):
     """``TraceGraph_ELBO`` plus the surrogate terms guide sites ask for in ``infer[SURROGATE_ELBO]``.
 
     Such a term changes the gradient only, never the ELBO's value (the mask estimators of
-    :class:`~pyrovae.models.effects.AdditiveEffect` use it).
+    :mod:`pyrovae.models.mask_estimators` use it).
     """
 
     def _loss_and_surrogate_loss_particle(self, model_trace, guide_trace):
@@ -259,8 +254,10 @@ class Trainer:
         self.ddp = distributed.context(self.device)
         self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint
-        self.optimizer = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(model_param_groups(model, cfg), lr=cfg.lr)
         self.elbo = make_training_elbo(model, cfg.n_particles)
+        #: the model's step hooks (``after_step(trainer)`` after each optimiser step)
+        self.hooks = list(model.effect.training_hooks())
         self.history: list[dict[str, float]] = []
         self.epoch = 0
         self.step = 0
@@ -323,24 +320,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.optimizer.step()
         self.step += 1
-        effect = self.model.effect
-        if effect.mask_rotation and self.step == effect.mask_freeze_steps:
-            self.rotate_latent()
+        for hook in self.hooks:  # the model's schedules between steps (e.g. the sparse rotation)
+            hook.after_step(self)
         return float(loss), extras
 
-    def rotate_latent(self) -> torch.Tensor:
-        """Rotate the model's latent basis to the sparsest orientation of its mean effects over the treatments
-        with training cells (``ModelConfig.mask_rotation``, :mod:`pyrovae.models.rotation`); the Adam
-        moments of the changed parameters restart (they were in the old basis). Returns R (K, K)."""
-        effect = self.model.effect
-        trained = ~torch.as_tensor(self.data.untrained(), device=self.device)
-        R = sparsest_rotation(effect.mean_effects()[trained], seed=self.cfg.seed)
-        if self.ddp is not None:  # every rank applies rank 0's rotation
-            R = R.to(self.device)
-            self.ddp.broadcast_tensor(R)
-        for p in rotate_latent(self.model, R):
-            self.optimizer.state.pop(p, None)
-        return R
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        """The run's planned number of training steps: ``max_epochs`` x ``steps_per_epoch``, at most
+        ``max_steps`` (what the model's step schedules given as fractions of the run are resolved against;
+        early stopping may end the run sooner)."""
+        total = self.cfg.max_epochs * int(steps_per_epoch)
+        return total if self.cfg.max_steps is None else min(total, self.cfg.max_steps)
 
     def fit(self, progress: bool = True, on_epoch=None) -> list[dict[str, float]]:
         """Train until ``max_epochs``/``max_steps`` or early stopping; returns the metrics history."""
@@ -366,6 +355,7 @@ class Trainer:
             shard=None if ddp is None else ddp.shard,
         )
         train.epoch = self.epoch
+        model.effect.start_training(self.planned_steps(len(train)))
         has_val = len(data.indices("val")) > 0
         if not has_val and self.epoch == 0:
             warnings.warn(

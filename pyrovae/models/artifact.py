@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pyrovae.data.prepare import QC_FLAGS
-from pyrovae.models.effects import parameter_roles, weighted_plate
+from pyrovae.models.plates import weighted_plate
+from pyrovae.models.roles import parameter_roles
 
 QC_PLATE = "qc_rows"
 

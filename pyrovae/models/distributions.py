@@ -30,7 +30,7 @@ class DetachedBernoulli(dist.Bernoulli):
 
     Pyro then adds no score-function term of its own for the site (and tracks no provenance); the mask
     estimator supplies the whole gradient of the logits through a surrogate term instead (the
-    leave-one-out estimator of :class:`~pyrovae.models.effects.AdditiveEffect`). ``log_prob`` is the
+    leave-one-out estimator of :mod:`~pyrovae.models.mask_estimators`). ``log_prob`` is the
     Bernoulli one.
     """
 
@@ -75,7 +75,7 @@ class AntitheticBernoulli(DetachedBernoulli):
     With batch shape (P, ...), h = P // 2: particle p < h is m = 1[u < sigmoid(logits)] and particle p + h
     is m~ = 1[1 - u < sigmoid(logits)] for the same uniforms u; with P odd the last particle is independent.
     Each particle is an exact Bernoulli draw, the pairs are coupled (the DisARM estimator of
-    :class:`~pyrovae.models.effects.AdditiveEffect`). Samples carry no gradient (see
+    :mod:`~pyrovae.models.mask_estimators`). Samples carry no gradient (see
     :class:`DetachedBernoulli`). Without a leading dimension of size >= 2 the draws are independent.
     """
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from pyrovae.data import prepare
 from pyrovae.models.artifact import gaussian_kl
-from pyrovae.models.effects import matmul_dosage
+from pyrovae.models.plates import matmul_dosage
 
 
 def k_hop_accumulation(w: torch.Tensor, hops: int) -> torch.Tensor:
@@ -26,32 +26,6 @@ def k_hop_accumulation(w: torch.Tensor, hops: int) -> torch.Tensor:
     return acc
 
 
-def path_accumulation(
-    w: torch.Tensor, hops: int, scale: torch.Tensor | float, threshold: float
-) -> torch.Tensor:
-    """S = W + sum_{k=2}^{hops+1} A^k / scale^(k-1), A = (W + threshold) where W > 0 off the diagonal, else 0.
-
-    The indirect-effect accumulation of a linear structural model, on the delta_x scale: a knock-down
-    that shifts its own gene by ``scale`` (the mean self delta_x of the perturbed cells) shifts a gene two
-    edges away by A_ab A_bc / scale, so A^k / scale^(k-1) is the k-edge path effect of edge strengths A.
-    W fits ``delta_x - threshold``, so an edge's strength is W + threshold; non-edges (W <= 0) and
-    self-loops carry no path (a perturbation's effect on its own gene is the intervention, not an edge).
-    The first-order term stays W, so non-edges can fit targets below 0.
-    """
-    t = w.shape[-1]
-    a = torch.where(w > 0, w + threshold, torch.zeros_like(w)) * (
-        1.0 - torch.eye(t, device=w.device, dtype=w.dtype)
-    )
-    a = a / scale
-    acc, power = w, a * scale
-    for _ in range(hops):
-        power = power @ a
-        acc = acc + power
-    return acc
-
-
-#: how :class:`GRNAlignment` scales the k-hop terms.
-HOP_NORMS = ("T", "knockdown")
 #: what :class:`GRNAlignment` aligns to: per-cell ``|delta_x|`` (the reference) or its per-perturbation mean.
 GRN_TARGETS = ("cell", "group")
 
@@ -64,12 +38,9 @@ class GRNAlignment(nn.Module):
       T GRN genes;
     - sparsity: ``sparsity_weight * mean sigmoid(W)``.
 
-    ``hop_norm``: ``"T"`` (the reference): S = sum_k W^k / T^(k-1) (:func:`k_hop_accumulation`). With
-    T >= 10 nodes the path terms are then tiny next to W (a path a -> b -> c of two strong edges adds
-    W_ab W_bc / T), so W must absorb every indirect effect: W is a thresholded ``|DE|`` of the total effect.
-    ``"knockdown"`` (a departure): :func:`path_accumulation` with the scale of a linear structural model,
-    the batch's mean self delta_x (detached), so that the paths can explain indirect effects and W keeps
-    the direct ones.
+    S = sum_k W^k / T^(k-1) (:func:`k_hop_accumulation`, the reference's scaling). With T >= 10 nodes the
+    path terms are tiny next to W (a path a -> b -> c of two strong edges adds W_ab W_bc / T), so W must
+    absorb every indirect effect: W is a thresholded ``|DE|`` of the total effect.
 
     ``target``: ``"cell"`` (the reference) aligns to the per-cell ``|delta_x|``; ``"group"`` (a departure) to
     ``batch["delta_x_group"]``, the ``|mean signed paired difference|`` of the cell's perturbation
@@ -92,13 +63,10 @@ class GRNAlignment(nn.Module):
         threshold: float = 0.5,
         hops: int = 5,
         sparsity_weight: float = 1.0,
-        hop_norm: str = "T",
         target: str = "cell",
         singles_only: bool = False,
     ):
         super().__init__()
-        if hop_norm not in HOP_NORMS:
-            raise ValueError(f"unknown grn_hop_norm {hop_norm!r}; use one of {HOP_NORMS}")
         self.weight, self.threshold, self.hops, self.sparsity_weight = (
             weight,
             threshold,
@@ -107,7 +75,7 @@ class GRNAlignment(nn.Module):
         )
         if target not in GRN_TARGETS:
             raise ValueError(f"unknown grn_target {target!r}; use one of {GRN_TARGETS}")
-        self.hop_norm, self.target, self.singles_only = hop_norm, target, bool(singles_only)
+        self.target, self.singles_only = target, bool(singles_only)
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "delta_x" not in batch:
@@ -123,13 +91,7 @@ class GRNAlignment(nn.Module):
             )
         dx = batch[key]
         w = model.effect.q_mask_logits
-        if self.hop_norm == "T":
-            s = k_hop_accumulation(w, self.hops)
-        else:
-            d = batch["d"]
-            n_self = d.sum()
-            self_dx = (d * dx).sum() / n_self.clamp_min(1.0) if bool(n_self > 0) else d.new_ones(())
-            s = path_accumulation(w, self.hops, self_dx.detach().clamp_min(0.1), self.threshold)
+        s = k_hop_accumulation(w, self.hops)
         target = dx - self.threshold
         resid = (matmul_dosage(batch["d"], s) - target).abs()  # (B, T)
         if self.singles_only:

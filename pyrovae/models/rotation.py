@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["sparsest_rotation", "rotate_latent", "rotate_heads", "rotated_scales"]
+__all__ = ["sparsest_rotation", "rotate_latent", "rotate_heads", "rotated_scales", "SparseRotationStep"]
 
 
 def sparsest_rotation(
@@ -160,3 +160,35 @@ def rotate_latent(model, R: torch.Tensor) -> list[nn.Parameter]:
     changed += rotate_heads(enc, R)
     changed += effect.rotate(R)
     return list({id(p): p for p in changed}.values())
+
+
+class SparseRotationStep:
+    """The training-step hook of ``ModelConfig.mask_rotation`` (an effect block's
+    :meth:`~pyrovae.models.effects.EffectBlock.training_hooks`): once, after the step at which the mask
+    freeze ends, rotate the model's latent basis to the sparsest orientation of its mean effects over the
+    treatments with training cells (:func:`sparsest_rotation`, :func:`rotate_latent`); the Adam moments of
+    the changed parameters restart (they were in the old basis).
+
+    Args:
+        effect: the additive effect block (its ``mask_freeze_steps`` and ``mean_effects()``).
+    """
+
+    def __init__(self, effect: nn.Module) -> None:
+        self.effect = effect
+
+    def after_step(self, trainer) -> None:
+        """Called by the :class:`~pyrovae.infer.train.Trainer` after each optimiser step."""
+        if trainer.step == self.effect.mask_freeze_steps:
+            self.rotate(trainer)
+
+    def rotate(self, trainer) -> torch.Tensor:
+        """Rotate ``trainer.model`` now; returns R (K, K). Under data parallelism every rank applies rank
+        0's rotation (broadcast)."""
+        trained = ~torch.as_tensor(trainer.data.untrained(), device=trainer.device)
+        R = sparsest_rotation(self.effect.mean_effects()[trained], seed=trainer.cfg.seed)
+        if trainer.ddp is not None:
+            R = R.to(trainer.device)
+            trainer.ddp.broadcast_tensor(R)
+        for p in rotate_latent(trainer.model, R):
+            trainer.optimizer.state.pop(p, None)
+        return R

@@ -44,7 +44,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.models.artifact import QC_PLATE, ArtifactBlock
-from pyrovae.models.effects import CELL_PLATE, PARAM_ROLES, PERTURBATION_PLATE, EffectBlock, param_groups
+from pyrovae.models.effects import EffectBlock
+from pyrovae.models.plates import CELL_PLATE, PERTURBATION_PLATE
+from pyrovae.models.roles import PARAM_ROLES
 from pyrovae.nn.likelihoods import Decoder
 from pyrovae.nn.mlp import GaussianMLP
 
@@ -267,15 +269,15 @@ class PerturbationVAE(nn.Module):
             out.update(penalty(self, batch))
         return out
 
-    def param_groups(self, cfg) -> list[dict[str, Any]]:
-        """Adam parameter groups of every parameter of the model under the training settings ``cfg``
-        (:func:`~pyrovae.models.effects.param_groups`): roles from the effect and artifact blocks'
-        ``param_roles``; encoder, decoder and penalty parameters are network weights."""
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The model's parameters by optimiser role (:data:`~pyrovae.models.roles.PARAM_ROLES`; the rules
+        per role: :func:`pyrovae.infer.optim.param_groups`): roles from the effect and artifact blocks'
+        ``param_roles``; encoder, decoder and penalty parameters (absent here) are network weights."""
         roles: dict[str, list[nn.Parameter]] = {role: [] for role in PARAM_ROLES}
         for block in (self.effect, self.artifact):
             for role, params in (block.param_roles() if block is not None else {}).items():
                 roles[role] += params
-        return param_groups(self, roles, cfg)
+        return roles
 
     def draw_globals(self) -> dict[str, torch.Tensor]:
         """One differentiable draw of the global sites from the guide (shapes (T, ...)), for penalties."""

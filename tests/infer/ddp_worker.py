@@ -51,7 +51,7 @@ def main(mode: str, out: Path) -> None:
         return
     if mode == "rotate":  # a few steps through the sparse rotation: every rank must hold the same model
         mcfg = model_config(
-            "sams_vae", mask_init_logits=3.0, mask_freeze_steps=2, mask_rotation=True, **MODEL
+            "sams_vae_reference", mask_init_logits=3.0, mask_freeze_steps=2, mask_rotation=True, **MODEL
         )
         model = build_model(mcfg, data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=0)
         trainer = Trainer(model, data, train_config(BATCH, max_epochs=1, max_steps=4))

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_trains
 from pyro import poutine
 
+from pyrovae.infer.optim import model_param_groups
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
 
@@ -19,17 +20,19 @@ ZOO = tuple(MODEL_ZOO)
 
 def _groups_by_name(model, cfg):
     """The optimiser groups as pyrovae made them before the hooks: parameters sorted by their names (the
-    leaf ``q_mask_logits`` gets mask_lr; leaves starting ``q_`` or ``action_mean`` get no weight decay)."""
+    leaf ``q_mask_logits`` gets the training's mask_lr, else the model's; leaves starting ``q_`` or
+    ``action_mean`` get no weight decay)."""
+    mask_lr = cfg.mask_lr if cfg.mask_lr is not None else model.effect.mask_lr
     decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
         leaf = name.split(".")[-1]
-        if leaf in ("q_mask_logits", "q_sparsity_logits") and cfg.mask_lr is not None:
+        if leaf in ("q_mask_logits", "q_sparsity_logits") and mask_lr is not None:
             masks.append(p)
         else:
             (no_decay if leaf.startswith(("q_", "action_mean")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if masks:
-        groups.append({"params": masks, "weight_decay": 0.0, "lr": cfg.mask_lr})
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": mask_lr})
     return groups
 
 
@@ -47,7 +50,25 @@ def _same_groups(a, b):
 def test_param_groups_are_the_name_sorted_groups(name, mask_lr):
     model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
     cfg = TrainConfig(weight_decay=1e-3, mask_lr=mask_lr)
-    _same_groups(model.param_groups(cfg), _groups_by_name(model, cfg))
+    _same_groups(model_param_groups(model, cfg), _groups_by_name(model, cfg))
+
+
+@pytest.mark.parametrize(
+    ("name", "train_mask_lr", "expected"),
+    [
+        ("sams_vae", None, 0.02),  # the model's own (ModelConfig.mask_lr)
+        ("sams_vae", 0.1, 0.1),  # the training setting overrides it
+        ("sams_vae_reference", None, None),  # the reference: the network's step, no own group
+        ("sams_vae_reference", 0.1, 0.1),
+    ],
+)
+def test_the_mask_step_size_is_the_trainings_else_the_models(name, train_mask_lr, expected):
+    model = build_model(model_config(name, **SMALL), 6, 4, seed=0)
+    groups = model_param_groups(model, TrainConfig(lr=1e-3, mask_lr=train_mask_lr))
+    masks = [g for g in groups if "lr" in g]
+    assert [g["lr"] for g in masks] == ([] if expected is None else [expected])
+    if expected is not None:
+        assert [id(p) for p in masks[0]["params"]] == [id(model.effect.q_mask_logits)]
 
 
 def test_trainer_optimises_the_model_groups(tiny_data):
@@ -69,7 +90,7 @@ def test_param_groups_with_fixed_masks_leave_the_fixed_logits_out():
     model = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0)
     model.effect.fix_masks((torch.arange(12).reshape(4, 3) % 2 == 0).float())
     cfg = TrainConfig(mask_lr=0.5)
-    groups = model.param_groups(cfg)
+    groups = model_param_groups(model, cfg)
     _same_groups(groups, _groups_by_name(model, cfg))
     assert len(groups) == 2 and model.effect.param_roles()["mask_logits"] == []
 
@@ -99,62 +120,21 @@ def test_mask_probs_are_the_guides_mask_probabilities(name):
     torch.testing.assert_close(probs, expected.detach(), atol=1e-6, rtol=0)
 
 
-def test_correlated_free_guide_starts_as_correlated_and_is_a_normal(tiny_data):
-    """guide=correlated_free: q(E | M) = Normal(a + loc_net, exp(b) * scale_net) inside the particles and
-    perturbations plates; at a = b = 0 (the init) it is the reference's correlated guide."""
-    P, T = 4, tiny_data.n_treatments
-    ref = build_model(model_config("sams_vae", **SMALL), tiny_data.n_genes, T, seed=0)
-    free = build_model(
-        model_config("sams_vae", guide="correlated_free", **SMALL), tiny_data.n_genes, T, seed=0
-    )
-    a, b = _e_sites(ref, P), _e_sites(free, P)
-    torch.testing.assert_close(a["mask"]["value"], b["mask"]["value"])
-    torch.testing.assert_close(a["E"]["value"], b["E"]["value"])  # same init, same draws
-
-
-@pytest.mark.parametrize("guide", ["correlated_free", "correlated_free_scale"])
-def test_free_offset_guides_are_the_stated_normal_under_particles(guide, tiny_data):
-    """correlated_free: Normal(a + loc_net, exp(b) * scale_net); correlated_free_scale: Normal(a + loc_net,
-    exp(b) + 1e-4); shapes (P, T, K) under the particles and perturbations plates; a, b variational."""
-    P, T, K = 4, tiny_data.n_treatments, SMALL["n_latent"]
-    model = build_model(model_config("sams_vae", guide=guide, **SMALL), tiny_data.n_genes, T, seed=0)
-    eff = model.effect
-    assert eff.q_E_loc.shape == eff.q_E_log_scale.shape == (T, K)
-    with torch.no_grad():
-        eff.q_E_loc.normal_()
-        eff.q_E_log_scale.normal_(0.0, 0.5)
-    nodes = _e_sites(model, P)
-    m, e, fn = nodes["mask"]["value"], nodes["E"]["value"], nodes["E"]["fn"]
-    assert m.shape == e.shape == (P, T, K) and fn.batch_shape == (P, T) and fn.event_shape == (K,)
-    loc, scale = eff.q_E_net.forward_parts([m, T])
-    loc = loc + eff.q_E_loc
-    if guide == "correlated_free":
-        scale = scale * eff.q_E_log_scale.exp()
-    else:
-        scale = (eff.q_E_log_scale.exp() + 1e-4).expand_as(loc)
-    expected = torch.distributions.Normal(loc, scale).log_prob(e).sum(-1)
-    torch.testing.assert_close(fn.log_prob(e), expected)
-    # the free offsets are variational parameters (no weight decay), the network a network
-    roles = eff.param_roles()
-    assert {id(p) for p in roles["variational"]} == {id(eff.q_E_loc), id(eff.q_E_log_scale)}
-    assert {id(p) for p in eff.q_E_net.parameters()} <= {id(p) for p in roles["network"]}
-
-
 def _e_sites(model, P, seed=1):
     pyro.set_rng_seed(seed)
     with pyro.plate("particles", P, dim=-2):
         return poutine.trace(model.draw_globals).get_trace().nodes
 
 
-@pytest.mark.parametrize("guide", ["correlated_free", "correlated_free_scale", "spike_slab"])
-def test_free_offset_guides_train(guide, tiny_data):
+@pytest.mark.parametrize("guide", ["spike_slab"])
+def test_free_slab_guide_trains(guide, tiny_data):
     cfg = model_config("sams_vae", guide=guide, **SMALL)
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     hist = Trainer(
         model, tiny_data, TrainConfig(seed=0, max_epochs=10, batch_size=64, lr=5e-3, n_particles=3)
     ).fit(progress=False)
     assert_trains(hist)
-    assert float(model.effect.q_E_loc.detach().abs().max()) > 1e-3  # the free offsets (the slab's mean) moved
+    assert float(model.effect.q_E_loc.detach().abs().max()) > 1e-3  # the slab's mean moved
 
 
 def test_unknown_guide_is_one_clear_error():

@@ -18,7 +18,7 @@ from pyrovae.models.zoo import build_model, model_config
 
 K = 4
 SMALL = dict(n_latent=K, decoder_hidden=12, encoder_hidden=12, embedding_encoder_hidden=8)
-GUIDES = ("correlated", "correlated_free", "correlated_free_scale", "spike_slab", "mean_field")
+GUIDES = ("correlated", "spike_slab", "mean_field")
 
 
 def _orthogonal(k: int, seed: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_rotate_latent_is_exact_in_the_means(guide, layers, tiny_data):
     m.eval()
     batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
     before = _means(m, batch)
-    free_scale = guide in ("correlated_free_scale", "spike_slab", "mean_field")
+    free_scale = guide in ("spike_slab", "mean_field")
     sd_E = m.effect.q_E_log_scale.detach().exp() + 1e-4 if free_scale else None
     R = _orthogonal(K, 1)
     changed = rotate_latent(m, R)
@@ -155,10 +155,10 @@ def test_rotate_latent_rejects_what_it_cannot_rotate(tiny_data):
 
 def test_mask_rotation_needs_a_freeze_and_a_sams_family():
     with pytest.raises(ValueError, match="mask_freeze_steps > 0"):
-        model_config("sams_vae", mask_rotation=True)
+        model_config("sams_vae_reference", mask_rotation=True)
     with pytest.raises(ValueError, match="SAMS-VAE family"):
         model_config("cpa_vae", mask_rotation=True, mask_freeze_steps=5)
-    assert model_config("sams_vae_learned_sparsity", mask_rotation=True, mask_freeze_steps=5).mask_rotation
+    assert model_config("sams_vae_reference", mask_rotation=True, mask_freeze_steps=5).mask_rotation
 
 
 def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
@@ -166,13 +166,14 @@ def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
     of the changed parameters, keeps the model's predictions (the means) and trains on."""
     freeze = 3
     cfg = model_config(
-        "sams_vae", mask_init_logits=3.0, mask_freeze_steps=freeze, mask_rotation=True, **SMALL
+        "sams_vae_reference", mask_init_logits=3.0, mask_freeze_steps=freeze, mask_rotation=True, **SMALL
     )
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     trainer = Trainer(
         model, tiny_data, TrainConfig(seed=0, max_epochs=6, batch_size=16, lr=5e-3, n_particles=2)
     )
-    real, calls = trainer.rotate_latent, []
+    (hook,) = trainer.hooks  # the model's rotation step (pyrovae.models.rotation.SparseRotationStep)
+    real, calls = (lambda: type(hook).rotate(hook, trainer)), []
     batch = MinibatchLoader(tiny_data, "train", 64).batch(tiny_data.indices("train")[:64])
 
     def spy():
@@ -187,7 +188,7 @@ def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
         assert trainer.optimizer.state[model.decoder.trunk.layers[0].bias]  # an unrotated one keeps them
         return R
 
-    monkeypatch.setattr(trainer, "rotate_latent", spy)
+    monkeypatch.setattr(hook, "rotate", lambda tr: spy())
     hist = trainer.fit(progress=False)
     assert calls == [freeze]
     assert trainer.step > freeze + 5 and all(math.isfinite(h["train_loss"]) for h in hist)
@@ -197,11 +198,72 @@ def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
 @pytest.mark.parametrize("guide", ["correlated", "spike_slab"])
 def test_every_rotatable_family_trains_through_the_rotation(name, guide, tiny_data, monkeypatch):
     cfg = model_config(
-        name, guide=guide, mask_init_logits=3.0, mask_freeze_steps=2, mask_rotation=True, **SMALL
+        name,
+        guide=guide,
+        mask_init_logits=3.0,
+        mask_freeze_fraction=0,
+        mask_freeze_steps=2,
+        mask_rotation=True,
+        **SMALL,
     )
     model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
     trainer = Trainer(model, tiny_data, TrainConfig(seed=0, max_epochs=2, batch_size=32, n_particles=2))
-    real, calls = trainer.rotate_latent, []
-    monkeypatch.setattr(trainer, "rotate_latent", lambda: calls.append(trainer.step) or real())
+    (hook,) = trainer.hooks
+    real, calls = hook.rotate, []
+    monkeypatch.setattr(hook, "rotate", lambda tr: calls.append(tr.step) or real(tr))
     hist = trainer.fit(progress=False)
     assert calls == [2] and all(math.isfinite(h["train_loss"]) for h in hist)
+
+
+def test_the_freeze_fraction_is_a_fraction_of_the_runs_steps(tiny_data, monkeypatch):
+    """sams_vae's freeze (mask_freeze_fraction 0.25) is resolved by the Trainer against max_epochs x batches
+    per epoch (at most max_steps): the q(M) logits stay at their start until then, the rotation comes then."""
+    model = build_model(model_config("sams_vae", **SMALL), tiny_data.n_genes, tiny_data.n_treatments, seed=0)
+    trainer = Trainer(model, tiny_data, TrainConfig(seed=0, max_epochs=3, batch_size=16, n_particles=2))
+    per_epoch = len(MinibatchLoader(tiny_data, "train", 16))
+    start = model.effect.q_mask_logits.detach().clone()
+    (hook,) = trainer.hooks
+    real, calls = hook.rotate, []
+
+    def spy(tr):
+        torch.testing.assert_close(model.effect.q_mask_logits.detach(), start, rtol=0, atol=0)
+        calls.append(tr.step)
+        return real(tr)
+
+    monkeypatch.setattr(hook, "rotate", spy)
+    trainer.fit(progress=False)
+    freeze = max(1, int(0.25 * 3 * per_epoch))
+    assert model.effect.mask_freeze_steps == freeze and calls == [freeze]
+    assert not torch.equal(model.effect.q_mask_logits.detach(), start)  # trained after the freeze
+    model.effect.start_training(1000)  # resolved once: a resumed (longer) run keeps its freeze
+    assert model.effect.mask_freeze_steps == freeze
+    fresh = build_model(model_config("sams_vae", **SMALL), tiny_data.n_genes, tiny_data.n_treatments)
+    capped = Trainer(fresh, tiny_data, TrainConfig(max_epochs=50, max_steps=8, batch_size=16))
+    assert capped.planned_steps(per_epoch) == 8
+    fresh.effect.start_training(capped.planned_steps(per_epoch))
+    assert fresh.effect.mask_freeze_steps == 2
+
+
+def test_freeze_steps_and_fraction_exclude_each_other():
+    with pytest.raises(ValueError, match="not both"):
+        model_config("sams_vae", mask_freeze_steps=5)
+    assert model_config("sams_vae", mask_freeze_fraction=0, mask_freeze_steps=5).mask_freeze_steps == 5
+    with pytest.raises(ValueError, match="mask_freeze_fraction"):
+        model_config("sams_vae", mask_freeze_fraction=1.0)
+
+
+def test_a_resumed_run_keeps_an_ended_freeze_and_follows_the_new_plan_before_its_end():
+    eff = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0).effect
+    eff.start_training(100)
+    assert eff.mask_freeze_steps == 25
+    eff.mask_step.fill_(10)  # resumed at step 10 with twice the epochs: the freeze has not ended
+    eff.start_training(200)
+    assert eff.mask_freeze_steps == 50
+    eff.mask_step.fill_(60)  # resumed after the freeze (and its rotation): kept
+    eff.start_training(400)
+    assert eff.mask_freeze_steps == 50
+    short = build_model(model_config("sams_vae", **SMALL), 6, 4, seed=0).effect
+    short.start_training(100)
+    short.mask_step.fill_(20)  # resumed with a shorter plan whose freeze would already be over
+    short.start_training(40)
+    assert short.mask_freeze_steps == 21  # it ends at the next step, so the rotation still happens
