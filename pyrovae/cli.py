@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from pyrovae import __version__
-from pyrovae.data.anndata import PyrovaeWarning
+from pyrovae.config import PyrovaeWarning
 
 COMMAND_MODULES = (
     "pyrovae.commands.simulate",
@@ -44,7 +44,11 @@ def _one_line_warnings(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # the subcommands' imports (torch, pyro, anndata) take seconds: Ctrl-C there is one line too
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("pyrovae: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
     saved = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:

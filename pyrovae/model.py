@@ -26,6 +26,7 @@ A backed AnnData (``anndata.read_h5ad(path, backed="r")``) stays on disk: miniba
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import shutil
 import tempfile
 import zlib
@@ -89,6 +90,17 @@ def _check_setup(adata: ad.AnnData, options: dict[str, Any]) -> None:
         if col is not None and col not in adata.obs.columns:
             raise ValueError(
                 f"{key}={col!r}: obs has no such column; obs columns are {list(adata.obs.columns)}"
+            )
+    heldout = options.get("heldout")
+    if heldout is not None:
+        if options.get("split_mode", "cells") != "combinations":
+            raise ValueError(
+                f"heldout={heldout!r} only applies to split_mode='combinations'; pass it too, or drop heldout"
+            )
+        if isinstance(heldout, numbers.Real) and not 0.0 < float(heldout) <= 1.0:
+            raise ValueError(
+                f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), or a "
+                "list of combination labels"
             )
     layer = options.get("layer")
     if layer is not None and layer not in adata.layers:
@@ -321,6 +333,8 @@ class Model:
         ``metrics.csv``) to ``dir_path`` (readable by the CLI too); ``save_anndata`` adds ``adata.h5ad``."""
         self._require_trained()
         dest = Path(dir_path)
+        if dest.exists() and not dest.is_dir():
+            raise FileExistsError(f"{dest} is a file; save() writes a directory there: choose another path")
         if dest.resolve() != self.run.path.resolve():
             if dest.exists() and any(dest.iterdir()):
                 if not overwrite:

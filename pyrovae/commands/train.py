@@ -33,8 +33,30 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"cannot change model options {changed} when resuming a run")
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
+        if tcfg.seed != stored.train_cfg.seed:
+            raise ValueError(
+                f"cannot change seed when resuming (stored: {stored.train_cfg.seed}): the random state "
+                "continues from the last checkpoint; train a new run for another seed"
+            )
+        # data options given on the command line must be the run's: the stored ones decide, so another
+        # value (another --split-key, ...) would be silently ignored
+        defaults = args.data_defaults
+        other = {
+            k: v
+            for k, v in opts.items()
+            if k in defaults and v != defaults[k] and v != stored.data_options.get(k, defaults[k])
+        }
+        if other:
+            shown = ", ".join(
+                f"{k}={v!r} (the run's: {stored.data_options.get(k, defaults[k])!r})"
+                for k, v in other.items()
+            )
+            raise ValueError(
+                f"cannot resume {args.out} with other data options: {shown}; a run keeps the data options it "
+                "was trained with: drop them, or train a new run"
+            )
         opts = {**opts, **stored.data_options}
-        data = stored.load_data(args.data)
+        data = stored.load_data(args.data, verify=False)  # train_run refuses data that is not the run's
         name = args.model or stored.model_name
     else:
         name = args.model or "sams_vae"
@@ -43,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
         # train_run gives the data what the model needs (GPO/CRADLE preparation, held-out perturbations)
         data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
+    if tcfg.lr == 0:
+        raise ValueError(
+            "option lr=0 never moves the parameters (nothing would be trained); give lr > 0, e.g. 1e-3"
+        )
     # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
     tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     run_ = train_run(
@@ -90,3 +116,5 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arg(p)
     p.set_defaults(func=run)
+    # the data options a command line gives when it names none (--resume refuses others than the run's)
+    p.set_defaults(data_defaults=data_options(p.parse_args(["--data", "-", "--out", "-"])))

@@ -34,6 +34,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
+from pyrovae.config import check_range
 from pyrovae.data.anndata import PerturbationData, untrained_treatments
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
@@ -445,6 +446,8 @@ class Posterior:
             DataFrame (perturbation x genes), index = canonical labels in the given order;
             ``attrs["prediction"]`` = :meth:`prediction_methods` (warns when a label rests on a prior draw).
         """
+        check_range("n_samples", n_samples, ge=1)  # 0 samples: an ATE of 0/0 = NaN everywhere
+        check_range("chunk", chunk, ge=1)
         methods = self.prediction_methods(perturbations)
         self._warn_untrained(methods)
         transform = transform or ("perturbseq" if self._needs_library() else "mean")

@@ -293,9 +293,9 @@ def test_temporary_files_of_a_killed_writer_are_cleaned(tmp_path):
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     pid = int(dead.stdout)
-    stale = tmp_path / f".table.{pid}.abc123.tmp.csv"
+    stale = tmp_path / f".table.{pid}.abc123xy.tmp.csv"  # tempfile: 8 of a-z0-9_
     stale.write_text("half")
-    live = tmp_path / f".table.{os.getpid()}.zzz.tmp.csv"
+    live = tmp_path / f".table.{os.getpid()}.zzzzzzzz.tmp.csv"
     live.write_text("in progress")
     atomic_write(tmp_path / "table.csv", lambda tmp: Path(tmp).write_text("done"))
     assert not stale.exists() and live.exists() and (tmp_path / "table.csv").read_text() == "done"
@@ -318,24 +318,16 @@ def test_ate_overwrite_drops_stale_files_and_a_failed_ate_keeps_the_old_output(t
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
-def test_iwelbo_table_without_summary_is_rerun_without_overwrite(trained, tmp_path, capsys):
+def test_iwelbo_never_replaces_an_existing_table_without_overwrite(trained, tmp_path, capsys):
+    """A CSV at --out is the user's unless --overwrite (a table without a summary is no proof that an
+    interrupted pyrovae wrote it: pyrovae's half-written files are its temporaries only)."""
     _, data_path, run_dir = trained
     out = tmp_path / "iw.csv"
-    out.write_text("cell,iwelbo\n")  # an interrupted earlier run: table, no summary
-    args = [
-        "iwelbo",
-        str(run_dir),
-        "--data",
-        str(data_path),
-        "--particles",
-        "2",
-        "--seeds",
-        "0",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    assert "has no summary" in capsys.readouterr().err
+    out.write_text("cell,iwelbo\nmine,1\n")  # the user's table (or one an interrupted run left)
+    args = ["iwelbo", str(run_dir), "--data", str(data_path), "--particles", "2", "--seeds", "0", "--out"]
+    assert main([*args, str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err and out.read_text() == "cell,iwelbo\nmine,1\n"
+    assert main([*args, str(out), "--overwrite"]) == 0
     assert json.loads((tmp_path / "iw_summary.json").read_text())["n_particles"] == 2
 
 
