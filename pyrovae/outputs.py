@@ -157,7 +157,14 @@ def atomic_write_all(writers: dict[Path, Callable[[str], Any]]) -> None:
             )
             os.close(fd)
             staged.append((tmp, path))
-            write(tmp)
+            try:
+                write(tmp)
+            except RuntimeError as err:  # torch's and HDF5's writers report a full disk as RuntimeError
+                first = (str(err).strip().splitlines() or ["write failed"])[0][:120]
+                raise OSError(
+                    f"cannot write {path} ({first}): is the disk full or a file-size limit reached? "
+                    f"nothing was replaced (the previous {path.name}, if any, is intact)"
+                ) from None
             os.chmod(tmp, 0o666 & ~_umask())
         for tmp, path in staged:
             os.replace(tmp, path)

@@ -190,6 +190,14 @@ def read_anndata(data: str | Path | ad.AnnData, backed: bool = False) -> ad.AnnD
     if path.suffix != ".h5ad":
         raise ValueError(f"{path} is not an .h5ad file; convert it with anndata (adata.write_h5ad)")
     try:
+        with open(path, "rb"):  # HDF5 would report a file we may not read as a corrupt one
+            pass
+    except PermissionError:
+        raise PermissionError(
+            f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere "
+            "you can read"
+        ) from None
+    try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except (OSError, KeyError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:160]
@@ -360,7 +368,7 @@ def _warn_label_spellings(treatments: Sequence[str], raw_labels: np.ndarray) -> 
         groups.setdefault(unicodedata.normalize("NFKC", str(t)).casefold(), []).append(str(t))
     near = [names for names in groups.values() if len(names) > 1]
     if near:
-        shown = "; ".join(" / ".join(repr(n) for n in names) for names in near[:5])
+        shown = "; ".join(" / ".join(ascii(n) for n in names) for names in near[:5])
         warnings.warn(
             f"{len(near)} perturbation name(s) differ only in case or Unicode form ({shown}"
             f"{'; ...' if len(near) > 5 else ''}): they are trained as different perturbations; if they are "

@@ -177,7 +177,7 @@ def fingerprint_mismatch(stored: dict[str, Any], data: PerturbationData) -> str 
     if recounted:
         ex = common[~np.isclose(o["lib"].to_numpy(), n["lib"].to_numpy(), rtol=1e-4, atol=1e-3)][0]
         parts.append(
-            f"{recounted} other counts (e.g. {ex}: library size {o.at[ex, 'lib']:g} then, "
+            f"{recounted} have other counts (e.g. {ex}: library size {o.at[ex, 'lib']:g} then, "
             f"{n.at[ex, 'lib']:g} now)"
         )
     if (
@@ -228,6 +228,23 @@ def _empty(run_dir: Path) -> None:
             p.unlink()
 
 
+def _refuse_foreign(run_dir: Path, overwrite: bool, protect: tuple = (), resume: bool = False) -> None:
+    """Refuse a directory that is not a pyrovae run (checked before its lock is taken too, so that a refusal
+    leaves not even a lock file in a user's folder)."""
+    if resume:
+        if output_kind(run_dir) != "run":
+            raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
+        return
+    if output_kind(run_dir) is not None or not any(p.name != LOCK for p in run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds files; choose another --out, pass --resume to continue a run, or "
+            "--overwrite to replace it"
+        )
+    check_replaceable(run_dir, "run", protect)  # not a directory pyrovae wrote: refused
+
+
 def prepare_run_dir(
     run_dir: str | Path, overwrite: bool = False, resume: bool = False, protect: tuple = ()
 ) -> Path:
@@ -241,14 +258,14 @@ def prepare_run_dir(
     remove_stale_temporaries(run_dir)  # what a killed writer left (we hold the lock: no live writer here)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
     if resume:
-        if output_kind(run_dir) != "run":
-            raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
+        _refuse_foreign(run_dir, overwrite, protect, resume=True)
         if not (run_dir / LAST).exists():
             if _is_incomplete(run_dir):
                 raise ValueError(_incomplete(run_dir, LAST))
             raise FileNotFoundError(_lost_last(run_dir, "--resume needs it"))
         return run_dir
     if entries:
+        _refuse_foreign(run_dir, overwrite, protect)
         if _is_incomplete(run_dir):
             check_replaceable(run_dir, "run", protect)
             warnings.warn(
@@ -430,7 +447,19 @@ def checkpoint_writer(run_dir: Path, run_id: str | None = None):
     def save(kind: str, state: dict[str, Any]) -> None:
         if run_id is not None:
             state = {**state, "run_id": run_id}
-        atomic_write(run_dir / (BEST if kind == "best" else LAST), lambda tmp: torch.save(state, tmp))
+        path = run_dir / (BEST if kind == "best" else LAST)
+
+        def write(tmp: str) -> None:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
+                first = (str(err).strip().splitlines() or ["write failed"])[0][:120]
+                raise OSError(
+                    f"cannot write checkpoint {path} ({first}): is the disk full or a file-size limit "
+                    "reached? the checkpoints already written are intact; free space, then --resume"
+                ) from None
+
+        atomic_write(path, write)
 
     return save
 
@@ -560,15 +589,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
             schema["norm_std"],
             schema.get("norm_log", True),
         )
-    except (TypeError, IndexError, AttributeError, KeyError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:160]
+    except (TypeError, IndexError, AttributeError, KeyError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
         raise ValueError(
             f"{run_dir}: its config.json / schema.json do not describe a model pyrovae can build ({first}); "
             "they were edited by hand or damaged: restore them or retrain"
         ) from None
     ckpt = run_dir / (BEST if checkpoint == "best" else LAST)
     if not ckpt.exists():
-        raise FileNotFoundError(_incomplete(run_dir, ckpt.name))
+        if _is_incomplete(run_dir) or not any((run_dir / f).exists() for f in (BEST, LAST)):
+            raise FileNotFoundError(_incomplete(run_dir, ckpt.name))
+        raise FileNotFoundError(
+            f"{run_dir} has no {ckpt.name} (deleted or moved by hand: the run got past its first epoch); "
+            "restore it, or retrain (train --overwrite replaces the run)"
+        )
     state = read_checkpoint(ckpt, device)
     check_run_id(run_dir, state, ckpt)
     _load_state(model, state, ckpt)
@@ -714,6 +748,8 @@ def train_run(
             data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
         )
         return load_run(run_dir, device=train_cfg.device)
+    if run_dir.is_dir():
+        _refuse_foreign(run_dir, overwrite, protect, resume)  # again under the lock, authoritatively
     created = not run_dir.exists()
     try:
         with dir_lock(run_dir):
