@@ -598,7 +598,7 @@ def test_bad_input_catalogue(case, env, capsys):
 
 
 def test_catalogue_size_and_classes():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 150
     warned = [c for c in CASES if c[2] == 0]
     assert warned and all("warning:" in c[3] for c in warned)
 
@@ -616,3 +616,41 @@ def test_failed_runs_leave_nothing_and_user_files_survive(env):
             assert (p / "config.json").exists() or (p / "ate_summary.json").exists(), p
     json.loads((Path(env["run"]) / "config.json").read_text())
     pd.read_csv(Path(env["run"]) / "split.csv")
+
+
+# ------------------------------------------------------------------------------- the Python API's answers
+
+#: (id, call on a trained model (or the class), regex of the one-line error). The API raises (no CLI).
+API_CASES = [
+    ("get_ate n_samples=0", lambda m, tmp: m.get_ate(["A"], n_samples=0), ValueError,
+     r"option n_samples must be >= 1, got 0"),
+    ("to_arviz n_draws=0", lambda m, tmp: m.to_arviz(n_draws=0), ValueError, r"option n_draws must be >= 1, got 0"),
+    ("save onto a file", lambda m, tmp: m.save(tmp / "notes.txt"), FileExistsError,
+     r"notes\.txt is a file; save\(\) writes a directory there"),
+    ("setup_anndata heldout=2", lambda m, tmp: m.setup_anndata(make_adata(), split_mode="combinations",
+                                                               heldout=2), ValueError,
+     r"heldout=2: a fraction of the combinations must be in \(0, 1\]"),
+    ("setup_anndata heldout without combinations", lambda m, tmp: m.setup_anndata(make_adata(), heldout=0.5),
+     ValueError, r"heldout=0\.5 only applies to split_mode='combinations'"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def api_model():
+    import pyrovae
+
+    adata = make_adata()
+    pyrovae.Model.setup_anndata(adata)
+    model = pyrovae.Model(adata, model="sams_vae", n_latent=3, decoder_hidden=8, encoder_hidden=8)
+    model.train(max_epochs=1, batch_size=128, n_particles=1, val_particles=1, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_arguments(case, api_model, tmp_path):
+    _, call, error, pattern = case
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(error, match=pattern) as info:
+        call(api_model, tmp_path)
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
