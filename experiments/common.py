@@ -52,8 +52,8 @@ import yaml
 
 import pyrovae
 from pyrovae.config import parse_overrides, route_options
-from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.dosage import find_control_label
+from pyrovae.data.options import DataOptions
 from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.data.simulate_sams import simulate_sams_reference
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
@@ -64,6 +64,7 @@ from pyrovae.models.zoo import ModelConfig, model_config
 from pyrovae.outputs import atomic_write, write_json
 from pyrovae.plot import plot_bars, plot_lines
 from pyrovae.report import add_relative, markdown_table
+from pyrovae.setup import read_data
 
 __all__ = [  # plot_bars, plot_lines and add_relative are the library's, used by the scripts through here
     "BASELINE_NAMES",
@@ -130,6 +131,13 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--layer", default=None, help="layer with raw counts (default: X; Norman: counts)")
     g.add_argument("--combo-sep", default="+", help="separator of combinations in labels (default: +)")
+    g.add_argument("--batch-key", default=None, help="obs column of the batch (as pyrovae train's)")
+    g.add_argument(
+        "--covariate-keys", default=None, help="comma-separated categorical obs columns (as pyrovae train's)"
+    )
+    g.add_argument(
+        "--size-factor-key", default=None, help="obs column of per-cell library sizes (as pyrovae train's)"
+    )
     g.add_argument(
         "--gene-key",
         default=None,
@@ -179,7 +187,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "ate_chunk": 256,
     "top_k": 20,
     "eval_seed": 0,
-    "library_size": 1e4,
+    "library_size": "matched",
 }
 
 
@@ -236,6 +244,12 @@ def route_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     groups = {"model": ModelConfig, "training": TrainConfig, "evaluation": EVAL_DEFAULTS}
     m, t, e = route_options(overrides, groups)
     return m, t, e
+
+
+def eval_library(value: Any) -> str | float:
+    """The eval setting ``library_size``: ``"matched"`` (the compared cells' depths, the default) or a
+    number (``1e4``: the reference's fixed depth)."""
+    return value if isinstance(value, str) else float(value)
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
@@ -395,12 +409,16 @@ class Experiment:
         self.out = prepare_out_dir(args.out or Path("runs") / "experiments" / name, args.overwrite)
         self.results: list[dict[str, Any]] = []
         self.adata, self.source = self._read_data()
-        self.data_opts = {
-            "perturbation_key": args.perturbation_key,
-            "control_label": args.control_label,
-            "layer": args.layer,
-            "combo_sep": args.combo_sep,
-        }
+        self.options = DataOptions(
+            perturbation_key=args.perturbation_key,
+            control_label=args.control_label,
+            layer=args.layer,
+            combo_sep=args.combo_sep,
+            batch_key=args.batch_key,
+            covariate_keys=args.covariate_keys or (),
+            size_factor_key=args.size_factor_key,
+            split_key=SPLIT_COLUMN,
+        )
         self._empirical_all: pd.DataFrame | None = None
         self.log(
             f"{name}: {self.source['description']}; budget {self.settings['budget']}; seeds {self.seeds}; "
@@ -465,14 +483,9 @@ class Experiment:
     def load(self, split: np.ndarray, encode_combos_as_unique: bool = False):
         """The data with ``split`` (an (N,) array of train/val/test/"") as its split."""
         self.adata.obs[SPLIT_COLUMN] = np.asarray(split).astype(str)
-        return load_perturbation_data(
-            self.adata,
-            split_key=SPLIT_COLUMN,
-            encode_combos_as_unique=encode_combos_as_unique,
-            # continuous data loads; training refuses it with a count likelihood (train_run)
-            require_counts=False,
-            **self.data_opts,
-        )
+        # no model yet: continuous data loads; training refuses it with a count likelihood (train_run)
+        opts = self.options.replace(encode_combos_as_unique=encode_combos_as_unique)
+        return read_data(self.adata, opts, None)[0]
 
     # ---------------------------------------------------------------------------------------- configs
     def configs(self, model: str, seed: int, **overrides: Any):
@@ -528,7 +541,7 @@ class Experiment:
             model_cfg,
             train_cfg,
             self.out / "runs" / run_name,
-            data_options={**self.data_opts, "split_key": SPLIT_COLUMN},
+            data_options=self.options.to_dict(),
             overwrite=True,
             progress=self.args.progress,
             prepare=prepare,
@@ -554,7 +567,7 @@ class Experiment:
             name="model",
             top_k=k,
             n_samples=int(ev["ate_samples"]),
-            library_size=float(ev["library_size"]),
+            library_size=eval_library(ev["library_size"]),
             seed=int(ev["eval_seed"]),
             chunk=int(ev["ate_chunk"]),
             iwelbo_seeds=(int(ev["eval_seed"]),),

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                 mcfg,
                 tcfg.replace(max_epochs=int(warm)),
                 exp.out / "runs" / f"warmup{warm}",
-                data_options={**exp.data_opts, "split_key": common.SPLIT_COLUMN},
+                data_options=exp.options.to_dict(),
                 overwrite=True,
                 progress=args.progress,
             )

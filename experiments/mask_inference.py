@@ -224,7 +224,7 @@ def ate_metrics(exp: common.Experiment, run, data, sets, seed: int | None = None
         pred = post.model_ate(
             list(perts),
             n_samples=int(ev["ate_samples"]),
-            library_size=float(ev["library_size"]),
+            library_size=common.eval_library(ev["library_size"]),
             seed=int(ev["eval_seed"] if seed is None else seed),
             chunk=int(ev["ate_chunk"]),
             transform=common.ate_transform(data),

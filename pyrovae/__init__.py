@@ -24,7 +24,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below are imported on first use (``import pyrovae`` stays fast)
+    from pyrovae import datasets
     from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
+    from pyrovae.data.options import DataOptions
     from pyrovae.infer.arviz import to_arviz
     from pyrovae.infer.device import resolve_device
     from pyrovae.infer.predictive import Posterior
@@ -33,10 +35,14 @@ if TYPE_CHECKING:  # the names below are imported on first use (``import pyrovae
     from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
     from pyrovae.models.skeleton import PerturbationVAE
     from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
+    from pyrovae.setup import read_data
 
 #: where each public name lives; imported when first used, so that ``import pyrovae`` (and the command
 #: line's start, before its own imports, where Ctrl-C must still end in one line) does not load torch
 _LAZY = {
+    "datasets": "pyrovae.datasets",  # a module
+    "DataOptions": "pyrovae.data.options",
+    "read_data": "pyrovae.setup",
     **dict.fromkeys(("MinibatchLoader", "PerturbationData", "load_perturbation_data"), "pyrovae.data"),
     "to_arviz": "pyrovae.infer.arviz",
     "resolve_device": "pyrovae.infer.device",
@@ -53,7 +59,8 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        value = module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'pyrovae' has no attribute {name!r}")
@@ -66,6 +73,9 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataOptions",
+    "datasets",
+    "read_data",
     "Model",
     "SAMSVAE",
     "CPAVAE",

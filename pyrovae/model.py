@@ -26,7 +26,6 @@ A backed AnnData (``anndata.read_h5ad(path, backed="r")``) stays on disk: miniba
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import shutil
 import tempfile
 import zlib
@@ -40,33 +39,23 @@ import pandas as pd
 import torch
 from pyro import poutine
 
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data
+from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.data.prepare import MODEL_DATA_OPTIONS, prepare_data
+from pyrovae.data.options import DataOptions
 from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, Posterior, rng_scope
+from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, MATCHED, Posterior, rng_scope
 from pyrovae.infer.runs import Run, load_run, train_run
 from pyrovae.infer.train import TrainConfig
-from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, data_requirements, model_config
+from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 from pyrovae.outputs import LOCK, clear_output_dir
+from pyrovae.setup import read_data, resolve_options
 
 #: ``adata.uns`` key where :meth:`Model.setup_anndata` records how to read the AnnData
 SETUP_KEY = "_pyrovae_setup"
-#: the keywords of :meth:`Model.setup_anndata`: options of load_perturbation_data and prepare_data
-SETUP_OPTIONS = (
-    "perturbation_key",
-    "control_label",
-    "layer",
-    "split_key",
-    "combo_sep",
-    "encode_combos_as_unique",
-    "split_mode",
-    "split_seed",
-    "heldout",
-    *MODEL_DATA_OPTIONS,
-)
+#: the keywords of :meth:`Model.setup_anndata`: the fields of :class:`~pyrovae.data.options.DataOptions`
+SETUP_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
 #: the ``obsm`` key :meth:`Model.get_latent_representation` writes with ``inplace=True``
 LATENT_KEY = "X_pyrovae"
 ADATA_FILE = "adata.h5ad"
@@ -83,26 +72,27 @@ def _zoo_name(cfg: ModelConfig) -> str:
     return best
 
 
-def _check_setup(adata: ad.AnnData, options: dict[str, Any]) -> None:
+def _check_setup(adata: ad.AnnData, options: DataOptions) -> None:
     """Fail early, with the fix, on keys the AnnData lacks (the full checks run when the data is read)."""
-    for key in ("perturbation_key", "split_key", "qc_key"):
-        col = options.get(key)
+    columns = {
+        "perturbation_key": options.perturbation_key,
+        "split_key": options.split_key,
+        "qc_key": options.qc_key,
+        "batch_key": options.batch_key,
+        "size_factor_key": options.size_factor_key,
+        **{f"covariate_keys[{i}]": k for i, k in enumerate(options.covariate_keys)},
+    }
+    for key, col in columns.items():
         if col is not None and col not in adata.obs.columns:
             raise ValueError(
                 f"{key}={col!r}: obs has no such column; obs columns are {list(adata.obs.columns)}"
             )
-    heldout = options.get("heldout")
-    if heldout is not None:
-        if options.get("split_mode", "cells") != "combinations":
-            raise ValueError(
-                f"heldout={heldout!r} only applies to split_mode='combinations'; pass it too, or drop heldout"
-            )
-        if isinstance(heldout, numbers.Real) and not 0.0 < float(heldout) <= 1.0:
-            raise ValueError(
-                f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), or a "
-                "list of combination labels"
-            )
-    layer = options.get("layer")
+    if options.heldout is not None and options.split_mode != "combinations":
+        raise ValueError(
+            f"heldout={options.heldout!r} only applies to split_mode='combinations'; pass it too, or drop "
+            "heldout"
+        )
+    layer = options.layer
     if layer is not None and layer not in adata.layers:
         raise ValueError(
             f"layer={layer!r}: the AnnData has no such layer; its layers are {list(adata.layers.keys())} "
@@ -154,7 +144,7 @@ class Model:
         self.model_name = name
         self.model_cfg = model_config(name, **options)
         self.adata = adata
-        self.setup = self._setup_of(adata, name)
+        self.options = self._setup_of(adata, name)
         self.run: Run | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._data = self._training_data(adata)
@@ -177,24 +167,31 @@ class Model:
             control_label: label of control cells (default: ``control`` / ``ctrl`` / ``non-targeting``).
             layer: layer of raw counts (default ``X``).
             split_key: obs column of ``train`` / ``val`` / ``test`` (default: a seeded split).
-            **options: further options of :func:`~pyrovae.data.anndata.load_perturbation_data` and of the
-                model-specific preparation: ``combo_sep``, ``encode_combos_as_unique``, ``split_mode``,
-                ``split_seed``, ``heldout``, ``holdout_perturbations``, ``qc_key``, ``extra_genes``,
-                ``pairing_method``, ``pairing_reg``.
+            **options: further fields of :class:`~pyrovae.data.options.DataOptions`: ``batch_key``,
+                ``covariate_keys`` (categorical obs columns, one-hot into the encoder and decoder),
+                ``size_factor_key`` (obs column of per-cell library sizes), ``combo_sep``,
+                ``encode_combos_as_unique``, ``split_mode``, ``split_seed``, ``heldout``,
+                ``holdout_perturbations``, ``qc_key``, ``extra_genes``, ``pairing_method``, ``pairing_reg``.
         """
         unknown = set(options) - set(SETUP_OPTIONS)
         if unknown:
             raise ValueError(f"unknown setup keyword(s) {sorted(unknown)}; valid: {list(SETUP_OPTIONS)}")
-        given = dict(
-            perturbation_key=perturbation_key,
-            control_label=control_label,
-            layer=layer,
-            split_key=split_key,
-            **options,
+        given = DataOptions.from_dict(
+            dict(
+                perturbation_key=perturbation_key,
+                control_label=control_label,
+                layer=layer,
+                split_key=split_key,
+                **options,
+            )
         )
         _check_setup(adata, given)
-        # None means "default"; h5ad cannot store None, so only set values are recorded
-        adata.uns[SETUP_KEY] = {k: v for k, v in given.items() if v is not None}
+        # h5ad cannot store None: only what differs from the defaults is recorded
+        default = DataOptions().to_dict()
+        keep = {"perturbation_key"}  # always named: which column holds the labels
+        adata.uns[SETUP_KEY] = {
+            k: v for k, v in given.to_dict().items() if v is not None and (k in keep or v != default[k])
+        }
 
     @classmethod
     def _model_name(cls, model: str | None) -> str:
@@ -208,20 +205,18 @@ class Model:
         return name
 
     @staticmethod
-    def _setup_of(adata: ad.AnnData, name: str) -> dict[str, Any]:
-        setup = {"perturbation_key": "perturbation", **dict(adata.uns.get(SETUP_KEY, {}))}
-        if name == "svae_plus":  # SVAE+ needs one treatment per combination
-            setup.setdefault("encode_combos_as_unique", True)
-        for k in ("heldout", "holdout_perturbations", "extra_genes"):
-            v = setup.get(k)
-            if isinstance(v, np.ndarray):  # a list read back from h5ad
-                setup[k] = v.tolist()
-        return setup
+    def _setup_of(adata: ad.AnnData, name: str) -> DataOptions:
+        """The AnnData's recorded setup (lists read back from h5ad as arrays included), with the named
+        model's data defaults where unset."""
+        setup = {
+            k: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for k, v in adata.uns.get(SETUP_KEY, {}).items()
+        }
+        return resolve_options(setup, name)
 
     def _training_data(self, adata: ad.AnnData) -> PerturbationData:
-        load = {k: v for k, v in self.setup.items() if k not in MODEL_DATA_OPTIONS}
-        data = load_perturbation_data(adata, require_counts=self.model_cfg.likelihood != "normal", **load)
-        return prepare_data(data, data_requirements(self.model_cfg), self.setup)
+        data, _ = read_data(adata, self.options, self.model_cfg, model_name=self.model_name)
+        return data
 
     # ----------------------------------------------------------------------------------- training
     def train(
@@ -281,13 +276,19 @@ class Model:
             self.model_cfg,
             tcfg,
             path,
-            data_options=dict(self.setup),
+            data_options=self.options.to_dict(),
             overwrite=overwrite,
             resume=resume,
             progress=progress,
             model_name=self.model_name,
         )
         return self
+
+    @property
+    def setup(self) -> dict[str, Any]:
+        """The data options the model reads its AnnData with (:class:`~pyrovae.data.options.DataOptions`
+        as a dict; the typed object is :attr:`options`)."""
+        return self.options.to_dict()
 
     @property
     def data(self) -> PerturbationData:
@@ -382,7 +383,7 @@ class Model:
         self = cls.__new__(cls)
         self.model_name, self.model_cfg, self.adata = name, run.model_cfg, adata
         self.run, self._tmp = run, None
-        self.setup = {k: v for k, v in run.data_options.items() if k in SETUP_OPTIONS}
+        self.options = run.options
         self._data = run.load_data(adata)
         return self
 
@@ -527,29 +528,48 @@ class Model:
         n_cells: int = 1000,
         library_size: str | float | None = DEFAULT_LIBRARY_SIZE,
         seed: int = 0,
+        covariates: dict[str, str] | None = None,
     ) -> ad.AnnData:
         """Posterior-predictive counts of ``n_cells`` cells per perturbation label (an AnnData; see
-        :meth:`~pyrovae.infer.predictive.Posterior.predict`); ``library_size="data"`` draws library sizes
-        from the model's AnnData."""
-        data = self._data if library_size == "data" else None
-        return self.posterior().predict(perturbations, n_cells, library_size, data=data, seed=seed)
+        :meth:`~pyrovae.infer.predictive.Posterior.predict`); ``library_size="matched"`` draws library
+        sizes (and covariates) from the model's AnnData's cells of each label; ``covariates``
+        (``{"cell_type": "A172"}``) predicts at chosen levels (default: the training levels in
+        proportion)."""
+        data = self._data if isinstance(library_size, str) else None
+        return self.posterior().predict(
+            perturbations, n_cells, library_size, data=data, seed=seed, covariates=covariates
+        )
 
     def get_ate(
         self,
         perturbations: Sequence[str] | None = None,
         n_samples: int = 2500,
-        library_size: str | float | None = DEFAULT_LIBRARY_SIZE,
+        library_size: str | float | None = MATCHED,
         seed: int = 0,
+        split: str | None = None,
+        covariates: dict[str, str] | None = None,
         **options: Any,
     ) -> pd.DataFrame:
         """Model average treatment effect versus control (perturbations x genes; see
         :meth:`~pyrovae.infer.predictive.Posterior.model_ate`); default: every perturbation of the model's
-        AnnData."""
+        AnnData.
+
+        By default (``library_size="matched"``) each sample is drawn at the depth (and covariates) of a
+        cell of its label in the model's AnnData (``split``: only that split's cells), so the ATE is on the
+        scale of the data's own empirical ATE; ``library_size=1e4`` is the reference's fixed depth.
+        ``covariates`` ({key: level}) evaluates at chosen levels."""
         if perturbations is None:
             perturbations = self._data.groups()
-        data = self._data if library_size == "data" else None
+        matched = isinstance(library_size, str)
         return self.posterior().model_ate(
-            perturbations, n_samples=n_samples, library_size=library_size, data=data, seed=seed, **options
+            perturbations,
+            n_samples=n_samples,
+            library_size=library_size,
+            data=self._data if matched else None,
+            rows=self._data.indices(split) if matched else None,
+            seed=seed,
+            covariates=covariates,
+            **options,
         )
 
     def get_iwelbo(

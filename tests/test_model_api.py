@@ -48,7 +48,7 @@ def test_setup_anndata_records_the_options_and_checks_keys(tiny_adata):
     with pytest.raises(ValueError, match="no such layer"):
         pyrovae.Model.setup_anndata(adata, layer="counts")
     with pytest.raises(ValueError, match="unknown setup keyword"):
-        pyrovae.Model.setup_anndata(adata, batch_key="b")
+        pyrovae.Model.setup_anndata(adata, batch="b")
     # the same keywords on the constructor are recorded too; unknown options name the valid ones
     m = pyrovae.Model(adata, model="cpa_vae", split_seed=5, **SMALL)
     assert adata.uns[SETUP_KEY]["split_seed"] == 5 and m.setup["split_seed"] == 5

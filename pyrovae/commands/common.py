@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from pyrovae.config import parse_overrides, read_options_file
+from pyrovae.data.options import DataOptions
 from pyrovae.infer.device import resolve_device
 
 __all__ = [
@@ -39,7 +40,26 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--combo-sep", type=separator, default="+", help="separator of combinations in labels (default: +)"
     )
     g.add_argument(
-        "--encode-combos-as-unique", action="store_true", help="one treatment per combination (SVAE+)"
+        "--encode-combos-as-unique",
+        action="store_true",
+        default=None,
+        help="one treatment per combination (SVAE+'s default)",
+    )
+    g.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column of the batch (replicate, lane, donor): one-hot into the encoder and decoder",
+    )
+    g.add_argument(
+        "--covariate-keys",
+        default=None,
+        help="comma-separated categorical obs columns (cell line, ...), modelled like the batch",
+    )
+    g.add_argument(
+        "--size-factor-key",
+        default=None,
+        help="obs column of per-cell library sizes (e.g. total counts when only HVGs are kept; default: "
+        "the sum over the genes)",
     )
     g.add_argument(
         "--split-mode",
@@ -80,33 +100,27 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
-def _names(value: str | None) -> list[str] | None:
-    return None if not value else [v.strip() for v in value.split(",") if v.strip()]
-
-
-def data_options(args: argparse.Namespace) -> dict[str, Any]:
-    heldout: Any = args.heldout
-    if heldout is not None:
-        try:
-            heldout = float(heldout)
-        except ValueError:
-            heldout = [h.strip() for h in heldout.split(",") if h.strip()]
-    return {
-        "perturbation_key": args.perturbation_key,
-        "control_label": args.control_label,
-        "layer": args.layer,
-        "split_key": args.split_key,
-        "combo_sep": args.combo_sep,
-        "encode_combos_as_unique": args.encode_combos_as_unique,
-        "split_mode": args.split_mode,
-        "split_seed": args.split_seed,
-        "heldout": heldout,
-        "holdout_perturbations": _names(getattr(args, "holdout_perturbations", None)),
-        "qc_key": getattr(args, "qc_key", None),
-        "extra_genes": _names(getattr(args, "extra_genes", None)),
-        "pairing_method": getattr(args, "pairing_method", "auto"),
-        "pairing_reg": getattr(args, "pairing_reg", 0.05),
-    }
+def data_options(args: argparse.Namespace) -> DataOptions:
+    """The :class:`~pyrovae.data.options.DataOptions` of the data arguments (:func:`add_data_args`)."""
+    return DataOptions(
+        perturbation_key=args.perturbation_key,
+        control_label=args.control_label,
+        layer=args.layer,
+        split_key=args.split_key,
+        combo_sep=args.combo_sep,
+        encode_combos_as_unique=args.encode_combos_as_unique,
+        split_mode=args.split_mode,
+        split_seed=args.split_seed,
+        heldout=args.heldout,
+        batch_key=args.batch_key,
+        covariate_keys=args.covariate_keys or (),
+        size_factor_key=args.size_factor_key,
+        holdout_perturbations=getattr(args, "holdout_perturbations", None),
+        qc_key=getattr(args, "qc_key", None),
+        extra_genes=getattr(args, "extra_genes", None),
+        pairing_method=getattr(args, "pairing_method", "auto"),
+        pairing_reg=getattr(args, "pairing_reg", 0.05),
+    )
 
 
 def positive_float(value: str) -> float:

@@ -16,8 +16,9 @@ import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.evaluate.score import score_run
-from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.predictive import MATCHED, Posterior
 from pyrovae.infer.runs import load_run
+from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
 from pyrovae.outputs import (
     atomic_write,
     atomic_write_all,
@@ -42,22 +43,30 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def _library_arg(value: str) -> str | float:
-    """``fixed`` -> 1e4, ``data`` -> ``"data"``, a number -> that number."""
+    """``matched`` / ``data`` -> ``"matched"``, ``fixed`` -> 1e4 (the reference's), a number -> itself."""
+    if value in ("matched", "data"):
+        return MATCHED
     if value == "fixed":
-        return 1e4
-    if value == "data":
-        return "data"
+        return DEFAULT_LIBRARY_SIZE
     try:
         out = float(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(
-            f"--library must be 'fixed', 'data' or a number, got {value!r}"
+            f"--library must be 'matched', 'fixed' or a number, got {value!r}"
         ) from err
-    if not out > 0:
-        raise argparse.ArgumentTypeError(f"--library must be positive, got {value!r}")
-    if not np.isfinite(out):
-        raise argparse.ArgumentTypeError(f"--library must be a finite number, got {value!r}")
+    if not (np.isfinite(out) and out > 0):
+        raise argparse.ArgumentTypeError(f"--library must be a finite number > 0, got {value!r}")
     return out
+
+
+def _covariate_arg(value: str) -> tuple[str, str]:
+    """``KEY=LEVEL`` -> (key, level)."""
+    key, sep, level = value.partition("=")
+    if not sep or not key.strip() or not level.strip():
+        raise argparse.ArgumentTypeError(
+            f"--covariate must be KEY=LEVEL (e.g. cell_type=A172), got {value!r}"
+        )
+    return key.strip(), level.strip()
 
 
 def _load(args: argparse.Namespace):
@@ -177,7 +186,10 @@ def run_ate(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         library_size=args.library,
         seed=args.seed,
-    )["ate"][scope]
+        by=args.by,
+    )["ate"]
+    levels = {k: v for k, v in rep.items() if k != scope}
+    rep = rep[scope]
     table, per_pert, unseen, unseen_table = (
         rep["table"],
         rep["per_perturbation"],
@@ -197,6 +209,9 @@ def run_ate(args: argparse.Namespace) -> int:
         atomic_write(stage / "ate_per_perturbation.csv", lambda tmp: per_pert.to_csv(tmp, index=False))
         if unseen_table is not None:
             atomic_write(stage / "ate_metrics_unseen.csv", lambda tmp: unseen_table.to_csv(tmp))
+        if levels:
+            by_table = pd.concat({k: v["table"] for k, v in levels.items()}, names=["cells"])
+            atomic_write(stage / f"ate_metrics_by_{_slug(args.by)}.csv", lambda tmp: by_table.to_csv(tmp))
         atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
         for name, df in rep["preds"].items():
             atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
@@ -208,6 +223,7 @@ def run_ate(args: argparse.Namespace) -> int:
                 "scope": scope,
                 "control_reference": rep["control_source"],
                 "library_size": args.library,
+                "model_conditions": rep["conditions"],
                 "n_samples": args.n_samples,
                 "top_k": args.top_k,
                 "seed": args.seed,
@@ -228,10 +244,13 @@ def run_ate(args: argparse.Namespace) -> int:
             print(f"(no figure: {err})")
     print(
         f"ATE on {scope}; {len(rep['perturbations'])} perturbations; controls: {rep['control_source']}; "
-        f"model library size: {args.library}"
+        f"model sampled at: {rep['conditions']}"
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
     print(markdown_table(table[shown]))
+    for name, part in levels.items():
+        print(f"{name}:")
+        print(markdown_table(part["table"][shown]))
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
@@ -268,12 +287,17 @@ def run_sample(args: argparse.Namespace) -> int:
     _refuse_existing([out], args.overwrite)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out must end in .h5ad, got {out}")
-    if args.library == "data" and not args.data:
-        raise ValueError("--library data needs --data (the library sizes are drawn from its cells)")
+    if args.library == MATCHED and not args.data:
+        raise ValueError("--library matched needs --data (the library sizes are drawn from its cells)")
     run, data = _load(args)
     post = Posterior.from_run(run)
     adata = post.predict(
-        args.perturbation, n_cells=args.n_cells, library_size=args.library, data=data, seed=args.seed
+        args.perturbation,
+        n_cells=args.n_cells,
+        library_size=args.library,
+        data=data,
+        seed=args.seed,
+        covariates=dict(args.covariate or []),
     )
     unseen = {k: v for k, v in adata.uns["pyrovae_sample"]["prediction"].items() if v != "trained"}
     adata.uns["pyrovae_sample"]["run"] = str(args.run)
@@ -281,7 +305,7 @@ def run_sample(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in adata.obs["perturbation"].value_counts(sort=False).items())
     print(
         f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes "
-        f"({counts}; library size {args.library}, seed {args.seed})"
+        f"({counts}; {adata.uns['pyrovae_sample']['conditions']}, seed {args.seed})"
     )
     if unseen:
         print(
@@ -349,8 +373,15 @@ def register(sub) -> None:
     p.add_argument(
         "--library",
         type=_library_arg,
-        default=1e4,
-        help="model library size: fixed (1e4, default), data (drawn from control cells), or a number",
+        default=MATCHED,
+        help="model library size: matched (default: each sample at the depth, and covariates, of a compared "
+        "cell of its label), fixed (1e4, the reference's), or a number",
+    )
+    p.add_argument(
+        "--by",
+        default=None,
+        help="a covariate of the run (e.g. cell_type): also score the cells of each level, the model at that "
+        "level",
     )
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
@@ -373,10 +404,17 @@ def register(sub) -> None:
     p.add_argument(
         "--library",
         type=_library_arg,
-        default=1e4,
-        help="library size: a number (default 1e4) or data (drawn from --data's matching cells)",
+        default=DEFAULT_LIBRARY_SIZE,
+        help="library size: a number (default 1e4) or matched (drawn from --data's cells of each label)",
     )
-    p.add_argument("--data", default=None, help=".h5ad to draw library sizes from (with --library data)")
+    p.add_argument(
+        "--covariate",
+        type=_covariate_arg,
+        action="append",
+        default=None,
+        help="KEY=LEVEL to sample at (repeat for several keys; default: the training levels in proportion)",
+    )
+    p.add_argument("--data", default=None, help=".h5ad to draw library sizes from (with --library matched)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--overwrite", action="store_true")
     add_device_arg(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from pyrovae.commands.common import (
     add_data_args,
@@ -12,11 +13,10 @@ from pyrovae.commands.common import (
     gather_overrides,
 )
 from pyrovae.config import route_options
-from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.prepare import MODEL_DATA_OPTIONS
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.setup import read_data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,31 +40,27 @@ def run(args: argparse.Namespace) -> int:
             )
         # data options given on the command line must be the run's: the stored ones decide, so another
         # value (another --split-key, ...) would be silently ignored
-        defaults = args.data_defaults
+        defaults, kept = args.data_defaults, stored.options
         other = {
-            k: v
-            for k, v in opts.items()
-            if k in defaults and v != defaults[k] and v != stored.data_options.get(k, defaults[k])
+            f.name: getattr(opts, f.name)
+            for f in dataclasses.fields(opts)
+            if getattr(defaults, f.name) != getattr(opts, f.name) != getattr(kept, f.name)
         }
         if other:
-            shown = ", ".join(
-                f"{k}={v!r} (the run's: {stored.data_options.get(k, defaults[k])!r})"
-                for k, v in other.items()
-            )
+            shown = ", ".join(f"{k}={v!r} (the run's: {getattr(kept, k)!r})" for k, v in other.items())
             raise ValueError(
                 f"cannot resume {args.out} with other data options: {shown}; a run keeps the data options it "
                 "was trained with: drop them, or train a new run"
             )
-        opts = {**opts, **stored.data_options}
+        opts = stored.options
         data = stored.load_data(args.data, verify=False)  # train_run refuses data that is not the run's
         name = args.model or stored.model_name
     else:
         name = args.model or "sams_vae"
         mcfg = model_config(name, **m_over)
         tcfg = TrainConfig().replace(**t_over)
-        load_opts = {k: v for k, v in opts.items() if k not in MODEL_DATA_OPTIONS}
-        # train_run gives the data what the model needs (GPO/CRADLE preparation, held-out perturbations)
-        data = load_perturbation_data(args.data, require_counts=mcfg.likelihood != "normal", **load_opts)
+        # read and prepared as the model needs (GPO/CRADLE preparation, held-out perturbations)
+        data, opts = read_data(args.data, opts, mcfg, model_name=name)
     if tcfg.lr == 0:
         raise ValueError(
             "option lr=0 never moves the parameters (nothing would be trained); give lr > 0, e.g. 1e-3"
@@ -76,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         mcfg,
         tcfg,
         args.out,
-        data_options=opts,
+        data_options=opts.to_dict(),
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,

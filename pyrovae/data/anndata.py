@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pyrovae.config import PyrovaeWarning, preview
+from pyrovae.data.covariates import covariate_levels, covariate_onehot, size_factors
 from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
 from pyrovae.data.matrix import dense_rows, nonzero_counts
 from pyrovae.data.protocols import combination_labels, pick_combinations
@@ -70,7 +71,7 @@ class PerturbationData:
             converted): memory O(nnz + N), not O(N T); :meth:`dosage_rows` densifies a minibatch's rows.
         treatments: T treatment names (columns of D).
         split: (N,) ``"train"``, ``"val"``, ``"test"`` or ``""`` (cell used by no split).
-        library_size: (N,) total counts over the modelled genes.
+        library_size: (N,) total counts over the modelled genes, or the size factors of ``size_factor_key``.
         control_label, sep, encode_combos_as_unique: how labels were read.
         norm_mean, norm_std: (G,) mean and std of log1p(counts) over training cells (of the values
             themselves when ``is_count_data`` is False; std of constant genes set to 1, so
@@ -79,7 +80,10 @@ class PerturbationData:
         uns: the AnnData's uns (ground truth of simulated data, stored pairings).
         is_count_data: whether the matrix holds non-negative integers.
         extras: further per-cell arrays (first axis N) that minibatches carry, e.g. ``qc`` (N, 1),
-            ``delta_x`` (N, T), ``cfx`` (N, G) for GPO/CRADLE-VAE.
+            ``delta_x`` (N, T), ``cfx`` (N, G) for GPO/CRADLE-VAE, and ``covariates`` (N, C): the one-hot
+            batch and covariates (:func:`covariate_onehot`), C = the total number of levels.
+        covariate_levels: {obs column: its levels in order}, batch first (empty without covariates).
+        size_factor_key: the obs column ``library_size`` was read from (``None``: the sum over the genes).
     """
 
     counts: Any  # np.ndarray, scipy.sparse.csr_matrix, or a backed on-disk matrix
@@ -98,6 +102,8 @@ class PerturbationData:
     uns: dict[str, Any]
     is_count_data: bool = True
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    covariate_levels: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    size_factor_key: str | None = None
 
     def __post_init__(self) -> None:
         d = self.dosage
@@ -175,7 +181,58 @@ class PerturbationData:
             "norm_mean": self.norm_mean.tolist(),
             "norm_std": self.norm_std.tolist(),
             "train_treatment_counts": self.treatment_counts("train").tolist(),
+            "covariates": {k: list(v) for k, v in self.covariate_levels.items()},
+            "covariate_combos": self.covariate_combos("train"),
+            "size_factor_key": self.size_factor_key,
         }
+
+    def kept_share(self, split: str | None = "train") -> float:
+        """Median over the cells of ``split`` of (counts over the modelled genes) / library size: 1 without
+        size factors, the modelled genes' share of each cell's depth with them."""
+        idx = self.indices(split)
+        kept = np.concatenate(
+            [dense_rows(self.counts, idx[i : i + 8192]).sum(1) for i in range(0, len(idx), 8192)] or [[]]
+        )
+        return float(np.median(kept / np.maximum(self.library_size[idx], 1e-12)))
+
+    def covariate_combos(self, split: str | None = "train") -> dict[str, list]:
+        """The combinations of covariate levels among the cells of ``split`` and how many cells hold each:
+        ``{"levels": [[level of each key], ...], "counts": [...]}`` (empty lists without covariates).
+        Predictions that choose no level average over these in proportion."""
+        if not self.covariate_levels:
+            return {"levels": [], "counts": []}
+        idx = self.indices(split)
+        codes = np.stack([self.covariate_codes(k)[idx] for k in self.covariate_levels], axis=1)
+        combos, counts = np.unique(codes, axis=0, return_counts=True)
+        names = [list(v) for v in self.covariate_levels.values()]
+        return {
+            "levels": [[names[j][c] for j, c in enumerate(row)] for row in combos.tolist()],
+            "counts": counts.astype(int).tolist(),
+        }
+
+    @property
+    def n_covariates(self) -> int:
+        """C: the width of the one-hot batch and covariates (0 without them)."""
+        return sum(len(v) for v in self.covariate_levels.values())
+
+    def covariate_codes(self, key: str) -> np.ndarray:
+        """(N,) level index of each cell in covariate ``key`` (decoded from the one-hot block)."""
+        if key not in self.covariate_levels:
+            raise ValueError(
+                f"{key!r} is not a covariate of this data; covariates: {list(self.covariate_levels)}"
+            )
+        start = 0
+        for k, levels in self.covariate_levels.items():
+            if k == key:
+                block = np.asarray(self.extras["covariates"])[:, start : start + len(levels)]
+                return block.argmax(1)
+            start += len(levels)
+        raise AssertionError(key)
+
+    def covariate_values(self, key: str) -> np.ndarray:
+        """(N,) level name of each cell in covariate ``key``."""
+        levels = np.asarray(self.covariate_levels[key] if key in self.covariate_levels else [], dtype=object)
+        return levels[self.covariate_codes(key)].astype(str)
 
 
 def read_anndata(data: str | Path | ad.AnnData, backed: bool = False) -> ad.AnnData:
@@ -517,6 +574,9 @@ def load_perturbation_data(
     schema: dict[str, Any] | None = None,
     backed: bool = False,
     stored_split: pd.Series | None = None,
+    batch_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    size_factor_key: str | None = None,
 ) -> PerturbationData:
     """Read and validate perturbation data.
 
@@ -536,6 +596,10 @@ def load_perturbation_data(
         stored_split: a run's split by cell name (obs_name -> split). Cells are matched by name, whatever
             their order; cells it does not name get no split (a warning says how many), and a warning names
             the split's cells that the data lacks. Replaces ``split_key`` / the seeded split.
+        batch_key, covariate_keys: categorical obs columns (batch first) encoded one-hot into
+            ``extras["covariates"]`` (N, C); their levels are those of the cells with a split (with
+            ``schema``: the run's stored levels, and a level it lacks is an error).
+        size_factor_key: obs column of per-cell library sizes used instead of the sum over the genes.
     """
     if split_key is not None and heldout is not None:
         raise ValueError(
@@ -579,6 +643,20 @@ def load_perturbation_data(
         control_label = schema["control_label"]
         combo_sep = schema["sep"]
         encode_combos_as_unique = schema["encode_combos_as_unique"]
+        stored_covs = dict(schema.get("covariates") or {})
+        keys = ([batch_key] if batch_key else []) + list(covariate_keys or ())
+        if keys and keys != list(stored_covs):
+            raise ValueError(
+                f"the covariates {keys} differ from the model's {list(stored_covs)}; a model reads the "
+                "batch and covariates it was trained with"
+            )
+        batch_key, covariate_keys = None, list(stored_covs)
+        if schema.get("size_factor_key", None) != size_factor_key and size_factor_key is not None:
+            raise ValueError(
+                f"size_factor_key={size_factor_key!r} differs from the model's "
+                f"{schema.get('size_factor_key')!r}; a model reads the size factors it was trained with"
+            )
+        size_factor_key = schema.get("size_factor_key")
 
     raw_labels = adata.obs[perturbation_key]
     if raw_labels.isna().any():
@@ -617,7 +695,9 @@ def load_perturbation_data(
         split = make_split(
             labels, control_label, combo_sep, split_mode, split_seed, val_frac, test_frac, heldout
         )
-    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+    if size_factor_key is not None:
+        library_size = size_factors(adata.obs, size_factor_key)
+    elif isinstance(matrix, np.ndarray) or sp.issparse(matrix):
         library_size = np.asarray(matrix.sum(1), dtype=np.float32).reshape(-1)
     else:
         library_size = np.concatenate([b.sum(1) for _, b in _row_chunks(matrix, 8192)]).astype(np.float32)
@@ -654,6 +734,14 @@ def load_perturbation_data(
 
     if schema is None:
         _warn_risky(labels, split, dosage, treatments, control_label, labels_raw, combo_sep)
+    keys = ([batch_key] if batch_key else []) + list(covariate_keys or ())
+    if schema is not None:
+        levels = {k: list(v) for k, v in (schema.get("covariates") or {}).items()}
+    else:
+        levels = covariate_levels(adata.obs, keys, np.flatnonzero(split != _UNUSED_SPLIT))
+    extras = {}
+    if levels:
+        extras["covariates"] = _covariates_of_used(adata.obs, levels, split)
     if schema is not None:
         mean = np.asarray(schema["norm_mean"], dtype=np.float32)
         std = np.asarray(schema["norm_std"], dtype=np.float32)
@@ -675,4 +763,16 @@ def load_perturbation_data(
         obs=adata.obs.copy(),
         uns=dict(adata.uns) if not backed else {k: adata.uns[k] for k in adata.uns.keys()},
         is_count_data=is_counts,
+        extras=extras,
+        covariate_levels=levels,
+        size_factor_key=size_factor_key,
     )
+
+
+def _covariates_of_used(obs: pd.DataFrame, levels: dict[str, list[str]], split: np.ndarray) -> np.ndarray:
+    """(N, C) one-hot covariates; cells without a split (never scored) get a zero row instead of failing on
+    a level the model does not know."""
+    used = split != _UNUSED_SPLIT
+    out = np.zeros((len(split), sum(len(v) for v in levels.values())), dtype=np.float32)
+    out[used] = covariate_onehot(obs.iloc[np.flatnonzero(used)], levels)
+    return out

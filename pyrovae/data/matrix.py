@@ -49,7 +49,11 @@ def dense_rows(m: Any, idx: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
 
 
 def normalize_log(
-    counts: Any, target_sum: float | None = None, cols: np.ndarray | None = None, base: str = "e"
+    counts: Any,
+    target_sum: float | None = None,
+    cols: np.ndarray | None = None,
+    base: str = "e",
+    totals: np.ndarray | None = None,
 ) -> np.ndarray:
     """The per-cell normalise-and-log transform: log(1 + target_sum x / total), dense (N, len(cols)) float64.
 
@@ -62,7 +66,7 @@ def normalize_log(
     if base not in ("e", "2"):
         raise ValueError(f"base must be 'e' or '2', got {base!r}")
     counts = as_indexable(counts)
-    lib = library_sizes(counts)
+    lib = library_sizes(counts) if totals is None else np.asarray(totals, dtype=np.float64).reshape(-1)
     if target_sum is None:
         positive = lib[lib > 0]
         target_sum = float(np.median(positive)) if positive.size else 1.0

@@ -58,6 +58,12 @@ GRN genes, ``n = T + E`` GRN genes, ``H`` decoder hidden units.
    inside a double; categorical), ``obs_names`` are ``cell00000 ..``. ``X`` is a
    ``scipy.sparse.csr_matrix`` of float32 integer counts.
 
+9. **Batches.** With ``n_batches > 1`` each cell is assigned to a batch uniformly at random (with
+   probability ``batch_confounding`` to its label's own batch instead) and its
+   log-means get the batch's per-gene shift ``beta_b ~ N(0, batch_effect^2)`` (G,), whatever its
+   perturbation: a replicate effect that is not a perturbation effect. Ground truth ``batch_shift``
+   (n_batches, G); ``obs["batch"]``.
+
 Independent random streams (``default_rng([seed, k])``) draw the masks/embeddings, decoder, baselines, GRN,
 dispersions, doubles and cells, so e.g. changing the number of cells or doubles leaves the other parameters
 unchanged.
@@ -91,6 +97,7 @@ __all__ = [
     "CONTROL_LABEL",
     "write_perturbseq_h5ad",
     "GRN_SHAPES",
+    "simulated_ate",
 ]
 
 #: obs label of control cells.
@@ -120,7 +127,7 @@ FORK_CHILDREN = 3
 COLLIDER_PARENTS = 2
 
 # sub-stream ids of ``default_rng([seed, k])``
-_S_MECH, _S_DECODER, _S_BASELINE, _S_GRN, _S_DISPERSION, _S_DOUBLES, _S_CELLS = range(7)
+_S_MECH, _S_DECODER, _S_BASELINE, _S_GRN, _S_DISPERSION, _S_DOUBLES, _S_CELLS, _S_BATCH = range(8)
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,13 @@ class SimulationConfig:
         dispersion_range: ``(low, high)`` of the per-gene NB concentration ``theta ~ LogUniform``.
         frac_low_quality: fraction of low-quality cells.
         decoder_hidden: hidden units ``H`` of the random decoder.
+        n_batches: batches (replicates, lanes); cells are assigned to them at random (``obs["batch"]``
+            ``B1 ..``, only when ``n_batches > 1``).
+        batch_effect: sd of each batch's per-gene log-fold shift ``beta_b ~ N(0, batch_effect^2)`` (G,),
+            added to every cell's log-means (step 9); 0: batches differ in name only.
+        batch_confounding: probability that a cell goes to its label's own batch (group index mod
+            ``n_batches``) instead of a uniformly random one: batches confounded with perturbations, so
+            that a pooled comparison mixes batch shifts into the effects.
     """
 
     n_genes: int
@@ -171,6 +185,9 @@ class SimulationConfig:
     frac_low_quality: float
     decoder_hidden: int
     grn_shape: str = "random"
+    n_batches: int = 1
+    batch_effect: float = 0.0
+    batch_confounding: float = 0.0
 
     @property
     def n_cells(self) -> int:
@@ -193,12 +210,19 @@ class SimulationConfig:
             "cells_per_single",
             "cells_per_double",
             "decoder_hidden",
+            "n_batches",
         ]
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"SimulationConfig.{name} must be a non-negative integer, got {v!r}")
-        for name in ("n_latent", "n_perturbed", "decoder_hidden"):
+        if not (np.isfinite(self.batch_effect) and self.batch_effect >= 0):
+            raise ValueError(f"SimulationConfig.batch_effect must be >= 0, got {self.batch_effect!r}")
+        if not 0.0 <= self.batch_confounding <= 1.0:
+            raise ValueError(
+                f"SimulationConfig.batch_confounding must be in [0, 1], got {self.batch_confounding!r}"
+            )
+        for name in ("n_latent", "n_perturbed", "decoder_hidden", "n_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SimulationConfig.{name} must be >= 1, got {getattr(self, name)}")
         needed = self.n_perturbed + self.n_extra_grn_genes + len(MT_GENES)
@@ -285,6 +309,29 @@ PRESETS: dict[str, SimulationConfig] = {
         frac_low_quality=0.05,
         decoder_hidden=64,
     ),
+    # 10,400 cells x 72 genes: a targeted-panel CRISPRi screen (few genes, most targets measured, strong
+    # on-target knock-downs, hundreds of cells per target: effects the data pins down).
+    "targeted_panel": SimulationConfig(
+        n_genes=72,
+        n_latent=8,
+        n_perturbed=14,
+        n_extra_grn_genes=10,
+        n_doubles=0,
+        n_control_cells=2000,
+        cells_per_single=600,
+        cells_per_double=0,
+        mask_prob=0.2,
+        effect_mean=0.8,
+        effect_sd=0.3,
+        grn_edge_prob=0.1,
+        grn_weight=0.8,
+        knockdown=-2.5,
+        library_log_mean=7.3,
+        library_log_sd=0.4,
+        dispersion_range=(3.0, 30.0),
+        frac_low_quality=0.02,
+        decoder_hidden=32,
+    ),
     # 100,000 cells x 2,000 genes: benchmarks.
     "large": SimulationConfig(
         n_genes=2000,
@@ -333,7 +380,8 @@ n = T + E GRN genes, D doubles, H decoder hidden units):
 - low_quality_library_factor float, low_quality_mt_log_boost float: the low-quality artifact.
 - seed int, preset str ("custom" for a SimulationConfig argument): how the data was made; the full
   configuration is uns["simulation_config"].
-Per cell: obs["perturbation"] (label), obs["low_quality"] (bool)."""
+- batch_shift (n_batches, G) float32 (only with n_batches > 1): each batch's per-gene log-fold shift.
+Per cell: obs["perturbation"] (label), obs["low_quality"] (bool), obs["batch"] (with n_batches > 1)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -477,12 +525,16 @@ def _sample_counts(
     baseline: np.ndarray,
     theta: np.ndarray,
     rng: np.random.Generator,
+    batch_shift: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n, G) NB counts of n cells (steps 4-7): latent z (n, K), GRN log-fold shift (n, n_grn),
-    low-quality flags (n,), library sizes (n,) (the low-quality factor already applied)."""
+    """(n, G) NB counts of n cells (steps 4-7, 9): latent z (n, K), GRN log-fold shift (n, n_grn),
+    low-quality flags (n,), library sizes (n,) (the low-quality factor already applied), batch shifts
+    (n, G) or ``None``."""
     W1, b1, W2 = decoder
     eta = np.tanh(z @ W1 + b1) @ W2 + baseline
     eta[:, : grn_shift.shape[1]] += grn_shift
+    if batch_shift is not None:
+        eta += batch_shift
     eta[np.ix_(low_quality, np.arange(len(baseline) - len(MT_GENES), len(baseline)))] += (
         LOW_QUALITY_MT_LOG_BOOST
     )
@@ -503,8 +555,9 @@ def simulate_perturbseq(
     """Simulate a Perturb-seq-like dataset with known ground truth (see the module docstring).
 
     Args:
-        preset: ``"tiny"`` (~390 cells x 40 genes), ``"default"`` (6,900 x 200), ``"large"``
-            (100,000 x 2,000), or a :class:`SimulationConfig`.
+        preset: ``"tiny"`` (~390 cells x 40 genes), ``"default"`` (6,900 x 200), ``"targeted_panel"``
+            (10,400 x 72, strong on-target knock-downs), ``"large"`` (100,000 x 2,000), or a
+            :class:`SimulationConfig`.
         seed: non-negative integer seed; the same seed (and configuration) gives bit-identical output.
         **overrides: :class:`SimulationConfig` fields replacing those of the preset, e.g. ``knockdown=-3``.
 
@@ -585,12 +638,27 @@ def simulate_perturbseq(
     low_quality = np.zeros(N, dtype=bool)
     low_quality[rng.choice(N, size=int(round(cfg.frac_low_quality * N)), replace=False)] = True
     library[low_quality] *= LOW_QUALITY_LIBRARY_FACTOR
+    batch_of, shifts = None, None
+    if cfg.n_batches > 1:  # its own stream: the other parameters and cells do not change
+        brng = seed_stream(seed, _S_BATCH)
+        shifts = brng.normal(0.0, cfg.batch_effect, size=(cfg.n_batches, G))
+        batch_of = brng.integers(0, cfg.n_batches, size=N)
+        home = brng.random(N) < cfg.batch_confounding
+        batch_of[home] = group_of[home] % cfg.n_batches
 
     data, indices, row_nnz = [], [], []
     for start in range(0, N, _CHUNK_CELLS):
         sl = slice(start, min(start + _CHUNK_CELLS, N))
         counts = _sample_counts(
-            z[sl], group_grn[group_of[sl]], low_quality[sl], library[sl], (W1, b1, W2), baseline, theta, rng
+            z[sl],
+            group_grn[group_of[sl]],
+            low_quality[sl],
+            library[sl],
+            (W1, b1, W2),
+            baseline,
+            theta,
+            rng,
+            None if batch_of is None else shifts[batch_of[sl]],
         )
         nonzero = counts != 0
         data.append(counts[nonzero].astype(np.float32))  # row-major: CSR order
@@ -606,6 +674,9 @@ def simulate_perturbseq(
         },
         index=pd.Index([f"cell{i:0{width}d}" for i in range(N)]),
     )
+    if batch_of is not None:
+        names = [f"B{b + 1}" for b in range(cfg.n_batches)]
+        obs["batch"] = pd.Categorical.from_codes(batch_of, categories=names)
     is_mt = np.zeros(G, dtype=bool)
     is_mt[mt_idx] = True
     var = pd.DataFrame(
@@ -640,8 +711,54 @@ def simulate_perturbseq(
         "preset": preset_name,
         "description": GROUND_TRUTH_DESCRIPTION,
     }
+    if shifts is not None:
+        truth["batch_shift"] = shifts.astype(np.float32)
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     return ad.AnnData(X=X, obs=obs, var=var, uns={"ground_truth": truth, "simulation_config": config_dict})
+
+
+def simulated_ate(
+    truth: dict[str, Any],
+    labels: list[str],
+    depths: dict[str, np.ndarray],
+    n_samples: int = 4000,
+    seed: int = 0,
+    batch: int | None = None,
+    control_label: str = CONTROL_LABEL,
+) -> np.ndarray:
+    """The true ATE of ``labels`` under the simulator (:func:`ground_truth` ``truth``): a Monte Carlo of
+    g(x) = log2(1e4 x / sum x + 1) over fresh cells (basal noise, NB counts; good-quality cells) of each
+    label and of the control, at library sizes drawn from ``depths[label]`` ((n,) sizes, e.g. the data's
+    cells of that label; ``depths[control_label]`` for the control), with batch ``batch``'s shift
+    (``None``: no batch shift). Returns (len(labels), G): mean g of the label minus mean g of the control.
+    Labels are singles or combinations ``A+B`` of the simulated treatments."""
+    rng = np.random.default_rng([int(seed), 7919])
+    W1, b1, W2 = (np.asarray(truth["decoder"][k], dtype=np.float64) for k in ("W1", "b1", "W2"))
+    treatments = list(truth["treatments"])
+    T = len(treatments)
+    total = np.asarray(truth["grn_total_effect"], dtype=np.float64)
+    propagate = total[:T] + np.eye(T, total.shape[1])
+    shift = None if batch is None else np.asarray(truth["batch_shift"], dtype=np.float64)[batch]
+
+    def mean_g(label: str) -> np.ndarray:
+        d = np.zeros(T)
+        if label != control_label:
+            for part in label.split("+"):
+                d[treatments.index(part)] = 1.0
+        z = rng.standard_normal((n_samples, W1.shape[0])) + d @ truth["latent_effects"]
+        eta = np.tanh(z @ W1 + b1) @ W2 + truth["baseline"]
+        eta[:, : total.shape[1]] += (truth["knockdown"] * d) @ propagate
+        if shift is not None:
+            eta += shift
+        p = np.exp(eta - eta.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        mu = rng.choice(np.asarray(depths[label], dtype=np.float64), size=n_samples)[:, None] * p
+        theta = np.asarray(truth["dispersion"], dtype=np.float64)
+        x = rng.poisson(rng.gamma(theta, mu / theta))
+        return np.log2(1e4 * x / np.maximum(x.sum(1, keepdims=True), 1e-12) + 1.0).mean(0)
+
+    control = mean_g(control_label)
+    return np.stack([mean_g(lab) - control for lab in labels])
 
 
 # ------------------------------------------------------------------------------------ chunked writer
@@ -735,6 +852,7 @@ _ARRAY_DTYPES = {
     "grn_total_effect": np.float32,
     "dispersion": np.float32,
     "baseline": np.float32,
+    "batch_shift": np.float32,
 }
 
 

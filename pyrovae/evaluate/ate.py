@@ -33,11 +33,18 @@ __all__ = [
     "baseline_ates_from_counts",
     "ate_table",
     "pearson",
+    "data_totals",
 ]
 
 TRANSFORMS = ("perturbseq", "mean")
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def data_totals(data: PerturbationData, rows: np.ndarray) -> np.ndarray | None:
+    """(len(rows),) the per-cell totals of the perturbseq transform for ``data``'s cells ``rows``: its size
+    factors when it was read with one (``size_factor_key``), else ``None`` (the row sums)."""
+    return None if data.size_factor_key is None else np.asarray(data.library_size)[rows]
 
 
 def _is_sparse(x: Any) -> bool:
@@ -54,12 +61,15 @@ def _check_transform(transform: str) -> str:
     return transform
 
 
-def perturbseq_transform(x: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -> np.ndarray:
-    """Per-cell normalise-and-log transform g(x) = log2(target_sum * x / sum_j x_j + 1).
+def perturbseq_transform(
+    x: np.ndarray | sp.spmatrix, target_sum: float = 1e4, totals: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-cell normalise-and-log transform g(x) = log2(target_sum * x / l + 1), l = sum_j x_j.
 
     Args:
         x: (N, G) counts, dense array or scipy sparse matrix.
         target_sum: the per-cell total counts are rescaled to this value before the log.
+        totals: (N,) per-cell l to use instead of the row sums (size factors).
 
     Returns:
         (N, G) float64 dense array. Rows whose total is 0 map to zeros (never NaN).
@@ -67,12 +77,12 @@ def perturbseq_transform(x: np.ndarray | sp.spmatrix, target_sum: float = 1e4) -
     x = sp.csr_matrix(x, dtype=np.float64) if _is_sparse(x) else np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (cells, genes), got shape {x.shape}")
-    return normalize_log(x, target_sum, base="2")
+    return normalize_log(x, target_sum, base="2", totals=totals)
 
 
-def _apply(block: Any, transform: str, target_sum: float) -> np.ndarray:
+def _apply(block: Any, transform: str, target_sum: float, totals: np.ndarray | None = None) -> np.ndarray:
     if transform == "perturbseq":
-        return perturbseq_transform(block, target_sum)
+        return perturbseq_transform(block, target_sum, totals)
     return to_dense(block)
 
 
@@ -85,10 +95,12 @@ def _label_sums(
     transform: str,
     target_sum: float,
     batch_size: int,
+    totals: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of g(x) per label code and cell count per code, processing ``batch_size`` rows at a time.
 
-    ``label_codes``: (N,) int in [-1, n_labels); rows with code -1 are skipped.
+    ``label_codes``: (N,) int in [-1, n_labels); rows with code -1 are skipped. ``totals``: (N,) per-cell
+    totals of the perturbseq transform (size factors; default the row sums).
     Returns ((n_labels, G) float64 sums, (n_labels,) int64 counts).
     """
     if batch_size < 1:
@@ -101,7 +113,9 @@ def _label_sums(
         keep = codes >= 0
         if not keep.any():
             continue
-        g = _apply(get_rows(start, stop), transform, target_sum)
+        g = _apply(
+            get_rows(start, stop), transform, target_sum, None if totals is None else totals[start:stop]
+        )
         if g.shape != (stop - start, n_genes):
             raise ValueError(f"row block has shape {g.shape}, expected {(stop - start, n_genes)}")
         onehot = sp.csr_matrix(
@@ -143,6 +157,7 @@ def _group_means(
     transform: str,
     target_sum: float,
     batch_size: int,
+    totals: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """((len(wanted), G) sums of g(x), (len(wanted),) counts) for the labels in ``wanted``."""
     code_of = {lab: i for i, lab in enumerate(wanted)}
@@ -158,6 +173,7 @@ def _group_means(
         transform,
         target_sum,
         batch_size,
+        totals,
     )
 
 
@@ -174,6 +190,7 @@ def empirical_ate(
     *,
     genes: Sequence[str] | None = None,
     target_sum: float = 1e4,
+    totals: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Empirical ATE of every perturbation label versus the control cells.
 
@@ -189,6 +206,7 @@ def empirical_ate(
         batch_size: rows per batch.
         genes: optional G gene names for the columns (default: positions 0..G-1).
         target_sum: the perturbseq scale (1e4 in the reference).
+        totals: (N,) per-cell totals of the perturbseq transform (size factors; default the row sums).
 
     Returns:
         DataFrame (len(groups), G), index = labels (name ``"perturbation"``), columns = genes.
@@ -214,7 +232,11 @@ def empirical_ate(
         if missing:
             raise ValueError(f"requested group(s) {missing} have no cells in labels")
     wanted = list(dict.fromkeys([control_label, *groups]))
-    sums, counts = _group_means(x, labels, wanted, transform, target_sum, batch_size)
+    if totals is not None:
+        totals = np.asarray(totals, dtype=np.float64).reshape(-1)
+        if len(totals) != n_cells:
+            raise ValueError(f"totals has {len(totals)} entries but x has {n_cells} rows")
+    sums, counts = _group_means(x, labels, wanted, transform, target_sum, batch_size, totals)
     means = sums / counts[:, None]
     pos = {lab: i for i, lab in enumerate(wanted)}
     ate = means[[pos[g] for g in groups]] - means[pos[control_label]]
@@ -467,9 +489,9 @@ def baseline_ates(
     - ``"global_mean"``: mean g(x) of all training perturbed cells (every non-control label, combinations
       included) minus the training control mean: the same row for every group.
 
-    Labels, control label, genes and the combination separator come from ``data``; ``transform``,
-    ``batch_size``, ``target_sum``: as in :func:`empirical_ate`. For plain arrays:
-    :func:`baseline_ates_from_counts`.
+    Labels, control label, genes, the combination separator and (with size factors) the per-cell totals
+    come from ``data``; ``transform``, ``batch_size``, ``target_sum``: as in :func:`empirical_ate`. For
+    plain arrays: :func:`baseline_ates_from_counts`.
 
     Raises:
         ValueError: no training control cells; no target groups.
@@ -488,6 +510,7 @@ def baseline_ates(
         batch_size,
         target_sum,
         f"the {split!r} cells",
+        data_totals(data, idx),
     )
 
 
@@ -540,6 +563,7 @@ def _baselines(
     batch_size: int,
     target_sum: float,
     where: str,
+    totals: np.ndarray | None = None,
 ) -> dict[str, pd.DataFrame]:
     transform = _check_transform(transform)
     if groups is None:
@@ -554,7 +578,7 @@ def _baselines(
     code_of = {lab: i for i, lab in enumerate(wanted)}
     codes = np.fromiter((code_of[lab] for lab in labels_arr), dtype=np.int64, count=len(labels_arr))
     sums, counts = _label_sums(
-        get_rows, n_cells, n_genes, codes, len(wanted), transform, target_sum, batch_size
+        get_rows, n_cells, n_genes, codes, len(wanted), transform, target_sum, batch_size, totals
     )
     ctrl_mean = sums[0] / counts[0]
     train_ate = {lab: sums[i] / counts[i] - ctrl_mean for i, lab in enumerate(wanted) if i > 0}

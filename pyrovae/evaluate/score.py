@@ -21,10 +21,16 @@ import pandas as pd
 
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate, per_perturbation_metrics
+from pyrovae.evaluate.ate import (
+    ate_table,
+    baseline_ates,
+    data_totals,
+    empirical_ate,
+    per_perturbation_metrics,
+)
 from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.predictive import MATCHED, Posterior
 from pyrovae.infer.runs import Run
 
 # -------------------------------------------------------------------------------------------- iwelbo
@@ -67,7 +73,7 @@ def ate_report(
     *,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     model_name: str = "model",
@@ -75,8 +81,14 @@ def ate_report(
     extra_models: dict[str, Any] | None = None,
     extra_preds: dict[str, pd.DataFrame] | None = None,
     cache: dict[tuple, pd.DataFrame] | None = None,
+    covariates: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
+
+    The model ATE is sampled at the depth of the compared cells by default (``library_size="matched"``:
+    each sample takes the library size, and covariates, of a cell of its label among ``rows``;
+    :meth:`~pyrovae.infer.predictive.Posterior.model_ate`); a number samples every cell at that depth (the
+    reference's 1e4). ``covariates`` ({key: level}) evaluates the model at chosen levels.
 
     The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
     ``rows`` (all control cells of the data if ``rows`` holds none, which happens for a test split made of
@@ -106,13 +118,20 @@ def ate_report(
     transform = ate_transform(posterior.model.likelihood)
     # sparse counts stay sparse (empirical_ate densifies one row batch at a time); same numbers as dense
     ate_true = empirical_ate(
-        select_rows(data.counts, rows), data.labels[rows], ctrl, genes=data.genes, transform=transform
+        select_rows(data.counts, rows),
+        data.labels[rows],
+        ctrl,
+        genes=data.genes,
+        transform=transform,
+        totals=data_totals(data, rows),
     )
     ate_true = ate_true.loc[perts]
     preds: dict[str, pd.DataFrame] = {}
     cache = {} if cache is None else cache
     for name, post in {model_name: posterior, **(extra_models or {})}.items():
-        key = (name, tuple(perts))
+        # matched depths depend on the compared cells: sets share a prediction only with the same cells
+        cells = hash(np.asarray(rows).tobytes()) if isinstance(library_size, str) else None
+        key = (name, tuple(perts), cells, tuple(sorted((covariates or {}).items())))
         if key not in cache:
             cache[key] = post.model_ate(
                 perts,
@@ -122,6 +141,8 @@ def ate_report(
                 seed=seed,
                 chunk=chunk,
                 transform=transform,
+                rows=rows,
+                covariates=covariates,
             )
         preds[name] = cache[key]
     if baselines:
@@ -136,6 +157,7 @@ def ate_report(
         "control_source": control_source,
         "perturbations": perts,
         "prediction": dict(preds[model_name].attrs.get("prediction", {})),
+        "conditions": preds[model_name].attrs.get("conditions", ""),
     }
 
 
@@ -154,11 +176,12 @@ def score_ate(
     others: Mapping[str, Run] | None = None,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     cache: dict[tuple, pd.DataFrame] | None = None,
     baselines: bool = True,
+    covariates: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
@@ -213,6 +236,7 @@ def score_ate(
             extra_preds=extra_preds,
             cache=cache,
             baselines=baselines,
+            covariates=covariates,
         )
     method_of = {name: rep["prediction"]}
     for o in others or {}:
@@ -251,6 +275,24 @@ def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: i
 # ------------------------------------------------------------------------------------------ score_run
 
 
+def level_sets(
+    data: PerturbationData, sets: Mapping[str, np.ndarray], by: str | None
+) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
+    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the
+    covariate ``by`` that holds perturbed cells (named ``"<set> [by=level]"``)."""
+    out = [(name, np.asarray(rows), None) for name, rows in sets.items()]
+    if by is None:
+        return out
+    values = data.covariate_values(by)
+    for name, rows in sets.items():
+        rows = np.asarray(rows)
+        for level in data.covariate_levels[by]:
+            at = rows[values[rows] == level]
+            if (data.labels[at] != data.control_label).any():
+                out.append((f"{name} [{by}={level}]", at, {by: level}))
+    return out
+
+
 def score_run(
     run: Run,
     data: PerturbationData,
@@ -261,7 +303,7 @@ def score_run(
     others: Mapping[str, Run] | None = None,
     top_k: int = 20,
     n_samples: int = 2500,
-    library_size: str | float = 1e4,
+    library_size: str | float = MATCHED,
     seed: int = 0,
     chunk: int = 256,
     iwelbo_seeds: Sequence[int] = (0, 1, 2),
@@ -271,6 +313,7 @@ def score_run(
     score_globals: bool = False,
     log: Callable[[str], Any] | None = None,
     baselines: bool = True,
+    by: str | None = None,
 ) -> dict[str, Any]:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
 
@@ -287,6 +330,8 @@ def score_run(
             prior-draw control) in the ATE tables (False: the runs only, for callers that read the models'
             rows alone).
         log: called with one line before each IWELBO and ATE computation (progress).
+        by: a covariate of the run (e.g. ``"cell_type"``): every ATE set is also scored per level, on its
+            cells at that level with the model evaluated at that level (sets ``"<set> [key=level]"``).
 
     Returns:
         dict with ``name``, ``ate`` ({set: :func:`score_ate`'s dict}), ``iwelbo`` ({model: {set:
@@ -313,7 +358,7 @@ def score_run(
                 score_globals=score_globals,
             )
     ate, cache = {}, {}  # sets with the same perturbations share one model ATE per model
-    for set_name, rows in (ate_sets or {}).items():
+    for set_name, rows, covariates in level_sets(data, ate_sets or {}, by):
         log(f"ATE on {set_name}")
         ate[set_name] = score_ate(
             run,
@@ -328,6 +373,7 @@ def score_run(
             chunk=chunk,
             cache=cache,
             baselines=baselines,
+            covariates=covariates,
         )
     return {
         "name": name,

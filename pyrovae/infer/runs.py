@@ -31,11 +31,11 @@ import torch
 from pyrovae.data.anndata import (
     PerturbationData,
     PyrovaeWarning,
-    load_perturbation_data,
     unique_cell_names,
     untrained_treatments,
 )
 from pyrovae.data.grn import UNS_KEY
+from pyrovae.data.options import DataOptions
 from pyrovae.data.prepare import preparation_record, prepare_data, record_options
 from pyrovae.infer import distributed
 from pyrovae.infer.device import resolve_device
@@ -57,6 +57,7 @@ from pyrovae.outputs import (
     write_csv,
     write_json,
 )
+from pyrovae.setup import needs_counts, read_data
 
 CONFIG, SCHEMA, SPLIT, PREP = "config.json", "schema.json", "split.csv", "prep.json"
 #: the training data's identity and the run's id (its own file, beside the schema)
@@ -332,31 +333,22 @@ class Run:
         the cells the data shares with the run's training data have other labels or counts than then
         (``fingerprint.json``).
         """
-        opts = {
-            k: v
-            for k, v in self.data_options.items()
-            if k in ("perturbation_key", "layer", "split_key", "split_mode", "split_seed", "heldout")
-        }
-        opts.update(overrides)
+        opts = self.options.replace(**overrides)
         stored = None
-        if opts.get("split_key") is not None:
-            opts.pop("heldout", None)  # a split column fixes the split; the run's hold-out only made one
-        else:
+        if opts.split_key is None:
             stored = load_split(self.path)
-            if stored is not None:
-                for k in ("split_mode", "split_seed", "heldout"):
-                    opts.pop(k, None)
-            else:
+            if stored is None:
                 warnings.warn(
                     f"{self.path} has no stored split ({SPLIT}; written by an older pyrovae): the split is "
                     "recomputed from the data options, by cell position",
                     PyrovaeWarning,
                     stacklevel=2,
                 )
-        opts["require_counts"] = self.model_cfg.likelihood != "normal"
-        loaded = load_perturbation_data(data, schema=self.schema, stored_split=stored, **opts)
+        loaded, _ = read_data(
+            data, opts, self.model_cfg, schema=self.schema, stored_split=stored, prepare=False
+        )
         record = self.preparation()
-        prep = {**self.data_options}
+        prep = opts.prep_options()
         if record:
             # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
             loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: record})
@@ -401,6 +393,13 @@ class Run:
                 PyrovaeWarning,
                 stacklevel=2,
             )
+
+    @property
+    def options(self) -> DataOptions:
+        """The run's data options (``config.json["data"]``; keys an older pyrovae wrote and this one does not
+        know are ignored)."""
+        known = {f.name for f in dataclasses.fields(DataOptions)}
+        return DataOptions.from_dict({k: v for k, v in self.data_options.items() if k in known})
 
     def preparation(self) -> dict[str, Any]:
         """The record of the run's data preparation (``prep.json``; ``{}`` for a model that needs none).
@@ -588,6 +587,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
             schema["norm_mean"],
             schema["norm_std"],
             schema.get("norm_log", True),
+            n_covariates=sum(len(v) for v in (schema.get("covariates") or {}).values()),
+            size_factors=schema.get("size_factor_key") is not None,
         )
     except (TypeError, IndexError, AttributeError, KeyError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
@@ -731,7 +732,7 @@ def train_run(
     """
     reqs = data_requirements(model_cfg)
     data = prepare_data(data, reqs, data_options)
-    if model_cfg.likelihood in ("nb", "poisson") and not data.is_count_data:
+    if needs_counts(model_cfg) and not data.is_count_data:
         raise ValueError(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "
             "(CLI and experiment scripts: --set likelihood=normal)"
@@ -787,7 +788,11 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
         data.norm_std,
         data.is_count_data,
         seed=train_cfg.seed,
+        n_covariates=data.n_covariates,
+        size_factors=data.size_factor_key is not None,
     )
+    if data.size_factor_key is not None:  # start the outside-genes share at the data's (resume: overwritten)
+        model.decoder.init_rest_share(data.kept_share("train"))
     if prepare is not None:
         prepare(model)
     fingerprint = load_fingerprint(run_dir) if resume else data_fingerprint(data)

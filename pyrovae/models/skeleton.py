@@ -1,11 +1,17 @@
 """The one model skeleton every family shares: plates, the basal latent, the decoder, minibatch scaling.
 
-Generative model (per cell i, given its dosage row d_i and library size l_i)::
+Generative model (per cell i, given its dosage row d_i, library size l_i and covariates c_i)::
 
     g        ~ p(g)                      global sites of the effect block, plate "perturbations" (T)
     [A       ~ N(0, I)                   artifact rows, plate "qc_rows" (Q), CRADLE/GPO only]
     z_i      ~ N(prior_loc(d_i, g), I)   plate "cells" (N, subsampled to B)
-    x_i      ~ p(x | decoder_input(z_i, d_i, g) [, q_i A], l_i)
+    x_i      ~ p(x | decoder_input(z_i, d_i, g) [, q_i A] [, c_i], l_i)
+
+Batch and categorical covariates (``batch["covariates"]``, (B, C) one-hot, C = the total number of
+levels) enter the decoder and the basal encoder by concatenation, as in scVI: the basal state is then
+read, and the expression generated, given the batch / cell line, so a replicate's shift is neither absorbed
+into z_basal nor into the perturbation effects. Effects themselves are shared across levels (an additive
+latent shift whose consequence in expression may differ by level through the decoder).
 
 Guide: the effect block's q(g) [and q(A)], then q(z_i | norm(x_i), conditioning) where the conditioning is
 ``"x"`` (x alone), ``"x_shift"`` (x and the same particle's latent shift z_p = d_i (E * M), the setting of
@@ -68,6 +74,9 @@ class PerturbationVAE(nn.Module):
         norm_mean, norm_std: (G,) encoder input standardisation statistics (training split).
         norm_log: standardise log1p(x) (count data) rather than x.
         artifact: CRADLE-VAE quality-control block, or ``None``.
+        n_covariates: C, width of the one-hot batch and covariates (``batch["covariates"]``); 0: none.
+        size_factors: the library size is an external size factor (the decoder's softmax then has a
+            category for the counts outside the modelled genes).
     """
 
     def __init__(
@@ -86,6 +95,8 @@ class PerturbationVAE(nn.Module):
         norm_std: torch.Tensor | None = None,
         norm_log: bool = True,
         artifact: ArtifactBlock | None = None,
+        n_covariates: int = 0,
+        size_factors: bool = False,
     ) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -102,11 +113,19 @@ class PerturbationVAE(nn.Module):
             "norm_std", torch.ones(n_genes) if norm_std is None else torch.as_tensor(norm_std)
         )
         art_dim = artifact.n_latent if artifact is not None else 0
+        self.n_covariates, self.size_factors = int(n_covariates), bool(size_factors)
         self.decoder = Decoder(
-            effect.decoder_in_dim(n_latent) + art_dim, n_genes, decoder_hidden, decoder_layers, likelihood
+            effect.decoder_in_dim(n_latent) + art_dim + self.n_covariates,
+            n_genes,
+            decoder_hidden,
+            decoder_layers,
+            likelihood,
+            rest=self.size_factors,
         )
         extra = {"x": 0, "x_shift": effect.shift_dim, "x_dosage": n_treatments}[conditioning]
-        self.encoder = GaussianMLP(n_genes + extra + art_dim, n_latent, encoder_hidden, encoder_layers)
+        self.encoder = GaussianMLP(
+            n_genes + extra + art_dim + self.n_covariates, n_latent, encoder_hidden, encoder_layers
+        )
         self._pyro_name = f"pyrovae{next(_ids)}"
         #: Extra loss terms that are not log-densities (GRN alignment, sparsity, counterfactual KL).
         self.penalties = nn.ModuleList()
@@ -173,6 +192,8 @@ class PerturbationVAE(nn.Module):
         art = self._artifact_input(batch, g, flip_qc)
         if art is not None:
             parts.append(art)
+        if self.n_covariates:
+            parts.append(self.covariates(batch))
         # the encoder on cat(parts): x's block of the first layer runs once, not once per particle
         return self.encoder.forward_parts(parts)
 
@@ -184,7 +205,21 @@ class PerturbationVAE(nn.Module):
         art = self._artifact_input(batch, g)
         if art is not None:
             u = torch.cat([u, art.expand(u.shape[:-1] + art.shape[-1:])], dim=-1)
+        if self.n_covariates:
+            cov = self.covariates(batch)
+            u = torch.cat([u, cov.expand(u.shape[:-1] + cov.shape[-1:])], dim=-1)
         return self.decoder(u, batch.get("library_size"))
+
+    def covariates(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(..., B, C) one-hot batch and covariates of the minibatch; an error naming the fix if absent."""
+        cov = batch.get("covariates")
+        if cov is None or cov.shape[-1] != self.n_covariates:
+            got = None if cov is None else tuple(cov.shape)
+            raise ValueError(
+                f"this model was trained with {self.n_covariates} covariate levels (batch / covariates) but "
+                f"the minibatch carries {got}; read the data with the run's batch_key / covariate_keys"
+            )
+        return cov
 
     # -------------------------------------------------------------------------------- model and guide
     def model(

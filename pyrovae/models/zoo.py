@@ -157,6 +157,12 @@ MODEL_ZOO: dict[str, dict[str, Any]] = {
     "gpo_vae_reference": {"family": "gpo", "guide": "correlated", "mask_prior": 0.3, "artifact": True},
 }
 
+#: data options a named model needs unless the user set them
+#: (:meth:`pyrovae.data.options.DataOptions.with_defaults`)
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "svae_plus": {"encode_combos_as_unique": True},  # SVAE+ models one action per distinct combination
+}
+
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a named model with overrides (``n_latent=...`` etc.)."""
@@ -259,12 +265,21 @@ def build_model(
     norm_std: np.ndarray | torch.Tensor | None = None,
     norm_log: bool = True,
     seed: int | None = None,
+    n_covariates: int = 0,
+    size_factors: bool = False,
 ) -> PerturbationVAE:
-    """Assemble the skeleton for a config; ``seed`` makes the parameter initialisation reproducible."""
+    """Assemble the skeleton for a config; ``seed`` makes the parameter initialisation reproducible.
+
+    ``n_covariates``: C, the width of the data's one-hot batch and covariates (0: none);
+    ``size_factors``: the library size is an external size factor (the decoder then keeps a share of the
+    counts outside the modelled genes, see :class:`~pyrovae.nn.likelihoods.Decoder`).
+    """
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_model(cfg, n_genes, n_treatments, norm_mean, norm_std, norm_log)
+            return build_model(
+                cfg, n_genes, n_treatments, norm_mean, norm_std, norm_log, None, n_covariates, size_factors
+            )
     if cfg.likelihood not in ("nb", "poisson", "normal"):
         raise ValueError(f"unknown likelihood {cfg.likelihood!r}; use 'nb', 'poisson' or 'normal'")
     artifact = ArtifactBlock(cfg.n_qc, cfg.n_latent, cfg.embedding_prior_scale) if cfg.artifact else None
@@ -283,6 +298,8 @@ def build_model(
         norm_std=None if norm_std is None else torch.as_tensor(np.asarray(norm_std), dtype=torch.float32),
         norm_log=norm_log,
         artifact=artifact,
+        n_covariates=n_covariates,
+        size_factors=size_factors,
     )
     model.penalties.extend(build_penalties(cfg))
     return model

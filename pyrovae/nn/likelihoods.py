@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -128,24 +129,57 @@ class Decoder(nn.Module):
     - ``"poisson"``: Poisson with rate l * softmax(f(u)).
     - ``"normal"``: Normal(f(u), per-gene scale), for log-normalised data (library size unused).
 
+    ``rest=True`` (the library size is an external size factor l, e.g. a cell's whole-transcriptome total
+    while only G highly variable genes are modelled): the softmax runs over G + 1 categories, the last one
+    the counts outside the modelled genes, and the mean of gene g is l * softmax(f(u))_g. The modelled
+    genes' share of the depth is then learned (and may change with the perturbation) instead of being
+    forced to 1, so mu sums to what the G genes hold, not to l.
+
     Shapes: u (..., B, n_in), library_size (B,) -> a distribution with batch shape (..., B) and event (G,).
     """
 
-    def __init__(self, n_in: int, n_genes: int, n_hidden: int, n_layers: int, likelihood: str = "nb") -> None:
+    def __init__(
+        self,
+        n_in: int,
+        n_genes: int,
+        n_hidden: int,
+        n_layers: int,
+        likelihood: str = "nb",
+        rest: bool = False,
+    ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; use one of {LIKELIHOODS}")
         self.likelihood = likelihood
+        self.rest = bool(rest) and likelihood in COUNT_LIKELIHOODS
         self.trunk = ResidualMLP(n_in, n_hidden, n_layers)
-        self.head = nn.Linear(self.trunk.n_out, n_genes)
+        self.head = nn.Linear(self.trunk.n_out, n_genes + int(self.rest))
         if likelihood == "nb":
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
         if likelihood == "normal":
             self.log_scale = nn.Parameter(torch.zeros(n_genes))
 
+    @torch.no_grad()
+    def init_rest_share(self, share: float) -> None:
+        """Start the outside-genes category at the data's share: with the other logits near 0, the modelled
+        genes then hold ``share`` of the size factor at initialisation (a softmax starting uniform over
+        G + 1 categories would give them G / (G + 1), often 20 times the data's, which training at a small
+        learning rate takes thousands of steps to undo)."""
+        if not self.rest:
+            raise ValueError("init_rest_share needs a decoder with the outside-genes category (rest=True)")
+        share = float(share)
+        if not 0.0 < share < 1.0:
+            raise ValueError(
+                f"the modelled genes' share of the size factor must be in (0, 1), got {share:.4g}: size "
+                "factors must exceed the counts over the modelled genes (whole-transcriptome totals)"
+            )
+        g = self.head.out_features - 1
+        self.head.bias[-1] = self.head.bias[:-1].mean() + float(np.log(g * (1.0 - share) / share))
+
     def mean_fraction(self, u: torch.Tensor) -> torch.Tensor:
-        """(..., B, G) expected fraction of a cell's counts per gene (count likelihoods)."""
-        return torch.softmax(self.head(self.trunk(u)), dim=-1)
+        """(..., B, G) expected fraction of a cell's library size per gene (count likelihoods)."""
+        frac = torch.softmax(self.head(self.trunk(u)), dim=-1)
+        return frac[..., :-1] if self.rest else frac
 
     def forward(self, u: torch.Tensor, library_size: torch.Tensor | None) -> dist.Distribution:
         out = self.head(self.trunk(u))
@@ -153,7 +187,10 @@ class Decoder(nn.Module):
             return dist.Normal(out, self.log_scale.exp()).to_event(1)
         if library_size is None:
             raise ValueError("a count likelihood needs the library size of each cell")
-        mu = library_size.unsqueeze(-1) * torch.softmax(out, dim=-1)
+        frac = torch.softmax(out, dim=-1)
+        if self.rest:
+            frac = frac[..., :-1]
+        mu = library_size.unsqueeze(-1) * frac
         if self.likelihood == "poisson":
             return dist.Poisson(mu + 1e-8).to_event(1)
         theta = self.log_theta.exp()

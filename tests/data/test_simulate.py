@@ -95,7 +95,7 @@ def test_tiny_shapes_and_layout(tiny):
 
 
 def test_preset_configs():
-    assert set(PRESETS) == {"tiny", "default", "large"}
+    assert set(PRESETS) == {"tiny", "default", "targeted_panel", "large"}
     d = PRESETS["default"]
     assert (d.n_genes, d.n_latent, d.n_perturbed, d.n_doubles, d.n_extra_grn_genes) == (200, 10, 24, 12, 16)
     assert (d.n_control_cells, d.cells_per_single, d.cells_per_double) == (1500, 150, 150)
