@@ -35,6 +35,7 @@ from pyrovae.data.anndata import (
     untrained_treatments,
 )
 from pyrovae.data.grn import UNS_KEY
+from pyrovae.data.matrix import column_sums
 from pyrovae.data.options import DataOptions
 from pyrovae.data.prepare import preparation_record, prepare_data, record_options
 from pyrovae.infer import distributed
@@ -114,7 +115,7 @@ def data_fingerprint(data: PerturbationData, run_id: str | None = None) -> dict[
     order = np.argsort(names.to_numpy(dtype=str), kind="stable")
     labels = np.asarray(data.labels).astype(str)[order]
     library = np.round(np.asarray(data.library_size, dtype=np.float64)[order], 4)
-    genes = np.asarray(data.counts.sum(axis=0), dtype=np.float64).ravel()
+    genes = column_sums(data.counts)
     digest = hashlib.sha256()
     for part in (
         names.to_numpy(dtype=str)[order],
