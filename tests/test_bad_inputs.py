@@ -395,7 +395,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
      r"different order"),
     ("ate zero samples", ["ate", RUN, "--data", GOOD, "--n-samples", "0"], 2, r"argument --n-samples: must be >= 1"),
     ("ate zero top-k", ["ate", RUN, "--data", GOOD, "--top-k", "0"], 2, r"argument --top-k: must be >= 1"),
-    ("ate negative library", ["ate", RUN, "--data", GOOD, "--library", "-3"], 2, r"--library must be positive"),
+    ("ate negative library", ["ate", RUN, "--data", GOOD, "--library", "-3"], 2, r"--library must be a finite number > 0"),
     ("ate unknown perturbation", ["ate", RUN, "--data", D % "unknown_pert", "--out", "{new}"], 2,
      r"unknown perturbation\(s\) Z"),
     ("ate truncated checkpoint", ["ate", "{dmg:truncated_ckpt}", "--data", GOOD, "--out", "{new}"], 2,
@@ -623,7 +623,7 @@ def test_failed_runs_leave_nothing_and_user_files_survive(env):
 #: (id, call on a trained model (or the class), regex of the one-line error). The API raises (no CLI).
 API_CASES = [
     ("get_ate n_samples=0", lambda m, tmp: m.get_ate(["A"], n_samples=0), ValueError,
-     r"option n_samples must be >= 1, got 0"),
+     r"n_samples must be >= 1, got 0"),
     ("to_arviz n_draws=0", lambda m, tmp: m.to_arviz(n_draws=0), ValueError, r"option n_draws must be >= 1, got 0"),
     ("save onto a file", lambda m, tmp: m.save(tmp / "notes.txt"), FileExistsError,
      r"notes\.txt is a file; save\(\) writes a directory there"),
