@@ -11,10 +11,11 @@ measured genes), trained with the dataset's data options (batch / covariates / s
 |effect|), MSE (model ATE sampled at the test cells' own depths, ``library_size="matched"``), test
 IWELBO, training seconds; with a covariate, ATE r per level too (``summary_by_level.md``).
 
-Baselines from the training cells: zero effect, per-perturbation training mean, additive, mean of all
-perturbed cells. The noise ceiling: the agreement of the test cells with themselves (random halves of
-each label's test cells, within each level), as the r and MSE a perfect predictor would reach against the
-noisy held-out ATE (:func:`noise_ceiling`).
+Baselines from the training cells (:mod:`pyrovae.baselines`): no change (zero effect), per-perturbation
+training mean, additive, mean of all perturbed cells, systema's matching mean, the linear PCA + ridge
+baseline (targets that are measured genes). The noise ceiling (:mod:`pyrovae.evaluate.ceiling`): the
+agreement of the test cells with themselves over random halvings, as a same-size replicate experiment
+(``noise_ceiling``) and as the score of a noiseless predictor (``perfect_predictor``).
 
 Usage::
 
@@ -37,71 +38,16 @@ if __package__ in (None, ""):  # run as a script: make `pyrovae` importable from
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 
 import pyrovae
+from pyrovae.commands.demo_real import real_split
 from pyrovae.datasets import DATASETS
-from pyrovae.evaluate.ate import ate_metrics, data_totals, empirical_ate
 from pyrovae.evaluate.score import score_run
 from pyrovae.report import markdown_table
 
 SPLIT_COLUMN = "real_screens_split"
 METRICS = ("pearson", "pearson_topk", "mse")
-
-
-def stratified_split(labels: np.ndarray, levels: np.ndarray | None, seed: int) -> np.ndarray:
-    """(N,) train / val / test, 64 / 16 / 20 within every (label, level) group (seeded)."""
-    rng = np.random.default_rng(seed)
-    keys = labels.astype(str) if levels is None else np.char.add(labels.astype(str), "|" + levels.astype(str))
-    out = np.empty(len(labels), dtype=object)
-    for key in np.unique(keys):
-        idx = rng.permutation(np.flatnonzero(keys == key))
-        n_test, n_val = int(round(0.2 * len(idx))), int(round(0.16 * len(idx)))
-        out[idx[:n_test]] = "test"
-        out[idx[n_test : n_test + n_val]] = "val"
-        out[idx[n_test + n_val :]] = "train"
-    return out.astype(str)
-
-
-def noise_ceiling(
-    data, rows: np.ndarray, strata: np.ndarray | None = None, n_splits: int = 5, seed: int = 0
-) -> dict[str, float]:
-    """Split-half agreement of the cells ``rows`` with themselves: each label's cells (controls too; within
-    each level of ``strata``, (len(rows),), so both halves keep the level mix) are halved at random; r
-    between the halves' empirical ATEs is Spearman-Brown corrected (2r / (1 + r)), and half the halves'
-    MSE estimates the noise MSE of a full-size empirical ATE against its own truth (each half has twice
-    the variance, their difference four times). Mean over ``n_splits`` halvings.
-
-    The correlation ceiling is sqrt(reliability), reliability = the Spearman-Brown corrected split-half r:
-    the r a perfect predictor (the true effects) reaches against the noisy held-out ATE; the MSE floor is
-    what a perfect predictor scores."""
-    rng = np.random.default_rng(seed)
-    labels = data.labels[rows] if strata is None else np.char.add(data.labels[rows].astype(str), strata)
-    out = []
-    for _ in range(n_splits):
-        half = np.zeros(len(rows), dtype=bool)
-        for lab in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == lab))
-            half[idx[: len(idx) // 2]] = True
-        a, b = rows[half], rows[~half]
-        ea = empirical_ate(
-            data.counts[a], data.labels[a], data.control_label, genes=data.genes, totals=data_totals(data, a)
-        )
-        eb = empirical_ate(
-            data.counts[b], data.labels[b], data.control_label, genes=data.genes, totals=data_totals(data, b)
-        )
-        m = ate_metrics(ea, eb.loc[ea.index])
-        out.append({k: (_reliability_ceiling(m[k]) if k != "mse" else m[k] / 4) for k in METRICS})
-    return pd.DataFrame(out).mean().to_dict()
-
-
-def _reliability_ceiling(r: float) -> float:
-    """sqrt of the Spearman-Brown corrected split-half r (0 where the halves do not agree)."""
-    if not np.isfinite(r):
-        return float("nan")
-    reliability = 2 * r / (1 + r) if r > 0 else 0.0
-    return float(np.sqrt(reliability))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("batch_key", "covariate_keys", "size_factor_key"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
+    # the split is stratified by the dataset's levels with or without --no-covariates: the same test cells
+    strata = ["perturbation", *pyrovae.DataOptions.from_dict(opts).categorical_keys]
+    adata.obs[SPLIT_COLUMN] = real_split(adata.obs, strata, args.split_seed)
     if args.no_covariates:
         opts.pop("batch_key", None)
         opts.pop("covariate_keys", None)
     options = pyrovae.DataOptions.from_dict({**opts, "split_key": SPLIT_COLUMN})
-    level_key = options.categorical_keys[0] if options.categorical_keys else None
-    levels = None if level_key is None else adata.obs[level_key].astype(str).to_numpy()
-    adata.obs[SPLIT_COLUMN] = stratified_split(
-        adata.obs["perturbation"].astype(str).to_numpy(), levels, args.split_seed
-    )
-    rows, ceiling = [], None
+    # ATE per level of the dataset's first categorical column (also for a model trained without it)
+    level_key = strata[1] if len(strata) > 1 else None
+    rows = []
     for model in args.models:
         for seed in args.seeds:
             run_dir = out / f"{model}_seed{seed}"
@@ -174,12 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             data = m.data
             test = data.indices("test")
-            if ceiling is None:
-                strata = None if level_key is None else "|" + data.covariate_values(level_key)[test]
-                ceiling = noise_ceiling(data, test, strata)
-                rows.append({"method": "noise ceiling", "seed": -1, **ceiling})
-            perts = data.groups("test")
-            zero = pd.DataFrame(0.0, index=pd.Index(perts, name="perturbation"), columns=data.genes)
             scores = score_run(
                 m.run,
                 data,
@@ -190,10 +130,25 @@ def main(argv: list[str] | None = None) -> int:
                 n_particles=args.iwelbo_particles,
                 iwelbo_seeds=(0,),
                 seed=seed,
+                by=level_key,
             )
+            for set_name, part in scores["ate"].items():  # ATE r per level of the first covariate
+                if set_name != "test":
+                    rows.append(
+                        {
+                            "method": model,
+                            "seed": seed,
+                            "level": set_name.split("=", 1)[1].rstrip("]"),
+                            **{f"{k}_level": float(part["table"].loc[model, k]) for k in METRICS},
+                        }
+                    )
             rep = scores["ate"]["test"]
-            table = rep["table"]
-            table.loc["zero effect", METRICS] = [np.nan, np.nan, ate_metrics(rep["ate_true"], zero)["mse"]]
+            table = pd.concat(
+                [
+                    rep["table"],
+                    rep["ceiling"][list(rep["table"].columns.intersection(rep["ceiling"].columns))],
+                ]
+            )
             for method, r in table.iterrows():
                 first = model == args.models[0] and seed == args.seeds[0]
                 if method != model and not first:

@@ -42,6 +42,7 @@ from pyro import poutine
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.options import DataOptions
+from pyrovae.evaluate.celleval import cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed
 from pyrovae.infer.device import resolve_device
 from pyrovae.infer.iwelbo import predictive_iwelbo
@@ -571,6 +572,31 @@ class Model:
             covariates=covariates,
             **options,
         )
+
+    def cell_eval(
+        self,
+        out_dir: str | Path,
+        split: str = "test",
+        n_cells: int = 500,
+        library_size: str | float = "data",
+        profile: str = "full",
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Score the model with cell-eval (``pip install 'pyrovae[eval]'``) on the held-out ``split`` cells.
+
+        The predicted cells (``n_cells`` per label, control included, at ``library_size``) and the held-out
+        real cells are log-normalised on one scale and scored by cell-eval's ``profile``, then cell-eval's
+        mean baseline (from the training cells) and its baseline-normalised score; cell-eval writes its
+        tables into ``out_dir`` (:func:`pyrovae.evaluate.celleval.run_cell_eval`, whose dict is returned).
+        """
+        self._require_trained()
+        rows = self._data.indices(split)
+        if len(rows) == 0:
+            raise ValueError(f"the {split!r} split has no cells")
+        pred, real, train = cell_eval_inputs(
+            self.posterior(), self._data, rows, n_cells=n_cells, library_size=library_size, seed=seed
+        )
+        return run_cell_eval(pred, real, self._data.control_label, out_dir, train=train, profile=profile)
 
     def get_iwelbo(
         self,

@@ -396,6 +396,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("ate zero samples", ["ate", RUN, "--data", GOOD, "--n-samples", "0"], 2, r"argument --n-samples: must be >= 1"),
     ("ate zero top-k", ["ate", RUN, "--data", GOOD, "--top-k", "0"], 2, r"argument --top-k: must be >= 1"),
     ("ate negative library", ["ate", RUN, "--data", GOOD, "--library", "-3"], 2, r"--library must be a finite number > 0"),
+    ("ate negative ceiling splits", ["ate", RUN, "--data", GOOD, "--ceiling-splits", "-1"], 2, r"argument --ceiling-splits: must be >= 0"),
+    ("ate zero mc seeds", ["ate", RUN, "--data", GOOD, "--mc-seeds", "0"], 2, r"argument --mc-seeds: must be >= 1"),
     ("ate unknown perturbation", ["ate", RUN, "--data", D % "unknown_pert", "--out", "{new}"], 2,
      r"unknown perturbation\(s\) Z"),
     ("ate truncated checkpoint", ["ate", "{dmg:truncated_ckpt}", "--data", GOOD, "--out", "{new}"], 2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -91,7 +92,15 @@ def test_ate_command_held_out_and_all_cells(trained_run, capsys):
     assert "held-out test cells" in printed and "| method |" in printed
     out = run / "ate_test"
     table = pd.read_csv(out / "ate_metrics.csv", index_col="method")
-    assert list(table.index) == ["sams", "train_mean", "additive", "global_mean"]
+    assert list(table.index) == [
+        "sams",
+        "no_change",
+        "train_mean",
+        "additive",
+        "global_mean",
+        "matching_mean",
+        "linear",
+    ]
     assert {"pearson", "pearson_topk", "r2", "n_perturbations"} <= set(table.columns)
     per = pd.read_csv(out / "ate_per_perturbation.csv")
     assert {"method", "perturbation", "pearson"} <= set(per.columns)
@@ -105,6 +114,35 @@ def test_ate_command_held_out_and_all_cells(trained_run, capsys):
     assert "all cells" in capsys.readouterr().out
     assert json.loads((run / "ate_all" / "ate_summary.json").read_text())["scope"].startswith("all cells")
     assert main(["ate", str(run), "--data", str(data), "--n-samples", "32"]) == 2  # refuses to overwrite
+
+
+def test_ate_command_field_metrics(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    out = tmp_path / "ate_field"
+    args = ["ate", str(run), "--data", str(data), "--n-samples", "32", "--top-k", "5", "--out", str(out)]
+    assert main([*args, "--cells", "--n-cells", "20", "--mc-seeds", "2", "--ceiling-splits", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| noise_ceiling |" in printed and "Monte Carlo sd of sams over 2" in printed
+    table = pd.read_csv(out / "ate_metrics.csv", index_col="method")
+    assert {"mae", "pds", "rank", "pearson_delta_pert", "pearson_de_topk", "energy_distance"} <= set(table)
+    assert "pearson_mc_sd" in table.columns and np.isfinite(table.loc["sams", "pearson_mc_sd"])
+    ceiling = pd.read_csv(out / "ate_ceiling.csv", index_col="method")
+    assert list(ceiling.index) == ["noise_ceiling", "perfect_predictor"] and "pearson_sd" in ceiling.columns
+    vs = pd.read_csv(out / "ate_vs_baseline.csv", index_col="method")
+    assert list(vs.index) == list(table.index)
+    assert set(pd.read_csv(out / "ate_energy.csv")["method"]) == {"sams", "no_change", "train_mean"}
+    summary = json.loads((out / "ate_summary.json").read_text())
+    assert summary["noise_ceiling"][0]["method"] == "noise_ceiling" and summary["mc_seeds"] == 2
+    if importlib.util.find_spec("cell_eval") is None:  # the eval extra is missing: one clear line
+        assert main([*args, "--overwrite", "--cell-eval"]) == 2
+        assert "pip install 'pyrovae[eval]'" in capsys.readouterr().err
+    else:
+        assert main([*args, "--overwrite", "--cell-eval", "--n-cells", "30", "--ceiling-splits", "0"]) == 0
+        assert "cell-eval: avg_score" in capsys.readouterr().out
+        assert (out / "cell_eval" / "agg_results.csv").is_file() and (
+            out / "cell_eval" / "score.csv"
+        ).is_file()
+        assert not (out / "ate_ceiling.csv").exists()
 
 
 def test_sample_command_writes_an_anndata(trained_run, tmp_path, capsys):

@@ -149,6 +149,11 @@ def positive_int(value: str) -> int:
     return _int_at_least(value, 1, "")
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0 (0 switches a step off)."""
+    return _int_at_least(value, 0, "")
+
+
 def seed_int(value: str) -> int:
     """argparse type: a seed, an integer in [0, 2**32 - 1] (numpy's global seed is 32-bit)."""
     out = _int_at_least(value, 0, "a seed ")

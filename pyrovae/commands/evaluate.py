@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
+from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
+from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
 from pyrovae.infer.predictive import MATCHED, Posterior
 from pyrovae.infer.runs import load_run
@@ -152,10 +153,15 @@ def run_iwelbo(args: argparse.Namespace) -> int:
 SHOWN_ATE_COLUMNS = (
     "pearson",
     "pearson_topk",
-    "r2",
-    "pearson_per_pert_mean",
+    "pearson_de_topk",
+    "pearson_delta_pert",
     "mse",
-    "direction_acc_topk",
+    "mae",
+    "pds",
+    "rank",
+    "centroid_accuracy",
+    "interaction_pearson",
+    "energy_distance",
     "n_perturbations",
     "n_dropped",
 )
@@ -167,6 +173,8 @@ def run_ate(args: argparse.Namespace) -> int:
     check_not_owned(out_dir)
     if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already holds ATE results; pass --overwrite to replace them")
+    if args.cell_eval and not cell_eval_available():
+        raise ValueError("--cell-eval needs the cell-eval package: pip install 'pyrovae[eval]'")
     run, data = _load(args)
     if args.all_cells:
         rows = np.arange(data.n_cells)
@@ -187,6 +195,13 @@ def run_ate(args: argparse.Namespace) -> int:
         library_size=args.library,
         seed=args.seed,
         by=args.by,
+        field_options=dict(
+            cells=args.cells,
+            n_cells=args.n_cells,
+            ceiling=args.ceiling_splits > 0,
+            ceiling_splits=max(args.ceiling_splits, 1),
+            mc_seeds=args.mc_seeds,
+        ),
     )["ate"]
     levels = {k: v for k, v in rep.items() if k != scope}
     rep = rep[scope]
@@ -197,7 +212,7 @@ def run_ate(args: argparse.Namespace) -> int:
         rep["unseen_table"],
     )
     method_of = rep["prediction"]
-    fig = None
+    fig = ce = None
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
     with (
@@ -213,6 +228,12 @@ def run_ate(args: argparse.Namespace) -> int:
             by_table = pd.concat({k: v["table"] for k, v in levels.items()}, names=["cells"])
             atomic_write(stage / f"ate_metrics_by_{_slug(args.by)}.csv", lambda tmp: by_table.to_csv(tmp))
         atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
+        if rep["ceiling"] is not None:
+            atomic_write(stage / "ate_ceiling.csv", lambda tmp: rep["ceiling"].to_csv(tmp))
+        if rep["vs_baseline"] is not None:
+            atomic_write(stage / "ate_vs_baseline.csv", lambda tmp: rep["vs_baseline"].to_csv(tmp))
+        if rep["energy"] is not None:
+            atomic_write(stage / "ate_energy.csv", lambda tmp: rep["energy"].to_csv(tmp, index=False))
         for name, df in rep["preds"].items():
             atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
         write_json(
@@ -236,8 +257,33 @@ def run_ate(args: argparse.Namespace) -> int:
                 "metrics_unseen": None
                 if unseen_table is None
                 else unseen_table.reset_index().to_dict(orient="records"),
+                "noise_ceiling": None
+                if rep["ceiling"] is None
+                else rep["ceiling"].reset_index().to_dict(orient="records"),
+                "best_baseline_per_metric": None
+                if rep["vs_baseline"] is None
+                else rep["vs_baseline"].attrs["baseline"],
+                "mc_seeds": args.mc_seeds,
             },
         )
+        if args.cell_eval:
+            print(f"running cell-eval ({args.cell_eval_profile}) on {args.n_cells} predicted cells per label")
+            inputs = cell_eval_inputs(
+                Posterior.from_run(run),
+                data,
+                rows,
+                n_cells=args.n_cells,
+                library_size=args.library,
+                seed=args.seed,
+            )
+            ce = run_cell_eval(
+                inputs[0],
+                inputs[1],
+                data.control_label,
+                stage / "cell_eval",
+                train=inputs[2],
+                profile=args.cell_eval_profile,
+            )
         try:
             fig = plot_ate_scatter(rep["ate_true"], rep["preds"], stage / "ate_scatter.png", top_k=args.top_k)
         except ImportError as err:
@@ -247,10 +293,27 @@ def run_ate(args: argparse.Namespace) -> int:
         f"model sampled at: {rep['conditions']}"
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
-    print(markdown_table(table[shown]))
+    ceiling = rep["ceiling"]
+    print(markdown_table(table[shown] if ceiling is None else pd.concat([table[shown], ceiling[shown]])))
     for name, part in levels.items():
         print(f"{name}:")
         print(markdown_table(part["table"][shown]))
+    if ceiling is not None:
+        print(
+            f"noise_ceiling: the held-out cells against themselves ({int(ceiling['n_splits'].iloc[0])} "
+            "random halvings; correlations Spearman-Brown corrected, errors to full depth; sd in "
+            "ate_ceiling.csv): a same-size replicate experiment; perfect_predictor: a noiseless prediction "
+            "of the population effect"
+        )
+    if ce is not None:
+        avg = ce["score"].set_index("metric")["from_baseline"].get("avg_score", float("nan"))
+        print(f"cell-eval: avg_score against its mean baseline {avg:.3f} (0 = the baseline, 1 = perfect)")
+    if args.mc_seeds > 1:
+        spread = table.loc[model_name, [f"{c}_mc_sd" for c in shown if f"{c}_mc_sd" in table.columns]]
+        print(
+            f"Monte Carlo sd of {model_name} over {args.mc_seeds} model-ATE seeds: "
+            + ", ".join(f"{k[:-6]} {v:.3g}" for k, v in spread.items())
+        )
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
@@ -267,6 +330,10 @@ def run_ate(args: argparse.Namespace) -> int:
     print(
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
         f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"
+        f"{', ate_ceiling.csv' if ceiling is not None else ''}"
+        f"{', ate_vs_baseline.csv' if rep['vs_baseline'] is not None else ''}"
+        f"{', ate_energy.csv' if rep['energy'] is not None else ''}"
+        f"{', cell_eval/' if args.cell_eval else ''}"
         f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
@@ -372,6 +439,8 @@ def register(sub) -> None:
     p.add_argument("--n-samples", type=positive_int, default=2500, help="model samples (default 2500)")
     p.add_argument(
         "--library",
+        "--library-size",
+        dest="library",
         type=_library_arg,
         default=MATCHED,
         help="model library size: matched (default: each sample at the depth, and covariates, of a compared "
@@ -385,6 +454,41 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the table (default: its family)")
+    p.add_argument(
+        "--mc-seeds",
+        type=positive_int,
+        default=3,
+        help="model ATEs at this many seeds: each model metric's Monte Carlo sd (<metric>_mc_sd; default 3)",
+    )
+    p.add_argument(
+        "--ceiling-splits",
+        type=non_negative_int,
+        default=5,
+        help="random halvings of the held-out cells for the noise ceiling (default 5; 0: no ceiling)",
+    )
+    p.add_argument(
+        "--cells",
+        action="store_true",
+        help="also compare predicted with held-out cells (energy distance in a PCA; --n-cells per label)",
+    )
+    p.add_argument(
+        "--n-cells",
+        type=positive_int,
+        default=500,
+        help="predicted cells per label for --cells and --cell-eval (default 500)",
+    )
+    p.add_argument(
+        "--cell-eval",
+        action="store_true",
+        help="also run cell-eval (pip install 'pyrovae[eval]') on predicted and held-out cells; "
+        "tables in OUT/cell_eval/",
+    )
+    p.add_argument(
+        "--cell-eval-profile",
+        default="full",
+        choices=["full", "vcc", "minimal", "de", "anndata"],
+        help="cell-eval's metric profile (default full)",
+    )
     p.add_argument("--out", default=None, help="output directory (default RUN/ate_<split>, RUN/ate_all)")
     p.add_argument("--overwrite", action="store_true")
     add_device_arg(p)
@@ -403,6 +507,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument(
         "--library",
+        "--library-size",
+        dest="library",
         type=_library_arg,
         default=DEFAULT_LIBRARY_SIZE,
         help="library size: a number (default 1e4) or matched (drawn from --data's cells of each label)",

@@ -21,13 +21,8 @@ import pandas as pd
 
 from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import (
-    ate_table,
-    baseline_ates,
-    data_totals,
-    empirical_ate,
-    per_perturbation_metrics,
-)
+from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
+from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
 from pyrovae.infer.predictive import MATCHED, Posterior
@@ -82,6 +77,12 @@ def ate_report(
     extra_preds: dict[str, pd.DataFrame] | None = None,
     cache: dict[tuple, pd.DataFrame] | None = None,
     covariates: dict[str, str] | None = None,
+    de: bool = True,
+    cells: bool = False,
+    n_cells: int = 200,
+    ceiling: bool = True,
+    ceiling_splits: int = 5,
+    mc_seeds: int = 1,
 ) -> dict[str, Any]:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
 
@@ -99,11 +100,21 @@ def ate_report(
     ``cache``: model ATEs already computed with these settings, by (model name, perturbations); filled
     in, so that cell sets with the same perturbations share one prediction (:func:`score_run`).
 
+    The table holds the field-standard metrics too (:func:`pyrovae.evaluate.field.field_table`: all
+    model-free baselines, DE top-k genes with ``de``, interaction residuals, the noise ceiling with
+    ``ceiling`` over ``ceiling_splits`` halvings); ``cells`` adds the energy distance of ``n_cells``
+    predicted cells per perturbation (:meth:`~pyrovae.infer.predictive.Posterior.predict`, at
+    ``library_size``) against the held-out cells; ``mc_seeds`` > 1 adds each model's ``<metric>_mc_sd``,
+    the spread of its metrics over model ATEs (and, with ``cells``, predicted cells) at seeds ``seed``,
+    ``seed + 1``, ...
+
     Returns:
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
         ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}).
+        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}), and from
+        :func:`~pyrovae.evaluate.field.field_table`: ``ceiling``, ``vs_baseline``, ``baseline_names``,
+        ``de_qvalues``, ``energy``.
     """
     rows = np.asarray(rows)
     labels = data.labels[rows]
@@ -128,36 +139,73 @@ def ate_report(
     ate_true = ate_true.loc[perts]
     preds: dict[str, pd.DataFrame] = {}
     cache = {} if cache is None else cache
-    for name, post in {model_name: posterior, **(extra_models or {})}.items():
-        # matched depths depend on the compared cells: sets share a prediction only with the same cells
-        cells = hash(np.asarray(rows).tobytes()) if isinstance(library_size, str) else None
-        key = (name, tuple(perts), cells, tuple(sorted((covariates or {}).items())))
-        if key not in cache:
-            cache[key] = post.model_ate(
-                perts,
-                n_samples=n_samples,
-                library_size=library_size,
-                data=data,
-                seed=seed,
-                chunk=chunk,
-                transform=transform,
-                rows=rows,
-                covariates=covariates,
-            )
-        preds[name] = cache[key]
-    if baselines:
-        preds.update(baseline_ates(data, perts, transform=transform))
+    members = combination_members(perts, data.sep)  # for the interaction residuals of combinations
+    model_singles, mc_preds, predicted_cells, mc_cells = {}, {}, {}, {}
+    models = {model_name: posterior, **(extra_models or {})}
+    kw = dict(
+        n_samples=n_samples,
+        library_size=library_size,
+        data=data,
+        chunk=chunk,
+        transform=transform,
+        rows=rows,
+        covariates=covariates,
+    )
+    # matched depths depend on the compared cells: sets share a prediction only with the same cells
+    cell_key = hash(np.asarray(rows).tobytes()) if isinstance(library_size, str) else None
+    cond = (cell_key, tuple(sorted((covariates or {}).items())))
+    for name, post in models.items():
+        asked = [((name, tuple(perts), *cond), perts, seed)]
+        asked += [((name, tuple(members), *cond), members, seed)] if members else []
+        asked += [((name, tuple(perts), *cond, seed + k), perts, seed + k) for k in range(1, mc_seeds)]
+        for key, labs, s in asked:
+            if key not in cache:
+                cache[key] = post.model_ate(labs, seed=s, **kw)
+        preds[name] = cache[asked[0][0]]
+        model_singles[name] = pd.concat([preds[name], *([cache[asked[1][0]]] if members else [])])
+        mc_preds[name] = [cache[key] for key, _, _ in asked[1 + bool(members) :]]
+        if cells:
+            predicted_cells[name], *mc_cells[name] = [
+                post.predict(
+                    [*perts, ctrl],
+                    n_cells=n_cells,
+                    library_size=library_size,
+                    data=data,
+                    seed=seed + k,
+                    chunk=chunk,
+                    covariates=covariates,
+                )
+                for k in range(mc_seeds)
+            ]
     for name, df in (extra_preds or {}).items():
         preds[name] = df.loc[perts]
+    field = field_table(
+        data,
+        rows,
+        ate_true,
+        preds,
+        transform=transform,
+        top_k=top_k,
+        model_singles=model_singles,
+        baselines=baselines,
+        de=de,
+        cells=predicted_cells or None,
+        ceiling=ceiling,
+        ceiling_splits=ceiling_splits,
+        mc_preds=mc_preds if mc_seeds > 1 else None,
+        mc_cells=mc_cells if mc_seeds > 1 else None,
+        seed=seed,
+    )
     return {
         "ate_true": ate_true,
-        "preds": preds,
-        "table": ate_table(ate_true, preds, top_k),
-        "per_perturbation": per_perturbation_metrics(ate_true, preds, top_k),
+        "preds": field["preds"],
+        "table": field["table"],
+        "per_perturbation": field["per_perturbation"],
         "control_source": control_source,
         "perturbations": perts,
         "prediction": dict(preds[model_name].attrs.get("prediction", {})),
         "conditions": preds[model_name].attrs.get("conditions", ""),
+        **{k: field[k] for k in ("ceiling", "vs_baseline", "baseline_names", "de_qvalues", "energy")},
     }
 
 
@@ -182,6 +230,7 @@ def score_ate(
     cache: dict[tuple, pd.DataFrame] | None = None,
     baselines: bool = True,
     covariates: dict[str, str] | None = None,
+    field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
@@ -190,7 +239,8 @@ def score_ate(
     (:func:`~pyrovae.evaluate.grn.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
     and a model that transfers to them (GPO-VAE through its GRN) is also shown as
     ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer (both only with
-    ``baselines``).
+    ``baselines``). ``field_options``: :func:`ate_report`'s ``de``, ``cells``, ``n_cells``, ``ceiling``,
+    ``ceiling_splits``, ``mc_seeds``.
 
     Returns:
         :func:`ate_report`'s dict, its ``per_perturbation`` with a ``prediction`` column (how each model
@@ -237,6 +287,7 @@ def score_ate(
             cache=cache,
             baselines=baselines,
             covariates=covariates,
+            **(field_options or {}),
         )
     method_of = {name: rep["prediction"]}
     for o in others or {}:
@@ -278,11 +329,30 @@ def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: i
 def level_sets(
     data: PerturbationData, sets: Mapping[str, np.ndarray], by: str | None
 ) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
-    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the
-    covariate ``by`` that holds perturbed cells (named ``"<set> [by=level]"``)."""
+    """(name, rows, covariates) of every set and, with ``by``, of each set's cells at each level of the obs
+    column ``by`` that holds perturbed cells (named ``"<set> [by=level]"``). When ``by`` is a covariate of
+    the model, the model is evaluated at the level (``covariates``); any other obs column only selects the
+    cells (a model trained without it can still be scored per level)."""
     out = [(name, np.asarray(rows), None) for name, rows in sets.items()]
     if by is None:
         return out
+    if by in data.covariate_levels:
+        values, levels, model_level = data.covariate_values(by), data.covariate_levels[by], True
+    elif by in data.obs.columns:
+        values = data.obs[by].astype(str).to_numpy()
+        levels, model_level = sorted(set(values[data.split != ""].tolist())), False
+    else:
+        raise ValueError(
+            f"--by {by!r}: neither a covariate of the run ({list(data.covariate_levels) or 'none'}) nor an "
+            "obs column of the data"
+        )
+    for name, rows in sets.items():
+        rows = np.asarray(rows)
+        for level in levels:
+            at = rows[values[rows] == level]
+            if (data.labels[at] != data.control_label).any():
+                out.append((f"{name} [{by}={level}]", at, {by: level} if model_level else None))
+    return out
     values = data.covariate_values(by)
     for name, rows in sets.items():
         rows = np.asarray(rows)
@@ -314,6 +384,7 @@ def score_run(
     log: Callable[[str], Any] | None = None,
     baselines: bool = True,
     by: str | None = None,
+    field_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
 
@@ -329,6 +400,9 @@ def score_run(
         baselines: also score the trivial and unseen-perturbation baselines (and a transferring model's
             prior-draw control) in the ATE tables (False: the runs only, for callers that read the models'
             rows alone).
+        field_options: the field-standard options of :func:`ate_report` (``de``, ``cells``, ``n_cells``,
+            ``ceiling``, ``ceiling_splits``, ``mc_seeds``); each ATE set's dict then holds ``ceiling`` (the
+            noise ceiling row) and ``vs_baseline`` beside ``table``.
         log: called with one line before each IWELBO and ATE computation (progress).
         by: a covariate of the run (e.g. ``"cell_type"``): every ATE set is also scored per level, on its
             cells at that level with the model evaluated at that level (sets ``"<set> [key=level]"``).
@@ -374,6 +448,7 @@ def score_run(
             cache=cache,
             baselines=baselines,
             covariates=covariates,
+            field_options=field_options,
         )
     return {
         "name": name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -131,6 +132,69 @@ def test_cli_and_model_write_identical_config(tmp_path):
     assert cli == api
     assert cli["data"]["encode_combos_as_unique"] is True  # SVAE+'s default, the same through both doors
     assert cli["data"]["size_factor_key"] == "depth" and cli["data"]["covariate_keys"] == ["line"]
+
+    # evaluation by level and sampling at a level, through the CLI
+    data = str(tmp_path / "d.h5ad")
+    out = tmp_path / "ate"
+    assert (
+        main(
+            [
+                "ate",
+                str(tmp_path / "cli"),
+                "--data",
+                data,
+                "--by",
+                "line",
+                "--n-samples",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    by = pd.read_csv(out / "ate_metrics_by_line.csv")
+    assert {"held-out test cells [line=L1]", "held-out test cells [line=L2]"} <= set(by["cells"])
+    summary = json.loads((out / "ate_summary.json").read_text())
+    assert "depth-matched" in summary["model_conditions"]
+    assert (
+        main(
+            [
+                "ate",
+                str(tmp_path / "cli"),
+                "--data",
+                data,
+                "--library-size",
+                "1e4",
+                "--n-samples",
+                "50",
+                "--out",
+                str(tmp_path / "ate_fixed"),
+            ]
+        )
+        == 0
+    )
+    fixed = json.loads((tmp_path / "ate_fixed" / "ate_summary.json").read_text())
+    assert fixed["library_size"] == 1e4 and "library size 10000" in fixed["model_conditions"]
+    sample = tmp_path / "s.h5ad"
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path / "cli"),
+                "--perturbation",
+                "A",
+                "--n-cells",
+                "5",
+                "--covariate",
+                "line=L2",
+                "--out",
+                str(sample),
+            ]
+        )
+        == 0
+    )
+    assert ad.read_h5ad(sample).uns["pyrovae_sample"]["covariates"] == {"line": "L2"}
 
 
 def test_embedded_datasets_ship_with_their_licences():

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_adata
 
 from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.evaluate.ate import pearson
 from pyrovae.evaluate.score import ate_report, iwelbo_summary, score_run
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
 from pyrovae.infer.predictive import Posterior
@@ -80,3 +81,40 @@ def test_score_run_needs_perturbed_cells(two_runs):
     ctrl = np.flatnonzero(data.labels == data.control_label)
     with pytest.raises(ValueError, match="no perturbed cell"):
         score_run(runs["cpa_vae"], data, ate_sets={"controls": ctrl}, n_samples=10)
+
+
+def test_ate_report_field_metrics(two_runs):
+    """The field-standard additions: cells (energy distance), Monte Carlo spread, ceiling, vs baseline."""
+    data, runs = two_runs
+    test = data.indices("test")
+    post = Posterior.from_run(runs["sams_vae"])
+    kw = dict(top_k=5, n_samples=30, seed=2, model_name="sams")
+    rep = ate_report(post, data, test, cells=True, n_cells=20, mc_seeds=2, ceiling_splits=2, **kw)
+    table = rep["table"]
+    assert {"no_change", "matching_mean", "linear"} <= set(table.index)
+    # energy distance for the model and the two cell baselines only; NaN for mean-only baselines
+    assert np.isfinite(table.loc[["sams", "no_change", "train_mean"], "energy_distance"]).all()
+    assert table.loc[["additive", "linear"], "energy_distance"].isna().all()
+    assert set(rep["energy"]["method"]) == {"sams", "no_change", "train_mean"}
+    # the model's Monte Carlo spread over two model-ATE seeds; the second seed's table reproduces it
+    other = post.model_ate(rep["perturbations"], n_samples=30, seed=3, data=data, rows=test)
+    sd = table.loc["sams", "pearson_mc_sd"]
+    t = rep["ate_true"].to_numpy()
+    r = [pearson(t, rep["preds"]["sams"].to_numpy()), pearson(t, other.loc[rep["ate_true"].index].to_numpy())]
+    assert sd == pytest.approx(np.std(r, ddof=1))
+    assert np.isnan(table.loc["no_change", "pearson_mc_sd"])  # baselines are not sampled
+    # the energy distance's spread over predicted cells at the two seeds
+    assert table.loc["sams", "energy_distance_mc_sd"] >= 0 and np.isnan(
+        table.loc["no_change", "energy_distance_mc_sd"]
+    )
+    # A+B is scored for interactions by every predictor that predicts its members
+    assert table.loc["sams", "n_interactions"] == 1 and table.loc["additive", "interaction_mse"] >= 0
+    assert list(rep["ceiling"].index) == ["noise_ceiling", "perfect_predictor"]
+    assert 0 < rep["ceiling"].iloc[0]["pearson"] <= rep["ceiling"].iloc[1]["pearson"] <= 1
+    vs = rep["vs_baseline"]
+    assert list(vs.index) == list(table.index) and set(vs.attrs["baseline"]) <= set(vs.columns)
+    assert rep["de_qvalues"].shape == rep["ate_true"].shape
+    # without the options: no energy column, no spread
+    plain = ate_report(post, data, test, ceiling=False, de=False, **kw)
+    assert "energy_distance" not in plain["table"] and plain["ceiling"] is None
+    assert plain["table"]["pearson_de_topk"].isna().all()

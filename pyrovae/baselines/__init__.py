@@ -1,0 +1,25 @@
+"""Model-free baselines of perturbation effects, fitted on training cells only.
+
+- :func:`linear_baseline_ates` (:mod:`pyrovae.baselines.linear`): the PCA + ridge linear model of
+  Ahlmann-Eltze, Huber and Anders (Nature Methods 2025), which also predicts unseen single perturbations;
+- :func:`no_change_ates`, :func:`matching_mean_ates` (:mod:`pyrovae.baselines.simple`): the zero effect and
+  systema's matching mean for combinations;
+- :func:`baseline_ates` (re-exported from :mod:`pyrovae.evaluate.ate`): ``train_mean``, ``additive``,
+  ``global_mean``;
+- :func:`all_baseline_ates`: all of them at once, as :func:`pyrovae.evaluate.score.ate_report` scores them.
+"""
+
+from pyrovae.baselines.linear import linear_baseline_ates, linear_effects, two_sided_ridge
+from pyrovae.baselines.simple import all_baseline_ates, matching_mean_ates, no_change_ates
+from pyrovae.evaluate.ate import baseline_ates, baseline_ates_from_counts
+
+__all__ = [
+    "all_baseline_ates",
+    "baseline_ates",
+    "baseline_ates_from_counts",
+    "linear_baseline_ates",
+    "linear_effects",
+    "matching_mean_ates",
+    "no_change_ates",
+    "two_sided_ridge",
+]
