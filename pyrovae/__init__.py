@@ -18,18 +18,57 @@ or the library underneath::
     run = pyrovae.train_run(data, pyrovae.model_config("sams_vae"), pyrovae.TrainConfig(), "runs/r1")
 """
 
-from pyrovae import datasets
-from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
-from pyrovae.data.options import DataOptions
-from pyrovae.infer.arviz import to_arviz
-from pyrovae.infer.device import resolve_device
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.runs import Run, load_run, train_run
-from pyrovae.infer.train import TrainConfig, Trainer
-from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
-from pyrovae.models.skeleton import PerturbationVAE
-from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
-from pyrovae.setup import read_data
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below are imported on first use (``import pyrovae`` stays fast)
+    from pyrovae import datasets
+    from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
+    from pyrovae.data.options import DataOptions
+    from pyrovae.infer.arviz import to_arviz
+    from pyrovae.infer.device import resolve_device
+    from pyrovae.infer.predictive import Posterior
+    from pyrovae.infer.runs import Run, load_run, train_run
+    from pyrovae.infer.train import TrainConfig, Trainer
+    from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
+    from pyrovae.models.skeleton import PerturbationVAE
+    from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
+    from pyrovae.setup import read_data
+
+#: where each public name lives; imported when first used, so that ``import pyrovae`` (and the command
+#: line's start, before its own imports, where Ctrl-C must still end in one line) does not load torch
+_LAZY = {
+    "datasets": "pyrovae.datasets",  # a module
+    "DataOptions": "pyrovae.data.options",
+    "read_data": "pyrovae.setup",
+    **dict.fromkeys(("MinibatchLoader", "PerturbationData", "load_perturbation_data"), "pyrovae.data"),
+    "to_arviz": "pyrovae.infer.arviz",
+    "resolve_device": "pyrovae.infer.device",
+    "Posterior": "pyrovae.infer.predictive",
+    **dict.fromkeys(("Run", "load_run", "train_run"), "pyrovae.infer.runs"),
+    **dict.fromkeys(("TrainConfig", "Trainer"), "pyrovae.infer.train"),
+    **dict.fromkeys(
+        ("Model", "SAMSVAE", "CPAVAE", "SVAEPlus", "ConditionalVAE", "CRADLEVAE", "GPOVAE"), "pyrovae.model"
+    ),
+    "PerturbationVAE": "pyrovae.models.skeleton",
+    **dict.fromkeys(("MODEL_ZOO", "ModelConfig", "build_model", "model_config"), "pyrovae.models.zoo"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pyrovae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

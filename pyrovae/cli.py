@@ -7,12 +7,14 @@ its parser and sets ``func`` (called with the parsed arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 
 from pyrovae import __version__
-from pyrovae.data.anndata import PyrovaeWarning
 
 COMMAND_MODULES = (
     "pyrovae.commands.simulate",
@@ -36,6 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
+#: how torch reports an allocation that failed (CPU, CUDA, MPS)
+OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory")
+
+
+@contextlib.contextmanager
+def _held_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) recorded in the yielded list instead of raised, until the block ends (main thread
+    only: elsewhere signals cannot be handled and the block runs as it is)."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield held
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _one_line_warnings(command: str):
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"pyrovae {command}: warning: {message}", file=sys.stderr if file is None else file)
@@ -44,7 +66,19 @@ def _one_line_warnings(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # everything but the standard library is imported here, not at the top: the imports (torch, pyro,
+    # anndata) take seconds, and a Ctrl-C during them must end in one line too. It is held until they are
+    # done (an interrupt inside a library's import can leave that library half-imported and broken)
+    try:
+        with _held_interrupts() as held:
+            from pyrovae.config import PyrovaeWarning
+
+            args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        held = [signal.SIGINT]
+    if held:
+        print("pyrovae: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
     saved = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:
@@ -58,10 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except (MemoryError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, MemoryError) and not any(m in text.lower() for m in OUT_OF_MEMORY):
+            raise
+        first = (text.strip().splitlines() or ["MemoryError"])[0][:160]
+        print(
+            f"pyrovae {args.command}: error: out of memory ({first}); lower batch_size, the layer sizes "
+            "or --n-samples / --particles, or use a machine with more memory (files already written are "
+            "complete)",
+            file=sys.stderr,
+        )
+        return 2
     except USER_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)):
             msg = f"{err.strerror or err.__class__.__name__}: {err.filename or msg}" if err.filename else msg
+            if isinstance(err, PermissionError) and err.filename:
+                msg += " (pyrovae may not write or read there: fix its permissions or choose another path)"
         print(f"pyrovae {args.command}: error: {msg}", file=sys.stderr)
         return 2
     finally:

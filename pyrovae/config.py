@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,80 @@ import yaml
 
 class PyrovaeWarning(UserWarning):
     """Data or settings that pyrovae accepts but that the user should know about (the CLI prints one line)."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 (core schema) scalars, which is what users mean: ``010`` is 10 (not
+    octal 8), ``1:30`` is text (not sexagesimal 90), ``0x10`` / ``0b1`` / ``yes`` / ``on`` are text (so a
+    number option refuses them), ``1e-3`` is a number; a key given twice is an error, not the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"option {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT, _FLOAT, _BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# a leading zero (010) stays text: YAML 1.1 reads it as octal 8, YAML 1.2 as 10; the option refuses it
+_Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|(?:0|[1-9][0-9]*)(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+_Yaml12Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
+def _yaml_float(loader: yaml.SafeLoader, node: yaml.Node) -> float | str:
+    text = loader.construct_scalar(node)
+    try:
+        return _float_text("value", text)
+    except ValueError:
+        return text  # 1e-400, 1e999: kept as written, so the option's own check names it
+
+
+def _float_text(name: str, text: str) -> float:
+    """``float(text)``, refusing a number that underflows to 0 or overflows to infinity."""
+    s = text.strip()
+    low = s.lower().lstrip("+-")
+    if low in (".inf", ".nan"):
+        s = s.replace(".", "", 1)
+    out = float(s)
+    mantissa = re.split(r"[eE]", s)[0]
+    if out == 0 and re.search(r"[1-9]", mantissa):
+        raise ValueError(
+            f"option {name}={text} underflows to 0 in floating point; give a representable number"
+        )
+    if math.isinf(out) and "inf" not in low:
+        raise ValueError(f"option {name}={text} overflows to infinity; give a representable number")
+    return out
+
+
+_Yaml12Loader.add_constructor(_FLOAT, _yaml_float)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML 1.2 (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 _NONE_STRINGS = ("none", "null", "~", "")
@@ -40,11 +115,18 @@ def _as_float(name: str, v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError(f"option {name} must be a number, got {v!r}")
     if isinstance(v, (int, float)):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:  # 10**400
+            raise ValueError(
+                f"option {name}={v} overflows to infinity; give a representable number"
+            ) from None
+    _check_leading_zero(name, v)
     try:
-        return float(str(v).strip())
+        float(str(v).strip())
     except ValueError:
         raise ValueError(f"option {name} must be a number (e.g. {name}=0.001 or 1e-3), got {v!r}") from None
+    return _float_text(name, str(v))
 
 
 def _as_int(name: str, v: Any) -> int:
@@ -52,6 +134,7 @@ def _as_int(name: str, v: Any) -> int:
         raise ValueError(f"option {name} must be an integer, got {v!r}")
     if isinstance(v, int):
         return v
+    _check_leading_zero(name, v)
     try:
         f = float(str(v).strip()) if not isinstance(v, float) else v
     except ValueError:
@@ -70,6 +153,20 @@ def _as_bool(name: str, v: Any) -> bool:
     if s in _FALSE:
         return False
     raise ValueError(f"option {name} must be true or false, got {v!r}")
+
+
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9_]+(?:\.|$)")
+
+
+def _check_leading_zero(name: str, v: Any) -> None:
+    text = v.strip() if isinstance(v, str) else ""
+    if _LEADING_ZERO.match(text):
+        digits = text.lstrip("+-").lstrip("0_")
+        fixed = ("-" if text.startswith("-") else "") + (digits if digits[:1].isdigit() else "0" + digits)
+        raise ValueError(
+            f"option {name}={text} has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 as "
+            f"decimal; write it without the zero (e.g. {name}={fixed})"
+        )
 
 
 _COERCE: dict[type, Callable[[str, Any], Any]] = {float: _as_float, int: _as_int, bool: _as_bool}
@@ -117,6 +214,7 @@ def check_range(
     gt: float | None = None,
     ge: float | None = None,
     lt: float | None = None,
+    le: float | None = None,
     choices: Iterable[str] | None = None,
 ) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` (``None`` passes) lies in the range / choices."""
@@ -136,6 +234,8 @@ def check_range(
         bounds.append(f">= {ge:g}")
     if lt is not None and not value < lt:
         bounds.append(f"< {lt:g}")
+    if le is not None and not value <= le:
+        bounds.append(f"<= {le:d}" if isinstance(le, int) else f"<= {le:g}")
     if bounds:
         raise ValueError(f"option {name} must be {' and '.join(bounds)}, got {value!r}")
 
@@ -155,7 +255,7 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no such options file: {path}; pass a YAML file of key: value lines")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -187,7 +287,7 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like key=value (e.g. n_latent=20)")
         k, v = item.split("=", 1)
         try:
-            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+            out[k.strip().replace("-", "_")] = load_yaml(v)
         except yaml.YAMLError:
             out[k.strip().replace("-", "_")] = v
     return out

@@ -88,6 +88,11 @@ def _check_setup(adata: ad.AnnData, options: DataOptions) -> None:
             raise ValueError(
                 f"{key}={col!r}: obs has no such column; obs columns are {list(adata.obs.columns)}"
             )
+    if options.heldout is not None and options.split_mode != "combinations":
+        raise ValueError(
+            f"heldout={options.heldout!r} only applies to split_mode='combinations'; pass it too, or drop "
+            "heldout"
+        )
     layer = options.layer
     if layer is not None and layer not in adata.layers:
         names = [k for k in adata.layers.keys() if k is not None]  # anndata 0.13 lists X as layer None
@@ -330,6 +335,8 @@ class Model:
         ``metrics.csv``) to ``dir_path`` (readable by the CLI too); ``save_anndata`` adds ``adata.h5ad``."""
         self._require_trained()
         dest = Path(dir_path)
+        if dest.exists() and not dest.is_dir():
+            raise FileExistsError(f"{dest} is a file; save() writes a directory there: choose another path")
         if dest.resolve() != self.run.path.resolve():
             if dest.exists() and any(dest.iterdir()):
                 if not overwrite:

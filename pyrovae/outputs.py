@@ -47,6 +47,7 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "metrics.csv",
         "iwelbo_*.csv",
         "iwelbo_*_summary.json",
+        "fingerprint.json",  # the training data's identity and the run id (pyrovae.infer.runs)
         "adata.h5ad",  # pyrovae.Model.save(save_anndata=True)
     ),
     "ate": ("ate_*.csv", "ate_*.md", "ate_summary.json", "ate_scatter.png"),
@@ -66,8 +67,22 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "unseen_ate.csv",
     ),
 }
-#: files of pyrovae's own bookkeeping, allowed in every kind
-_COMMON = (MARKER, LOCK, ".*.tmp*", ".*.staging-*", ".*.old-*")
+#: files of pyrovae's own bookkeeping, allowed in every kind (and its temporaries: :func:`is_temporary`)
+_COMMON = (MARKER, LOCK)
+#: files a directory of each kind owns: no output of another command may be written onto them
+OWNED: dict[str, tuple[str, ...]] = {
+    "run": (
+        "config.json",
+        "schema.json",
+        "split.csv",
+        "prep.json",
+        "fingerprint.json",
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "adata.h5ad",
+    ),
+}
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -89,12 +104,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-#: ``.<stem>.<pid>.<random>.tmp<suffix>`` / ``.<name>.<pid>.staging-<random>`` / ``.<name>.<pid>.old-<time>``
-_TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.(?:.*\.tmp|staging-|old-)")
+#: exactly the names pyrovae makes: ``.<stem>.<pid>.<8 random>.tmp<suffix>`` (:func:`atomic_write_all`),
+#: ``.<name>.<pid>.staging-<8 random>`` and ``.<name>.<pid>.old-<seconds>`` (:func:`staged_dir`); the random
+#: parts are :mod:`tempfile`'s (8 of ``a-z0-9_``). A user's ``.notes.tmp.txt`` or ``.backup.old-2020`` is
+#: not one of them, so it is never cleaned up nor taken for pyrovae's.
+_TEMPORARY = re.compile(
+    r"^\.(?P<stem>.+)\.(?P<pid>\d+)\."
+    r"(?:[a-z0-9_]{8}\.tmp(?:\.[^.]+)?|staging-[a-z0-9_]{8}|old-\d+)$"
+)
 
 
 def is_temporary(name: str) -> bool:
-    """Whether ``name`` is one of pyrovae's temporary files or staging folders."""
+    """Whether ``name`` is one of pyrovae's temporary files or staging folders (its exact naming rule)."""
     return _TEMPORARY.match(name) is not None
 
 
@@ -136,7 +157,14 @@ def atomic_write_all(writers: dict[Path, Callable[[str], Any]]) -> None:
             )
             os.close(fd)
             staged.append((tmp, path))
-            write(tmp)
+            try:
+                write(tmp)
+            except RuntimeError as err:  # torch's and HDF5's writers report a full disk as RuntimeError
+                first = (str(err).strip().splitlines() or ["write failed"])[0][:120]
+                raise OSError(
+                    f"cannot write {path} ({first}): is the disk full or a file-size limit reached? "
+                    f"nothing was replaced (the previous {path.name}, if any, is intact)"
+                ) from None
             os.chmod(tmp, 0o666 & ~_umask())
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -212,18 +240,40 @@ def read_csv(path: str | Path) -> list[dict[str, float | int]]:
 
 
 def output_kind(path: Path) -> str | None:
-    """The kind of a directory pyrovae wrote (its marker; runs of older versions by their files)."""
+    """The kind of a directory pyrovae wrote (its marker; runs of older versions by their files).
+
+    A directory without the marker is a run only if it holds a whole run of an older pyrovae (config,
+    schema and a checkpoint): a user's folder that merely holds a ``config.json`` and a ``schema.json`` is
+    not taken for one."""
     marker = path / MARKER
     if marker.is_file():
         try:
             return str(json.loads(marker.read_text()).get("kind"))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return None
-    if (path / "config.json").is_file() and (path / "schema.json").is_file():
+    if (
+        (path / "config.json").is_file()
+        and (path / "schema.json").is_file()
+        and ((path / "best.pt").is_file() or (path / "last.pt").is_file())
+    ):
         return "run"
     if path.name.startswith("ate_") and (path / "ate_summary.json").is_file():
         return "ate"
     return None
+
+
+def check_not_owned(path: str | Path, what: str = "--out") -> None:
+    """Refuse an output path that names a file a pyrovae directory owns (a run's ``split.csv``,
+    ``config.json``, checkpoints, ...; any directory's marker or lock), with or without ``--overwrite``:
+    writing there would destroy the run."""
+    path = Path(path).resolve()
+    kind = output_kind(path.parent) if path.parent.is_dir() else None
+    if path.name in (MARKER, LOCK) or (kind in OWNED and path.name in OWNED[kind]):
+        owner = f"the pyrovae {kind} in {path.parent}" if kind else "pyrovae's bookkeeping"
+        raise ValueError(
+            f"{what} {path} is a file of {owner}: writing it would destroy that {kind or 'directory'} "
+            "(--overwrite does not allow it); choose another path"
+        )
 
 
 def mark_output_dir(path: str | Path, kind: str) -> Path:
@@ -240,13 +290,15 @@ def _foreign_entries(path: Path, kind: str) -> list[Path]:
     patterns = KIND_PATTERNS[kind] + _COMMON
     foreign: list[Path] = []
     for p in sorted(path.iterdir()):
-        if p.is_dir() and not p.is_symlink():
+        if p.is_dir() and not p.is_symlink() and not is_temporary(p.name):
             sub = output_kind(p)
             if sub is None or sub not in KIND_PATTERNS:
                 foreign.append(p)
             else:
                 foreign += _foreign_entries(p, sub)
-        elif not any(fnmatch.fnmatch(p.name, pat) for pat in patterns) or p.is_symlink():
+        elif p.is_symlink() or not (
+            is_temporary(p.name) or any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+        ):
             foreign.append(p)
     return foreign
 

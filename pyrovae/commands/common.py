@@ -36,7 +36,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument(
         "--split-key", default=None, help="obs column with train/val/test (default: a seeded split)"
     )
-    g.add_argument("--combo-sep", default="+", help="separator of combinations in labels (default: +)")
+    g.add_argument(
+        "--combo-sep", type=separator, default="+", help="separator of combinations in labels (default: +)"
+    )
     g.add_argument(
         "--encode-combos-as-unique",
         action="store_true",
@@ -153,8 +155,20 @@ def non_negative_int(value: str) -> int:
 
 
 def seed_int(value: str) -> int:
-    """argparse type: a seed, an integer >= 0."""
-    return _int_at_least(value, 0, "a seed ")
+    """argparse type: a seed, an integer in [0, 2**32 - 1] (numpy's global seed is 32-bit)."""
+    out = _int_at_least(value, 0, "a seed ")
+    if out > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"a seed must be <= {2**32 - 1}, got {value!r}")
+    return out
+
+
+def separator(value: str) -> str:
+    """argparse type: a non-empty combination separator."""
+    if not value or value.isspace():
+        raise argparse.ArgumentTypeError(
+            f"the separator of combination labels cannot be empty or blank, got {value!r}; e.g. --combo-sep +"
+        )
+    return value
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,13 +15,20 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
-from pyrovae.config import PyrovaeWarning
 from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
 from pyrovae.infer.predictive import MATCHED, Posterior
 from pyrovae.infer.runs import load_run
 from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
-from pyrovae.outputs import atomic_write, atomic_write_all, dir_lock, json_writer, staged_dir, write_json
+from pyrovae.outputs import (
+    atomic_write,
+    atomic_write_all,
+    check_not_owned,
+    dir_lock,
+    json_writer,
+    staged_dir,
+    write_json,
+)
 from pyrovae.plot import plot_ate_scatter
 from pyrovae.report import markdown_table
 
@@ -71,6 +77,8 @@ def _load(args: argparse.Namespace):
         overrides["split_key"] = args.split_key
     # load_data prepares the data as training did (held-out perturbations, CRADLE/GPO extras)
     data = run.load_data(args.data, **overrides) if getattr(args, "data", None) else None
+    if data is not None and getattr(args, "split_key", None) and not getattr(args, "all_cells", False):
+        run.warn_seen(data, args.split, args.split_key)  # a column that marks training cells as test
     return run, data
 
 
@@ -91,12 +99,14 @@ def run_iwelbo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} must end in .csv (the per-cell table; the summary goes beside it)")
     # the summary sits next to the per-cell table; never on the same path
     out_json = out.with_name(out.stem + "_summary.json")
-    if out.exists() and not out_json.exists():
-        warnings.warn(
-            f"{out} has no summary (an interrupted run wrote it); replacing it", PyrovaeWarning, stacklevel=2
+    for path in (out, out_json):
+        check_not_owned(path)
+    _refuse_existing([out, out_json], args.overwrite)
+    if len(set(args.seeds)) < len(args.seeds):
+        raise ValueError(
+            f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: repeated seeds give the same "
+            "estimate, so their spread is no Monte Carlo error; give distinct seeds (e.g. --seeds 0 1 2)"
         )
-    else:
-        _refuse_existing([out, out_json], args.overwrite)
     run, data = _load(args)
     if len(data.indices(args.split)) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
@@ -160,6 +170,7 @@ SHOWN_ATE_COLUMNS = (
 def run_ate(args: argparse.Namespace) -> int:
     tag = "all" if args.all_cells else args.split
     out_dir = Path(args.out) if args.out else Path(args.run) / f"ate_{tag}"
+    check_not_owned(out_dir)
     if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already holds ATE results; pass --overwrite to replace them")
     if args.cell_eval and not cell_eval_available():
@@ -337,6 +348,7 @@ def _slug(name: str) -> str:
 
 def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_not_owned(out)
     if args.data and out.resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {out} is the input --data; write the samples to another file")
     _refuse_existing([out], args.overwrite)

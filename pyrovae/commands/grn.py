@@ -40,7 +40,7 @@ from pyrovae.evaluate.grn_export import (
     statistical_scores,
 )
 from pyrovae.infer.runs import load_run
-from pyrovae.outputs import atomic_write
+from pyrovae.outputs import atomic_write, check_not_owned
 
 
 def _fmt(v) -> str:
@@ -59,12 +59,16 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    check_not_owned(out)
+    if args.scores_out:
+        check_not_owned(args.scores_out, "--scores-out")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if (args.truth or args.statistical) and not args.data:
         raise ValueError("--truth and --statistical need the data (--data x.h5ad)")
-    if args.min_prob < 0 or args.min_prob > 1:
-        raise ValueError(f"--min-prob must be in [0, 1], got {args.min_prob}")
+    for flag, value in (("--min-prob", args.min_prob), ("--edge-threshold", args.edge_threshold)):
+        if not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"{flag} is a probability and must be in [0, 1], got {value}")
     run_ = load_run(args.run, checkpoint=args.checkpoint, device=command_device(args))
     data = None
     adata = None
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         adata = read_anndata(args.data)
         overrides = {"split_key": args.split_key} if args.split_key else {}
         data = run_.load_data(adata, **overrides)
+        if args.split_key and args.statistical:
+            run_.warn_seen(data, args.split, args.split_key)
     n_pert = run_n_perturbed(run_, data)
     edges = grn_edges(run_, n_perturbed=n_pert, include_self_loops=args.self_loops, min_prob=args.min_prob)
     atomic_write(out, lambda tmp: edges.to_csv(tmp, index=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from pyrovae.commands.common import (
     add_data_args,
@@ -32,8 +33,27 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"cannot change model options {changed} when resuming a run")
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)
+        if tcfg.seed != stored.train_cfg.seed:
+            raise ValueError(
+                f"cannot change seed when resuming (stored: {stored.train_cfg.seed}): the random state "
+                "continues from the last checkpoint; train a new run for another seed"
+            )
+        # data options given on the command line must be the run's: the stored ones decide, so another
+        # value (another --split-key, ...) would be silently ignored
+        defaults, kept = args.data_defaults, stored.options
+        other = {
+            f.name: getattr(opts, f.name)
+            for f in dataclasses.fields(opts)
+            if getattr(defaults, f.name) != getattr(opts, f.name) != getattr(kept, f.name)
+        }
+        if other:
+            shown = ", ".join(f"{k}={v!r} (the run's: {getattr(kept, k)!r})" for k, v in other.items())
+            raise ValueError(
+                f"cannot resume {args.out} with other data options: {shown}; a run keeps the data options it "
+                "was trained with: drop them, or train a new run"
+            )
         opts = stored.options
-        data = stored.load_data(args.data)
+        data = stored.load_data(args.data, verify=False)  # train_run refuses data that is not the run's
         name = args.model or stored.model_name
     else:
         name = args.model or "sams_vae"
@@ -41,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         tcfg = TrainConfig().replace(**t_over)
         # read and prepared as the model needs (GPO/CRADLE preparation, held-out perturbations)
         data, opts = read_data(args.data, opts, mcfg, model_name=name)
+    if tcfg.lr == 0:
+        raise ValueError(
+            "option lr=0 never moves the parameters (nothing would be trained); give lr > 0, e.g. 1e-3"
+        )
     # --device wins; else a --set/--config device; else auto (a resumed run re-resolves where it runs now)
     tcfg = tcfg.replace(device=command_device(args, t_over.get("device", "auto")))
     run_ = train_run(
@@ -88,3 +112,5 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arg(p)
     p.set_defaults(func=run)
+    # the data options a command line gives when it names none (--resume refuses others than the run's)
+    p.set_defaults(data_defaults=data_options(p.parse_args(["--data", "-", "--out", "-"])))

@@ -9,7 +9,10 @@ library sizes and the training-split normalisation statistics. Inside the packag
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import numbers
+import re
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,12 +247,31 @@ def read_anndata(data: str | Path | ad.AnnData, backed: bool = False) -> ad.AnnD
     if path.suffix != ".h5ad":
         raise ValueError(f"{path} is not an .h5ad file; convert it with anndata (adata.write_h5ad)")
     try:
+        with open(path, "rb"):  # HDF5 would report a file we may not read as a corrupt one
+            pass
+    except PermissionError:
+        raise PermissionError(
+            f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere "
+            "you can read"
+        ) from None
+    try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except (OSError, KeyError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:160]
         raise ValueError(
             f"cannot read {path}: it is truncated, corrupt or not an AnnData .h5ad ({first}); "
             "write it again with adata.write_h5ad"
+        ) from None
+    except Exception as err:
+        # anndata's IORegistryError (not public): an element encoded by a newer anndata than this one
+        if type(err).__name__ != "IORegistryError":
+            raise
+        spec = re.search(r"IOSpec\([^)]*\)", str(err))
+        raise ValueError(
+            f"cannot read {path}: it holds an element this anndata "
+            f"({importlib.metadata.version('anndata')}) cannot decode "
+            f"({spec.group(0) if spec else 'an unknown encoding'}), probably written by a newer anndata; "
+            "upgrade anndata (pip install -U anndata), or write the file again with this version"
         ) from None
 
 
@@ -392,6 +414,40 @@ def _split_by_name(obs_names: pd.Index, stored: pd.Series) -> np.ndarray:
     return split.fillna(_UNUSED_SPLIT).to_numpy(dtype=str)
 
 
+#: labels that are a missing value turned into text (``astype(str)`` of NaN / None / pd.NA)
+MISSING_TEXT = ("nan", "none", "<na>", "null", "n/a")
+
+
+def _warn_label_spellings(treatments: Sequence[str], raw_labels: np.ndarray) -> None:
+    """Warnings for treatment names that are probably not what the user means: two spellings of one name
+    (``PG01`` / ``pg01``; a name in Unicode NFC and NFD forms) and missing values turned into text."""
+    groups: dict[str, list[str]] = {}
+    for t in treatments:
+        groups.setdefault(unicodedata.normalize("NFKC", str(t)).casefold(), []).append(str(t))
+    near = [names for names in groups.values() if len(names) > 1]
+    if near:
+        shown = "; ".join(" / ".join(ascii(n) for n in names) for names in near[:5])
+        warnings.warn(
+            f"{len(near)} perturbation name(s) differ only in case or Unicode form ({shown}"
+            f"{'; ...' if len(near) > 5 else ''}): they are trained as different perturbations; if they are "
+            "one, write them the same way (e.g. unicodedata.normalize('NFC', ...) and one case)",
+            PyrovaeWarning,
+            stacklevel=4,
+        )
+    missing = [t for t in treatments if str(t).strip().lower() in MISSING_TEXT]
+    if missing:
+        n = int(
+            np.isin(np.char.lower(np.asarray(raw_labels).astype(str)), [m.lower() for m in missing]).sum()
+        )
+        warnings.warn(
+            f"{n} cells are labelled {', '.join(repr(m) for m in missing)}: a missing value turned into text "
+            "(e.g. by astype(str))? they are trained as a perturbation of that name; give those cells their "
+            "real label (or drop them)",
+            PyrovaeWarning,
+            stacklevel=4,
+        )
+
+
 def _warn_risky(
     labels: np.ndarray,
     split: np.ndarray,
@@ -419,6 +475,7 @@ def _warn_risky(
             PyrovaeWarning,
             stacklevel=3,
         )
+    _warn_label_spellings(treatments, raw_labels)
     if sep != "+" and any("+" in lab for lab in np.unique(raw_labels.astype(str))):
         warnings.warn(
             f"labels contain '+' but the combination separator is {sep!r}: labels like 'A+B' are read as "

@@ -91,6 +91,17 @@ def dense_cols(m: Any, cols: np.ndarray | None = None, dtype: Any = np.float64) 
     return to_dense(m if cols is None else m[:, cols], dtype, copy=True)
 
 
+def column_sums(m: Any, chunk: int = 8192) -> np.ndarray:
+    """(n_cols,) float64 total of each column of a dense, sparse or backed matrix (backed: read in chunks of
+    ``chunk`` rows, never whole)."""
+    if isinstance(m, np.ndarray) or sp.issparse(m):
+        return np.asarray(m.sum(axis=0), dtype=np.float64).ravel()
+    total = np.zeros(m.shape[1], dtype=np.float64)
+    for start in range(0, m.shape[0], chunk):
+        total += to_dense(m[start : start + chunk]).sum(0)
+    return total
+
+
 def as_indexable(counts: Any) -> Any:
     """Sparse input in a row/column-indexable format (COO etc. -> CSR); dense input as an array."""
     if sp.issparse(counts):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pyrovae.config import check_range
 from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
 
 
@@ -47,6 +48,8 @@ def posterior_groups(
 
     The posterior group is absent for a model without global latents (the conditional VAE).
     """
+    check_range("n_draws", n_draws, ge=1)
+    check_range("chunk", chunk, ge=1)
     T = len(posterior.treatments)
     post, dims = {}, {}
     for name, v in posterior.global_samples(n_draws, seed).items():

@@ -14,8 +14,10 @@ pyrovae's own files; a run killed before its first checkpoint is replaced by the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pickle
 import shutil
+import uuid
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from pyrovae.data.anndata import (
     untrained_treatments,
 )
 from pyrovae.data.grn import UNS_KEY
+from pyrovae.data.matrix import column_sums
 from pyrovae.data.options import DataOptions
 from pyrovae.data.prepare import preparation_record, prepare_data, record_options
 from pyrovae.infer import distributed
@@ -42,6 +45,7 @@ from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.models.zoo import ModelConfig, build_model, data_requirements
 from pyrovae.outputs import (
     LOCK,
+    MARKER,
     atomic_write,
     check_replaceable,
     dir_lock,
@@ -64,6 +68,8 @@ SCHEMA = "schema.json"
 SPLIT = "split.csv"
 #: what the model-specific data preparation made (CRADLE-VAE, GPO-VAE)
 PREP = "prep.json"
+#: the training data's identity and the run's id (its own file, beside the schema)
+FINGERPRINT = "fingerprint.json"
 #: the best checkpoint on the validation loss
 BEST = "best.pt"
 #: the last checkpoint (with the metrics history and the optimiser state, for ``--resume``)
@@ -76,6 +82,7 @@ __all__ = [
     "SCHEMA",
     "SPLIT",
     "PREP",
+    "FINGERPRINT",
     "BEST",
     "LAST",
     "METRICS",
@@ -111,6 +118,94 @@ def load_split(run_dir: Path) -> pd.Series | None:
         raise ValueError(f"{p} (the run's stored split) is corrupt ({err}); restore it or retrain") from None
 
 
+def data_fingerprint(data: PerturbationData, run_id: str | None = None) -> dict[str, Any]:
+    """The identity of a run's data: every cell's name, canonical label and library size (over the run's
+    genes), the per-gene totals, and a SHA-256 checksum of them all (independent of the cells' order).
+
+    Stored as ``fingerprint.json`` with the ``run_id`` that the run's checkpoints also carry."""
+    names = cell_names(data)
+    order = np.argsort(names.to_numpy(dtype=str), kind="stable")
+    labels = np.asarray(data.labels).astype(str)[order]
+    library = np.round(np.asarray(data.library_size, dtype=np.float64)[order], 4)
+    genes = column_sums(data.counts)
+    digest = hashlib.sha256()
+    for part in (
+        names.to_numpy(dtype=str)[order],
+        labels,
+        library.astype(str),
+        np.round(genes, 2).astype(str),
+    ):
+        digest.update("\x1f".join(part).encode())
+        digest.update(b"\x1e")
+    return {
+        "run_id": run_id or uuid.uuid4().hex,
+        "checksum": digest.hexdigest(),
+        "n_cells": len(names),
+        "cells": names.to_numpy(dtype=str)[order].tolist(),
+        "labels": labels.tolist(),
+        "library_size": library.tolist(),
+        "gene_totals": np.round(genes, 2).tolist(),
+    }
+
+
+def load_fingerprint(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``fingerprint.json`` (``None`` for a run of an older pyrovae, which has none)."""
+    p = Path(run_dir) / FINGERPRINT
+    if not p.exists():
+        return None
+    fp = read_json(p, "the run's data fingerprint")
+    keys = ("run_id", "checksum", "cells", "labels", "library_size")
+    if (
+        not isinstance(fp, dict)
+        or any(k not in fp for k in keys)
+        or len({len(fp["cells"]), len(fp["labels"]), len(fp["library_size"])}) != 1
+    ):
+        raise ValueError(f"{p} (the run's data fingerprint) is damaged; restore it or retrain")
+    return fp
+
+
+def fingerprint_mismatch(stored: dict[str, Any], data: PerturbationData) -> str | None:
+    """What differs between the run's training data (``stored`` fingerprint) and ``data`` on the cells they
+    share (labels, library sizes; per-gene totals when they hold the same cells), or ``None``."""
+    try:
+        now = data_fingerprint(data, stored["run_id"])
+    except ValueError:  # duplicated cell names: nothing to match by name (the split refuses them itself)
+        return None
+    if now["checksum"] == stored["checksum"]:
+        return None
+    old = pd.DataFrame({"label": stored["labels"], "lib": stored["library_size"]}, index=stored["cells"])
+    new = pd.DataFrame({"label": now["labels"], "lib": now["library_size"]}, index=now["cells"])
+    common = old.index.intersection(new.index)
+    if len(common) == 0:
+        return None  # no cell in common: other data, whose cells the run's split does not name anyway
+    o, n = old.loc[common], new.loc[common]
+    relabelled = int((o["label"] != n["label"]).sum())
+    recounted = int((~np.isclose(o["lib"], n["lib"], rtol=1e-4, atol=1e-3)).sum())
+    parts = []
+    if relabelled:
+        ex = common[(o["label"] != n["label"]).to_numpy()][0]
+        parts.append(
+            f"{relabelled} have another label (e.g. {ex}: {o.at[ex, 'label']!r} then, "
+            f"{n.at[ex, 'label']!r} now)"
+        )
+    if recounted:
+        ex = common[~np.isclose(o["lib"].to_numpy(), n["lib"].to_numpy(), rtol=1e-4, atol=1e-3)][0]
+        parts.append(
+            f"{recounted} have other counts (e.g. {ex}: library size {o.at[ex, 'lib']:g} then, "
+            f"{n.at[ex, 'lib']:g} now)"
+        )
+    if (
+        not parts
+        and len(common) == len(old) == len(new)
+        and "gene_totals" in stored
+        and not np.allclose(stored["gene_totals"], now["gene_totals"], rtol=1e-4, atol=1e-2)
+    ):
+        parts.append("the same library sizes but counts moved between genes (other per-gene totals)")
+    if not parts:
+        return None
+    return f"of the {len(common)} cells it shares with the run's training data, " + " and ".join(parts)
+
+
 def _incomplete(run_dir: Path, missing: str) -> str:
     return (
         f"{run_dir} holds an incomplete run: it stopped before its first checkpoint (no {missing}); "
@@ -118,8 +213,22 @@ def _incomplete(run_dir: Path, missing: str) -> str:
     )
 
 
+def _lost_last(run_dir: Path, what: str) -> str:
+    return (
+        f"{run_dir} holds a run whose {LAST} is missing (deleted or moved by hand: the run got past its "
+        f"first epoch) ({what}); restore {LAST}, or pass --overwrite to replace the run"
+    )
+
+
 def _is_incomplete(run_dir: Path) -> bool:
-    return output_kind(run_dir) == "run" and not (run_dir / LAST).exists()  # best.pt alone: killed in epoch 1
+    """A run pyrovae marked that stopped before anything of its training was recorded: its marker, and no
+    checkpoint and no metrics (a folder without the marker, or a run whose ``last.pt`` was deleted by hand,
+    is not one: it is refused without ``--overwrite``)."""
+    return (
+        (run_dir / MARKER).is_file()
+        and output_kind(run_dir) == "run"
+        and not any((run_dir / f).exists() for f in (LAST, BEST, METRICS))
+    )
 
 
 def _empty(run_dir: Path) -> None:
@@ -131,6 +240,23 @@ def _empty(run_dir: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _refuse_foreign(run_dir: Path, overwrite: bool, protect: tuple = (), resume: bool = False) -> None:
+    """Refuse a directory that is not a pyrovae run (checked before its lock is taken too, so that a refusal
+    leaves not even a lock file in a user's folder)."""
+    if resume:
+        if output_kind(run_dir) != "run":
+            raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
+        return
+    if output_kind(run_dir) is not None or not any(p.name != LOCK for p in run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds files; choose another --out, pass --resume to continue a run, or "
+            "--overwrite to replace it"
+        )
+    check_replaceable(run_dir, "run", protect)  # not a directory pyrovae wrote: refused
 
 
 def prepare_run_dir(
@@ -146,12 +272,14 @@ def prepare_run_dir(
     remove_stale_temporaries(run_dir)  # what a killed writer left (we hold the lock: no live writer here)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
     if resume:
-        if output_kind(run_dir) != "run":
-            raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
+        _refuse_foreign(run_dir, overwrite, protect, resume=True)
         if not (run_dir / LAST).exists():
-            raise ValueError(_incomplete(run_dir, LAST))
+            if _is_incomplete(run_dir):
+                raise ValueError(_incomplete(run_dir, LAST))
+            raise FileNotFoundError(_lost_last(run_dir, "--resume needs it"))
         return run_dir
     if entries:
+        _refuse_foreign(run_dir, overwrite, protect)
         if _is_incomplete(run_dir):
             check_replaceable(run_dir, "run", protect)
             warnings.warn(
@@ -160,6 +288,8 @@ def prepare_run_dir(
                 stacklevel=2,
             )
         elif not overwrite:
+            if output_kind(run_dir) == "run" and not (run_dir / LAST).exists():
+                raise FileExistsError(_lost_last(run_dir, "nothing was deleted"))
             raise FileExistsError(
                 f"{run_dir} already holds {'a run' if output_kind(run_dir) == 'run' else 'files'}; choose "
                 "another --out, pass --resume to continue a run, or --overwrite to replace it"
@@ -207,12 +337,14 @@ class Run:
         p = self.path / METRICS
         return read_csv(p) if p.exists() else []
 
-    def load_data(self, data, **overrides) -> PerturbationData:
+    def load_data(self, data, verify: bool = True, **overrides) -> PerturbationData:
         """Read data the way this run's model expects (same genes, treatments, normalisation, split).
 
         The split is the run's stored one, by cell name (``split.csv``), whatever the order or subset of
         cells in ``data``: cells the run never saw get no split, and a warning names the run's cells that
-        ``data`` lacks. ``split_key=...`` replaces it with a split column of ``data``.
+        ``data`` lacks. ``split_key=...`` replaces it with a split column of ``data``. ``verify``: warn when
+        the cells the data shares with the run's training data have other labels or counts than then
+        (``fingerprint.json``).
         """
         opts = self.options.replace(**overrides)
         stored = None
@@ -234,7 +366,46 @@ class Run:
             # the GRN node list (perturbed genes, then extended genes) is the schema's treatment list
             loaded = dataclasses.replace(loaded, uns={**loaded.uns, UNS_KEY: record})
             prep.update(record_options(record))
-        return prepare_data(loaded, data_requirements(self.model_cfg), prep)
+        prep.update(overrides)  # prepare_data reads only its own keys
+        prepared = prepare_data(loaded, data_requirements(self.model_cfg), prep)
+        fingerprint = load_fingerprint(self.path) if verify else None
+        changed = fingerprint_mismatch(fingerprint, prepared) if fingerprint is not None else None
+        if changed:
+            warnings.warn(
+                f"the data is not the run's training data: {changed}; what is computed on it compares the "
+                "run with other data",
+                PyrovaeWarning,
+                stacklevel=2,
+            )
+        return prepared
+
+    def seen_cells(self, data: PerturbationData, split: str) -> dict[str, int]:
+        """How many of ``data``'s ``split`` cells the run trained (``train``) or validated (``val``) on,
+        by its stored split (``{}`` for a run without one); non-zero when a ``split_key`` column marks
+        them as held out."""
+        stored = load_split(self.path)
+        if stored is None or split == "train":
+            return {}
+        names = cell_names(data)[data.split == split]
+        was = stored.reindex(names)
+        return {sp: int((was == sp).sum()) for sp in ("train", "val") if (was == sp).any() and sp != split}
+
+    def warn_seen(self, data: PerturbationData, split: str, key: str | None) -> None:
+        """A warning when ``data``'s ``split`` cells (chosen by the split column ``key``) include cells the
+        run trained or validated on: a score on them is not a held-out score."""
+        seen = self.seen_cells(data, split)
+        if seen:
+            n = int((data.split == split).sum())
+            what = " and ".join(
+                f"{v} it {'trained' if k == 'train' else 'validated'} on" for k, v in seen.items()
+            )
+            warnings.warn(
+                f"{sum(seen.values())} of the {n} {split} cells chosen by the split column {key!r} are cells "
+                f"the run has seen ({what}): results on them are not held-out; use the run's own split "
+                f"(no split key) or a column whose {split} cells the run never saw",
+                PyrovaeWarning,
+                stacklevel=2,
+            )
 
     @property
     def options(self) -> DataOptions:
@@ -262,8 +433,10 @@ def save_run_config(
     data_options: dict[str, Any],
     model_name: str | None = None,
     schema: bool = True,
+    fingerprint: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``config.json`` (and, for a new run, ``schema.json``, ``split.csv`` and ``prep.json``)."""
+    """Write ``config.json`` (and, for a new run, ``schema.json``, ``split.csv``, ``prep.json`` and
+    ``fingerprint.json``: ``fingerprint``, or the data's with a new run id)."""
     cfg = {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "data": data_options}
     if model_name is not None:
         cfg["model_name"] = model_name
@@ -274,16 +447,31 @@ def save_run_config(
     sch["norm_log"] = data.is_count_data
     write_json(run_dir / SCHEMA, sch)
     save_split(run_dir, data)
+    write_json(run_dir / FINGERPRINT, fingerprint or data_fingerprint(data))
     record = preparation_record(data, data_requirements(model_cfg))
     if record is not None:
         write_json(run_dir / PREP, record)
 
 
-def checkpoint_writer(run_dir: Path):
-    """A ``Trainer`` checkpoint callback saving ``best.pt`` / ``last.pt`` atomically."""
+def checkpoint_writer(run_dir: Path, run_id: str | None = None):
+    """A ``Trainer`` checkpoint callback saving ``best.pt`` / ``last.pt`` atomically (with the run's id)."""
 
     def save(kind: str, state: dict[str, Any]) -> None:
-        atomic_write(run_dir / (BEST if kind == "best" else LAST), lambda tmp: torch.save(state, tmp))
+        if run_id is not None:
+            state = {**state, "run_id": run_id}
+        path = run_dir / (BEST if kind == "best" else LAST)
+
+        def write(tmp: str) -> None:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
+                first = (str(err).strip().splitlines() or ["write failed"])[0][:120]
+                raise OSError(
+                    f"cannot write checkpoint {path} ({first}): is the disk full or a file-size limit "
+                    "reached? the checkpoints already written are intact; free space, then --resume"
+                ) from None
+
+        atomic_write(path, write)
 
     return save
 
@@ -313,6 +501,21 @@ def read_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     return state
 
 
+def check_run_id(run_dir: Path, state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that is not this run's own (another run's file copied or linked in): its
+    ``run_id`` must be the one in ``fingerprint.json`` (runs of older versions carry neither)."""
+    if not (run_dir / FINGERPRINT).exists():
+        return
+    want = load_fingerprint(run_dir)["run_id"]
+    got = state.get("run_id")
+    if got != want:
+        link = f", a link to {path.resolve()}" if path.is_symlink() else ""
+        raise ValueError(
+            f"checkpoint {path}{link} belongs to another run (its run id is {got or 'missing'}, this run's "
+            f"is {want}); restore this run's own {path.name} or retrain"
+        )
+
+
 def _load_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
     try:
         model.load_state_dict(state["model"])
@@ -339,11 +542,43 @@ def read_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             )
     cfg = read_json(run_dir / CONFIG, "the run's configuration")
     schema = read_json(run_dir / SCHEMA, "the run's data schema")
+    if not isinstance(cfg, dict) or not isinstance(schema, dict):
+        raise ValueError(
+            f"{run_dir}: its config.json / schema.json are not JSON objects; restore them or retrain"
+        )
     missing = [k for k in ("model", "train") if k not in cfg] + [
         k for k in ("genes", "treatments", "norm_mean", "norm_std") if k not in schema
     ]
     if missing:
         raise ValueError(f"{run_dir}: its config/schema lack {missing}; it is damaged: retrain")
+    problems = [
+        f"config.json {k!r} is not a mapping"
+        for k in ("model", "train", "data")
+        if not isinstance(cfg.get(k, {}), dict)
+    ]
+    for k in ("genes", "treatments", "norm_mean", "norm_std", "train_treatment_counts"):
+        if k in schema and not isinstance(schema[k], list):
+            problems.append(f"schema.json {k!r} is not a list")
+    if not problems:
+        n_genes, n_treat = len(schema["genes"]), len(schema["treatments"])
+        problems += [
+            f"schema.json {k!r} has {len(schema[k])} entries for {n} {what}"
+            for k, n, what in (
+                ("norm_mean", n_genes, "genes"),
+                ("norm_std", n_genes, "genes"),
+                ("train_treatment_counts", n_treat, "treatments"),
+            )
+            if k in schema and len(schema[k]) != n
+        ]
+        if (
+            len(set(map(str, schema["genes"]))) != n_genes
+            or len(set(map(str, schema["treatments"]))) != n_treat
+        ):
+            problems.append("schema.json names a gene or treatment twice")
+    if problems:
+        raise ValueError(
+            f"{run_dir}: {problems[0]} (edited by hand?); the run cannot be read: restore the file or retrain"
+        )
     return cfg, schema
 
 
@@ -355,22 +590,35 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     cfg, schema = read_run_config(run_dir)
-    model_cfg = ModelConfig().replace(**cfg["model"])
-    train_cfg = TrainConfig().replace(**cfg["train"])
-    model = build_model(
-        model_cfg,
-        len(schema["genes"]),
-        len(schema["treatments"]),
-        schema["norm_mean"],
-        schema["norm_std"],
-        schema.get("norm_log", True),
-        n_covariates=sum(len(v) for v in (schema.get("covariates") or {}).values()),
-        size_factors=schema.get("size_factor_key") is not None,
-    )
+    try:
+        model_cfg = ModelConfig().replace(**cfg["model"])
+        train_cfg = TrainConfig().replace(**cfg["train"])
+        model = build_model(
+            model_cfg,
+            len(schema["genes"]),
+            len(schema["treatments"]),
+            schema["norm_mean"],
+            schema["norm_std"],
+            schema.get("norm_log", True),
+            n_covariates=sum(len(v) for v in (schema.get("covariates") or {}).values()),
+            size_factors=schema.get("size_factor_key") is not None,
+        )
+    except (TypeError, IndexError, AttributeError, KeyError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+        raise ValueError(
+            f"{run_dir}: its config.json / schema.json do not describe a model pyrovae can build ({first}); "
+            "they were edited by hand or damaged: restore them or retrain"
+        ) from None
     ckpt = run_dir / (BEST if checkpoint == "best" else LAST)
     if not ckpt.exists():
-        raise FileNotFoundError(_incomplete(run_dir, ckpt.name))
+        if _is_incomplete(run_dir) or not any((run_dir / f).exists() for f in (BEST, LAST)):
+            raise FileNotFoundError(_incomplete(run_dir, ckpt.name))
+        raise FileNotFoundError(
+            f"{run_dir} has no {ckpt.name} (deleted or moved by hand: the run got past its first epoch); "
+            "restore it, or retrain (train --overwrite replaces the run)"
+        )
     state = read_checkpoint(ckpt, device)
+    check_run_id(run_dir, state, ckpt)
     _load_state(model, state, ckpt)
     model.eval()
     run = Run(run_dir, model.to(device), model_cfg, train_cfg, schema, cfg.get("data", {}))
@@ -433,11 +681,40 @@ def check_resume(
                 f"cannot resume {run_dir}: the data puts {extra} cells in train that the run did not train "
                 "on; resume with the run's split (the CLI reads it from split.csv)"
             )
+    fingerprint = load_fingerprint(run_dir)
+    changed = fingerprint_mismatch(fingerprint, data) if fingerprint is not None else None
+    if changed:
+        raise ValueError(
+            f"cannot resume {run_dir}: the data is not the data it was trained on: {changed}; resume with "
+            "the run's own data, or train a new run on this data"
+        )
     if not np.allclose(np.asarray(schema["norm_mean"]), data.norm_mean, atol=1e-5):
         raise ValueError(
             f"cannot resume {run_dir}: the data's training cells have other expression statistics than "
             "the run's; resume with the data it was trained on"
         )
+
+
+def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
+    """Options that must agree with the prepared data, checked before anything is built or written."""
+    if cfg.artifact and "qc" in data.extras:
+        n_qc = np.asarray(data.extras["qc"]).reshape(data.n_cells, -1).shape[1]
+        if cfg.n_qc != n_qc:
+            raise ValueError(
+                f"option n_qc={cfg.n_qc} does not match the data's {n_qc} QC column(s) (the QC indicator: "
+                f"obs[qc_key], or the MAD QC flags); set n_qc={n_qc} (or leave it at its default)"
+            )
+    key = "delta_x" if cfg.grn_target == "cell" else "delta_x_group"
+    if cfg.family == "gpo" and key in data.extras:
+        top = float(np.nanmax(np.abs(np.asarray(data.extras[key])[data.indices("train")]), initial=0.0))
+        if cfg.grn_threshold >= top:
+            warnings.warn(
+                f"grn_threshold={cfg.grn_threshold:g} is at or above every GRN alignment target of the "
+                f"training cells (largest {key} {top:.3g}): the alignment pulls every edge towards "
+                "'no edge'; the reference uses 0.4-0.8",
+                PyrovaeWarning,
+                stacklevel=3,
+            )
 
 
 def train_run(
@@ -473,6 +750,7 @@ def train_run(
             "a count likelihood needs raw integer counts; use likelihood='normal' for normalised data "
             "(CLI and experiment scripts: --set likelihood=normal)"
         )
+    _check_model_fits_data(model_cfg, data)
     cell_names(data)  # a split stored by name needs unique names: refuse before making anything
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -484,6 +762,8 @@ def train_run(
             data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
         )
         return load_run(run_dir, device=train_cfg.device)
+    if run_dir.is_dir():
+        _refuse_foreign(run_dir, overwrite, protect, resume)  # again under the lock, authoritatively
     created = not run_dir.exists()
     try:
         with dir_lock(run_dir):
@@ -499,7 +779,8 @@ def train_run(
                     data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
                 )
             except BaseException:
-                if not resume and _is_incomplete(run_dir):
+                if not resume and not (run_dir / LAST).exists():
+                    # this process emptied (or made) the directory: everything in it is its own
                     _empty(run_dir)  # nothing worth keeping: no checkpoint was written
                 raise
     except BaseException:
@@ -527,10 +808,13 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
         model.decoder.init_rest_share(data.kept_share("train"))
     if prepare is not None:
         prepare(model)
-    trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir))
+    fingerprint = load_fingerprint(run_dir) if resume else data_fingerprint(data)
+    run_id = fingerprint["run_id"] if fingerprint is not None else None
+    trainer = Trainer(model, data, train_cfg, checkpoint=checkpoint_writer(run_dir, run_id))
     if resume:
         # on the CPU: RNG states must stay there; parameters and optimiser state move when loaded
         state = read_checkpoint(run_dir / LAST, "cpu")
+        check_run_id(run_dir, state, run_dir / LAST)
         history = state.get("history")
         if history is None and (run_dir / METRICS).exists():  # checkpoints of older versions
             history = read_csv(run_dir / METRICS)
@@ -549,7 +833,9 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
             name = model_name or stored.get("model_name")
             save_run_config(run_dir, model_cfg, train_cfg, data, stored.get("data", {}), name, schema=False)
     elif main:
-        save_run_config(run_dir, model_cfg, train_cfg, data, data_options or {}, model_name)
+        save_run_config(
+            run_dir, model_cfg, train_cfg, data, data_options or {}, model_name, fingerprint=fingerprint
+        )
     try:
         trainer.fit(progress=progress, on_epoch=lambda hist: write_csv(run_dir / METRICS, hist))
     except KeyboardInterrupt:

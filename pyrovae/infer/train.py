@@ -55,6 +55,9 @@ from pyrovae.models.mask_estimators import SURROGATE_ELBO
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
 
+#: the largest seed: Pyro seeds numpy's global generator, which takes 32-bit seeds
+MAX_SEED = 2**32 - 1
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -89,6 +92,7 @@ class TrainConfig:
             check_range(name, getattr(self, name), ge=1)
         for name in ("weight_decay", "min_delta", "seed"):
             check_range(name, getattr(self, name), ge=0)
+        check_range("seed", self.seed, le=MAX_SEED)  # numpy's global seed is 32-bit
         check_range("global_scaling", self.global_scaling, choices=("per_treatment", "standard"))
         check_device_name(self.device)
 
@@ -296,8 +300,16 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
+        """Continue from ``state`` (a :meth:`state`): parameters, Adam's moments, counters, RNG states.
+
+        The optimiser's settings are this Trainer's ``cfg`` (``lr``, ``mask_lr``, ``weight_decay``: a resumed
+        run with new values trains with them), not the checkpoint's; only Adam's running moments and step
+        counts are restored."""
         self.model.load_state_dict(state["model"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         torch.set_rng_state(state["torch_rng"].cpu())

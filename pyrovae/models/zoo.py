@@ -42,12 +42,15 @@ from pyrovae.models.effects import (
     EffectBlock,
     LearnedSparsityMaskEffect,
 )
-from pyrovae.models.penalties import CounterfactualKL, GRNAlignment
+from pyrovae.models.penalties import GRN_TARGETS, CounterfactualKL, GRNAlignment
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
 FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae_plus", "conditional", "gpo")
 #: the families whose latent basis ``mask_rotation`` can rotate (masks on an additive latent effect)
+#: the largest layer width / latent size / QC column count a config accepts (a layer holds width x genes
+#: weights: 65536 x 20000 genes is 5 GB already; beyond it a typo like n_latent=10**12 would exhaust memory)
+MAX_WIDTH = 65536
 ROTATABLE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity")
 
 
@@ -121,11 +124,12 @@ class ModelConfig:
         for name in ("embedding_prior_scale", "temperature", "svae_beta_c1", "svae_beta_c2"):
             check_range(name, getattr(self, name), gt=0)
         for name in ("n_latent", "decoder_hidden", "encoder_hidden", "embedding_encoder_hidden", "n_qc"):
-            check_range(name, getattr(self, name), ge=1)
+            check_range(name, getattr(self, name), ge=1, le=MAX_WIDTH)
         for name in ("decoder_layers", "encoder_layers", "embedding_encoder_layers", "grn_hops"):
             check_range(name, getattr(self, name), ge=0)
         for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
             check_range(name, getattr(self, name), ge=0)
+        check_range("grn_target", self.grn_target, choices=GRN_TARGETS)
         check_range("mask_init_logits", self.mask_init_logits)
         check_range("mask_estimator", self.mask_estimator, choices=MASK_ESTIMATORS)
         check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
@@ -202,7 +206,18 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a named model with overrides (``n_latent=...`` etc.)."""
     if name not in MODEL_ZOO:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_ZOO)}")
-    return ModelConfig().replace(**MODEL_ZOO[name]).replace(**overrides)
+    cfg = ModelConfig().replace(**MODEL_ZOO[name]).replace(**overrides)
+    fixed = [
+        k for k in ("family", "artifact") if k in MODEL_ZOO[name] and getattr(cfg, k) != MODEL_ZOO[name][k]
+    ]
+    if fixed:
+        same = [m for m, d in MODEL_ZOO.items() if all(d.get(k) == getattr(cfg, k) for k in fixed)]
+        raise ValueError(
+            f"{name} is {', '.join(f'{k}={MODEL_ZOO[name][k]!r}' for k in fixed)}: it cannot be changed "
+            f"(that would train another model under the name {name}); choose that model instead "
+            f"({', '.join(same) if same else 'see the model zoo'})"
+        )
+    return cfg
 
 
 def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -18,14 +19,15 @@ import pytest
 import torch
 from conftest import make_adata
 
+import pyrovae.cli as cli_mod
 import pyrovae.infer.runs as runs_mod
 from pyrovae.cli import main
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.runs import load_run, train_run
+from pyrovae.infer.runs import fingerprint_mismatch, load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
-from pyrovae.outputs import atomic_write, dir_lock, staged_dir
+from pyrovae.outputs import atomic_write, dir_lock, is_temporary, staged_dir
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
 ONE_EPOCH = TrainConfig(max_epochs=1, batch_size=64, n_particles=1, val_particles=1)
@@ -294,9 +296,9 @@ def test_temporary_files_of_a_killed_writer_are_cleaned(tmp_path):
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     pid = int(dead.stdout)
-    stale = tmp_path / f".table.{pid}.abc123.tmp.csv"
+    stale = tmp_path / f".table.{pid}.abc123xy.tmp.csv"  # tempfile: 8 of a-z0-9_
     stale.write_text("half")
-    live = tmp_path / f".table.{os.getpid()}.zzz.tmp.csv"
+    live = tmp_path / f".table.{os.getpid()}.zzzzzzzz.tmp.csv"
     live.write_text("in progress")
     atomic_write(tmp_path / "table.csv", lambda tmp: Path(tmp).write_text("done"))
     assert not stale.exists() and live.exists() and (tmp_path / "table.csv").read_text() == "done"
@@ -319,24 +321,16 @@ def test_ate_overwrite_drops_stale_files_and_a_failed_ate_keeps_the_old_output(t
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
-def test_iwelbo_table_without_summary_is_rerun_without_overwrite(trained, tmp_path, capsys):
+def test_iwelbo_never_replaces_an_existing_table_without_overwrite(trained, tmp_path, capsys):
+    """A CSV at --out is the user's unless --overwrite (a table without a summary is no proof that an
+    interrupted pyrovae wrote it: pyrovae's half-written files are its temporaries only)."""
     _, data_path, run_dir = trained
     out = tmp_path / "iw.csv"
-    out.write_text("cell,iwelbo\n")  # an interrupted earlier run: table, no summary
-    args = [
-        "iwelbo",
-        str(run_dir),
-        "--data",
-        str(data_path),
-        "--particles",
-        "2",
-        "--seeds",
-        "0",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    assert "has no summary" in capsys.readouterr().err
+    out.write_text("cell,iwelbo\nmine,1\n")  # the user's table (or one an interrupted run left)
+    args = ["iwelbo", str(run_dir), "--data", str(data_path), "--particles", "2", "--seeds", "0", "--out"]
+    assert main([*args, str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err and out.read_text() == "cell,iwelbo\nmine,1\n"
+    assert main([*args, str(out), "--overwrite"]) == 0
     assert json.loads((tmp_path / "iw_summary.json").read_text())["n_particles"] == 2
 
 
@@ -386,3 +380,163 @@ def test_cuda_on_a_cpu_only_torch_is_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "device 'cuda' asked for CUDA, but" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------ round two (issue 27): ownership, identity, resume, limits
+
+
+def _train_cli(data_path, out, *extra) -> int:
+    return main(["train", "--data", str(data_path), "--out", str(out), "--quiet", *extra])
+
+
+def test_a_user_folder_with_run_like_files_is_refused_untouched(trained, tmp_path, capsys):
+    """Only a directory carrying pyrovae's marker is an incomplete run; a folder that merely holds a
+    config.json and a schema.json is the user's, with or without --overwrite."""
+    _, data_path, _ = trained
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    files = {"config.json": '{"mine": 1}', "schema.json": "{}", "results.txt": "precious"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    assert _train_cli(data_path, folder, "--set", *TINY) == 2
+    assert _train_cli(data_path, folder, "--overwrite", "--set", *TINY) == 2
+    assert "nothing was deleted" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in folder.iterdir()} == files
+
+
+def test_a_run_whose_last_pt_was_deleted_is_not_replaced_without_overwrite(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    (run / "last.pt").unlink()
+    before = sorted(p.name for p in run.iterdir())
+    assert _train_cli(data_path, run, "--set", *TINY) == 2
+    assert "last.pt is missing" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "best.pt").exists()
+    assert _train_cli(data_path, run, "--overwrite", "--set", *TINY) == 0  # replaced when asked
+
+
+def test_overwrite_keeps_files_that_only_look_like_temporaries(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    for name in (".notes.tmp.txt", ".backup.old-2020", ".draft.123.staging-area"):
+        (run / name).write_text("mine")
+    assert _train_cli(data_path, run, "--overwrite", "--set", *TINY) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (run / ".notes.tmp.txt").read_text() == "mine" and (run / ".backup.old-2020").exists()
+    assert not is_temporary(".notes.tmp.txt") and not is_temporary(".backup.old-2020")
+    assert is_temporary(".metrics.123.ab_cd9xy.tmp.csv") and is_temporary(".ate_test.7.staging-k2j4l5m6")
+
+
+def test_outputs_never_name_a_file_the_run_owns(trained, capsys):
+    _, data_path, run_dir = trained
+    split_before = (run_dir / "split.csv").read_bytes()
+    for name in ("split.csv", "metrics.csv"):
+        args = ["iwelbo", str(run_dir), "--data", str(data_path), "--out", str(run_dir / name), "--overwrite"]
+        assert main(args) == 2
+        assert "is a file of the pyrovae run" in capsys.readouterr().err
+    assert (run_dir / "split.csv").read_bytes() == split_before
+    assert load_run(run_dir).load_data(str(data_path)).indices("test").size > 0  # still evaluable
+
+
+def test_resume_applies_new_optimiser_settings(trained, tmp_path):
+    """--resume --set lr=... trains with the new rate (config.json records only what happened)."""
+    _, data_path, run_dir = trained
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    assert (
+        _train_cli(data_path, run, "--resume", "--set", "max_epochs=2", "lr=5e-3", "weight_decay=0.01") == 0
+    )
+    groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["lr"] for g in groups} == {5e-3}
+    assert max(g["weight_decay"] for g in groups) == 0.01
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 5e-3
+
+
+def test_nan_mid_run_keeps_the_checkpoints_and_resumes_with_a_lower_rate(trained, tmp_path, capsys):
+    _, data_path, run_dir = trained
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    last = (run / "last.pt").read_bytes()
+    assert _train_cli(data_path, run, "--resume", "--set", "max_epochs=3", "lr=1e4", "clip_norm=none") == 2
+    err = capsys.readouterr().err
+    assert "error: the training loss became nan" in err and "Traceback" not in err
+    assert (run / "last.pt").read_bytes() == last  # the last good checkpoint is intact
+    assert _train_cli(data_path, run, "--resume", "--set", "max_epochs=2", "lr=1e-3") == 0
+    assert len(pd.read_csv(run / "metrics.csv")) == 2
+
+
+def test_the_run_knows_its_data(trained, tmp_path):
+    """fingerprint.json (labels and library sizes by cell, a checksum) and the run id in checkpoints."""
+    _, data_path, run_dir = trained
+    fp = json.loads((run_dir / "fingerprint.json").read_text())
+    assert fp["n_cells"] == 240 and len(fp["checksum"]) == 64
+    for ckpt in ("best.pt", "last.pt"):
+        assert torch.load(run_dir / ckpt, weights_only=True)["run_id"] == fp["run_id"]
+    run = load_run(run_dir)
+    a = make_adata()
+    assert fingerprint_mismatch(fp, run.load_data(a)) is None  # the same data: silent
+    a.X = a.X * 2
+    with pytest.warns(UserWarning, match=r"240 have other counts \(e\.g\. c0: library size"):
+        run.load_data(a)
+    b = make_adata()[::-1].copy()  # the same cells in another order: the same data
+    assert fingerprint_mismatch(fp, run.load_data(b)) is None
+    other = tmp_path / "other"
+    assert _train_cli(data_path, other, "--set", *TINY, "seed=3") == 0
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run_dir, mixed)
+    shutil.copy(other / "best.pt", mixed / "best.pt")  # same shapes, another run
+    with pytest.raises(ValueError, match="belongs to another run"):
+        load_run(mixed)
+
+
+def test_split_key_marking_training_cells_as_test_is_named(trained, tmp_path, capsys):
+    _, _, run_dir = trained
+    a = make_adata()
+    a.obs["fold"] = np.where(np.arange(a.n_obs) % 3 == 0, "test", "train")
+    path = tmp_path / "fold.h5ad"
+    a.write_h5ad(path)
+    run = load_run(run_dir)
+    data = run.load_data(str(path), split_key="fold")
+    seen = run.seen_cells(data, "test")
+    stored = pd.read_csv(run_dir / "split.csv").set_index("cell")["split"]
+    chosen = a.obs_names[a.obs["fold"] == "test"]
+    assert seen == {k: int((stored.reindex(chosen) == k).sum()) for k in ("train", "val")}
+    args = ["iwelbo", str(run_dir), "--data", str(path), "--split-key", "fold", "--particles", "2", "--seeds"]
+    assert main([*args, "0", "--out", str(tmp_path / "iw.csv")]) == 0
+    err = capsys.readouterr().err
+    assert f"{seen['train'] + seen['val']} of the 80 test cells" in err and "not held-out" in err
+
+
+def test_ctrl_c_while_starting_is_one_line(trained, tmp_path):
+    """Ctrl-C during the imports and argument parsing (the first seconds) exits 130 with one line."""
+    _, data_path, _ = trained
+    code = (
+        "import sys; sys.stderr.write('ready\\n'); sys.stderr.flush()\n"
+        "from pyrovae.cli import main\n"
+        f"sys.exit(main(['train', '--data', {str(data_path)!r}, '--out', {str(tmp_path / 'r')!r}]))"
+    )
+    for delay in (0.3, 1.0):  # in the imports of the subcommands (torch, pyro, anndata: seconds)
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr.readline() == "ready\n"
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=120)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130, err[-2000:]
+        assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_in_argument_parsing_is_caught(monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "build_parser", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "pyrovae: interrupted while starting; nothing was written\n"
