@@ -493,7 +493,8 @@ class Experiment:
         options); training settings with ``seed``."""
         spec = model_spec(self.settings, model)
         t = {**spec["train"], "seed": int(seed)}
-        return model_config(spec["base"], **{**spec["model"], **overrides}), TrainConfig().replace(**t)
+        cfg = model_config(spec["base"], variant=True, **{**spec["model"], **overrides})
+        return cfg, TrainConfig().replace(**t)
 
     # ---------------------------------------------------------------------------------------- one run
     def empirical_all(self, data, perturbations: Sequence[str]) -> pd.DataFrame:

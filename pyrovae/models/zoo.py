@@ -202,11 +202,17 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """The :class:`ModelConfig` of a named model with overrides (``n_latent=...`` etc.)."""
+def model_config(name: str, *, variant: bool = False, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a named model with overrides (``n_latent=...`` etc.).
+
+    A named model's ``family`` and ``artifact`` cannot be overridden (that would train another model under
+    its name) unless ``variant=True``: a study's own named variant built on this model's other settings
+    (the experiment scripts' ``model_overrides``)."""
     if name not in MODEL_ZOO:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_ZOO)}")
     cfg = ModelConfig().replace(**MODEL_ZOO[name]).replace(**overrides)
+    if variant:
+        return cfg
     fixed = [
         k for k in ("family", "artifact") if k in MODEL_ZOO[name] and getattr(cfg, k) != MODEL_ZOO[name][k]
     ]

@@ -114,7 +114,7 @@ def test_every_mask_inference_model_is_a_valid_config():
     assert len(settings["models"]) == len(set(settings["models"]))
     for name in settings["models"]:
         spec = mod.model_settings(settings, name)
-        model_config(spec["base"], **spec["model"])
+        model_config(spec["base"], variant=True, **spec["model"])
         TrainConfig(**spec["train"])
     for section in ("model_base", "model_overrides", "train_overrides"):
         assert set(settings.get(section) or {}) <= set(settings["models"]), section
