@@ -221,13 +221,15 @@ def _lost_last(run_dir: Path, what: str) -> str:
 
 
 def _is_incomplete(run_dir: Path) -> bool:
-    """A run pyrovae marked that stopped before anything of its training was recorded: its marker, and no
-    checkpoint and no metrics (a folder without the marker, or a run whose ``last.pt`` was deleted by hand,
-    is not one: it is refused without ``--overwrite``)."""
+    """A run pyrovae marked that stopped before its first epoch was recorded: its marker, and no ``last.pt``
+    and no metrics (a folder without the marker, or a run whose ``last.pt`` was deleted by hand, is not
+    one: it is refused without ``--overwrite``)."""
+    # best.pt alone (no last.pt, no metrics.csv) is a kill between the first epoch's two checkpoint writes;
+    # a run whose last.pt was deleted by hand after an epoch still has its metrics.csv
     return (
         (run_dir / MARKER).is_file()
         and output_kind(run_dir) == "run"
-        and not any((run_dir / f).exists() for f in (LAST, BEST, METRICS))
+        and not any((run_dir / f).exists() for f in (LAST, METRICS))
     )
 
 
@@ -249,7 +251,10 @@ def _refuse_foreign(run_dir: Path, overwrite: bool, protect: tuple = (), resume:
         if output_kind(run_dir) != "run":
             raise FileNotFoundError(f"cannot resume: {run_dir} is not a pyrovae run (no {CONFIG}/{SCHEMA})")
         return
-    if output_kind(run_dir) is not None or not any(p.name != LOCK for p in run_dir.iterdir()):
+    # a killed pyrovae writer's temporaries are not the user's files (removed under the lock)
+    if output_kind(run_dir) is not None or not any(
+        p.name != LOCK and not is_temporary(p.name) for p in run_dir.iterdir()
+    ):
         return
     if not overwrite:
         raise FileExistsError(

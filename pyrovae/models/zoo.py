@@ -210,19 +210,23 @@ def model_config(name: str, *, variant: bool = False, **overrides: Any) -> Model
     (the experiment scripts' ``model_overrides``)."""
     if name not in MODEL_ZOO:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_ZOO)}")
-    cfg = ModelConfig().replace(**MODEL_ZOO[name]).replace(**overrides)
-    if variant:
-        return cfg
+    base = MODEL_ZOO[name]
+    # checked before the overrides are applied, so the refusal names the cause (not a later cross-field
+    # check of the other family's options)
     fixed = [
-        k for k in ("family", "artifact") if k in MODEL_ZOO[name] and getattr(cfg, k) != MODEL_ZOO[name][k]
+        k
+        for k in ("family", "artifact")
+        if not variant and k in base and k in overrides and overrides[k] != base[k]
     ]
     if fixed:
-        same = [m for m, d in MODEL_ZOO.items() if all(d.get(k) == getattr(cfg, k) for k in fixed)]
+        asked = {**base, **overrides}
+        same = [m for m, d in MODEL_ZOO.items() if all(d.get(k) == asked[k] for k in fixed)]
         raise ValueError(
-            f"{name} is {', '.join(f'{k}={MODEL_ZOO[name][k]!r}' for k in fixed)}: it cannot be changed "
+            f"{name} is {', '.join(f'{k}={base[k]!r}' for k in fixed)}: it cannot be changed "
             f"(that would train another model under the name {name}); choose that model instead "
             f"({', '.join(same) if same else 'see the model zoo'})"
         )
+    cfg = ModelConfig().replace(**base).replace(**overrides)
     return cfg
 
 

@@ -35,13 +35,15 @@ N_RENAMES_MIN = 4 + 4 * 2
 
 
 def _same(a, b, where: str) -> None:
-    """Recursive equality of checkpoint contents; the wall-clock ``seconds`` of each epoch is exempt."""
+    """Recursive equality of checkpoint contents; the wall-clock ``seconds`` of each epoch and the ``run_id``
+    (a random identity of each run: a rerun gets its own; ``load_run`` checks it against fingerprint.json)
+    are exempt."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
     elif isinstance(a, dict):
         assert set(a) == set(b), (where, set(a) ^ set(b))
         for k in a:
-            if k != "seconds":
+            if k not in ("seconds", "run_id"):
                 _same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where

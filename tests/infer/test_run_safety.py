@@ -449,7 +449,8 @@ def test_resume_applies_new_optimiser_settings(trained, tmp_path):
         _train_cli(data_path, run, "--resume", "--set", "max_epochs=2", "lr=5e-3", "weight_decay=0.01") == 0
     )
     groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert {g["lr"] for g in groups} == {5e-3}
+    # the mask logits keep the model's own step size (sams_vae's mask_lr 0.02); every other group the new lr
+    assert {g["lr"] for g in groups} - {0.02} == {5e-3}
     assert max(g["weight_decay"] for g in groups) == 0.01
     assert json.loads((run / "config.json").read_text())["train"]["lr"] == 5e-3
 
