@@ -83,7 +83,11 @@ def _heldout(value: Any) -> tuple[str, ...] | float | None:
 class DataOptions:
     """How to read an AnnData and prepare it for a model (a run's ``config.json["data"]``).
 
-    Reading (:func:`~pyrovae.data.anndata.load_perturbation_data`):
+    The first group of options is read by :func:`~pyrovae.data.anndata.load_perturbation_data`, the last
+    five (from ``holdout_perturbations``) by the model-specific preparation
+    (:func:`~pyrovae.data.prepare.prepare_data`).
+
+    Attributes:
         perturbation_key: obs column of labels (``control``, ``A``, ``A+B``).
         control_label: label of unperturbed cells (``None``: ``control`` / ``ctrl`` / ``non-targeting``).
         layer: layer of raw counts (``None``: ``X``).
@@ -91,19 +95,22 @@ class DataOptions:
         combo_sep: separator of combinations in labels.
         encode_combos_as_unique: one treatment per distinct combination (SVAE+; ``None``: the model's
             default, :data:`pyrovae.models.zoo.DATA_DEFAULTS`, else ``False``).
-        split_mode, split_seed, heldout: the seeded split (by cell, or with held-out combinations).
-        batch_key: obs column of the batch (replicate, lane, donor); a categorical covariate that comes first.
+        split_mode: the seeded split: ``"cells"`` (by cell, stratified) or ``"combinations"``.
+        split_seed: the seed of the split (and of the model-specific preparation).
+        heldout: with ``split_mode="combinations"``: labels, or the fraction of combinations, held out.
+        batch_key: obs column of the batch (replicate, lane, donor); a categorical covariate that comes
+            first.
         covariate_keys: further categorical obs columns (cell line, ...). Batch and covariates enter the
             basal encoder and the decoder one-hot (scVI's design); their levels are stored in the run.
-        size_factor_key: obs column of a per-cell library size (e.g. the whole-transcriptome total when only
-            highly variable genes are modelled) used by the likelihood, the ATE transform and sampling
-            instead of the sum over the modelled genes.
-
-    Model-specific preparation (:func:`~pyrovae.data.prepare.prepare_data`):
+        size_factor_key: obs column of a per-cell library size (e.g. the whole-transcriptome total when
+            only highly variable genes are modelled) used by the likelihood, the ATE transform and
+            sampling instead of the sum over the modelled genes.
         holdout_perturbations: single perturbations whose cells all go to ``test`` (unseen perturbations).
         qc_key: CRADLE-VAE / GPO-VAE: obs column of QC failures (``None``: MAD flags).
         extra_genes: GPO-VAE: extended GRN genes.
-        pairing_method, pairing_reg: GPO-VAE: OT pairing of perturbed cells with controls.
+        pairing_method: GPO-VAE: OT pairing of perturbed cells with controls (``auto``, ``emd``,
+            ``sinkhorn``).
+        pairing_reg: GPO-VAE: the Sinkhorn regulariser.
     """
 
     perturbation_key: str = "perturbation"

@@ -452,27 +452,31 @@ def ate_metrics(
             defaults to ``ate_pred``'s own rows).
         sep: the combination separator of the labels.
 
-    Returns (floats; NaN where undefined, e.g. a constant vector's Pearson r):
-        pearson, r2: pooled over all (perturbation, gene) entries; r2 = 1 - SS_res/SS_tot with
-            y_true = data (sklearn ``r2_score`` convention, but NaN for constant data).
-        pearson_topk, r2_topk: the same over the per-perturbation top-k entries only.
-        pearson_per_pert_mean, pearson_per_pert_median: Pearson r over all genes computed per
-            perturbation, then averaged (NaN rows, i.e. constant rows, ignored).
-        mse, mse_topk: mean squared error over all entries / over the top-k entries; mae: mean absolute
-            error over all entries.
-        direction_acc_topk: fraction of top-k entries where sign(pred) == sign(true); entries whose true
-            ATE is exactly 0 have no direction and are left out.
-        jaccard_topk: Jaccard index of the top-k ``|true|`` and top-k ``|pred|`` gene sets, averaged over
-            perturbations.
-        pds: mean perturbation discrimination score (cell-eval; 1 perfect, (A + 1) / 2A chance);
-        rank: mean PerturBench rank (0 perfect, 0.5 chance); centroid_accuracy: systema's (1 perfect,
-            1 / A chance); pearson_delta_pert: systema's Pearson delta from the perturbed mean, averaged
-            over perturbations (:mod:`pyrovae.evaluate.metrics` defines each).
-        pearson_de_topk, mse_de_topk, direction_acc_de_topk: pearson_topk, mse_topk, direction_acc_topk
-            on the k genes of smallest DE q-value instead of the k largest |true ATE|.
-        interaction_mse, interaction_pearson, n_interactions: predicted versus observed AB - (A + B) of
-            the combinations (:func:`pyrovae.evaluate.metrics.interaction_metrics`).
-        top_k: the k used; n_perturbations: number of rows scored.
+    The returned dict holds floats (NaN where undefined, e.g. a constant vector's Pearson r):
+
+    - ``pearson``, ``r2``: pooled over all (perturbation, gene) entries; r2 = 1 - SS_res/SS_tot with
+      y_true = data (sklearn ``r2_score`` convention, but NaN for constant data).
+    - ``pearson_topk``, ``r2_topk``: the same over the per-perturbation top-k entries only.
+    - ``pearson_per_pert_mean``, ``pearson_per_pert_median``: Pearson r over all genes computed per
+      perturbation, then averaged (NaN rows, i.e. constant rows, ignored).
+    - ``mse``, ``mse_topk``: mean squared error over all entries / over the top-k entries; ``mae``: mean
+      absolute error over all entries.
+    - ``direction_acc_topk``: fraction of top-k entries where sign(pred) == sign(true); entries whose true
+      ATE is exactly 0 have no direction and are left out.
+    - ``jaccard_topk``: Jaccard index of the top-k ``|true|`` and top-k ``|pred|`` gene sets, averaged over
+      perturbations.
+    - ``pds``: mean perturbation discrimination score (cell-eval; 1 perfect, (A + 1) / 2A chance);
+      ``rank``: mean PerturBench rank (0 perfect, 0.5 chance); ``centroid_accuracy``: systema's (1
+      perfect, 1 / A chance); ``pearson_delta_pert``: systema's Pearson delta from the perturbed mean,
+      averaged over perturbations (:mod:`pyrovae.evaluate.metrics` defines each).
+    - ``pearson_de_topk``, ``mse_de_topk``, ``direction_acc_de_topk``: the top-k metrics on the k genes of
+      smallest DE q-value instead of the k largest ``|true ATE|``.
+    - ``interaction_mse``, ``interaction_pearson``, ``n_interactions``: predicted versus observed
+      AB - (A + B) of the combinations (:func:`pyrovae.evaluate.metrics.interaction_metrics`).
+    - ``top_k``: the k used; ``n_perturbations``: number of rows scored.
+
+    Returns:
+        dict[str, float], the metrics above.
 
     Raises:
         ValueError: ``ate_pred`` lacks labels/genes of ``ate_true``, non-finite values, top_k < 1.

@@ -331,7 +331,7 @@ def de_qvalues(
 def de_top_k(qvalues: np.ndarray, ate_true: np.ndarray, k: int) -> np.ndarray:
     """(A, k) column indices of the k genes with the smallest DE q-value per row (GEARS' "top DE genes").
 
-    Ties in q (e.g. several genes at the smallest attainable q) are broken by the larger |true ATE|, then
+    Ties in q (e.g. several genes at the smallest attainable q) are broken by the larger ``|true ATE|``, then
     by the lower column. ``qvalues`` and ``ate_true``: (A, G).
     """
     q = np.asarray(qvalues, dtype=np.float64)
