@@ -65,6 +65,9 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "grn_recovery.csv",
         "grn_scores.csv",
         "unseen_ate.csv",
+        # pyrovae demo --dataset NAME
+        "ate_metrics.csv",
+        "ate_per_perturbation.csv",
     ),
 }
 #: files of pyrovae's own bookkeeping, allowed in every kind (and its temporaries: :func:`is_temporary`)

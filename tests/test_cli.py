@@ -319,3 +319,21 @@ def test_simulate_command_writes_the_seeded_dataset_and_refuses_to_overwrite(tmp
     assert "grn_shape" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--set", "n_gens=3"]) == 2
     assert "unknown simulation setting" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_on_an_embedded_real_dataset(tmp_path, capsys):
+    """``pyrovae demo --dataset``: real cells with the dataset's covariate and size factor, the table with
+    the baselines and the noise ceiling, and a rerun over its own output with --overwrite."""
+    out = tmp_path / "demo_real"
+    argv = ["demo", "--dataset", "mcfaline2023", "--epochs", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| SAMS-VAE |" in printed and "depth-matched" in printed and "with the size factor" in printed
+    table = pd.read_csv(out / "comparison.csv", index_col="method")
+    assert {"SAMS-VAE", "CPA-VAE", "no_change", "train_mean", "noise_ceiling"} <= set(table.index)
+    config = json.loads((out / "sams_vae" / "config.json").read_text())
+    assert (
+        config["data"]["covariate_keys"] == ["cell_type"] and config["data"]["size_factor_key"] == "ncounts"
+    )
+    assert main([*argv, "--overwrite"]) == 0
