@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title(f"ATE {metric} (test cells)")
         fig.tight_layout()
         fig.savefig(out / "summary.png", dpi=120)
-    except ImportError:
-        pass
+    except ImportError as err:
+        print(f"(no figure: {err})")
     return 0
 
 
