@@ -222,7 +222,7 @@ def test_full_demo(tmp_path, capsys):
     assert {"SAMS-VAE", "CPA-VAE", "additive", "random mask (chance)"} <= set(table.index)
     assert np.isfinite(table.loc["SAMS-VAE", "IWELBO held-out combos"])
     assert np.isfinite(table.loc["SAMS-VAE", "mask F1"])
-    # the demo's masks start on, frozen, then the latent basis is rotated (README "Sparse rotation"): the
+    # the demo's masks start on, frozen, then the latent basis is rotated (docs "Sparse rotation"): the
     # protocol's 3 seeds measured held-out-combination ATE r 0.952 against CPA-VAE's 0.945 and mask F1
     # 0.83 against chance 0.44
     ate = "ATE r held-out combos"
@@ -235,7 +235,7 @@ def test_full_demo(tmp_path, capsys):
         "mask_heatmap.png",
         "ate_scatter_heldout_combos.png",
         "data.h5ad",
-        "sams_vae_learned_sparsity/best.pt",
+        "sams_vae/best.pt",
         "cpa_vae/best.pt",
     ):
         assert (out / f).exists(), f
