@@ -225,6 +225,7 @@ def ate_metrics(exp: common.Experiment, run, data, sets, seed: int | None = None
             list(perts),
             n_samples=int(ev["ate_samples"]),
             library_size=common.eval_library(ev["library_size"]),
+            data=data,  # matched: each label at its cells' depths
             seed=int(ev["eval_seed"] if seed is None else seed),
             chunk=int(ev["ate_chunk"]),
             transform=common.ate_transform(data),
