@@ -247,8 +247,7 @@ def read_anndata(data: str | Path | ad.AnnData, backed: bool = False) -> ad.AnnD
     if path.suffix != ".h5ad":
         raise ValueError(f"{path} is not an .h5ad file; convert it with anndata (adata.write_h5ad)")
     try:
-        with open(path, "rb"):  # HDF5 would report a file we may not read as a corrupt one
-            pass
+        path.open("rb").close()  # HDF5 would report a file we may not read as a corrupt one
     except PermissionError:
         raise PermissionError(
             f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere "
