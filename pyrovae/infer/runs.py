@@ -34,6 +34,8 @@ from pyrovae.data.anndata import (
     unique_cell_names,
     untrained_treatments,
 )
+from pyrovae.config import preview
+from pyrovae.data.gene_features import treatment_gene_features
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import column_sums
 from pyrovae.data.options import DataOptions
@@ -722,6 +724,35 @@ def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
             )
 
 
+def _with_gene_features(
+    data: PerturbationData, cfg: ModelConfig, prepare: Callable[[PerturbationVAE], None] | None
+) -> tuple[ModelConfig, Callable[[PerturbationVAE], None] | None]:
+    """For ``cfg.gene_features`` set: the treatments' gene features
+    (:func:`~pyrovae.data.gene_features.treatment_gene_features`, errors before anything is written), the
+    config with F = their width, and a ``prepare`` that stores them in the model (its checkpoints carry
+    them). A warning says how many targets have no features."""
+    if cfg.gene_features is None:
+        return cfg, prepare
+    feats = treatment_gene_features(data, cfg.gene_features, cfg.gene_features_file, cfg.gene_feature_dim)
+    missing = [t for t, h in zip(data.treatments, feats.has) if not h]
+    if missing:
+        warnings.warn(
+            f"gene features ({cfg.gene_features}): {feats.n_matched} of {len(feats.has)} perturbation targets "
+            f"matched a gene; {len(missing)} have none ({preview(missing, 5)}) and are predicted from the "
+            "learned intercept alone (the mean effect of the seen perturbations) when unseen",
+            PyrovaeWarning,
+            stacklevel=3,
+        )
+    cfg = cfg.replace(gene_feature_dim=feats.values.shape[1])
+
+    def with_features(model: PerturbationVAE) -> None:
+        model.effect.feature_prior.set_features(feats.values, feats.has)
+        if prepare is not None:
+            prepare(model)
+
+    return cfg, with_features
+
+
 def train_run(
     data: PerturbationData,
     model_cfg: ModelConfig,
@@ -756,6 +787,7 @@ def train_run(
             "(CLI and experiment scripts: --set likelihood=normal)"
         )
     _check_model_fits_data(model_cfg, data)
+    model_cfg, prepare = _with_gene_features(data, model_cfg, prepare)
     cell_names(data)  # a split stored by name needs unique names: refuse before making anything
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -112,21 +112,29 @@ class SpikeSlabNormal(dist.TorchDistribution):
         mask: (..., K) 0/1 masks (hard values; a straight-through mask keeps its gradient).
         loc, scale: the slab's parameters, broadcastable with ``mask``.
         prior_scale: the prior's standard deviation (a scalar tensor).
+        prior_loc: the prior's mean, broadcastable with ``loc`` (``None``: 0; the gene-feature prediction of
+            :class:`~pyrovae.models.effects.features.FeaturePrior`).
     """
 
     arg_constraints = {}
     support = dist.constraints.real
     has_rsample = True
 
-    def __init__(self, mask, loc, scale, prior_scale, validate_args=None):
-        self.mask, self.loc, self.scale = torch.broadcast_tensors(mask, loc, scale)
+    def __init__(self, mask, loc, scale, prior_scale, prior_loc=None, validate_args=None):
+        if prior_loc is None:
+            prior_loc = torch.zeros_like(torch.as_tensor(loc))
+        self.mask, self.loc, self.scale, self.prior_loc = torch.broadcast_tensors(mask, loc, scale, prior_loc)
         self.prior_scale = torch.as_tensor(prior_scale, dtype=self.loc.dtype, device=self.loc.device)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape)
         return SpikeSlabNormal(
-            self.mask.expand(shape), self.loc.expand(shape), self.scale.expand(shape), self.prior_scale
+            self.mask.expand(shape),
+            self.loc.expand(shape),
+            self.scale.expand(shape),
+            self.prior_scale,
+            self.prior_loc.expand(shape),
         )
 
     def rsample(self, sample_shape=()):
@@ -135,10 +143,10 @@ class SpikeSlabNormal(dist.TorchDistribution):
         slab = self.loc + self.scale * eps
         if torch.is_grad_enabled():
             return slab
-        spike = self.prior_scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        spike = self.prior_loc + self.prior_scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         return torch.where(self.mask > 0.5, slab, spike)
 
     def log_prob(self, value):
         slab = dist.Normal(self.loc, self.scale).log_prob(value)
-        prior = dist.Normal(torch.zeros_like(self.loc), self.prior_scale).log_prob(value)
+        prior = dist.Normal(self.prior_loc, self.prior_scale).log_prob(value)
         return self.mask * slab + (1.0 - self.mask) * prior

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pyrovae.config import check_range, coerce_fields, replace_checked
+from pyrovae.data.gene_features import GENE_FEATURE_SOURCES
 from pyrovae.data.prepare import Requirement, ordered
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
@@ -52,6 +53,8 @@ FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae
 #: weights: 65536 x 20000 genes is 5 GB already; beyond it a typo like n_latent=10**12 would exhaust memory)
 MAX_WIDTH = 65536
 ROTATABLE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity")
+#: the families whose effect rows can have a gene-feature prior (``gene_features``)
+FEATURE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "gpo")
 
 
 @dataclasses.dataclass
@@ -113,6 +116,12 @@ class ModelConfig:
     grn_hop_norm: str = "T"
     grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
     grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
+    # effects predicted from gene features (pyrovae.models.effects.features; SAMS-VAE, CPA-VAE, GPO-VAE):
+    # None (off) | data (PCA of the training pseudobulk) | table (gene_features_file: gene x dimension) | graph
+    # (gene_features_file: an edge list); gene_feature_dim: F (a table's width replaces it at training)
+    gene_features: str | None = None
+    gene_features_file: str | None = None
+    gene_feature_dim: int = 10
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -130,6 +139,18 @@ class ModelConfig:
         for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
             check_range(name, getattr(self, name), ge=0)
         check_range("grn_target", self.grn_target, choices=GRN_TARGETS)
+        check_range("gene_features", self.gene_features, choices=GENE_FEATURE_SOURCES)
+        check_range("gene_feature_dim", self.gene_feature_dim, ge=1, le=MAX_WIDTH)
+        if self.gene_features is not None and self.family not in FEATURE_FAMILIES:
+            raise ValueError(
+                f"gene_features={self.gene_features!r} needs an additive effect block {FEATURE_FAMILIES}, not "
+                f"family {self.family!r}; leave gene_features unset"
+            )
+        if self.gene_features in ("table", "graph") and not self.gene_features_file:
+            raise ValueError(
+                f"gene_features={self.gene_features!r} needs gene_features_file (CLI: --gene-features FILE or "
+                "--gene-graph FILE)"
+            )
         check_range("mask_init_logits", self.mask_init_logits)
         check_range("mask_estimator", self.mask_estimator, choices=MASK_ESTIMATORS)
         check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
@@ -250,6 +271,8 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         mask_freeze_fraction=cfg.mask_freeze_fraction,
         mask_lr=cfg.mask_lr,
     )
+    if cfg.family in FEATURE_FAMILIES:
+        common["n_gene_features"] = cfg.gene_feature_dim if cfg.gene_features is not None else 0
     if cfg.family == "sams":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
     if cfg.family in ("sams_beta_bernoulli", "sams_learned_sparsity"):

@@ -12,6 +12,7 @@ from torch import nn
 
 from pyrovae.models.distributions import HardenedBernoulli
 from pyrovae.models.effects.base import EffectBlock
+from pyrovae.models.effects.features import FeaturePrior
 from pyrovae.models.effects.guides import guide_family
 from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.mask_estimators import (
@@ -76,6 +77,12 @@ class AdditiveEffect(EffectBlock):
             (exact in the means), and the masks are then pruned in a basis where most entries are small.
             A schedule, not a change of the objective; needs ``mask_freeze_steps > 0`` (README "Sparse
             rotation": measured in three regimes).
+        n_gene_features: F > 0: effects predicted from gene features
+            (:class:`~pyrovae.models.effects.features.FeaturePrior`, see there for the objective): the prior
+            mean of row t of E is b + W^T x_t, the free means of q(E) (q(E | M)'s network's loc) are
+            offsets from it, and a treatment with no training cell is predicted at it with every mask on
+            (``untrained_method`` ``"gene_features"``, GPO-VAE included, instead of its GRN transfer).
+            0: the prior mean is 0 (the papers' model).
 
     Mask estimators: :func:`pyrovae.models.mask_estimators.mask_site` (``straight_through``, the reference;
     ``score_function``, ``loo``, ``disarm``: unbiased; ``relaxed``: relaxed masks in the likelihood).
@@ -103,6 +110,7 @@ class AdditiveEffect(EffectBlock):
         mask_rotation: bool = False,
         mask_freeze_fraction: float = 0.0,
         mask_lr: float | None = None,
+        n_gene_features: int = 0,
     ) -> None:
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
@@ -178,10 +186,26 @@ class AdditiveEffect(EffectBlock):
             self.q_E_net = GaussianMLP(
                 effect_dim + n_treatments, effect_dim, embedding_encoder_hidden, embedding_encoder_layers
             )
+        self.feature_prior = (
+            FeaturePrior(n_treatments, n_gene_features, effect_dim, embedding_prior_scale)
+            if n_gene_features
+            else None
+        )
+
+    def score_feature_prior(self) -> None:
+        """The model's log-prior of the gene-feature weights (if any): a global factor, called outside the
+        perturbations plate so that no row weight scales it."""
+        if self.feature_prior is not None:
+            self.feature_prior.weight_log_prior()
+
+    def prior_E_loc(self) -> torch.Tensor | None:
+        """(T, K) prior mean of the effect rows (the gene-feature prediction), ``None`` for mean 0."""
+        return None if self.feature_prior is None else self.feature_prior.loc()
 
     def model_globals(self, weights):
         T, K = self.n_treatments, self.shift_dim
         out = {}
+        self.score_feature_prior()
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             if self.use_masks:
                 out["mask"] = pyro.sample("mask", self._prior_mask(self.mask_prior.expand(T, K)))
@@ -190,7 +214,9 @@ class AdditiveEffect(EffectBlock):
 
     def _sample_p_E(self) -> torch.Tensor:
         T, K = self.n_treatments, self.shift_dim
-        loc = torch.zeros_like(self.eye[:, :1]).expand(T, K)
+        loc = self.prior_E_loc()
+        if loc is None:
+            loc = torch.zeros_like(self.eye[:, :1]).expand(T, K)
         return pyro.sample("E", dist.Normal(loc, self.embedding_prior_scale).to_event(1))
 
     def guide_globals(self, weights):
@@ -206,8 +232,11 @@ class AdditiveEffect(EffectBlock):
         """(loc, scale) of q(E | M = m) (..., T, K): the free parameters (mean-field, CPA-VAE, and the
         spike-and-slab guide's slab) or q(E | M)'s network on [m_t, onehot(t)] (with the free offsets)."""
         if m is None:
-            return self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
-        return self.q_E.normal(self, m)
+            loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
+        else:
+            loc, scale = self.q_E.normal(self, m)
+        prior = self.prior_E_loc()
+        return (loc, scale) if prior is None else (loc + prior, scale)
 
     def _sample_q_E(self, m: torch.Tensor | None) -> torch.Tensor:
         """q(E) (mean-field) or q(E | M) (correlated) inside the perturbations plate; (..., T, K)."""
@@ -307,9 +336,11 @@ class AdditiveEffect(EffectBlock):
         free_e = hasattr(self, "q_E_loc")
         # the learned score-function baseline is part of the estimator, not of the model: no weight decay
         baseline = list(self.q_mask_baseline.parameters()) if hasattr(self, "q_mask_baseline") else []
+        # the gene-feature prior's (W, b) are point estimates with their own prior (W): no weight decay
+        feat = [] if self.feature_prior is None else [self.feature_prior.weight, self.feature_prior.bias]
         return parameter_roles(
             self,
-            variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline,
+            variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline + feat,
             mask_logits=self.mask_role_parameters(),
         )
 
@@ -333,6 +364,11 @@ class AdditiveEffect(EffectBlock):
         changed: list[nn.Parameter] = []
         if hasattr(self, "q_E_net"):
             changed += rotate_heads(self.q_E_net, R)
+        if self.feature_prior is not None:  # mu' = mu R: the prior (isotropic) and W's prior are invariant
+            fp = self.feature_prior
+            fp.weight.copy_(fp.weight @ R.to(fp.weight))
+            fp.bias.copy_(fp.bias @ R.to(fp.bias))
+            changed += [fp.weight, fp.bias]
         if hasattr(self, "q_E_loc"):
             Rt = R.to(self.q_E_loc)
             self.q_E_loc.copy_(self.q_E_loc @ Rt)
@@ -353,12 +389,20 @@ class AdditiveEffect(EffectBlock):
         return self.use_masks and self.compose == "concat" and self.shift_dim == self.n_treatments
 
     def untrained_method(self, transfer: bool = True) -> str:
+        if transfer and self.feature_prior is not None:
+            return "gene_features"
         return "grn_transfer" if transfer and self.is_grn else "prior_draw"
 
     def predict_untrained(self, g, untrained, seen=None):
-        """GPO-VAE: :func:`~pyrovae.models.effects.unseen.grn_transfer` of the untrained rows; other
-        additive blocks keep the prior draws."""
-        if not self.is_grn or not bool(untrained.any()):
+        """With gene features: the feature prediction of the untrained rows
+        (:meth:`~pyrovae.models.effects.features.FeaturePrior.predict`, every block, GPO-VAE included).
+        Without: GPO-VAE's :func:`~pyrovae.models.effects.unseen.grn_transfer`; other additive blocks keep
+        the prior draws."""
+        if not bool(untrained.any()):
+            return g
+        if self.feature_prior is not None:
+            return self.feature_prior.predict(g, untrained)
+        if not self.is_grn:
             return g
         return grn_transfer(g, self.q_mask_logits, untrained, ~untrained if seen is None else seen)
 

@@ -16,8 +16,10 @@ __all__ = ["EffectBlock", "UNTRAINED_METHODS"]
 #: how a treatment with no training cell is predicted (:meth:`EffectBlock.untrained_method`):
 #: ``grn_transfer`` (GPO-VAE: mask row from the learned GRN, effect sizes from seen perturbations),
 #: ``prior_draw`` (rows drawn from the prior: no information), ``no_shift`` (the control's state, SVAE+),
-#: ``untrained_weights`` (the conditional VAE: the dosage column meets network weights never trained).
-UNTRAINED_METHODS = ("grn_transfer", "prior_draw", "no_shift", "untrained_weights")
+#: ``untrained_weights`` (the conditional VAE: the dosage column meets network weights never trained),
+#: ``gene_features`` (the effect predicted from the target gene's features,
+#: :class:`~pyrovae.models.effects.features.FeaturePrior`).
+UNTRAINED_METHODS = ("grn_transfer", "prior_draw", "no_shift", "untrained_weights", "gene_features")
 
 
 class EffectBlock(nn.Module):

@@ -61,7 +61,7 @@ class SpikeSlab(QEffect):
     name = "spike_slab"
 
     def site(self, block, m, loc, scale):
-        return SpikeSlabNormal(m, loc, scale, block.embedding_prior_scale).to_event(1)
+        return SpikeSlabNormal(m, loc, scale, block.embedding_prior_scale, block.prior_E_loc()).to_event(1)
 
 
 _FAMILIES = {f.name: f() for f in (MeanField, Correlated, SpikeSlab)}

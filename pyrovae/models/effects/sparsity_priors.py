@@ -38,6 +38,7 @@ class BetaBernoulliMaskEffect(AdditiveEffect):
 
     def model_globals(self, weights):
         T, K = self.n_treatments, self.shift_dim
+        self.score_feature_prior()
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             pi = pyro.sample(
                 "mask_prob", dist.Beta(self.beta_a.expand(T, K), self.beta_b.expand(T, K)).to_event(1)
@@ -85,6 +86,7 @@ class LearnedSparsityMaskEffect(AdditiveEffect):
 
     def model_globals(self, weights):
         T, K = self.n_treatments, self.shift_dim
+        self.score_feature_prior()
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             hyper = dist.Beta(self.sparsity_a.expand(T), self.sparsity_b.expand(T))
             alpha = pyro.sample("mask_sparsity", hyper)
