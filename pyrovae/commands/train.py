@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from pyrovae.commands.common import (
     add_data_args,
@@ -19,9 +20,23 @@ from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 from pyrovae.setup import read_data
 
 
+def gene_feature_options(features: str | None, graph: str | None) -> dict[str, str]:
+    """The model options of ``--gene-features data|FILE`` / ``--gene-graph FILE`` (one of them)."""
+    if features is not None and graph is not None:
+        raise ValueError("give --gene-features or --gene-graph, not both (one feature source per run)")
+    if graph is not None:
+        return {"gene_features": "graph", "gene_features_file": str(Path(graph).resolve())}
+    if features is None:
+        return {}
+    if features == "data":
+        return {"gene_features": "data"}
+    return {"gene_features": "table", "gene_features_file": str(Path(features).resolve())}
+
+
 def run(args: argparse.Namespace) -> int:
     groups = {"model": ModelConfig, "training": TrainConfig}
     m_over, t_over = route_options(gather_overrides(args.config, args.set), groups)
+    m_over.update(gene_feature_options(args.gene_features, args.gene_graph))
     opts = data_options(args)
     if args.resume:
         if args.overwrite:
@@ -106,6 +121,19 @@ def register(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="option overrides, e.g. --set n_latent=20 max_epochs=50 lr=1e-3",
+    )
+    p.add_argument(
+        "--gene-features",
+        default=None,
+        metavar="data|FILE",
+        help="predict effects from the target genes' features (unseen perturbations included): 'data' (PCA "
+        "of the training pseudobulk) or a gene x dimension table (CSV, TSV, Parquet; gene in the first column)",
+    )
+    p.add_argument(
+        "--gene-graph",
+        default=None,
+        metavar="FILE",
+        help="... or from a gene-gene graph: an edge list (source, target[, weight]) propagated to each target",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
