@@ -319,7 +319,8 @@ class PerturbationVAE(nn.Module):
                 # only sites of the perturbation plate have one row per treatment (not e.g. qc_E)
                 if site is None or PERTURBATION_PLATE not in {f.name for f in site["cond_indep_stack"]}:
                     continue
-                out[k] = torch.where(untrained.unsqueeze(-1), site["value"], out[k])
+                rows = untrained.reshape((-1,) + (1,) * site["fn"].event_dim)  # (T,) at the plate's dim
+                out[k] = torch.where(rows, site["value"], out[k])
             out = self.effect.untrained_fallback(out, untrained)
         return out
 
