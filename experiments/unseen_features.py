@@ -54,9 +54,9 @@ from pyrovae.report import markdown_table
 
 MODELS = ("cpa_vae", "cpa_vae+data", "cpa_vae+table", "sams_vae", "sams_vae+data", "gpo_vae", "gpo_vae+data")
 #: the simulation (smaller than the default preset: singles only)
-SIM = {"n_genes": 120, "n_doubles": 0, "n_control_cells": 1000, "cells_per_single": 120}
+SIM = {"n_genes": 120, "n_doubles": 0, "n_control_cells": 600, "cells_per_single": 80}
 MODEL_SETTINGS = {"n_latent": 10, "decoder_hidden": 64, "encoder_hidden": 64, "embedding_encoder_hidden": 64}
-TRAIN_SETTINGS = {"lr": 0.003, "batch_size": 256, "max_epochs": 40, "patience": 40, "n_particles": 2}
+TRAIN_SETTINGS = {"lr": 0.005, "batch_size": 256, "max_epochs": 80, "patience": 80, "n_particles": 2}
 
 
 def planted_table(adata, noise: float, seed: int) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from torch import nn
 
 from pyrovae.models.distributions import HardenedBernoulli
 from pyrovae.models.effects.base import EffectBlock
-from pyrovae.models.effects.features import FeaturePrior
+from pyrovae.models.effects.features import FeatureFitStep, FeaturePrior
 from pyrovae.models.effects.guides import guide_family
 from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.mask_estimators import (
@@ -187,7 +187,7 @@ class AdditiveEffect(EffectBlock):
                 effect_dim + n_treatments, effect_dim, embedding_encoder_hidden, embedding_encoder_layers
             )
         self.feature_prior = (
-            FeaturePrior(n_treatments, n_gene_features, effect_dim, embedding_prior_scale)
+            FeaturePrior(n_treatments, n_gene_features, effect_dim, 3.0 * embedding_prior_scale)
             if n_gene_features
             else None
         )
@@ -235,8 +235,7 @@ class AdditiveEffect(EffectBlock):
             loc, scale = self.q_E_loc, self.q_E_log_scale.exp() + 1e-4
         else:
             loc, scale = self.q_E.normal(self, m)
-        prior = self.prior_E_loc()
-        return (loc, scale) if prior is None else (loc + prior, scale)
+        return loc, scale
 
     def _sample_q_E(self, m: torch.Tensor | None) -> torch.Tensor:
         """q(E) (mean-field) or q(E | M) (correlated) inside the perturbations plate; (..., T, K)."""
@@ -258,7 +257,10 @@ class AdditiveEffect(EffectBlock):
             self.mask_freeze_steps = int(self.mask_freeze_resolved)
 
     def training_hooks(self) -> list[Any]:
-        return [SparseRotationStep(self)] if self.mask_rotation else []
+        hooks: list[Any] = [SparseRotationStep(self)] if self.mask_rotation else []
+        if self.feature_prior is not None and hasattr(self, "q_E_loc"):
+            hooks.append(FeatureFitStep(self))  # free q means: the exact (W, b) step
+        return hooks
 
     # ------------------------------------------------------------------------------- mask estimators
     def current_temperature(self) -> torch.Tensor:
