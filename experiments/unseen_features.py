@@ -92,7 +92,9 @@ def model_cfg(spec: str, table: Path | None, overrides: dict):
     return model_config(name, **{**MODEL_SETTINGS, **overrides, **extra})
 
 
-def one_split(args, adata, dataset: str, held: list[str], set_id: int, seed: int, out: Path, table: Path | None):
+def one_split(
+    args, adata, dataset: str, held: list[str], set_id: int, seed: int, out: Path, table: Path | None
+):
     """Train every model on one split and seed; the rows of the unseen and seen tables."""
     data = holdout_perturbations(load_perturbation_data(adata, split_seed=seed), held)
     specs = [s for s in args.models if table is not None or not s.endswith("+table")]
@@ -107,36 +109,64 @@ def one_split(args, adata, dataset: str, held: list[str], set_id: int, seed: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             runs[spec] = train_run(
-                data, cfg, tcfg, out / "runs" / f"{dataset}_s{set_id}_seed{seed}_{spec}", overwrite=True,
+                data,
+                cfg,
+                tcfg,
+                out / "runs" / f"{dataset}_s{set_id}_seed{seed}_{spec}",
+                overwrite=True,
                 progress=False,
             )
         times[spec] = time.perf_counter() - t0
         hist = runs[spec].metrics()
-        print(f"  {dataset} set {set_id} seed {seed} {spec}: {len(hist)} epochs, val loss "
-              f"{hist[-1]['val_loss']:.3f} (first {hist[0]['val_loss']:.3f}), {times[spec]:.0f}s", flush=True)
+        print(
+            f"  {dataset} set {set_id} seed {seed} {spec}: {len(hist)} epochs, val loss "
+            f"{hist[-1]['val_loss']:.3f} (first {hist[0]['val_loss']:.3f}), {times[spec]:.0f}s",
+            flush=True,
+        )
     first, *rest = list(runs)
     test = data.indices("test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = score_run(
-            runs[first], data, ate_sets={"test": test}, iwelbo_sets={"test": "test"}, name=first,
-            others={k: runs[k] for k in rest}, n_samples=args.ate_samples, n_particles=args.iwelbo_particles,
-            iwelbo_seeds=(0,), seed=0,
+            runs[first],
+            data,
+            ate_sets={"test": test},
+            iwelbo_sets={"test": "test"},
+            name=first,
+            others={k: runs[k] for k in rest},
+            n_samples=args.ate_samples,
+            n_particles=args.iwelbo_particles,
+            iwelbo_seeds=(0,),
+            seed=0,
         )
     rep = res["ate"]["test"]
     tags = {"dataset": dataset, "set": set_id, "seed": seed, "heldout": ",".join(held)}
     unseen_rows = []
     for method, row in rep["unseen_table"].loc["unseen singles"].iterrows():
-        unseen_rows.append({**tags, "method": method, "pearson": row["pearson"], "mse": row["mse"],
-                            "n": row["n_perturbations"]})
+        unseen_rows.append(
+            {
+                **tags,
+                "method": method,
+                "pearson": row["pearson"],
+                "mse": row["mse"],
+                "n": row["n_perturbations"],
+            }
+        )
     seen = [p for p in rep["ate_true"].index if p not in set(rep["unseen"]) and p != data.control_label]
     seen_tab = ate_table(rep["ate_true"].loc[seen], {k: rep["preds"][k].loc[seen] for k in runs})
     seen_rows = []
     for spec in runs:
-        seen_rows.append({**tags, "model": spec, "ate_r": seen_tab.loc[spec, "pearson"],
-                          "ate_mse": seen_tab.loc[spec, "mse"],
-                          "test_iwelbo": res["iwelbo"][spec]["test"]["mean"], "train_s": times[spec],
-                          "epochs": len(runs[spec].metrics())})
+        seen_rows.append(
+            {
+                **tags,
+                "model": spec,
+                "ate_r": seen_tab.loc[spec, "pearson"],
+                "ate_mse": seen_tab.loc[spec, "mse"],
+                "test_iwelbo": res["iwelbo"][spec]["test"]["mean"],
+                "train_s": times[spec],
+                "epochs": len(runs[spec].metrics()),
+            }
+        )
     return unseen_rows, seen_rows
 
 
@@ -153,9 +183,16 @@ def mean_sd(frame: pd.DataFrame, by: list[str], cols: list[str]) -> pd.DataFrame
 def summarise(unseen: pd.DataFrame, seen: pd.DataFrame) -> str:
     parts = ["# Unseen perturbations from gene features\n"]
     parts.append("## Unseen singles (ATE of the held-out test cells; mean ± sd over held-out sets x seeds)\n")
-    parts.append(markdown_table(mean_sd(unseen, ["dataset", "method"], ["pearson", "mse"]).reset_index(), index=False))
+    parts.append(
+        markdown_table(mean_sd(unseen, ["dataset", "method"], ["pearson", "mse"]).reset_index(), index=False)
+    )
     parts.append("\n## Seen perturbations (their held-out test cells) and test IWELBO\n")
-    parts.append(markdown_table(mean_sd(seen, ["dataset", "model"], ["ate_r", "ate_mse", "test_iwelbo"]).reset_index(), index=False))
+    parts.append(
+        markdown_table(
+            mean_sd(seen, ["dataset", "model"], ["ate_r", "ate_mse", "test_iwelbo"]).reset_index(),
+            index=False,
+        )
+    )
     diffs = []
     for spec in seen["model"].unique():
         if "+" not in spec:
@@ -169,7 +206,11 @@ def summarise(unseen: pd.DataFrame, seen: pd.DataFrame) -> str:
     if diffs:
         parts.append("\n## Seen: paired difference with features minus without\n")
         d = pd.concat(diffs)
-        parts.append(markdown_table(mean_sd(d, ["dataset", "model"], ["ate_r", "test_iwelbo"]).reset_index(), index=False))
+        parts.append(
+            markdown_table(
+                mean_sd(d, ["dataset", "model"], ["ate_r", "test_iwelbo"]).reset_index(), index=False
+            )
+        )
     return "\n".join(parts) + "\n"
 
 
@@ -204,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             planted_table(adata, args.table_noise, args.sim_seed).to_csv(tab)
             datasets.append((f"sim_{shape}", adata, tab))
     else:
-        adata = (
-            getattr(pyrovae.datasets, args.data)() if hasattr(pyrovae.datasets, args.data) else args.data
-        )
+        adata = getattr(pyrovae.datasets, args.data)() if hasattr(pyrovae.datasets, args.data) else args.data
         if isinstance(adata, str):
             import anndata as ad  # noqa: PLC0415
 

@@ -127,13 +127,13 @@ def register(sub) -> None:
         default=None,
         metavar="data|FILE",
         help="predict effects from the target genes' features (unseen perturbations included): 'data' (PCA "
-        "of the training pseudobulk) or a gene x dimension table (CSV, TSV, Parquet; gene in the first column)",
+        "of the training pseudobulk) or a gene x dimension table (CSV, TSV, Parquet; gene in column one)",
     )
     p.add_argument(
         "--gene-graph",
         default=None,
         metavar="FILE",
-        help="... or from a gene-gene graph: an edge list (source, target[, weight]) propagated to each target",
+        help="... or from a gene-gene graph: an edge list (source, target[, weight]), propagated",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")

@@ -111,20 +111,22 @@ def read_gene_table(path: str | Path) -> pd.DataFrame:
     bad = [str(c) for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
     if bad:
         raise ValueError(
-            f"gene-features table {path}: column(s) {preview(bad, 5)} are not numeric; the first column is the "
-            "gene name and every other column one numeric dimension"
+            f"gene-features table {path}: column(s) {preview(bad, 5)} are not numeric; the first column is "
+            "the gene name and every other column one numeric dimension"
         )
     arr = values.to_numpy(dtype=np.float64)
     rows = ~np.isfinite(arr).all(1)
     if rows.any():
         raise ValueError(
-            f"gene-features table {path}: {int(rows.sum())} row(s) hold missing or infinite values (e.g. gene "
-            f"{genes[rows].iloc[0]!r}); fill or drop them"
+            f"gene-features table {path}: {int(rows.sum())} row(s) hold missing or infinite values "
+            f"(e.g. gene {genes[rows].iloc[0]!r}); fill or drop them"
         )
     dup = genes[genes.duplicated()].tolist()
     if dup:
         raise ValueError(f"gene-features table {path} names {len(dup)} gene(s) twice (e.g. {dup[0]!r})")
-    return pd.DataFrame(arr, index=pd.Index(genes.to_numpy(), name="gene"), columns=[str(c) for c in values.columns])
+    return pd.DataFrame(
+        arr, index=pd.Index(genes.to_numpy(), name="gene"), columns=[str(c) for c in values.columns]
+    )
 
 
 def read_gene_graph(path: str | Path) -> pd.DataFrame:
@@ -144,8 +146,8 @@ def read_gene_graph(path: str | Path) -> pd.DataFrame:
         if not np.isfinite(w).all():
             bad = int((~np.isfinite(w)).sum())
             raise ValueError(
-                f"gene graph {path}: {bad} edge(s) have a weight in column {str(wcol)!r} that is not a number; "
-                "give numeric weights (or only source and target columns)"
+                f"gene graph {path}: {bad} edge(s) have a weight in column {str(wcol)!r} that is not a "
+                "number; give numeric weights (or only source and target columns)"
             )
         weight = np.abs(w)
     out = pd.DataFrame(

@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.config import preview
 from pyrovae.data.anndata import (
     PerturbationData,
     PyrovaeWarning,
     unique_cell_names,
     untrained_treatments,
 )
-from pyrovae.config import preview
 from pyrovae.data.gene_features import treatment_gene_features
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import column_sums
@@ -737,9 +737,9 @@ def _with_gene_features(
     missing = [t for t, h in zip(data.treatments, feats.has) if not h]
     if missing:
         warnings.warn(
-            f"gene features ({cfg.gene_features}): {feats.n_matched} of {len(feats.has)} perturbation targets "
-            f"matched a gene; {len(missing)} have none ({preview(missing, 5)}) and are predicted from the "
-            "learned intercept alone (the mean effect of the seen perturbations) when unseen",
+            f"gene features ({cfg.gene_features}): {feats.n_matched} of {len(feats.has)} perturbation "
+            f"targets matched a gene; {len(missing)} have none ({preview(missing, 5)}) and are predicted "
+            "from the learned intercept alone (the mean effect of the seen perturbations) when unseen",
             PyrovaeWarning,
             stacklevel=3,
         )

@@ -143,7 +143,9 @@ class SpikeSlabNormal(dist.TorchDistribution):
         slab = self.loc + self.scale * eps
         if torch.is_grad_enabled():
             return slab
-        spike = self.prior_loc + self.prior_scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        spike = self.prior_loc + self.prior_scale * torch.randn(
+            shape, dtype=self.loc.dtype, device=self.loc.device
+        )
         return torch.where(self.mask > 0.5, slab, spike)
 
     def log_prob(self, value):

@@ -117,8 +117,9 @@ class ModelConfig:
     grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
     grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
     # effects predicted from gene features (pyrovae.models.effects.features; SAMS-VAE, CPA-VAE, GPO-VAE):
-    # None (off) | data (PCA of the training pseudobulk) | table (gene_features_file: gene x dimension) | graph
-    # (gene_features_file: an edge list); gene_feature_dim: F (a table's width replaces it at training)
+    # None (off) | data (PCA of the training pseudobulk) | table (gene_features_file: gene x dimension)
+    # | graph (gene_features_file: an edge list); gene_feature_dim: F (a table's width replaces it when
+    # trained)
     gene_features: str | None = None
     gene_features_file: str | None = None
     gene_feature_dim: int = 10
@@ -143,13 +144,13 @@ class ModelConfig:
         check_range("gene_feature_dim", self.gene_feature_dim, ge=1, le=MAX_WIDTH)
         if self.gene_features is not None and self.family not in FEATURE_FAMILIES:
             raise ValueError(
-                f"gene_features={self.gene_features!r} needs an additive effect block {FEATURE_FAMILIES}, not "
-                f"family {self.family!r}; leave gene_features unset"
+                f"gene_features={self.gene_features!r} needs an additive effect block "
+                f"{FEATURE_FAMILIES}, not family {self.family!r}; leave gene_features unset"
             )
         if self.gene_features in ("table", "graph") and not self.gene_features_file:
             raise ValueError(
-                f"gene_features={self.gene_features!r} needs gene_features_file (CLI: --gene-features FILE or "
-                "--gene-graph FILE)"
+                f"gene_features={self.gene_features!r} needs gene_features_file (CLI: "
+                "--gene-features FILE or --gene-graph FILE)"
             )
         check_range("mask_init_logits", self.mask_init_logits)
         check_range("mask_estimator", self.mask_estimator, choices=MASK_ESTIMATORS)

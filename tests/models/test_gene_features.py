@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -26,6 +25,7 @@ from pyrovae.data.gene_features import (
 )
 from pyrovae.data.prepare import holdout_perturbations
 from pyrovae.data.simulate import ground_truth, simulate_perturbseq
+from pyrovae.evaluate.ate import empirical_ate
 from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig
@@ -53,7 +53,11 @@ def _batch(T: int = 4, G: int = 6, B: int = 5, seed: int = 0) -> dict[str, torch
     g = torch.Generator().manual_seed(seed)
     d = torch.zeros(B, T)
     d[torch.arange(B), torch.arange(B) % T] = 1.0
-    batch = {"x": torch.poisson(torch.full((B, G), 3.0), generator=g), "d": d, "library_size": torch.full((B,), 18.0)}
+    batch = {
+        "x": torch.poisson(torch.full((B, G), 3.0), generator=g),
+        "d": d,
+        "library_size": torch.full((B,), 18.0),
+    }
     batch["qc"] = torch.zeros(B, 1)
     batch["cfx"], batch["has_cf"] = batch["x"].clone(), torch.zeros(B)
     batch["delta_x"] = torch.zeros(B, T)
@@ -62,8 +66,9 @@ def _batch(T: int = 4, G: int = 6, B: int = 5, seed: int = 0) -> dict[str, torch
 
 
 @pytest.mark.parametrize("name", FEATURE_MODELS)
-def test_feature_prior_is_the_prior_mean_and_the_guides_start(name):
-    """p(E) has mean b + x W (rows without features: b); q's mean starts there (free offsets at 0)."""
+def test_feature_prior_is_the_prior_mean(name):
+    """p(E) has mean b + x W (rows without features: b), in the model and in the spike of the spike-and-slab
+    guide."""
     model = _model(name)
     fp = model.effect.feature_prior
     mu = fp.loc()
@@ -71,9 +76,32 @@ def test_feature_prior_is_the_prior_mean_and_the_guides_start(name):
     with poutine.trace() as tr:
         model.effect.model_globals(None)
     assert torch.allclose(tr.trace.nodes["E"]["fn"].base_dist.loc, mu)
-    if hasattr(model.effect, "q_E_loc"):  # free means: q's mean is mu + a, a = 0 at the start
-        on = torch.ones(4, model.effect.shift_dim)
-        assert torch.allclose(model.effect._q_E_normal(on)[0], mu)
+    if model.effect.guide_kind == "spike_slab":
+        with poutine.trace() as tr:
+            model.effect.guide_globals(None)
+        assert torch.allclose(tr.trace.nodes["E"]["fn"].base_dist.prior_loc, mu)
+
+
+def test_the_exact_weight_step_maximises_the_objective_in_the_weights():
+    """FeaturePrior.fit: at its (W, b) the gradient of sum_tk w_tk log N(m_tk; mu_tk, s^2) + log N(W; 0,
+    s_W^2) in (W, b) is zero, and any perturbation of (W, b) lowers it (a concave quadratic)."""
+    model = _model("cpa_vae", T=6, F=3)
+    fp = model.effect.feature_prior
+    g = torch.Generator().manual_seed(1)
+    means, w = torch.randn(6, 3, generator=g), torch.rand(6, 3, generator=g)
+    w[2] = 0.0  # a treatment with no training cell: no weight
+    fp.fit(means, w, 1.0)
+
+    def objective():
+        lp = (w * dist.Normal(fp.loc(), 1.0).log_prob(means)).sum()
+        return lp + dist.Normal(0.0, fp.weight_prior_scale).log_prob(fp.weight).sum()
+
+    best = objective()
+    best.backward()
+    assert fp.weight.grad.abs().max() < 1e-4 and fp.bias.grad.abs().max() < 1e-4
+    with torch.no_grad():
+        fp.weight.add_(0.01 * torch.randn(fp.weight.shape, generator=g))
+        assert objective() < best
 
 
 @pytest.mark.parametrize("name", FEATURE_MODELS)
@@ -122,7 +150,8 @@ def test_minibatch_objective_is_unbiased_and_the_weight_prior_counted_once():
         tr.trace.compute_log_prob()
         site = tr.trace.nodes[FEATURE_PRIOR_SITE]
         assert site["scale"] == 0.5
-        lp_prior = dist.Normal(0.0, 1.0).log_prob(model.effect.feature_prior.weight).sum()
+        fp = model.effect.feature_prior
+        lp_prior = dist.Normal(0.0, fp.weight_prior_scale).log_prob(fp.weight).sum()
         assert torch.allclose(site["log_prob_sum"], 0.5 * lp_prior)
         return tr.trace.nodes["E"]["log_prob_sum"] + site["log_prob_sum"]
 
@@ -205,20 +234,62 @@ def test_unseen_path_through_the_cli(tmp_path, capsys):
     pd.DataFrame(np.eye(6, 3), index=[f"PG0{i}" for i in range(1, 7)]).to_csv(table)
     net = ["n_latent=3", "decoder_hidden=8", "encoder_hidden=8", "max_epochs=1", "batch_size=128"]
     common = ["--data", str(path), "--holdout-perturbations", "PG02", "--quiet", "--set", *net]
-    assert main(["train", "--model", "cpa_vae", "--out", str(tmp_path / "r"), "--gene-features", str(table), *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cpa_vae",
+                "--out",
+                str(tmp_path / "r"),
+                "--gene-features",
+                str(table),
+                *common,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["ate", str(tmp_path / "r"), "--data", str(path), "--n-samples", "20"]) == 0
     assert "predicted by" in capsys.readouterr().out
     summary = (tmp_path / "r" / "ate_test" / "ate_metrics_unseen.csv").read_text()
     assert "linear" in summary and "grn_deconvolved" in summary and "seen_mean" in summary
-    assert main(["train", "--model", "cpa_vae", "--out", str(tmp_path / "r2"), "--gene-features", "x.csv", "--gene-graph", "y.csv", *common]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cpa_vae",
+                "--out",
+                str(tmp_path / "r2"),
+                "--gene-features",
+                "x.csv",
+                "--gene-graph",
+                "y.csv",
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "not both" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_planted_features_determine_the_unseen_effects(tmp_path):
-    """Features that are the planted latent effects (a rotation of them): the unseen perturbations'
-    predicted ATE follows their empirical ATE far better than the prior-draw control of the same run."""
-    adata = simulate_perturbseq("tiny", seed=3, n_perturbed=12, n_doubles=0, cells_per_single=60, mask_prob=0.6)
+    """Features that are the planted latent effects (in a random rotation; no GRN, no knock-down, so the
+    latent effects are all there is): the unseen perturbations' predicted ATE follows their empirical ATE
+    (Pearson r > 0.5 over the held-out singles' genes; the same model without features has no information)."""
+    adata = simulate_perturbseq(
+        "tiny",
+        seed=3,
+        n_perturbed=12,
+        n_doubles=0,
+        cells_per_single=60,
+        mask_prob=0.6,
+        knockdown=0.0,
+        grn_weight=0.0,
+        n_genes=60,
+    )
     gt = ground_truth(adata)
     eff = np.asarray(gt["latent_effects"])
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((eff.shape[1], eff.shape[1])))
@@ -226,18 +297,19 @@ def test_planted_features_determine_the_unseen_effects(tmp_path):
     pd.DataFrame(eff @ q, index=gt["treatments"]).to_csv(table)
     held = ["PG02", "PG05", "PG09"]
     data = holdout_perturbations(load_perturbation_data(adata), held)
-    cfg = model_config("cpa_vae", gene_features="table", gene_features_file=str(table), n_latent=4,
-                       decoder_hidden=32, encoder_hidden=32)
-    run = train_run(data, cfg, TrainConfig(max_epochs=40, batch_size=128, lr=3e-3, seed=0), tmp_path / "r", progress=False)
+    cfg = model_config(
+        "cpa_vae",
+        gene_features="table",
+        gene_features_file=str(table),
+        n_latent=4,
+        decoder_hidden=32,
+        encoder_hidden=32,
+    )
+    tcfg = TrainConfig(max_epochs=60, batch_size=128, lr=3e-3, seed=0)
+    run = train_run(data, cfg, tcfg, tmp_path / "r", progress=False)
     test = data.indices("test")
-    from pyrovae.evaluate.ate import empirical_ate  # noqa: PLC0415
-
     labels = np.asarray(data.labels)[test].astype(str)
     truth = empirical_ate(data.rows(test), labels, data.control_label, groups=held, genes=list(data.genes))
-    scores = {}
-    for transfer in (True, False):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pred = Posterior.from_run(run, transfer=transfer).model_ate(held, n_samples=200, seed=0)
-        scores[transfer] = np.corrcoef(pred.loc[held].to_numpy().ravel(), truth.loc[held].to_numpy().ravel())[0, 1]
-    assert scores[True] > 0.5 and scores[True] > scores[False] + 0.3, scores
+    pred = Posterior.from_run(run).model_ate(held, n_samples=200, seed=0)
+    r = np.corrcoef(pred.loc[held].to_numpy().ravel(), truth.loc[held].to_numpy().ravel())[0, 1]
+    assert r > 0.5, r

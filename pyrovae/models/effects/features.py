@@ -67,8 +67,8 @@ class FeaturePrior(nn.Module):
         h = torch.as_tensor(has, dtype=torch.bool)
         if tuple(v.shape) != tuple(self.features.shape) or tuple(h.shape) != tuple(self.has_features.shape):
             raise ValueError(
-                f"gene features have shape {tuple(v.shape)} but the model expects {tuple(self.features.shape)} "
-                "(treatments x gene_feature_dim)"
+                f"gene features have shape {tuple(v.shape)} but the model expects "
+                f"{tuple(self.features.shape)} (treatments x gene_feature_dim)"
             )
         self.features.copy_(torch.where(h.unsqueeze(-1), v, torch.zeros_like(v)))
         self.has_features.copy_(h)
