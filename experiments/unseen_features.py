@@ -8,7 +8,7 @@ the target gene's loading in a PCA of the training pseudobulk; ``+table``: a pla
 simulations only, see below): each trained with every training seed, all scored together by the library's
 :func:`~pyrovae.evaluate.score.score_run` on the test cells (so every model sees the same empirical ATE and
 baselines: zero effect, seen mean, the PCA + ridge linear model, own knock-down through the |DE| and the
-deconvolved GRNs, and each model's ``_prior_draw`` control).
+deconvolved GRNs; the same model without features is the control).
 
 Summary (``summary.md``, mean ± sd over held-out sets x seeds):
 
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="a shipped dataset name (papalexi2021) or an .h5ad")
     p.add_argument("--shapes", nargs="+", default=["chain", "fork"], help="GRN shapes of the simulations")
     p.add_argument("--sim-seed", type=int, default=0)
+    p.add_argument("--preset", default="default", help="simulated preset (SIM's sizes apply to 'default')")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-sets", type=int, default=2)
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets = []
     if args.data is None:
         for shape in args.shapes:
-            cfg = dict(SIM, grn_shape=shape)
-            adata = simulate_perturbseq("default", seed=args.sim_seed, **cfg)
+            cfg = dict(SIM if args.preset == "default" else {"n_doubles": 0}, grn_shape=shape)
+            adata = simulate_perturbseq(args.preset, seed=args.sim_seed, **cfg)
             tab = out / f"planted_table_{shape}.csv"
             planted_table(adata, args.table_noise, args.sim_seed).to_csv(tab)
             datasets.append((f"sim_{shape}", adata, tab))

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
+from pyrovae.data.gene_features import describe_source
 from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
 from pyrovae.infer.predictive import MATCHED, Posterior
@@ -252,6 +253,10 @@ def run_ate(args: argparse.Namespace) -> int:
                 "metrics": table.reset_index().to_dict(orient="records"),
                 "unseen_prediction": {
                     "method": rep["untrained_method"],
+                    "gene_features": describe_source(
+                        run.model_cfg.gene_features, run.model_cfg.gene_features_file
+                    )
+                    or None,
                     "perturbations": {p: method_of.get(p, "trained") for p in unseen},
                 },
                 "metrics_unseen": None
@@ -318,6 +323,7 @@ def run_ate(args: argparse.Namespace) -> int:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
             f"{model_name} with {rep['untrained_method']}"
+            + feature_note(run)
             + (
                 " (a prior draw: no information about them)"
                 if rep["untrained_method"] == "prior_draw"
@@ -337,6 +343,12 @@ def run_ate(args: argparse.Namespace) -> int:
         f"{', ate_scatter.png' if fig else ''})"
     )
     return 0
+
+
+def feature_note(run) -> str:
+    """`` (gene features from ...)`` for a run trained with gene features, else ``""``."""
+    what = describe_source(run.model_cfg.gene_features, run.model_cfg.gene_features_file)
+    return f" (gene features from {what})" if what else ""
 
 
 def _slug(name: str) -> str:
@@ -377,8 +389,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(sorted(unseen))}; "
-            f"predicted "
-            f"with {post.untrained_method} (obs['prediction'], uns['pyrovae_sample']['prediction'])"
+            f"predicted with {post.untrained_method}{feature_note(run)} (obs['prediction'], "
+            "uns['pyrovae_sample']['prediction'])"
         )
     return 0
 

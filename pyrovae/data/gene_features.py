@@ -41,6 +41,7 @@ from pyrovae.data.matrix import normalize_log, select_rows
 __all__ = [
     "GENE_FEATURE_SOURCES",
     "GeneFeatures",
+    "describe_source",
     "graph_embedding",
     "pca_gene_embedding",
     "read_gene_graph",
@@ -73,6 +74,18 @@ class GeneFeatures:
     @property
     def n_matched(self) -> int:
         return int(self.has.sum())
+
+
+def describe_source(source: str | None, path: str | None = None) -> str:
+    """One line naming where a run's gene features came from (``""`` for a run without them)."""
+    if source is None:
+        return ""
+    what = {
+        "data": "the target gene's loading in a PCA of the training pseudobulk",
+        "table": f"the gene-embedding table {path}",
+        "graph": f"the gene graph {path}, propagated to each target",
+    }
+    return f"{source}: {what.get(source, source)}"
 
 
 def _read_frame(path: Path, what: str) -> pd.DataFrame:

@@ -48,6 +48,9 @@ What a model can do with such a perturbation (N_t = 0 in training):
   signal: the higher-order terms carry 1/T^(k-1) factors and the direct terms of the seen rows absorb most
   of the residual, so the prediction is only as good as the learned regulators-of-regulators structure.
   It is no substitute for observing the perturbation.
+- Any of these trained with ``gene_features`` (:mod:`pyrovae.models.effects.features`): the prior mean of
+  every effect row is a learned function of the target gene's features, and an unseen perturbation is
+  predicted at it (``untrained_method`` ``"gene_features"``, GPO-VAE's GRN transfer replaced).
 """
 
 from __future__ import annotations

@@ -166,8 +166,8 @@ class Posterior:
             shown = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
             warnings.warn(
                 f"{len(bad)} perturbation(s) have a treatment with no training cell ({shown}); their "
-                f"prediction is {how}. GPO-VAE predicts unseen perturbations from its GRN "
-                "(Posterior(..., transfer=True), the default).",
+                f"prediction is {how}. Train with gene_features (--gene-features data|FILE, --gene-graph "
+                "FILE) to predict them from their target genes' features.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -251,7 +251,7 @@ def test_unseen_path_through_the_cli(tmp_path, capsys):
     )
     capsys.readouterr()
     assert main(["ate", str(tmp_path / "r"), "--data", str(path), "--n-samples", "20"]) == 0
-    assert "predicted by" in capsys.readouterr().out
+    assert "with gene_features (gene features from table: the gene-embedding table" in capsys.readouterr().out
     summary = (tmp_path / "r" / "ate_test" / "ate_metrics_unseen.csv").read_text()
     assert "linear" in summary and "grn_deconvolved" in summary and "seen_mean" in summary
     assert (
