@@ -23,8 +23,8 @@ oracle-like embedding, which no baseline reads; it shows what the prior does wit
 
 Usage::
 
-    python experiments/unseen_features.py --out runs/exp/unseen --shapes chain fork --seeds 0 1 2
-    python experiments/unseen_features.py --out runs/exp/unseen_papalexi --data papalexi2021 \
+    python -m experiments.unseen_features --out runs/exp/unseen --shapes chain fork --seeds 0 1 2
+    python -m experiments.unseen_features --out runs/exp/unseen_papalexi --data papalexi2021 \
         --models cpa_vae cpa_vae+data sams_vae sams_vae+data
 """
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_frame(out / "unseen.csv", pd.DataFrame(unseen))
                 write_frame(out / "seen.csv", pd.DataFrame(seen))
     text = summarise(pd.DataFrame(unseen), pd.DataFrame(seen))
-    cmd = "python experiments/unseen_features.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m experiments.unseen_features " + " ".join(sys.argv[1:] if argv is None else argv)
     atomic_text(out / "summary.md", text + f"\nCommand: `{cmd}` ({time.perf_counter() - t0:.0f} s)\n")
     print(text)
     return 0

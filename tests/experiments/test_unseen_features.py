@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
 def test_unseen_features_script_writes_its_tables(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        script = importlib.import_module("experiments.unseen_features")
-    finally:
-        sys.path.remove(str(ROOT))
+    script = importlib.import_module("experiments.unseen_features")
     out = tmp_path / "uf"
     args = ["--out", str(out), "--preset", "tiny", "--shapes", "chain", "--seeds", "0", "--n-sets", "1"]
     args += [
