@@ -190,7 +190,7 @@ def pca_gene_embedding(pseudobulk: np.ndarray, n_components: int) -> np.ndarray:
 def graph_embedding(edges: pd.DataFrame, n_components: int, alpha: float = GRAPH_ALPHA) -> pd.DataFrame:
     """(nodes, K) spectral coordinates of the random-walk-with-restart kernel of an undirected graph.
 
-    A = the symmetrised weighted adjacency (|weight|), A_norm = D^-1/2 A D^-1/2 (eigenvalues lambda in
+    A = the symmetrised weighted adjacency (absolute weights), A_norm = D^-1/2 A D^-1/2 (eigenvalues lambda in
     [-1, 1]), K = (1 - alpha)(I - alpha A_norm)^-1 with eigenvalues (1 - alpha) / (1 - alpha lambda). The
     embedding is U_K diag(sqrt of those) over the K largest, so that its inner products are the best rank-K
     approximation of K: the diffusion of each node's indicator over the graph."""
