@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-sets", type=int, default=2)
     p.add_argument("--n-heldout", type=int, default=4)
     p.add_argument("--set-seed", type=int, default=0)
+    p.add_argument("--only-sets", type=int, nargs="+", default=None, help="run only these held-out sets")
     p.add_argument("--table-noise", type=float, default=0.5)
     p.add_argument("--ate-samples", type=int, default=500)
     p.add_argument("--iwelbo-particles", type=int, default=20)
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, adata, tab in datasets:
         sets = heldout_sets(load_perturbation_data(adata), args.n_sets, args.n_heldout, args.set_seed)
         for i, held in enumerate(sets):
+            if args.only_sets is not None and i not in args.only_sets:
+                continue
             for seed in args.seeds:
                 u, s = one_split(args, adata, name, held, i, seed, out, tab)
                 unseen += u
