@@ -32,7 +32,6 @@ from pyrovae.commands.demo_real import run_real
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.protocols import heldout_combinations_split
-from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 from pyrovae.datasets import DATASETS
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import mask_recovery
@@ -43,6 +42,7 @@ from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
 from pyrovae.report import markdown_table, mean_std
+from pyrovae.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 
 # Settings chosen for the demo's budget (1.4 min measured on 2 idle cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a

@@ -59,7 +59,7 @@ def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
 def test_mask_recovery_refuses_data_without_planted_masks(tmp_path):
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)
     del adata.uns["ground_truth"]

@@ -196,8 +196,8 @@ def test_penalised_elbo_equals_the_elbo_plus_a_second_backward_of_the_penalties(
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.loader import MinibatchLoader
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.infer.train import PenalisedELBO, make_elbo, make_training_elbo, split_counts
+    from pyrovae.simulate import simulate_perturbseq
 
     data = load_perturbation_data(simulate_perturbseq("tiny", seed=0))
     data = prepare_gpo_data(data, qc_key="low_quality", seed=0)
