@@ -37,11 +37,11 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.predictive import rng_scope, split_rows
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
+from pyrovae.predict.posterior import rng_scope, split_rows
 
 _NOISE_BLOCK = 256  # cells per block of basal noise (fixed, so results do not depend on batch_size)
 
