@@ -44,14 +44,14 @@ import pyrovae.datasets
 from experiments.common import atomic_text, prepare_out_dir, write_frame
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import holdout_perturbations, ordered, prepare_data
-from pyrovae.data.simulate import ground_truth, simulate_perturbseq
 from pyrovae.evaluate.ate import ate_table
 from pyrovae.evaluate.score import score_run
-from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.runs import load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import data_requirements, model_config
+from pyrovae.predict.iwelbo import predictive_iwelbo
 from pyrovae.report import markdown_table
+from pyrovae.runs.run import load_run, train_run
+from pyrovae.simulate.perturbseq import ground_truth, simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 MODELS = ("cpa_vae", "cpa_vae+data", "cpa_vae+table", "sams_vae", "sams_vae+data", "gpo_vae", "gpo_vae+data")
 #: the simulation (smaller than the default preset: singles only)

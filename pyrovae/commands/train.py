@@ -14,10 +14,10 @@ from pyrovae.commands.common import (
     gather_overrides,
 )
 from pyrovae.config import route_options
-from pyrovae.infer.runs import load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.runs import load_run, train_run
 from pyrovae.setup import read_data
+from pyrovae.train.trainer import TrainConfig
 
 
 def gene_feature_options(features: str | None, graph: str | None) -> dict[str, str]:

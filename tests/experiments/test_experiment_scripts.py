@@ -59,7 +59,7 @@ def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
 def test_mask_recovery_refuses_data_without_planted_masks(tmp_path):
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)
     del adata.uns["ground_truth"]
@@ -101,8 +101,8 @@ def test_every_mask_inference_model_is_a_valid_config():
     """Every model of configs/mask_inference.yaml resolves to a valid ModelConfig and TrainConfig (a typo in
     an override would otherwise fail only when that row is run)."""
     from experiments.common import load_settings
-    from pyrovae.infer.train import TrainConfig
     from pyrovae.models.zoo import model_config
+    from pyrovae.train.trainer import TrainConfig
 
     mod = _script("mask_inference")
     settings = load_settings("mask_inference")

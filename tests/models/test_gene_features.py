@@ -24,14 +24,14 @@ from pyrovae.data.gene_features import (
     treatment_gene_features,
 )
 from pyrovae.data.prepare import holdout_perturbations
-from pyrovae.data.simulate import ground_truth, simulate_perturbseq
 from pyrovae.evaluate.ate import empirical_ate
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.runs import load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.effects.features import FEATURE_PRIOR_SITE
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.predict.posterior import Posterior
+from pyrovae.runs.run import load_run, train_run
+from pyrovae.simulate.perturbseq import ground_truth, simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
 FEATURE_MODELS = ("sams_vae", "sams_vae_reference", "cpa_vae", "sams_vae_learned_sparsity", "gpo_vae")

@@ -133,7 +133,7 @@ class FeatureFitStep:
         self.trained: torch.Tensor | None = None
 
     def after_step(self, trainer) -> None:
-        """Called by the :class:`~pyrovae.infer.train.Trainer` after each optimiser step."""
+        """Called by the :class:`~pyrovae.train.trainer.Trainer` after each optimiser step."""
         eff = self.effect
         if self.trained is None:  # the treatments with training cells, read once
             self.trained = ~torch.as_tensor(trainer.data.untrained(), device=eff.q_E_loc.device)
