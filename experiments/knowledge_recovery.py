@@ -33,11 +33,23 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from pyrovae.cli import main as cli
+from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.simulate import ground_truth
+from pyrovae.infer.runs import train_run
+from pyrovae.infer.train import TrainConfig
+from pyrovae.models.zoo import model_config
 
 SIM = ["n_control_cells=800", "cells_per_single=80", "cells_per_double=60"]
+#: the demos' training settings (pyrovae.commands.demo and demo_gpo)
+TRAIN_CFG = {
+    "sams_vae": dict(lr=2e-3, batch_size=256, n_particles=3, val_particles=3, patience=10),
+    "gpo_vae": dict(lr=2e-3, mask_lr=0.02, batch_size=512, n_particles=3, val_particles=3, patience=20),
+}
+EPOCHS = {"sams_vae": 120, "gpo_vae": 40}
+PLANTED_RUN = "sams_vae_planted_masks"
 
 
 def true_sensitivity(truth: dict, n: int = 2000, seed: int = 0) -> np.ndarray:
@@ -93,50 +105,75 @@ def write_knowledge(adata: ad.AnnData, folder: Path, top_genes: int, seed: int) 
     return {"n_edges": int(len(src)), "n_sets": int(masks.shape[1])}
 
 
-def run_seed(seed: int, out: Path, epochs: int, top_genes: int, permutations: int) -> list[dict]:
+def enrichment_rows(d: Path, run: str, kind: str, seed: int, permutations: int) -> list[dict]:
+    """``pyrovae enrich`` of one run with one GMT, summarised."""
+    csv = d / f"enrichment_{run}_{kind}.csv"
+    args = ["enrich", str(d / run), "--gene-sets", str(d / f"{kind}.gmt"), "--out", str(csv)]
+    assert cli([*args, "--overwrite", "--permutations", str(permutations), "--seed", str(seed)]) == 0
+    table = pd.read_csv(csv)
+    summary = pd.read_json(csv.with_name(csv.stem + "_summary.json"), typ="series")
+    tag = {"seed": seed, "knowledge": kind, "run": run}
+    rows = []
+    for level, part in table.groupby("level"):
+        best = part.groupby("gene_set")["fdr"].min()
+        top = part.groupby("gene_set")["auroc"].max().mean()
+        rows += [
+            {**tag, "metric": f"{level}: sets found (FDR<0.05)", "value": float((best < 0.05).mean())},
+            {**tag, "metric": f"{level}: tests at FDR<0.05", "value": float((part["fdr"] < 0.05).sum())},
+            {**tag, "metric": f"{level}: best AUROC per set (mean)", "value": float(top)},
+        ]
+    c = summary.get("comembership") or {}
+    rows.append({**tag, "metric": "co-membership AUROC", "value": c.get("auroc")})
+    rows.append({**tag, "metric": "co-membership p", "value": c.get("p_value")})
+    return rows
+
+
+def train_planted(data: Path, out: Path, epochs: int, seed: int) -> None:
+    """sams_vae with q(M) fixed at the simulator's masks (AdditiveEffect.fix_masks): latent k is planted
+    dimension k, so the enrichment's answer is known; everything else trained as the CLI's runs are."""
+    adata = ad.read_h5ad(data)
+    truth = ground_truth(adata)
+    pdata = load_perturbation_data(adata, split_seed=0)
+    pos = {str(t): i for i, t in enumerate(truth["treatments"])}
+    masks = np.asarray(truth["masks"], dtype=np.float32)
+    planted = torch.as_tensor(np.stack([masks[pos[str(t)]] for t in pdata.treatments]))
+    cfg = model_config("sams_vae", n_latent=masks.shape[1])
+    tcfg = TrainConfig(max_epochs=epochs, seed=seed, **TRAIN_CFG["sams_vae"])
+    train_run(pdata, cfg, tcfg, out, progress=False, prepare=lambda m: m.effect.fix_masks(planted))
+
+
+def run_seed(seed: int, out: Path, epochs: dict, top_genes: int, permutations: int) -> list[dict]:
     d = out / f"seed{seed}"
     d.mkdir(parents=True, exist_ok=True)
     data = d / "data.h5ad"
     if not data.exists():
-        assert (
-            cli(["simulate", "--preset", "default", "--seed", str(seed), "--out", str(data), "--set", *SIM])
-            == 0
-        )
+        args = ["simulate", "--preset", "default", "--seed", str(seed), "--out", str(data)]
+        assert cli([*args, "--set", *SIM]) == 0
     write_knowledge(ad.read_h5ad(data), d, top_genes, seed)
-    for model in ("sams_vae", "gpo_vae"):
+    for model, settings in TRAIN_CFG.items():
         if not (d / model / "best.pt").exists():
             t0 = time.time()
             args = ["train", "--data", str(data), "--model", model, "--out", str(d / model), "--quiet"]
-            assert cli([*args, "--set", f"max_epochs={epochs}", f"seed={seed}"]) == 0
+            sets = [f"{k}={v}" for k, v in settings.items()]
+            assert cli([*args, "--set", f"max_epochs={epochs[model]}", f"seed={seed}", *sets]) == 0
             print(f"seed {seed}: trained {model} in {time.time() - t0:.0f} s", flush=True)
+    if not (d / PLANTED_RUN / "best.pt").exists():
+        t0 = time.time()
+        train_planted(data, d / PLANTED_RUN, epochs["sams_vae"], seed)
+        print(f"seed {seed}: trained {PLANTED_RUN} in {time.time() - t0:.0f} s", flush=True)
     rows = []
     for kind in ("planted", "shuffled"):
-        csv = d / f"enrichment_{kind}.csv"
-        args = ["enrich", str(d / "sams_vae"), "--gene-sets", str(d / f"{kind}.gmt"), "--out", str(csv)]
-        assert cli([*args, "--overwrite", "--permutations", str(permutations), "--seed", str(seed)]) == 0
-        table = pd.read_csv(csv)
-        summary = pd.read_json(csv.with_name(csv.stem + "_summary.json"), typ="series")
-        for level, part in table.groupby("level"):
-            best = part.groupby("gene_set")["fdr"].min()
-            rows.append({"seed": seed, "knowledge": kind, "metric": f"{level}: sets found (FDR<0.05)",
-                         "value": float((best < 0.05).mean())})  # fmt: skip
-            rows.append({"seed": seed, "knowledge": kind, "metric": f"{level}: best AUROC per set (mean)",
-                         "value": float(part.groupby("gene_set")["auroc"].max().mean())})  # fmt: skip
-        c = summary.get("comembership") or {}
-        rows.append(
-            {"seed": seed, "knowledge": kind, "metric": "co-membership AUROC", "value": c.get("auroc")}
-        )
-        rows.append({"seed": seed, "knowledge": kind, "metric": "co-membership p", "value": c.get("p_value")})
+        for run in ("sams_vae", PLANTED_RUN):
+            rows += enrichment_rows(d, run, kind, seed, permutations)
         ref = d / f"grn_reference_{kind}.csv"
         args = ["grn", str(d / "gpo_vae"), "--reference", str(d / f"{kind}.csv"), "--data", str(data)]
         args += ["--reference-out", str(ref), "--overwrite", "--permutations", str(permutations)]
         assert cli([*args, "--seed", str(seed)]) == 0
         t = pd.read_csv(ref)
+        tag = {"seed": seed, "knowledge": kind, "run": "gpo_vae"}
         for _, r in t[t["block"] == "perturbed->perturbed"].iterrows():
             for m in ("auprc", "random_auprc", "auroc", "p_value", "precision_at_k", "sign_accuracy"):
-                rows.append(
-                    {"seed": seed, "knowledge": kind, "metric": f"GRN {r['method']}: {m}", "value": r[m]}
-                )
+                rows.append({**tag, "metric": f"GRN {r['method']}: {m}", "value": r[m]})
     return rows
 
 
@@ -144,25 +181,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, nargs=2, default=None, help="SAMS-VAE and GPO-VAE epochs")
     p.add_argument("--top-genes", type=int, default=15)
-    p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument("--permutations", type=int, default=10000)
     args = p.parse_args()
     out = Path(args.out)
+    epochs = dict(zip(EPOCHS, args.epochs)) if args.epochs else EPOCHS
     rows = []
     for seed in args.seeds:
-        rows += run_seed(seed, out, args.epochs, args.top_genes, args.permutations)
+        rows += run_seed(seed, out, epochs, args.top_genes, args.permutations)
         pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     res = pd.DataFrame(rows)
     res["value"] = res["value"].astype(float)
-    summ = (
-        res.groupby(["metric", "knowledge"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
-    )
-    lines = ["| metric | knowledge | mean ± sd | seeds |", "|---|---|---|---|"]
+    keys = ["run", "metric", "knowledge"]
+    summ = res.groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    lines = ["| run | metric | knowledge | mean ± sd | seeds |", "|---|---|---|---|---|"]
     for _, r in summ.iterrows():
-        lines.append(
-            f"| {r['metric']} | {r['knowledge']} | {r['mean']:.3f} ± {r['std']:.3f} | {int(r['count'])} |"
-        )
+        cell = f"{r['mean']:.3f} ± {r['std']:.3f}"
+        lines.append(f"| {r['run']} | {r['metric']} | {r['knowledge']} | {cell} | {int(r['count'])} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -2,7 +2,7 @@
 
 ::
 
-    pyrovae enrich RUN --gene-sets FILE.gmt [--out TABLE.csv] [--n-cells 256] [--permutations 1000]
+    pyrovae enrich RUN --gene-sets FILE.gmt [--out TABLE.csv] [--n-cells 256] [--permutations 10000]
                        [--min-size 3] [--max-size 500] [--seed 0] [--overwrite]
 
 For each latent dimension and gene set: enrichment of the genes the dimension drives (decoder
@@ -100,7 +100,9 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default=None, help="output table (.csv; default RUN/enrichment_<gmt name>.csv)")
     p.add_argument("--n-cells", type=positive_int, default=256, help="cells of the decoder sensitivity")
-    p.add_argument("--permutations", type=non_negative_int, default=1000, help="random sets per p-value")
+    p.add_argument(
+        "--permutations", type=non_negative_int, default=10000, help="random sets (shuffles) per p-value"
+    )
     p.add_argument("--min-size", type=positive_int, default=3, help="fewest set members in the data to test")
     p.add_argument("--max-size", type=non_negative_int, default=500, help="most set members (0: no limit)")
     p.add_argument("--fdr", type=float, default=0.05, help="FDR level of the printed counts")

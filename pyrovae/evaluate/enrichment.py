@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+#: orderings of the universe drawn at once by :func:`rank_enrichment` (memory: chunk x N ranks)
+PERMUTATION_CHUNK = 1000
+
+
 def benjamini_hochberg(p: np.ndarray | Sequence[float]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (FDR), same shape as ``p``; NaN entries stay NaN."""
     p = np.asarray(p, dtype=np.float64)
@@ -99,12 +103,17 @@ def rank_enrichment(
     p = np.full(len(members), np.nan)
     if n_permutations > 0 and len(members):
         rng = np.random.default_rng(seed)
-        perms = np.argsort(rng.random((int(n_permutations), n)), axis=1)
-        cum = np.cumsum(ranks[perms], axis=1)  # (n_perm, N): rank sum of the first m of each ordering
-        for i, m in enumerate(sizes):
-            if 0 < m < n:
-                null = cum[:, m - 1]
-                p[i] = (1.0 + np.sum(null >= sums[i] - 1e-9)) / (1.0 + n_permutations)
+        testable = (sizes > 0) & (sizes < n)
+        exceed = np.zeros(len(members))
+        left = int(n_permutations)
+        while left > 0:  # chunks of orderings bound the memory at (chunk, N)
+            chunk = min(left, PERMUTATION_CHUNK)
+            left -= chunk
+            perms = np.argsort(rng.random((chunk, n)), axis=1)
+            cum = np.cumsum(ranks[perms], axis=1)  # (chunk, N): rank sum of the first m of each ordering
+            null = cum[:, np.clip(sizes - 1, 0, n - 1)]  # (chunk, S)
+            exceed += np.sum(null >= sums - 1e-9, axis=0)
+        p[testable] = ((1.0 + exceed) / (1.0 + n_permutations))[testable]
     return auc, p
 
 
@@ -284,7 +293,7 @@ def latent_enrichment(
     run,
     gene_sets: dict[str, list[str]],
     n_cells: int = 256,
-    n_permutations: int = 1000,
+    n_permutations: int = 10000,
     min_size: int = 3,
     max_size: int | None = 500,
     seed: int = 0,
