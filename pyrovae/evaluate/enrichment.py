@@ -37,7 +37,7 @@ import torch
 from scipy.stats import rankdata
 
 from pyrovae.evaluate.knowledge import match_gene_sets
-from pyrovae.infer.predictive import Posterior
+from pyrovae.infer.predictive import Posterior, rng_scope
 
 __all__ = [
     "rank_enrichment",
@@ -158,8 +158,8 @@ def decoder_sensitivity(
     dev = next(iter(model.parameters())).device
     z = torch.randn(n_cells, K, generator=gen).to(dev)
     batch = _control_batch(model, n_cells, covariates)
-    torch.manual_seed(int(seed))
-    g = {k: v[0] for k, v in model.sample_globals(1).items()}  # one draw; d = 0 makes the shift zero
+    with rng_scope(int(seed)):  # one draw; d = 0 makes the shift zero
+        g = {k: v[0] for k, v in model.sample_globals(1).items()}
 
     def log_mean(zz: torch.Tensor) -> torch.Tensor:
         return model.decoder.log_mean(model.decoder_features(zz, batch, g))
