@@ -10,7 +10,9 @@ the simulator's truth, and a shuffled copy of it (the negative control):
 - ``planted.csv``: the planted GRN's edges (source, target, sign of the weight); ``shuffled.csv``: as many
   random ordered pairs of GRN genes with random signs.
 
-Then trains the zoo's ``sams_vae`` and ``gpo_vae`` (``pyrovae train``) and runs the commands a user would:
+Then trains the zoo's ``sams_vae`` and ``gpo_vae`` (``pyrovae train``, the demos' settings) and a control,
+SAMS-VAE with q(M) fixed at the planted masks (``sams_vae_planted_masks``: latent k is planted dimension k),
+and runs the commands a user would:
 ``pyrovae enrich SAMS_RUN --gene-sets planted.gmt`` (and shuffled.gmt) and
 ``pyrovae grn GPO_RUN --reference planted.csv --data data.h5ad`` (and shuffled.csv). ``results.csv``: one
 row per (seed, knowledge, metric); ``summary.md``: mean ± sd over seeds.
@@ -129,15 +131,17 @@ def enrichment_rows(d: Path, run: str, kind: str, seed: int, permutations: int) 
 
 
 def train_planted(data: Path, out: Path, epochs: int, seed: int) -> None:
-    """sams_vae with q(M) fixed at the simulator's masks (AdditiveEffect.fix_masks): latent k is planted
-    dimension k, so the enrichment's answer is known; everything else trained as the CLI's runs are."""
+    """SAMS-VAE with q(M) fixed at the simulator's masks (AdditiveEffect.fix_masks): latent k is planted
+    dimension k, so the enrichment's answer is known; trained with the same settings as the CLI's runs."""
     adata = ad.read_h5ad(data)
     truth = ground_truth(adata)
     pdata = load_perturbation_data(adata, split_seed=0)
     pos = {str(t): i for i, t in enumerate(truth["treatments"])}
     masks = np.asarray(truth["masks"], dtype=np.float32)
     planted = torch.as_tensor(np.stack([masks[pos[str(t)]] for t in pdata.treatments]))
-    cfg = model_config("sams_vae", n_latent=masks.shape[1])
+    # the reference's inference (no sparse rotation: rotating the latent basis would untie dimension k from
+    # mask column k), as experiments/mask_recovery.py's planted control
+    cfg = model_config("sams_vae_reference", n_latent=masks.shape[1])
     tcfg = TrainConfig(max_epochs=epochs, seed=seed, **TRAIN_CFG["sams_vae"])
     train_run(pdata, cfg, tcfg, out, progress=False, prepare=lambda m: m.effect.fix_masks(planted))
 
