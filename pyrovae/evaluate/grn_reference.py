@@ -17,8 +17,8 @@ excluded), with the metrics of :func:`pyrovae.evaluate.grn.score_blocks` plus:
   of the commoner sign: what a constant guess scores) and ``n_signed``.
 
 :func:`score_run_reference` does it for a GPO-VAE run's sigma(W) and every GRN baseline
-(:func:`pyrovae.evaluate.grn_export.baseline_scores`: |correlation|, |DE|, deconvolved DE, OT-paired DE)
-on the run's training cells.
+(:func:`pyrovae.evaluate.grn_export.baseline_scores`: ``|correlation|``, ``|DE|``, deconvolved DE,
+OT-paired DE) on the run's training cells.
 """
 
 from __future__ import annotations
