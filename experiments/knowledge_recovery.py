@@ -19,18 +19,14 @@ row per (seed, knowledge, metric); ``summary.md``: mean ± sd over seeds.
 
 Usage::
 
-    python experiments/knowledge_recovery.py --out runs/exp/knowledge --seeds 0 1 2
+    python -m experiments.knowledge_recovery --out runs/exp/knowledge --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anndata as ad
 import numpy as np
@@ -39,10 +35,10 @@ import torch
 
 from pyrovae.cli import main as cli
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.simulate import ground_truth
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
+from pyrovae.simulate import ground_truth
 
 SIM = ["n_control_cells=800", "cells_per_single=80", "cells_per_double=60"]
 #: the demos' training settings (pyrovae.commands.demo and demo_gpo)
@@ -232,7 +228,7 @@ def tables(res: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -240,7 +236,7 @@ def main() -> None:
     p.add_argument("--top-genes", type=int, default=15)
     p.add_argument("--permutations", type=int, default=10000)
     p.add_argument("--tables-only", action="store_true", help="rewrite summary.md from results.csv")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     epochs = dict(zip(EPOCHS, args.epochs)) if args.epochs else EPOCHS
     if args.tables_only:
@@ -254,7 +250,8 @@ def main() -> None:
     text = tables(res)
     (out / "summary.md").write_text(text)
     print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

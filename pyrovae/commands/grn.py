@@ -46,7 +46,6 @@ from pyrovae.commands.common import (
     seed_int,
 )
 from pyrovae.data.anndata import read_anndata
-from pyrovae.data.simulate import ground_truth
 from pyrovae.evaluate.grn_export import (
     edge_counts,
     grn_edges,
@@ -58,6 +57,7 @@ from pyrovae.evaluate.grn_reference import score_run_reference
 from pyrovae.evaluate.knowledge import read_interactions
 from pyrovae.infer.runs import load_run
 from pyrovae.outputs import atomic_write, atomic_write_all, check_not_owned, json_writer
+from pyrovae.simulate import ground_truth
 
 
 def _fmt(v) -> str:

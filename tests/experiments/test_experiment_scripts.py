@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,7 @@ TINY = ["--preset", "tiny", "--set", "max_epochs=2", "iwelbo_particles=4", "ate_
 
 
 def _script(name: str):
-    sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module(f"experiments.{name}")
-    finally:
-        sys.path.remove(str(ROOT))
+    return importlib.import_module(f"experiments.{name}")
 
 
 @pytest.mark.slow
@@ -64,7 +59,7 @@ def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
 def test_mask_recovery_refuses_data_without_planted_masks(tmp_path):
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)
     del adata.uns["ground_truth"]
@@ -227,22 +222,10 @@ def test_grn_check_preset_scores_the_grn_and_the_held_out_perturbations(tmp_path
 
 
 @pytest.mark.slow
-def test_knowledge_recovery_writes_planted_and_shuffled_rows(tmp_path, monkeypatch):
+def test_knowledge_recovery_writes_planted_and_shuffled_rows(tmp_path):
     out = tmp_path / "knowledge"
-    argv = [
-        "knowledge_recovery",
-        "--out",
-        str(out),
-        "--seeds",
-        "0",
-        "--epochs",
-        "2",
-        "2",
-        "--permutations",
-        "50",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
-    _script("knowledge_recovery").main()
+    argv = ["--out", str(out), "--seeds", "0", "--epochs", "2", "2", "--permutations", "50"]
+    assert _script("knowledge_recovery").main(argv) == 0
     res = pd.read_csv(out / "results.csv")
     assert {"planted", "shuffled"} == set(res["knowledge"])
     assert {"sams_vae", "sams_vae_planted_masks", "gpo_vae"} == set(res["run"])
