@@ -376,3 +376,8 @@ def test_enrich_command_writes_table_next_to_the_run_and_bad_files_fail_in_one_l
         assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert main(["enrich", str(run), "--gene-sets", str(tmp_path / "missing.gmt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(["enrich", str(run), "--gene-sets", str(gmt), "--out", str(tmp_path / "f.csv"), "--fdr", "2"])
+        == 2
+    )
+    assert "--fdr" in capsys.readouterr().err

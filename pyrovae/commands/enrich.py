@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / f"enrichment_{gmt.stem}.csv"
     if out.suffix != ".csv":
         raise ValueError(f"--out {out} must end in .csv (the summary goes beside it as .json)")
+    if not 0 < args.fdr <= 1:  # NaN fails too
+        raise ValueError(f"--fdr is a false discovery rate and must be in (0, 1], got {args.fdr}")
     out_json = out.with_name(out.stem + "_summary.json")
     for path in (out, out_json):
         check_not_owned(path)

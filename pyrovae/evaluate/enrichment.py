@@ -363,8 +363,8 @@ def latent_enrichment(
     if not rows:
         raise ValueError(
             f"no gene set has >= {min_size} genes among the run's genes (matched {rep_g['n_matched_genes']} "
-            f"of the sets' {rep_g['n_set_genes']} genes) or its perturbed genes; lower --min-size or use "
-            "sets of the data's genes"
+            f"of the sets' {rep_g['n_set_genes']} genes) or its perturbed genes; lower min_size (--min-size) "
+            "or use sets of the data's genes"
         )
     table = pd.DataFrame(rows)
     table["fdr"] = np.nan
