@@ -31,8 +31,8 @@ import torch
 
 from pyrovae.config import PyrovaeWarning
 from pyrovae.data.anndata import unique_cell_names
-from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.data.matrix import column_sums
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.data.prepare import preparation_record
 from pyrovae.models.zoo import ModelConfig, data_requirements
 from pyrovae.outputs import (
