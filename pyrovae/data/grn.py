@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from pyrovae.config import preview
 from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.extras import BLOCK_ROWS, GroupRows, PairedDelta, median_positive, row_totals
 
 #: obs column holding the matched control of each cell, by seed.
 MATCHED_COLUMN = "pyrovae_matched_control_{seed}"
@@ -230,8 +231,9 @@ def grn_targets(
     node_idx = np.array([gene_pos[g] for g in nodes], dtype=np.int64)
     matched = None if force else read_pairing(data, seed)
     stale = [k for k in ("delta_x", "delta_x_group") if force or np.shape(extras.get(k))[1:] != (len(nodes),)]
-    # the log-normalised GRN nodes, once: the pairing's features and both targets' y
-    y = pairing.log_normalize(data.counts, node_idx) if matched is None or stale else None
+    # each cell's total over all genes, once: the pairing's features and both targets are normalised by it
+    totals = row_totals(data.counts)
+    target_sum = median_positive(totals)
     if matched is None:
         t0 = time.perf_counter()
         matched = pairing.pair_with_controls(
@@ -243,7 +245,8 @@ def grn_targets(
             method=pairing_method,
             reg=pairing_reg,
             seed=seed,
-            features=y,
+            target_sum=target_sum,
+            totals=totals,
         )
         matched = np.asarray(matched, dtype=np.int64)
         timings["pairing_s"] = time.perf_counter() - t0
@@ -251,12 +254,13 @@ def grn_targets(
         if names is not None:
             obs = obs.copy()
             obs[matched_column(seed)] = names
-    if stale:
-        diff = pairing.paired_difference(y, matched)  # once for both targets
+    delta = PairedDelta(data.counts, matched, node_idx, totals, target_sum)
     if "delta_x" in stale:
-        extras["delta_x"] = np.nan_to_num(np.abs(diff).astype(np.float32), nan=0.0)
+        extras["delta_x"] = delta  # rows computed per minibatch from the counts: O(batch), not O(N T)
     if "delta_x_group" in stale:
-        extras["delta_x_group"] = _group_mean_abs(diff, matched, data.labels, data.split)
+        t0 = time.perf_counter()
+        extras["delta_x_group"] = streamed_group_delta_x(delta, data.labels, data.split)
+        timings["delta_x_group_s"] = time.perf_counter() - t0
     record = {
         "nodes": list(nodes),
         "n_perturbed": len(perturbed),
@@ -296,3 +300,44 @@ def _group_mean_abs(
         rows = np.flatnonzero((codes == c) & has)
         out[rows] = np.abs(diff[rows].mean(0)).astype(np.float32)
     return out
+
+
+def streamed_group_delta_x(delta: PairedDelta, labels: np.ndarray, split: np.ndarray) -> GroupRows:
+    """:func:`group_delta_x` without the (N, T) matrices: one (T,) mean per (split, label) group.
+
+    Each group's signed differences are computed from the counts (``delta.signed``) in blocks of at most
+    ``BLOCK_ROWS`` cells and summed; a group that fits in one block gets exactly the numbers of
+    :func:`group_delta_x` (the same float64 values and ``mean``), a larger one agrees to float64 rounding.
+    Memory: O(groups x T + BLOCK_ROWS x T).
+
+    Returns:
+        (N, T) :class:`~pyrovae.data.extras.GroupRows` (cells without a match: 0).
+    """
+    m = delta.matched
+    has = m >= 0
+    key = pd.Series(
+        np.char.add(np.asarray(split).astype(str), np.char.add("\x00", np.asarray(labels).astype(str)))
+    )
+    codes, _ = pd.factorize(key)
+    codes = np.asarray(codes, dtype=np.int64)
+    kept = np.unique(codes[has])
+    table = np.zeros((len(kept), delta.shape[1]), dtype=np.float32)
+    out_codes = np.full(len(m), -1, dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    bounds = (
+        np.searchsorted(codes[order], kept, side="left"),
+        np.searchsorted(codes[order], kept, side="right"),
+    )
+    for k, (lo, hi) in enumerate(zip(*bounds)):
+        rows = order[lo:hi]
+        rows = np.sort(rows[has[rows]])
+        if rows.size <= BLOCK_ROWS:
+            mean = delta.signed(rows).mean(0)
+        else:
+            total = np.zeros(delta.shape[1], dtype=np.float64)
+            for s in range(0, rows.size, BLOCK_ROWS):
+                total += delta.signed(rows[s : s + BLOCK_ROWS]).sum(0)
+            mean = total / rows.size
+        table[k] = np.abs(mean).astype(np.float32)
+        out_codes[rows] = k
+    return GroupRows(table, out_codes)

@@ -34,6 +34,7 @@ from pyrovae.data.anndata import (
     unique_cell_names,
     untrained_treatments,
 )
+from pyrovae.data.extras import iter_row_blocks
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import column_sums
 from pyrovae.data.options import DataOptions
@@ -711,7 +712,8 @@ def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
             )
     key = "delta_x" if cfg.grn_target == "cell" else "delta_x_group"
     if cfg.family == "gpo" and key in data.extras:
-        top = float(np.nanmax(np.abs(np.asarray(data.extras[key])[data.indices("train")]), initial=0.0))
+        blocks = iter_row_blocks(data.extras[key], data.indices("train"))  # streamed: O(block), not O(N T)
+        top = max((float(np.nanmax(np.abs(b), initial=0.0)) for _, b in blocks), default=0.0)
         if cfg.grn_threshold >= top:
             warnings.warn(
                 f"grn_threshold={cfg.grn_threshold:g} is at or above every GRN alignment target of the "
