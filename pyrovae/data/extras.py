@@ -41,6 +41,7 @@ __all__ = [
     "row_totals",
     "median_positive",
     "normalized_rows",
+    "normalize_block",
 ]
 
 #: rows per block when a whole extra or a whole matrix is streamed.
@@ -167,23 +168,36 @@ class PairedDelta(_RowArray):
         self.target_sum = float(target_sum)
         self.shape = (self.matched.size, self.cols.size)
 
-    def signed(self, pos: np.ndarray) -> np.ndarray:
-        """(len(pos), C) float64 ``y_i - y_m(i)`` (0 for unmatched rows)."""
+    def signed(self, pos: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+        """(len(pos), C) float64 ``y_i - y_m(i)`` (0 for unmatched rows); ``x``: the (len(pos), G) counts
+        of the rows ``pos`` if already read (a minibatch's), so only the matched controls are read."""
         pos = np.asarray(pos, dtype=np.int64)
         m = self.matched[pos]
         has = m >= 0
         out = np.zeros((len(pos), self.shape[1]), dtype=np.float64)
         if not has.any():
             return out
-        need = np.concatenate([pos[has], m[has]])
-        uniq, inv = np.unique(need, return_inverse=True)
-        y = normalized_rows(self.counts, uniq, self.cols, self.totals, self.target_sum)
-        k = int(has.sum())
-        out[has] = y[inv[:k]] - y[inv[k:]]
+        if x is None:
+            need = np.concatenate([pos[has], m[has]])
+            uniq, inv = np.unique(need, return_inverse=True)
+            y = normalized_rows(self.counts, uniq, self.cols, self.totals, self.target_sum)
+            k = int(has.sum())
+            out[has] = y[inv[:k]] - y[inv[k:]]
+            return out
+        own = normalize_block(np.asarray(x)[has][:, self.cols], self.totals[pos[has]], self.target_sum)
+        uniq, inv = np.unique(m[has], return_inverse=True)
+        ctrl = normalized_rows(self.counts, uniq, self.cols, self.totals, self.target_sum)
+        out[has] = own - ctrl[inv]
         return out
 
     def _rows(self, pos: np.ndarray) -> np.ndarray:
         return np.nan_to_num(np.abs(self.signed(pos)).astype(np.float32), nan=0.0)
+
+    def batch_rows(self, pos: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """:meth:`__getitem__` of rows ``pos`` whose (len(pos), G) counts ``x`` were read already
+        (:class:`~pyrovae.data.loader.MinibatchLoader` passes the batch's): the same numbers, one read
+        of the matched controls only."""
+        return np.nan_to_num(np.abs(self.signed(pos, x)).astype(np.float32), nan=0.0)
 
     @property
     def nbytes(self) -> int:
@@ -231,10 +245,17 @@ def normalized_rows(
     rows = np.asarray(rows, dtype=np.int64)
     if isinstance(counts, np.ndarray) or sp.issparse(counts):
         part = counts[rows]
-        x = to_dense(part if cols is None else part[:, cols], np.float64, copy=True)
+        x = part if cols is None else part[:, cols]
     else:
         x = dense_rows(counts, rows, np.float64)
         x = x if cols is None else x[:, cols]
-    lib = totals[rows]
+    return normalize_block(x, totals[rows], target_sum)
+
+
+def normalize_block(x: Any, lib: np.ndarray, target_sum: float) -> np.ndarray:
+    """(n, c) float64 ``log1p(target_sum * x / lib)`` of a block of counts ``x`` (dense or sparse) with the
+    rows' totals ``lib`` (n,) (rows with ``lib == 0``: 0); a new array."""
+    x = to_dense(x, np.float64, copy=True)
+    lib = np.asarray(lib, dtype=np.float64)
     x *= np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)[:, None]
     return np.log1p(x, out=x)

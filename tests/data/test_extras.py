@@ -162,6 +162,13 @@ def test_backed_counts_give_the_same_extras(adata, prepared, tmp_path):
     np.testing.assert_array_equal(row_totals(backed.counts), row_totals(prepared.counts))
     for k in (*COMPACT, "has_cf", "qc"):
         np.testing.assert_array_equal(np.asarray(backed.extras[k]), np.asarray(prepared.extras[k]), err_msg=k)
+    # minibatches read from the file in blocks carry the rows of the in-memory dense extras
+    dense = _dense_copy(prepared)
+    a = MinibatchLoader(backed, "train", batch_size=16, shuffle=True, seed=1, block_size=8, buffer_blocks=3)
+    b = MinibatchLoader(dense, "train", batch_size=16, shuffle=True, seed=1, block_size=8, buffer_blocks=3)
+    for ba, bb in zip(a, b, strict=True):
+        for k in ("x", *COMPACT):
+            np.testing.assert_array_equal(ba[k].numpy(), bb[k].numpy(), err_msg=k)
     # QC metrics computed from the file in blocks
     mem = prepare_cradle_data(load_perturbation_data(adata), seed=1)
     monkeypatch = pytest.MonkeyPatch()
