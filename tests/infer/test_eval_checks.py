@@ -1,0 +1,49 @@
+"""IWELBO and the model ATE run Pyro's and torch's checks on their first batch / chunk only: same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+
+from pyrovae.data.anndata import load_perturbation_data
+from pyrovae.data.prepare import prepare_cradle_data
+from pyrovae.data.simulate import simulate_perturbseq
+from pyrovae.infer.iwelbo import predictive_iwelbo
+from pyrovae.infer.predictive import Posterior
+from pyrovae.models.zoo import build_model, model_config
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    data = prepare_cradle_data(
+        load_perturbation_data(simulate_perturbseq("tiny", seed=1)), qc_key="low_quality"
+    )
+    cfg = model_config(
+        "cradle_vae", n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16
+    )
+    model = build_model(cfg, data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=0)
+    return model.eval(), data
+
+
+def test_iwelbo_checks_on_the_first_batch_only_give_the_same_numbers(model_and_data):
+    model, data = model_and_data
+    kw = dict(n_particles=7, batch_size=8, particle_chunk=3, seed=4)
+    every = predictive_iwelbo(model, data, "test", validate_args=True, **kw)
+    first = predictive_iwelbo(model, data, "test", **kw)
+    assert len(every) > 3 * 8  # several batches ran without the checks
+    np.testing.assert_array_equal(first["iwelbo"].to_numpy(), every["iwelbo"].to_numpy())
+    with pyro.validation_enabled(False):
+        none = predictive_iwelbo(model, data, "test", **kw)
+    np.testing.assert_array_equal(none["iwelbo"].to_numpy(), every["iwelbo"].to_numpy())
+
+
+def test_model_ate_checks_on_the_first_chunk_only_give_the_same_numbers(model_and_data):
+    model, data = model_and_data
+    post = Posterior(model, data.schema())
+    perts = list(data.treatments[:3])
+    with pyro.validation_enabled(True):
+        checked = post.model_ate(perts, n_samples=40, chunk=7, library_size=1e4, seed=2)
+    with pyro.validation_enabled(False):
+        unchecked = post.model_ate(perts, n_samples=40, chunk=7, library_size=1e4, seed=2)
+    np.testing.assert_array_equal(checked.to_numpy(), unchecked.to_numpy())
