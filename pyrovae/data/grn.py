@@ -52,6 +52,25 @@ MATCHED_COLUMN = "pyrovae_matched_control_{seed}"
 UNS_KEY = "pyrovae_gpo"
 #: var column of the simulator (and of prepared files) marking extended GRN genes.
 GRN_GENE_COLUMN = "grn_gene"
+#: most GRN nodes GPO-VAE is prepared for unless the data option ``max_grn_nodes`` says otherwise: its
+#: T x T parameters and K-hop products grow as T^2 and T^3 (docs/scaling.md, bench/wide.py).
+MAX_GRN_NODES = 4000
+
+
+def check_grn_size(n_nodes: int, limit: int = MAX_GRN_NODES) -> None:
+    """One clear error when GPO-VAE's GRN is too large to train: it is restricted to a chosen gene set."""
+    if n_nodes <= limit:
+        return
+    gb = 4 * n_nodes**2 / 1e9
+    raise ValueError(
+        f"GPO-VAE's GRN would have T = {n_nodes:,} nodes (perturbed plus extended genes), more than "
+        f"max_grn_nodes = {limit:,}: its T x T parameters (W and the effects E: {n_nodes**2:.1e} entries, "
+        f"{gb:.1f} GB per copy, about 8 copies with gradients and Adam) and K-hop products "
+        f"(~{10 * n_nodes**3:.0e} FLOPs per step) do not scale to a genome-wide screen. Restrict the GRN to "
+        "a chosen gene set: keep the cells of those perturbations and the controls (e.g. "
+        "adata[adata.obs['perturbation'].isin(genes + ['control'])]) and fewer extra_genes; or raise the "
+        "limit with the data option max_grn_nodes (data_options={'max_grn_nodes': N})"
+    )
 
 
 def matched_column(seed: int) -> str:
@@ -199,12 +218,14 @@ def grn_targets(
     pairing_reg: float = 0.05,
     seed: int = 0,
     force: bool = False,
+    max_grn_nodes: int = MAX_GRN_NODES,
 ) -> tuple[PerturbationData, dict[str, Any]] | None:
     """``data`` with the GRN nodes as treatments and ``delta_x``, ``delta_x_group`` (module docstring).
 
     Returns ``(new data, record)`` (record: ``nodes``, ``n_perturbed``, ``extended``, ``pairing_method``,
     ``pairing_reg``, ``timings``), or ``None`` when ``data`` is already prepared (its treatments are the
-    recorded GRN nodes and both targets are there) and ``force`` is not set.
+    recorded GRN nodes and both targets are there) and ``force`` is not set. More than ``max_grn_nodes``
+    nodes: ``ValueError`` (:func:`check_grn_size`).
     """
     rec = data.uns.get(UNS_KEY)
     shape = (data.n_cells, data.n_treatments)
@@ -221,6 +242,7 @@ def grn_targets(
     dosage, treatments = data.dosage, list(data.treatments)
     perturbed, extended = grn_nodes(data, extra_genes)
     nodes = perturbed + extended
+    check_grn_size(len(nodes), max_grn_nodes)
     new = [g for g in nodes if g not in treatments]
     if new:
         dosage = sp.hstack([dosage, sp.csr_matrix((data.n_cells, len(new)), dtype=dosage.dtype)], "csr")

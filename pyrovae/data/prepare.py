@@ -64,7 +64,7 @@ import numpy as np
 
 from pyrovae.config import preview
 from pyrovae.data.anndata import PerturbationData, log_norm_stats
-from pyrovae.data.grn import UNS_KEY, grn_targets
+from pyrovae.data.grn import MAX_GRN_NODES, UNS_KEY, grn_targets
 from pyrovae.data.matrix import nonzero_counts
 from pyrovae.data.qc import counterfactual_table, qc_indicator
 
@@ -83,11 +83,13 @@ class PrepOptions:
     pairing_reg: float = 0.05
     seed: int = 0
     n_cf: int = 50  # at most this many opposite-status cells enter each counterfactual median
+    max_grn_nodes: int = MAX_GRN_NODES  # GPO-VAE's largest GRN (pyrovae.data.grn.check_grn_size)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PrepOptions:
         """From data options (``qc_key``, ``extra_genes``, ``pairing_method``, ``pairing_reg``,
-        ``split_seed`` -> ``seed``; also ``qc_threshold``, ``n_cf``); missing or ``None`` ones: defaults."""
+        ``split_seed`` -> ``seed``; also ``qc_threshold``, ``n_cf``, ``max_grn_nodes``); missing or ``None``
+        ones: defaults."""
         o = dict(options or {})
         extra = o.get("extra_genes")
         return cls(
@@ -98,6 +100,7 @@ class PrepOptions:
             pairing_reg=float(o.get("pairing_reg") or 0.05),
             seed=int(o.get("split_seed") or 0),
             n_cf=50 if o.get("n_cf") is None else int(o["n_cf"]),
+            max_grn_nodes=MAX_GRN_NODES if o.get("max_grn_nodes") is None else int(o["max_grn_nodes"]),
         )
 
 
@@ -155,6 +158,7 @@ def _grn_targets(data: PerturbationData, opts: PrepOptions, force: bool):
         pairing_reg=opts.pairing_reg,
         seed=opts.seed,
         force=force,
+        max_grn_nodes=opts.max_grn_nodes,
     )
 
 

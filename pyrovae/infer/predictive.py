@@ -193,6 +193,16 @@ class Posterior:
             g = self.model.effect.predict_untrained(g, self.untrained)
         return g
 
+    def chunk_size(self, chunk: int, n_rows: int, max_mb: float = 1024.0) -> int:
+        """``chunk``, or fewer samples so that one chunk stays within ``max_mb``: a sample holds one global
+        draw (measured on one draw, made without touching the caller's random streams) and ``n_rows``
+        predicted rows of G counts, each counted 4 times (float32, with the temporaries of sampling)."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            one = self._draw_globals(1)
+        per_sample = 16 * (sum(v.numel() for v in one.values()) + n_rows * len(self.genes))
+        return max(1, min(int(chunk), int(float(max_mb) * 2**20 // max(per_sample, 1))))
+
     def _batch(
         self, d: torch.Tensor, library: torch.Tensor | None = None, cov: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -581,6 +591,7 @@ class Posterior:
         transform: str | None = None,
         rows: np.ndarray | None = None,
         covariates: dict[str, str] | None = None,
+        max_chunk_mb: float = 1024.0,
     ) -> pd.DataFrame:
         """Model average treatment effect of each perturbation versus control, with common random numbers.
 
@@ -609,7 +620,10 @@ class Posterior:
             covariates: ``{key: level}`` to evaluate at (with ``"matched"``: the evaluated cells at that
                 level); keys not given follow the evaluated cells (matched) or the training proportions.
             chunk: samples drawn at once (global draws, basal noise, counts): memory O(chunk (T K + U G));
-                the same ``seed`` and ``chunk`` give the same numbers.
+                the same ``seed``, ``chunk`` and ``max_chunk_mb`` give the same numbers.
+            max_chunk_mb: bound on one chunk's memory: when ``chunk`` samples would take more (about 4
+                x 4 bytes per global entry and per predicted count of a sample; e.g. at T = 10,000
+                perturbations, or GPO-VAE's T x T effects), fewer are drawn at once (:meth:`chunk_size`).
 
         Returns:
             DataFrame (perturbation x genes), index = canonical labels in the given order;
@@ -646,6 +660,7 @@ class Posterior:
             lib_all = None if lib_all is None else lib_all[:, first]
             cov_all = None if cov_all is None else cov_all[:, first]
         U = d_unique.shape[0]
+        chunk = self.chunk_size(chunk, U, max_chunk_mb)
         by_size_factor = self.size_factor_key is not None
         total = torch.zeros(U, len(self.genes), dtype=torch.float64)
         with rng_scope(seed):

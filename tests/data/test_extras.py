@@ -17,16 +17,16 @@ import scipy.sparse as sp
 from pyrovae.data import extras as extras_mod
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.extras import GroupRows, PairedDelta, iter_row_blocks, row_totals
-from pyrovae.data.grn import group_delta_x, streamed_group_delta_x
+from pyrovae.data.grn import MAX_GRN_NODES, check_grn_size, group_delta_x, streamed_group_delta_x
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.matrix import dense_rows, group_seed, label_strings, split_strings
 from pyrovae.data.pairing import delta_x, log_normalize, pair_with_controls
-from pyrovae.data.prepare import prepare_cradle_data, prepare_gpo_data
+from pyrovae.data.prepare import prepare_cradle_data, prepare_data, prepare_gpo_data
 from pyrovae.data.qc import counterfactual_table
 from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
-from pyrovae.models.zoo import model_config
+from pyrovae.models.zoo import data_requirements, model_config
 
 COMPACT = ("cfx", "delta_x", "delta_x_group")
 
@@ -222,3 +222,14 @@ def test_iter_row_blocks_streams_any_extra(prepared, monkeypatch):
         parts = list(iter_row_blocks(prepared.extras[k], rows, block=10))
         assert all(len(p) <= 10 for p, _ in parts)
         np.testing.assert_array_equal(np.concatenate([b for _, b in parts]), full)
+
+
+def test_gpo_grn_larger_than_the_limit_is_one_clear_error(adata):
+    data = load_perturbation_data(adata)
+    with pytest.raises(
+        ValueError, match=r"GPO-VAE's GRN would have T = .* max_grn_nodes = 5.*Restrict the GRN"
+    ):
+        prepare_data(
+            data, data_requirements(model_config("gpo_vae")), {"qc_key": "low_quality", "max_grn_nodes": 5}
+        )
+    check_grn_size(MAX_GRN_NODES)  # at the limit: fine

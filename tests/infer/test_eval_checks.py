@@ -47,3 +47,15 @@ def test_model_ate_checks_on_the_first_chunk_only_give_the_same_numbers(model_an
     with pyro.validation_enabled(False):
         unchecked = post.model_ate(perts, n_samples=40, chunk=7, library_size=1e4, seed=2)
     np.testing.assert_array_equal(checked.to_numpy(), unchecked.to_numpy())
+
+
+def test_model_ate_chunk_shrinks_to_its_memory_bound(model_and_data):
+    model, data = model_and_data
+    post = Posterior(model, data.schema())
+    perts = list(data.treatments[:3])
+    assert post.chunk_size(256, 4) == 256  # small models: the chunk asked for
+    small = post.chunk_size(256, 4, max_mb=0.05)
+    assert 1 <= small < 256
+    bounded = post.model_ate(perts, n_samples=30, chunk=256, library_size=1e4, seed=3, max_chunk_mb=0.05)
+    explicit = post.model_ate(perts, n_samples=30, chunk=small, library_size=1e4, seed=3)
+    np.testing.assert_array_equal(bounded.to_numpy(), explicit.to_numpy())
