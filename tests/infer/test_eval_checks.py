@@ -59,3 +59,26 @@ def test_model_ate_chunk_shrinks_to_its_memory_bound(model_and_data):
     bounded = post.model_ate(perts, n_samples=30, chunk=256, library_size=1e4, seed=3, max_chunk_mb=0.05)
     explicit = post.model_ate(perts, n_samples=30, chunk=small, library_size=1e4, seed=3)
     np.testing.assert_array_equal(bounded.to_numpy(), explicit.to_numpy())
+
+
+@pytest.mark.parametrize(
+    "name", ["sams_vae_reference", "sams_vae", "sams_vae_mf", "conditional_vae", "cpa_vae"]
+)
+def test_iwelbo_reusing_the_global_parts_gives_the_same_numbers(model_and_data, name):
+    _, data = model_and_data
+    small = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
+    model = build_model(
+        model_config(name, **small), data.n_genes, data.n_treatments, data.norm_mean, data.norm_std, seed=1
+    )
+    kw = dict(n_particles=6, batch_size=8, particle_chunk=4, seed=2)
+    for score in (False, True):
+        old = predictive_iwelbo(model.eval(), data, "test", reuse_globals=False, score_globals=score, **kw)
+        new = predictive_iwelbo(model.eval(), data, "test", score_globals=score, **kw)
+        np.testing.assert_array_equal(new["iwelbo"].to_numpy(), old["iwelbo"].to_numpy())
+
+
+def test_iwelbo_reuse_for_cradle_vae(model_and_data):
+    model, data = model_and_data
+    kw = dict(n_particles=5, batch_size=8, particle_chunk=2, seed=0)
+    old = predictive_iwelbo(model, data, "test", reuse_globals=False, **kw)
+    np.testing.assert_array_equal(predictive_iwelbo(model, data, "test", **kw)["iwelbo"], old["iwelbo"])
