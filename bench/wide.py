@@ -2,8 +2,10 @@
 
 Usage::
 
-    # every family at T = 10,000 single-gene perturbations (2 cells each), 500 genes: ~15 min on 1 core
-    OMP_NUM_THREADS=1 python bench/wide.py --treatments 10000 --out bench/results/wide_10k.csv
+    # every family at T = 10,000 single-gene perturbations (2 cells each), 500 genes; SAMS-VAE's
+    # IWELBO also the former way (checks and global parts on every batch), on the same cells
+    OMP_NUM_THREADS=1 python bench/wide.py --treatments 10000 --compare-iwelbo sams_vae_reference \\
+        --out bench/results/wide_10k.csv
     # GPO-VAE: its GRN is T x T (W, E, K-hop products), so it is measured at growing T and extrapolated
     OMP_NUM_THREADS=1 python bench/wide.py --models gpo_vae --treatments 250,500,1000,2000 \\
         --out bench/results/wide_gpo.csv
@@ -127,6 +129,24 @@ def measure(name: str, T: int, args, ph: Phases) -> None:
     row.update(
         tag, cells=len(test), cells_per_s=len(test) / row["seconds"], iwelbo=float(res["iwelbo"].mean())
     )
+    if name in args.compare_iwelbo.split(
+        ","
+    ):  # the former path on the same cells: checks and globals per batch
+        old, row = ph.run(
+            f"{name} T={T}: IWELBO (before: checks and global parts on every batch)",
+            lambda: predictive_iwelbo(
+                model,
+                data,
+                test,
+                n_particles=args.iwelbo_particles,
+                batch_size=args.iwelbo_batch,
+                seed=0,
+                validate_args=True,
+                reuse_globals=False,
+            ),
+        )
+        same = bool(np.array_equal(old["iwelbo"].to_numpy(), res["iwelbo"].to_numpy()))
+        row.update(tag, cells=len(test), cells_per_s=len(test) / row["seconds"], same_numbers=same)
     if args.ate_samples:
         post = Posterior(model, data.schema())
         perts = list(data.treatments[:8])
@@ -152,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--iwelbo-particles", type=int, default=100)
     p.add_argument("--iwelbo-batch", type=int, default=128)
     p.add_argument("--ate-samples", type=int, default=2500)
+    p.add_argument("--compare-iwelbo", default="", help="models whose IWELBO is also timed the former way")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/wide.csv")
     a = p.parse_args(argv)
