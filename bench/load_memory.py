@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyrovae
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.simulate import PRESETS, write_perturbseq_h5ad
+from pyrovae.simulate import PRESETS, write_perturbseq_h5ad
 
 path = Path(sys.argv[1])
 cells, genes, T = 500_000, 410, 400

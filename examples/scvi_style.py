@@ -20,8 +20,8 @@ import anndata as ad
 import numpy as np
 
 import pyrovae
-from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
+from pyrovae.simulate import simulate_perturbseq
 
 
 def main(argv: list[str] | None = None) -> int:

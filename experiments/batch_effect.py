@@ -7,7 +7,7 @@ per seed (simulation seed = training seed). Split: 64/16/20 by cell, stratified 
 
 Models (zoo names, ``--models``) trained with ``batch_key="batch"`` and without, the demo's training
 settings. Scored on the test cells: test IWELBO, and the ATE of every single perturbation at each batch
-level against the simulator's true ATE at that level (:func:`pyrovae.data.simulate.simulated_ate`, the
+level against the simulator's true ATE at that level (:func:`pyrovae.simulate.simulated_ate`, the
 test cells' depths): the model with the batch is evaluated at the level (``covariates={"batch": b}``); the
 model without can only give its one prediction (at the level's cells' depths). Reference rows: the
 empirical ATE of the level's test cells (noisy, unbiased at its level) and the pooled training mean
@@ -21,21 +21,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `pyrovae` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
 
 import pyrovae
 from pyrovae.data.protocols import cell_split
-from pyrovae.data.simulate import ground_truth, simulated_ate
 from pyrovae.evaluate.ate import ate_metrics, baseline_ates, empirical_ate
 from pyrovae.report import markdown_table
+from pyrovae.simulate import ground_truth, simulated_ate
 
 SPLIT = "batch_effect_split"
 

@@ -16,18 +16,14 @@ seeds.
 
 Usage::
 
-    python experiments/combinatorial.py --out runs/exp/combinatorial                 # simulated, small
-    python experiments/combinatorial.py --data norman.h5ad --perturbation-key condition \\
+    python -m experiments.combinatorial --out runs/exp/combinatorial                 # simulated, small
+    python -m experiments.combinatorial --data norman.h5ad --perturbation-key condition \\
         --control-label ctrl --layer counts --gene-key highly_variable --full --out runs/exp/norman_ood
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import combo_protocols, common
 from pyrovae.data.protocols import POOLS, combinatorial_split

@@ -52,12 +52,12 @@ import yaml
 
 import pyrovae
 from pyrovae.config import parse_overrides, route_options
-from pyrovae.data.dosage import find_control_label
+from pyrovae.data.dosage import build_dosage, find_control_label, parse_label
 from pyrovae.data.options import DataOptions
-from pyrovae.data.simulate import simulate_perturbseq
-from pyrovae.data.simulate_sams import simulate_sams_reference
+from pyrovae.data.protocols import cell_split, heldout_combinations_split
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
 from pyrovae.evaluate.score import score_run
+from pyrovae.evaluate.structure import planted_structure
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import ModelConfig, model_config
@@ -65,6 +65,7 @@ from pyrovae.outputs import atomic_write, write_json
 from pyrovae.plot import plot_bars, plot_lines
 from pyrovae.report import add_relative, markdown_table
 from pyrovae.setup import read_data
+from pyrovae.simulate import ground_truth, simulate_perturbseq, simulate_sams_reference
 
 __all__ = [  # plot_bars, plot_lines and add_relative are the library's, used by the scripts through here
     "BASELINE_NAMES",
@@ -78,10 +79,12 @@ __all__ = [  # plot_bars, plot_lines and add_relative are the library's, used by
     "ate_transform",
     "build_parser",
     "empirical_ates",
+    "find_run",
     "load_settings",
     "plot_bars",
     "plot_lines",
     "split_seed",
+    "structure_metrics",
     "write_frame",
 ]
 
@@ -105,7 +108,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         "--simulator",
         default="perturbseq",
         choices=SIMULATORS,
-        help="simulator when no --data: 'perturbseq' (counts, pyrovae.data.simulate, see --preset) or "
+        help="simulator when no --data: 'perturbseq' (counts, pyrovae.simulate.perturbseq, see --preset) or "
         "'sams_reference' (the SAMS-VAE reference simulation's regime, continuous: --set likelihood=normal)",
     )
     g.add_argument(
@@ -120,8 +123,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="KEY=VALUE",
-        help="override fields of the simulation (pyrovae.data.simulate.SimulationConfig, or "
-        "pyrovae.data.simulate_sams.SamsReferenceConfig), e.g. knockdown=0 effect_mean=3",
+        help="override fields of the simulation (pyrovae.simulate.SimulationConfig, or "
+        "pyrovae.simulate.sams_reference.SamsReferenceConfig), e.g. knockdown=0 effect_mean=3",
     )
     g.add_argument(
         "--perturbation-key", default="perturbation", help="obs column with labels (default: perturbation)"
@@ -372,6 +375,26 @@ def model_spec(settings: Mapping[str, Any], model: str) -> dict[str, Any]:
     }
 
 
+def find_run(roots: Iterable[str | Path], seed: int, model: str) -> Path | None:
+    """The first ``<root>/runs/seed<seed>/<model>`` among ``roots`` holding a trained run (best.pt)."""
+    name = Path("runs") / f"seed{seed}" / model
+    return next((Path(r) / name for r in roots if (Path(r) / name / "best.pt").exists()), None)
+
+
+def structure_metrics(
+    run, truth: dict, rows: np.ndarray, seed: int, n_samples: int = 200
+) -> dict[str, float]:
+    """:func:`~pyrovae.evaluate.structure.planted_structure` of a trained run: its mean latent effects
+    (``n_samples`` posterior draws, seeded) and mask probabilities at the planted treatments' ``rows``."""
+    model = run.model
+    torch.manual_seed(seed)
+    g = model.sample_globals(n_samples, untrained=run.untrained)
+    effects = model.effect.effect_rows(g).mean(0).cpu().numpy()[rows]
+    probs = model.effect.mask_probs()
+    probs = None if probs is None else probs.cpu().numpy()[rows]
+    return planted_structure(truth, effects, probs, seed=seed)
+
+
 @dataclasses.dataclass
 class Scored:
     """What :meth:`Experiment.fit_and_score` returns: the metrics row and the trained run."""
@@ -479,6 +502,29 @@ class Experiment:
             )
         labels = raw.astype(str).to_numpy()
         return labels, find_control_label(labels, self.args.control_label)
+
+    def planted_truth(self) -> dict:
+        """The simulation's ground truth (masks, latent effects); a clear error for data without one."""
+        if "ground_truth" not in self.adata.uns:
+            raise ValueError(
+                "this experiment needs planted masks: the data has no uns['ground_truth']. Use the "
+                "simulated dataset (no --data) or an .h5ad written by `pyrovae simulate`"
+            )
+        return ground_truth(self.adata)
+
+    def combination_split(self) -> tuple[np.ndarray, list[str], np.ndarray, str]:
+        """(split, held-out combination labels, raw labels, control label): the demo's split
+        (:func:`~pyrovae.data.protocols.heldout_combinations_split`) when the data has combinations, else a
+        stratified 80/10/10 cell split; seeded by the settings' ``split_seed``."""
+        labels, ctrl = self.labels()
+        _, _, canon = build_dosage(labels, ctrl, self.args.combo_sep)
+        canon = np.asarray(canon).astype(str)
+        seed = int(self.settings["split_seed"])
+        if any(len(parse_label(x, ctrl, self.args.combo_sep)) > 1 for x in set(canon)):
+            split, held = heldout_combinations_split(canon, ctrl, self.args.combo_sep, seed)
+            return split, held, labels, ctrl
+        split = cell_split(labels, seed=seed, test_frac=0.1, val_frac=1 / 9, stratify=True)
+        return split, [], labels, ctrl
 
     def load(self, split: np.ndarray, encode_combos_as_unique: bool = False):
         """The data with ``split`` (an (N,) array of train/val/test/"") as its split."""

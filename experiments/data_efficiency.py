@@ -12,18 +12,14 @@ over split seeds.
 
 Usage::
 
-    python experiments/data_efficiency.py --out runs/exp/data_efficiency               # simulated, small
-    python experiments/data_efficiency.py --data norman.h5ad --perturbation-key condition \\
+    python -m experiments.data_efficiency --out runs/exp/data_efficiency               # simulated, small
+    python -m experiments.data_efficiency --data norman.h5ad --perturbation-key condition \\
         --control-label ctrl --layer counts --gene-key highly_variable --full --out runs/exp/norman_eff
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import combo_protocols, common
 from pyrovae.data.protocols import data_efficiency_split

@@ -21,7 +21,7 @@ the empirical ATE of the test cells), next to the CLI's own rows read from ``RUN
 Usage (each RUN trained by ``pyrovae train --model gpo_vae --holdout-perturbations ...`` and scored by
 ``pyrovae ate RUN --data DATA``)::
 
-    python experiments/gpo_unseen_inversion.py --runs RUN1 RUN2 ... --out inversion.csv
+    python -m experiments.gpo_unseen_inversion --runs RUN1 RUN2 ... --out inversion.csv
 """
 
 from __future__ import annotations

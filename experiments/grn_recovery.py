@@ -33,21 +33,16 @@ one setting at a time: every other setting is a ``--set`` (see experiments/READM
 
 Usage::
 
-    python experiments/grn_recovery.py --out runs/exp/grn                             # simulated, small
-    python experiments/grn_recovery.py --config experiments/configs/gpo_grn_check.yaml --out runs/check \
+    python -m experiments.grn_recovery --out runs/exp/grn                             # simulated, small
+    python -m experiments.grn_recovery --config experiments/configs/gpo_grn_check.yaml --out runs/check \
         --sim-seed 0 --split-seed 0 --seeds 0 --holdout PG03 --set grn_singles_only=true mask_lr=0.02
-    python experiments/grn_recovery.py --data adamson.h5ad --perturbation-key gene \\
+    python -m experiments.grn_recovery --data adamson.h5ad --perturbation-key gene \\
         --control-label non-targeting --grn-genes-key FC2 --grn-truth edges.csv --full --out runs/exp/adamson
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import time
 import warnings
 
@@ -60,10 +55,10 @@ from pyrovae.data.anndata import make_split
 from pyrovae.data.grn import UNS_KEY, var_grn_genes
 from pyrovae.data.prepare import holdout_perturbations, prepare_gpo_data
 from pyrovae.data.protocols import canonical_labels, cell_split, split_summary
-from pyrovae.data.simulate import ground_truth
 from pyrovae.evaluate.ate import ate_table, empirical_ate
 from pyrovae.evaluate.grn_export import edge_counts, grn_edges, run_n_perturbed, score_run_grn
 from pyrovae.infer.predictive import Posterior
+from pyrovae.simulate import ground_truth
 
 NAME = "grn_recovery"
 BLOCKS = {"perturbed": "perturbed genes", "grn_genes": "all GRN genes"}

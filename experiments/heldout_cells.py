@@ -16,8 +16,8 @@ training cells included, which makes it easy: the per-perturbation training mean
 
 Usage::
 
-    python experiments/heldout_cells.py --out runs/exp/heldout                        # simulated, small
-    python experiments/heldout_cells.py --data replogle.h5ad --perturbation-key gene \\
+    python -m experiments.heldout_cells --out runs/exp/heldout                        # simulated, small
+    python -m experiments.heldout_cells --data replogle.h5ad --perturbation-key gene \\
         --control-label non-targeting --full --out runs/exp/replogle
 """
 
@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd
 

@@ -15,7 +15,7 @@ particles drawn once and shared by the cells, globals not scored) is recomputed
 
 Differences are paired per seed against ``--reference`` (CPA-VAE). Usage::
 
-    python experiments/iwelbo_gap.py --out runs/exp/gap_dense --runs runs/exp/masks_dense \\
+    python -m experiments.iwelbo_gap --out runs/exp/gap_dense --runs runs/exp/masks_dense \\
         --sim-set mask_prob=0.25 n_latent=16 --models cpa_vae sams_dense sams_on_mlr02
 """
 
@@ -23,17 +23,12 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
 import torch
 
 from experiments import common
-from experiments.mask_inference import build_parser, find_run, make_split
 from pyrovae.infer.iwelbo import predictive_iwelbo
 from pyrovae.infer.runs import load_run
 from pyrovae.report import add_relative
@@ -52,18 +47,18 @@ def narrow_q_E(effect) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = common.build_parser("mask_inference", __doc__)
     parser.add_argument("--runs", nargs="+", required=True, help="mask_inference.py output directories")
     parser.add_argument("--reference", default="cpa_vae")
     args = parser.parse_args(argv)
     exp = common.Experiment("mask_inference", args)
-    split, held, _, _ = make_split(exp)
+    split, held, _, _ = exp.combination_split()
     data = exp.load(split)
     rows = []
     train = np.asarray(data.indices("train"))[:1500]
     for seed in exp.seeds:
         for model in exp.models:
-            run_dir = find_run(args.runs, seed, model)
+            run_dir = common.find_run(args.runs, seed, model)
             if run_dir is None:
                 exp.log(f"  seed{seed}/{model}: no run in {args.runs}")
                 continue

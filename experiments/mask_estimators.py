@@ -11,8 +11,8 @@ biased), and the seconds per ``loss_and_grads`` call.
 
 Usage::
 
-    python experiments/mask_estimators.py --out runs/exp/mask_estimators
-    python experiments/mask_estimators.py --out runs/exp/mask_estimators_ref --simulator sams_reference \\
+    python -m experiments.mask_estimators --out runs/exp/mask_estimators
+    python -m experiments.mask_estimators --out runs/exp/mask_estimators_ref --simulator sams_reference \\
         --set likelihood=normal
 """
 
@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd

@@ -2,7 +2,8 @@
 
 Per regime (one invocation = one simulated regime: ``--preset``/``--sim-set`` or ``--simulator
 sams_reference``), with the demo's split where the data has combinations (a seeded quarter of the doubles
-held out, test only, plus 10 % held-out cells of every other label; :func:`pyrovae.commands.demo.demo_split`)
+held out, test only, plus 10 % held-out cells of every other label;
+:func:`pyrovae.data.protocols.heldout_combinations_split`)
 or else a stratified 80/10/10 cell split. Models (``configs/mask_inference.yaml``): CPA-VAE (also at twice
 the epochs, ``cpa_vae_2x``: at least SAMS-VAE's wall-clock), SAMS-VAE with every mask fixed on (the dense
 ablation, ``fixed_masks_on``), SAMS-VAE with the straight-through (reference), score-function (Pyro
@@ -19,42 +20,36 @@ Metrics per model and training seed:
   their held-out test cells (``_cells``);
 - validation and test IWELBO (nats per cell);
 - mask precision / recall / F1 after latent matching, the chance F1 of as many random positives, the
-  number of positives, the effect MCC (:func:`experiments.mask_recovery.structure_metrics`);
+  number of positives, the effect MCC (:func:`pyrovae.evaluate.structure.planted_structure`);
 - ``undecided``: the fraction of q(m) in (0.2, 0.8), at the end and averaged over training steps;
 - training seconds.
 
 Usage::
 
-    python experiments/mask_inference.py --out runs/exp/masks_default
-    python experiments/mask_inference.py --out runs/exp/masks_ref --simulator sams_reference \\
+    python -m experiments.mask_inference --out runs/exp/masks_default
+    python -m experiments.mask_inference --out runs/exp/masks_ref --simulator sams_reference \\
         --set likelihood=normal
-    python experiments/mask_inference.py --out runs/exp/masks_dense --sim-set mask_prob=0.25 n_latent=16
+    python -m experiments.mask_inference --out runs/exp/masks_dense --sim-set mask_prob=0.25 n_latent=16
     # rows of an earlier invocation reused (same data, split, settings), ATE Monte Carlo spread
-    python experiments/mask_inference.py --out runs/exp/more --models cpa_vae sams_dense \\
+    python -m experiments.mask_inference --out runs/exp/more --models cpa_vae sams_dense \\
         --include runs/exp/masks_default --ate-mc-seeds 1
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import json
 
 import numpy as np
 import pandas as pd
 import torch
 
 from experiments import common
-from experiments.mask_recovery import planted_truth, structure_metrics, truth_rows
 from pyrovae import report
-from pyrovae.commands.demo import demo_split
-from pyrovae.data.dosage import build_dosage, parse_label
-from pyrovae.data.protocols import cell_split, split_summary
+from pyrovae.data.protocols import split_summary
 from pyrovae.evaluate.ate import baseline_ates
+from pyrovae.evaluate.structure import planted_rows
 from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import load_run
 
@@ -157,19 +152,6 @@ def include_rows(exp: common.Experiment, dirs) -> set[tuple[str, int]]:
     return done
 
 
-def make_split(exp: common.Experiment):
-    """(split, held-out combination labels): the demo's split with combinations, else 80/10/10 cells."""
-    labels, ctrl = exp.labels()
-    _, _, canon = build_dosage(labels, ctrl, exp.args.combo_sep)
-    canon = np.asarray(canon).astype(str)
-    if any(len(parse_label(x, ctrl, exp.args.combo_sep)) > 1 for x in set(canon)):
-        split, held = demo_split(canon, ctrl, exp.args.combo_sep, int(exp.settings["split_seed"]))
-        return split, held, labels, ctrl
-    seed = int(exp.settings["split_seed"])
-    split = cell_split(labels, seed=seed, test_frac=0.1, val_frac=1 / 9, stratify=True)
-    return split, [], labels, ctrl
-
-
 class MaskTracker:
     """Records the fraction of q(m) in (0.2, 0.8) at every training step (a gradient hook on the logits).
 
@@ -234,12 +216,6 @@ def ate_metrics(exp: common.Experiment, run, data, sets, seed: int | None = None
     return out
 
 
-def find_run(roots, seed: int, model: str) -> Path | None:
-    """The first ``<root>/runs/seed<seed>/<model>`` among ``roots`` holding a trained run (best.pt)."""
-    name = Path("runs") / f"seed{seed}" / model
-    return next((Path(r) / name for r in roots if (Path(r) / name / "best.pt").exists()), None)
-
-
 def ate_mc_spread(exp: common.Experiment, data, sets, dirs, seeds) -> None:
     """Monte Carlo spread of the sampled ATE metrics (:data:`MC_METRICS`): every model row's run (under
     ``--out`` or an ``--include`` directory) is reloaded and its ATE scored again at the evaluation
@@ -248,7 +224,7 @@ def ate_mc_spread(exp: common.Experiment, data, sets, dirs, seeds) -> None:
     for row in exp.results:
         if row.get("model") not in exp.models or "seed" not in row:
             continue
-        path = find_run(roots, int(row["seed"]), row["model"])
+        path = common.find_run(roots, int(row["seed"]), row["model"])
         if path is None:
             exp.log(f"  seed{int(row['seed'])}/{row['model']}: no run directory, no Monte Carlo spread")
             continue
@@ -304,11 +280,11 @@ def summarise(exp: common.Experiment, held: list[str]) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    truth = planted_truth(exp)
+    truth = exp.planted_truth()
     exp.settings["model"].setdefault("n_latent", int(np.asarray(truth["masks"]).shape[1]))
-    split, held, labels, ctrl = make_split(exp)
+    split, held, labels, ctrl = exp.combination_split()
     data = exp.load(split)
-    rows = truth_rows(data, truth)
+    rows = planted_rows(data.treatments, truth["treatments"])
     seen = data.groups("train")
     exp.log(
         f"split: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
@@ -326,7 +302,7 @@ def main(argv=None) -> int:
             tracker = MaskTracker(fixed_on=model in (exp.settings.get("fixed_masks_on") or ()))
 
             def extra(run, seed=seed, tracker=tracker):
-                out = structure_metrics(run, truth, rows, seed)
+                out = common.structure_metrics(run, truth, rows, seed)
                 out.update(tracker.summary())
                 out.update(ate_metrics(exp, run, data, sets))
                 return out

@@ -22,26 +22,20 @@ than CPA-VAE).
 
 Usage::
 
-    python experiments/mask_recovery.py --out runs/exp/masks            # default preset, 3 seeds
-    python experiments/mask_recovery.py --out runs/exp/masks_sim1 --sim-seed 1
+    python -m experiments.mask_recovery --out runs/exp/masks            # default preset, 3 seeds
+    python -m experiments.mask_recovery --out runs/exp/masks_sim1 --sim-seed 1
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-import torch
 
 from experiments import common
 from pyrovae import report
 from pyrovae.data.protocols import cell_split, split_summary
-from pyrovae.data.simulate import ground_truth
-from pyrovae.evaluate.structure import effect_recovery, mask_recovery
+from pyrovae.evaluate.structure import planted_rows
 
 NAME = "mask_recovery"
 METRICS = {
@@ -64,60 +58,12 @@ FMTS = {
     "mask_positives": "{:.0f}",
 }
 REFERENCE_MODEL = "cpa_vae"
-N_EFFECT_SAMPLES = 200
 
 
 def build_parser():
     p = common.build_parser(NAME, __doc__)
     common.add_split_seed_option(p.add_argument_group(NAME))
     return p
-
-
-def planted_truth(exp: common.Experiment) -> dict:
-    """The simulation's ground truth (masks, latent effects); a clear error for data without one."""
-    if "ground_truth" not in exp.adata.uns:
-        raise ValueError(
-            "mask recovery needs planted masks: the data has no uns['ground_truth']. Use the simulated "
-            "dataset (no --data) or an .h5ad written by `pyrovae simulate`"
-        )
-    return ground_truth(exp.adata)
-
-
-def truth_rows(data, truth: dict) -> np.ndarray:
-    """(T_true,) the model row of each planted treatment; an error if the treatments differ."""
-    names = [str(t) for t in truth["treatments"]]
-    missing = sorted(set(names) - set(data.treatments))
-    extra = sorted(set(data.treatments) - set(names))
-    if missing or extra:
-        raise ValueError(
-            f"the data's treatments do not match the planted ones (missing {missing[:5]}, "
-            f"extra {extra[:5]}); mask recovery needs the additive encoding of the simulated singles (no "
-            "--encode-combos-as-unique)"
-        )
-    return np.asarray([data.treatments.index(t) for t in names])
-
-
-def structure_metrics(run, truth: dict, rows: np.ndarray, seed: int) -> dict[str, float]:
-    """Mask recovery (models with masks) and latent-effect MCC of a trained run, in the planted order."""
-    model = run.model
-    torch.manual_seed(seed)
-    g = model.sample_globals(N_EFFECT_SAMPLES, untrained=run.untrained)
-    effects = model.effect.effect_rows(g).mean(0).cpu().numpy()[rows]
-    out = {"effect_mcc": float(effect_recovery(np.asarray(truth["latent_effects"]), effects)["mcc"])}
-    probs = model.effect.mask_probs()
-    if probs is not None:
-        probs = probs.cpu().numpy()[rows]
-        r = mask_recovery(np.asarray(truth["masks"]), probs, seed=seed)
-        out.update(
-            mask_precision=r["precision"],
-            mask_recall=r["recall"],
-            mask_f1=r["f1"],
-            mask_chance_f1=r["chance_f1"],
-            mask_chance_f1_std=r["chance_f1_std"],
-            mask_positives=float(r["n_est"]),
-            mask_true_positives=float(r["n_true"]),
-        )
-    return out
 
 
 def summarise(exp: common.Experiment) -> str:
@@ -157,14 +103,14 @@ def summarise(exp: common.Experiment) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)
-    truth = planted_truth(exp)
+    truth = exp.planted_truth()
     masks = np.asarray(truth["masks"])
     exp.settings["model"].setdefault("n_latent", int(masks.shape[1]))
     split_seed = common.split_seed(args, exp)
     labels, ctrl = exp.labels()
     split = cell_split(labels, seed=split_seed, test_frac=0.1, val_frac=1 / 9, stratify=True)
     data = exp.load(split)
-    rows = truth_rows(data, truth)
+    rows = planted_rows(data.treatments, truth["treatments"])
     planted = np.zeros((data.n_treatments, masks.shape[1]), dtype=np.float32)
     planted[rows] = masks
     exp.log(
@@ -184,7 +130,7 @@ def main(argv=None) -> int:
                 f"seed{seed}/{model}",
                 None,
                 tags={"model": model, "seed": seed},
-                extra=lambda run, seed=seed: structure_metrics(run, truth, rows, seed),
+                extra=lambda run, seed=seed: common.structure_metrics(run, truth, rows, seed),
                 prepare=(lambda m: m.effect.fix_masks(planted)) if model in planted_models else None,
             )
     md = summarise(exp)

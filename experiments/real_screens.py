@@ -30,12 +30,8 @@ seeds), ``summary.png``, and the run directories.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `pyrovae` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anndata as ad
 import pandas as pd

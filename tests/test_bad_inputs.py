@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import make_adata
 
 from pyrovae.cli import main
 from pyrovae.outputs import dir_lock
+from tests.helpers import make_adata
 
 TINY = [
     "n_latent=3",

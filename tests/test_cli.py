@@ -294,7 +294,7 @@ def test_gpo_demo_on_the_tiny_preset(tmp_path, capsys):
 def test_simulate_command_writes_the_seeded_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     out = tmp_path / "sim.h5ad"
     assert main(["simulate", "--preset", "tiny", "--seed", "3", "--out", str(out)]) == 0

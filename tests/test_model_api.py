@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import pyrovae
-from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.model import SETUP_KEY
+from pyrovae.simulate import simulate_perturbseq
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_latent=4, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)

@@ -29,10 +29,9 @@ import torch
 from pyrovae.commands.common import add_device_arg, command_device, positive_int, seed_int
 from pyrovae.commands.demo_gpo import run_gpo
 from pyrovae.commands.demo_real import run_real
-from pyrovae.data.anndata import load_perturbation_data, make_split
+from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.dosage import build_dosage
-from pyrovae.data.protocols import combination_labels, pick_combinations
-from pyrovae.data.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
+from pyrovae.data.protocols import heldout_combinations_split
 from pyrovae.datasets import DATASETS
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import mask_recovery
@@ -43,6 +42,7 @@ from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
 from pyrovae.report import markdown_table, mean_std
+from pyrovae.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
 
 # Settings chosen for the demo's budget (1.4 min measured on 2 idle cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
@@ -56,19 +56,6 @@ MODELS = (("SAMS-VAE", "sams_vae"), ("CPA-VAE", "cpa_vae"))
 HELDOUT_FRACTION = 0.25
 IWELBO_PARTICLES, IWELBO_SEEDS = 100, (0, 1, 2)
 ATE_SAMPLES, TOP_K = 2500, 20
-
-
-def demo_split(labels: np.ndarray, control_label: str, sep: str, seed: int) -> tuple[np.ndarray, list[str]]:
-    """(N,) split and the held-out combinations: a seeded quarter of the doubles go to test only; every
-    other label is split 80/10/10 (stratified) into train/val/test."""
-    combos = combination_labels(labels, control_label, sep)
-    if not combos:
-        raise ValueError("the demo needs combination labels (like 'A+B') to hold out")
-    held = sorted(pick_combinations(combos, HELDOUT_FRACTION, np.random.default_rng(seed)))
-    split = make_split(labels, control_label, sep, mode="cells", seed=seed, val_frac=0.1, test_frac=0.1)
-    split = split.astype(object)
-    split[np.isin(labels, held)] = "test"
-    return split.astype(str), held
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     truth = ground_truth(adata)
     raw = adata.obs["perturbation"].astype(str).to_numpy()
     _, _, canon = build_dosage(raw, CONTROL_LABEL, "+")
-    split, held = demo_split(canon.astype(str), CONTROL_LABEL, "+", args.seed)
+    split, held = heldout_combinations_split(
+        canon.astype(str), CONTROL_LABEL, "+", args.seed, HELDOUT_FRACTION
+    )
     adata.obs["split"] = pd.Categorical(split)
     atomic_write(out / "data.h5ad", lambda tmp: adata.write_h5ad(tmp))
     opts = {"perturbation_key": "perturbation", "split_key": "split", "control_label": CONTROL_LABEL}

@@ -1,6 +1,6 @@
 """``pyrovae demo --model gpo``: GPO-VAE's two promises on a simulated screen with a planted GRN.
 
-1. Simulate the preset (``--grn-shape``: the planted network, :data:`pyrovae.data.simulate.GRN_SHAPES`) and
+1. Simulate the preset (``--grn-shape``: the planted network, :data:`pyrovae.simulate.GRN_SHAPES`) and
    hold out :data:`N_HELDOUT` perturbed genes, chosen with the seed: every cell that received one of them
    (combinations included) goes to ``test``, so the model never sees them (``pyrovae train
    --holdout-perturbations``); the other cells are split 80/10/10 by cell.
@@ -32,7 +32,6 @@ import pandas as pd
 from pyrovae.commands.common import command_device
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import prepare_data
-from pyrovae.data.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
 from pyrovae.evaluate.grn_export import score_run_grn
 from pyrovae.evaluate.score import score_ate
 from pyrovae.infer.runs import train_run
@@ -40,6 +39,7 @@ from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import data_requirements, model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.report import markdown_table
+from pyrovae.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
 
 #: held-out perturbed genes (never trained on) and the demo's training budget (about 1 CPU-minute on the
 #: default preset): the settings of the GPO-VAE measurements in experiments/README.md (lr 2e-3, batch 512,

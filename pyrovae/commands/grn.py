@@ -31,7 +31,6 @@ import numpy as np
 
 from pyrovae.commands.common import add_device_arg, command_device, seed_int
 from pyrovae.data.anndata import read_anndata
-from pyrovae.data.simulate import ground_truth
 from pyrovae.evaluate.grn_export import (
     edge_counts,
     grn_edges,
@@ -41,6 +40,7 @@ from pyrovae.evaluate.grn_export import (
 )
 from pyrovae.infer.runs import load_run
 from pyrovae.outputs import atomic_write, check_not_owned
+from pyrovae.simulate import ground_truth
 
 
 def _fmt(v) -> str:

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from pyrovae.commands.common import parse_overrides, seed_int
-from pyrovae.data.simulate import PRESETS, simulate_perturbseq
 from pyrovae.outputs import atomic_write
+from pyrovae.simulate import PRESETS, simulate_perturbseq
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulation_overrides(preset: str, items: list[str] | None) -> dict:
-    """``--set KEY=VALUE`` items as :class:`~pyrovae.data.simulate.SimulationConfig` overrides, each value
+    """``--set KEY=VALUE`` items as :class:`~pyrovae.simulate.SimulationConfig` overrides, each value
     of the preset field's type (``grn_edge_prob=1e-1`` is a float, ``grn_shape=chain`` a string)."""
     over = parse_overrides(items)
     fields = {f.name: getattr(PRESETS[preset], f.name) for f in dataclasses.fields(PRESETS[preset])}
@@ -60,7 +60,7 @@ def register(sub) -> None:
         nargs="+",
         default=None,
         metavar="KEY=VALUE",
-        help="override fields of the preset (pyrovae.data.simulate.SimulationConfig), e.g. "
+        help="override fields of the preset (pyrovae.simulate.SimulationConfig), e.g. "
         "grn_shape=chain n_control_cells=800",
     )
     p.set_defaults(func=run)

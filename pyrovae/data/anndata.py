@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import numbers
 import re
 import unicodedata
 import warnings
@@ -25,9 +24,9 @@ import scipy.sparse as sp
 
 from pyrovae.config import PyrovaeWarning, preview
 from pyrovae.data.covariates import covariate_levels, covariate_onehot, size_factors
-from pyrovae.data.dosage import build_dosage, canonical_label, find_control_label, parse_label
+from pyrovae.data.dosage import build_dosage, find_control_label
 from pyrovae.data.matrix import dense_rows, nonzero_counts
-from pyrovae.data.protocols import combination_labels, pick_combinations
+from pyrovae.data.protocols import make_split
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: fewer training cells than this get a warning (estimates from a handful of cells are noise)
@@ -482,79 +481,6 @@ def _warn_risky(
             PyrovaeWarning,
             stacklevel=3,
         )
-
-
-def make_split(
-    labels: np.ndarray,
-    control_label: str,
-    sep: str = "+",
-    mode: str = "cells",
-    seed: int = 0,
-    val_frac: float = 0.1,
-    test_frac: float = 0.1,
-    heldout: Sequence[str] | float | None = None,
-) -> np.ndarray:
-    """A seeded split of cells into train/val/test.
-
-    Args:
-        labels: (N,) canonical labels.
-        mode: ``"cells"``: every label's cells are split at random (stratified, so every perturbation with
-            at least 3 cells appears in every split). ``"combinations"``: held-out combinations: the cells of
-            the held-out combination labels all go to ``test`` (never to train/val); all other cells are
-            split train/val.
-        heldout: with ``mode="combinations"``: the labels to hold out, or the fraction of combination
-            labels to hold out at random (default 0.25). Passing it with ``mode="cells"`` is an error.
-
-    Returns:
-        (N,) array of ``"train"``/``"val"``/``"test"``.
-    """
-    rng = np.random.default_rng(seed)
-    split = np.full(len(labels), "train", dtype=object)
-    if mode not in ("cells", "combinations"):
-        raise ValueError(f"unknown split mode {mode!r}; use 'cells' or 'combinations'")
-    if mode == "cells" and heldout is not None:
-        # a silently ignored hold-out would train on the combinations the user meant to keep unseen
-        raise ValueError(
-            f"heldout={heldout!r} only applies to split mode 'combinations' (the split mode is 'cells'); "
-            "pass split_mode='combinations' (CLI: --split-mode combinations) or drop heldout"
-        )
-    held: set[str] = set()
-    if mode == "combinations":
-        combos = combination_labels(labels, control_label, sep)
-        if not combos:
-            raise ValueError("split mode 'combinations' needs combination labels (like 'A+B'); none found")
-        if heldout is None or isinstance(heldout, numbers.Real):
-            frac = 0.25 if heldout is None else float(heldout)
-            if not 0.0 < frac <= 1.0:
-                raise ValueError(
-                    f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), "
-                    "or pass a list of combination labels"
-                )
-            held = set(pick_combinations(combos, frac, rng))
-        else:
-            names = [heldout] if isinstance(heldout, str) else list(heldout)
-            held = {canonical_label(parse_label(h, control_label, sep), control_label, sep) for h in names}
-            missing = held - set(combos)
-            if missing:
-                raise ValueError(
-                    f"held-out combination(s) {sorted(missing)} are not combination labels in the data"
-                )
-    for lab in np.unique(labels.astype(str)):
-        idx = np.flatnonzero(labels == lab)
-        if lab in held:
-            split[idx] = "test"
-            continue
-        idx = rng.permutation(idx)
-        tf = 0.0 if mode == "combinations" else test_frac
-        n = len(idx)
-        n_test = int(round(tf * n))
-        n_val = int(round(val_frac * n))
-        if n >= 3:  # stratified: every group is present in every split it can be
-            n_test = max(n_test, 1) if tf > 0 else 0
-            n_val = max(n_val, 1) if val_frac > 0 else 0
-        split[idx[:n_test]] = "test"
-        split[idx[n_test : n_test + n_val]] = "val"
-    return split.astype(str)
 
 
 def load_perturbation_data(

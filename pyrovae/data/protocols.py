@@ -20,6 +20,9 @@ Protocols (of the SAMS-VAE and GPO-VAE papers' code; ``docs/findings.md`` runs t
 - :func:`data_efficiency_split` -- SAMS-VAE Norman "resource paucity": 20% of ALL combination cells go to
   test, 16% to val; training uses the first ``f`` fraction of the remaining 64% (nested as f grows).
   Singles and controls 80/20 train/val.
+- :func:`make_split` -- the split ``load_perturbation_data`` makes when the data has none: cells
+  80/10/10 per label, or held-out combinations (test only).
+- :func:`heldout_combinations_split` -- the demo's: a quarter of the combinations held out, the rest 80/10/10.
 - :func:`cell_split` -- random cell-level split (Replogle in SAMS-VAE, every dataset of GPO-VAE):
   80/20 then 80/20 again, i.e. 64/16/20 train/val/test; optionally stratified per label.
 
@@ -30,6 +33,7 @@ cells is ``ceil(test_frac * n)``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -265,3 +269,103 @@ def split_summary(
             "combination_labels": len(set(canon[sel & (n_pert > 1)])),
         }
     return out
+
+
+def make_split(
+    labels: np.ndarray,
+    control_label: str,
+    sep: str = "+",
+    mode: str = "cells",
+    seed: int = 0,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    heldout: Sequence[str] | float | None = None,
+) -> np.ndarray:
+    """A seeded split of cells into train/val/test.
+
+    Args:
+        labels: (N,) canonical labels.
+        mode: ``"cells"``: every label's cells are split at random (stratified, so every perturbation with
+            at least 3 cells appears in every split). ``"combinations"``: held-out combinations: the cells of
+            the held-out combination labels all go to ``test`` (never to train/val); all other cells are
+            split train/val.
+        heldout: with ``mode="combinations"``: the labels to hold out, or the fraction of combination
+            labels to hold out at random (default 0.25). Passing it with ``mode="cells"`` is an error.
+
+    Returns:
+        (N,) array of ``"train"``/``"val"``/``"test"``.
+    """
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    if mode not in ("cells", "combinations"):
+        raise ValueError(f"unknown split mode {mode!r}; use 'cells' or 'combinations'")
+    if mode == "cells" and heldout is not None:
+        # a silently ignored hold-out would train on the combinations the user meant to keep unseen
+        raise ValueError(
+            f"heldout={heldout!r} only applies to split mode 'combinations' (the split mode is 'cells'); "
+            "pass split_mode='combinations' (CLI: --split-mode combinations) or drop heldout"
+        )
+    held: set[str] = set()
+    if mode == "combinations":
+        combos = combination_labels(labels, control_label, sep)
+        if not combos:
+            raise ValueError("split mode 'combinations' needs combination labels (like 'A+B'); none found")
+        if heldout is None or isinstance(heldout, numbers.Real):
+            frac = 0.25 if heldout is None else float(heldout)
+            if not 0.0 < frac <= 1.0:
+                raise ValueError(
+                    f"heldout={heldout!r}: a fraction of the combinations must be in (0, 1] (e.g. 0.25), "
+                    "or pass a list of combination labels"
+                )
+            held = set(pick_combinations(combos, frac, rng))
+        else:
+            names = [heldout] if isinstance(heldout, str) else list(heldout)
+            held = {canonical_label(parse_label(h, control_label, sep), control_label, sep) for h in names}
+            missing = held - set(combos)
+            if missing:
+                raise ValueError(
+                    f"held-out combination(s) {sorted(missing)} are not combination labels in the data"
+                )
+    for lab in np.unique(labels.astype(str)):
+        idx = np.flatnonzero(labels == lab)
+        if lab in held:
+            split[idx] = "test"
+            continue
+        idx = rng.permutation(idx)
+        tf = 0.0 if mode == "combinations" else test_frac
+        n = len(idx)
+        n_test = int(round(tf * n))
+        n_val = int(round(val_frac * n))
+        if n >= 3:  # stratified: every group is present in every split it can be
+            n_test = max(n_test, 1) if tf > 0 else 0
+            n_val = max(n_val, 1) if val_frac > 0 else 0
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+    return split.astype(str)
+
+
+def heldout_combinations_split(
+    labels: Sequence[str] | np.ndarray,
+    control_label: str,
+    sep: str = "+",
+    seed: int = 0,
+    fraction: float = 0.25,
+) -> tuple[np.ndarray, list[str]]:
+    """The demo's split: a seeded ``fraction`` of the combination labels is held out (test only); every
+    other label is split 80/10/10 (stratified) into train/val/test.
+
+    Args:
+        labels: (N,) canonical labels (at least one combination such as ``"A+B"``).
+
+    Returns:
+        (N,) split of ``"train"``/``"val"``/``"test"`` and the sorted held-out combination labels.
+    """
+    labels = _labels(labels)
+    combos = combination_labels(labels, control_label, sep)
+    if not combos:
+        raise ValueError("this split needs combination labels (like 'A+B') to hold out")
+    held = sorted(pick_combinations(combos, fraction, np.random.default_rng(seed)))
+    split = make_split(labels, control_label, sep, mode="cells", seed=seed, val_frac=0.1, test_frac=0.1)
+    split = split.astype(object)
+    split[np.isin(labels, held)] = TEST
+    return split.astype(str), held

@@ -43,8 +43,7 @@ from typing import Any
 
 import anndata as ad
 
-from pyrovae.data.simulate import simulate_perturbseq
-from pyrovae.data.simulate_sams import simulate_sams_reference
+from pyrovae.simulate import simulate_perturbseq, simulate_sams_reference
 
 __all__ = [
     "DATASETS",

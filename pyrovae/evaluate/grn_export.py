@@ -218,7 +218,7 @@ def score_run_grn(
     Args:
         run: a trained GPO-VAE :class:`~pyrovae.infer.runs.Run`.
         ground_truth: ``{"grn_genes": names, "grn_adjacency": (n, n) 0/1, row = parent, col = child}``
-            (:func:`pyrovae.data.simulate.ground_truth`).
+            (:func:`pyrovae.simulate.ground_truth`).
         data: the data read with the run's schema; needed for the baselines and to tell perturbed from
             extended held-out genes.
         baselines: also score ``correlation_grn`` and ``de_grn`` computed on the ``split`` cells of

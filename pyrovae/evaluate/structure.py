@@ -7,13 +7,14 @@ ones by the Hungarian algorithm. Pure numpy/scipy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
-__all__ = ["match_latents", "mask_recovery", "effect_recovery"]
+__all__ = ["match_latents", "mask_recovery", "effect_recovery", "planted_rows", "planted_structure"]
 
 
 def _as_2d(a: Any, name: str) -> np.ndarray:
@@ -190,3 +191,51 @@ def effect_recovery(
         "col_ind": np.asarray(col, dtype=np.int64),
         "abs_corr": vals,
     }
+
+
+def planted_rows(treatments: Sequence[str], planted: Sequence[str]) -> np.ndarray:
+    """(T_planted,) the index in ``treatments`` (a model's treatment order) of each planted treatment.
+
+    A clear error when the two sets differ (e.g. combinations encoded as their own treatments).
+    """
+    names = [str(t) for t in planted]
+    have = [str(t) for t in treatments]
+    missing, extra = sorted(set(names) - set(have)), sorted(set(have) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"the data's treatments do not match the planted ones (missing {missing[:5]}, extra "
+            f"{extra[:5]}); structure recovery needs the additive encoding of the simulated singles (no "
+            "--encode-combos-as-unique)"
+        )
+    return np.asarray([have.index(t) for t in names])
+
+
+def planted_structure(
+    truth: dict[str, Any], effects: np.ndarray, mask_probs: np.ndarray | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Recovery of a simulation's planted latent structure by a model, in the planted treatment order.
+
+    Args:
+        truth: the simulation's ground truth with ``latent_effects`` (T, K_true) and ``masks`` (T, K_true).
+        effects: (T, K) the model's mean latent effect per planted treatment.
+        mask_probs: (T, K) the model's q(m = 1) per planted treatment, or None for a model without masks.
+        seed: seed of the chance level of :func:`mask_recovery`.
+
+    Returns:
+        ``effect_mcc`` (:func:`effect_recovery`), plus for a model with masks ``mask_precision``,
+        ``mask_recall``, ``mask_f1``, ``mask_chance_f1``, ``mask_chance_f1_std``, ``mask_positives``,
+        ``mask_true_positives`` (:func:`mask_recovery`).
+    """
+    out = {"effect_mcc": float(effect_recovery(np.asarray(truth["latent_effects"]), effects)["mcc"])}
+    if mask_probs is not None:
+        r = mask_recovery(np.asarray(truth["masks"]), mask_probs, seed=seed)
+        out.update(
+            mask_precision=r["precision"],
+            mask_recall=r["recall"],
+            mask_f1=r["f1"],
+            mask_chance_f1=r["chance_f1"],
+            mask_chance_f1_std=r["chance_f1_std"],
+            mask_positives=float(r["n_est"]),
+            mask_true_positives=float(r["n_true"]),
+        )
+    return out

@@ -15,9 +15,9 @@ from pyrovae.data.anndata import (
     PerturbationData,
     load_perturbation_data,
     log_norm_stats,
-    make_split,
     untrained_treatments,
 )
+from pyrovae.data.protocols import make_split
 
 LABELS = np.array(["control", "A", "B", "B+A"] * 30)  # 120 cells, "B+A" is read as "A+B"
 
@@ -732,14 +732,14 @@ def test_rows_unsorted_indices(tmp_path, mode):
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, -0.2])
 def test_heldout_fraction_out_of_range_is_refused(bad):
-    from conftest import make_adata
+    from tests.helpers import make_adata
 
     with pytest.raises(ValueError, match=r"fraction of the combinations must be in \(0, 1\]"):
         load_perturbation_data(make_adata(), split_mode="combinations", heldout=bad)
 
 
 def test_heldout_fraction_accepts_any_real_number():
-    from conftest import make_adata
+    from tests.helpers import make_adata
 
     data = load_perturbation_data(make_adata(), split_mode="combinations", heldout=np.float32(1.0))
     assert set(data.split[data.labels == "A+B"]) == {"test"}
@@ -748,7 +748,7 @@ def test_heldout_fraction_accepts_any_real_number():
 
 def test_heldout_without_combination_split_is_refused():
     """A hold-out that would be ignored (cells split, or a split column) is an error, not a no-op."""
-    from conftest import make_adata
+    from tests.helpers import make_adata
 
     with pytest.raises(ValueError, match="only applies to split mode 'combinations'"):
         load_perturbation_data(make_adata(), heldout=["A+B"])

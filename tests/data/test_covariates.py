@@ -8,7 +8,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_adata
 
 import pyrovae
 from pyrovae.cli import main
@@ -16,6 +15,7 @@ from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.options import DataOptions
 from pyrovae.datasets import DATASETS, licence, path
 from pyrovae.setup import resolve_options
+from tests.helpers import make_adata
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 

@@ -121,9 +121,9 @@ def test_unseen_rows_are_predicted_from_the_grn():
 def tiny_run(tmp_path_factory):
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.infer.runs import train_run
     from pyrovae.infer.train import TrainConfig
+    from pyrovae.simulate import simulate_perturbseq
 
     root = tmp_path_factory.mktemp("grn")
     adata = simulate_perturbseq("tiny", seed=0)
@@ -204,7 +204,7 @@ def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_p
 
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     h5ad = tmp_path / "tiny.h5ad"
     simulate_perturbseq("tiny", seed=0).write_h5ad(h5ad)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_adata
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.evaluate.ate import pearson
@@ -15,6 +14,7 @@ from pyrovae.infer.predictive import Posterior
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
+from tests.helpers import make_adata
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 FAST = dict(max_epochs=2, batch_size=64, lr=5e-3, patience=100, seed=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,7 @@ TINY = ["--preset", "tiny", "--set", "max_epochs=2", "iwelbo_particles=4", "ate_
 
 
 def _script(name: str):
-    sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module(f"experiments.{name}")
-    finally:
-        sys.path.remove(str(ROOT))
+    return importlib.import_module(f"experiments.{name}")
 
 
 @pytest.mark.slow
@@ -64,7 +59,7 @@ def test_mask_recovery_planted_control_scores_perfect_masks(tmp_path):
 def test_mask_recovery_refuses_data_without_planted_masks(tmp_path):
     import anndata as ad
 
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)
     del adata.uns["ground_truth"]

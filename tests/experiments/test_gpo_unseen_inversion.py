@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,7 @@ def test_decoder_inversion_scores_next_to_the_cli_rows(tmp_path):
     train += ["--holdout-perturbations", "PG02", "--qc-key", "low_quality", "--set", "max_epochs=2"]
     assert main(train) == 0
     assert main(["ate", str(run), "--data", str(data), "--n-samples", "30"]) == 0
-    sys.path.insert(0, str(ROOT))
-    try:
-        script = importlib.import_module("experiments.gpo_unseen_inversion")
-    finally:
-        sys.path.remove(str(ROOT))
+    script = importlib.import_module("experiments.gpo_unseen_inversion")
     out = tmp_path / "inv.csv"
     assert script.main(["--runs", str(run), "--other-weight", "1", "0.01", "--out", str(out)]) == 0
     res = pd.read_csv(out).set_index("method")

@@ -14,15 +14,12 @@ from pathlib import Path
 import pyro
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.infer import distributed  # noqa: E402
-from pyrovae.infer.runs import train_run  # noqa: E402
-from pyrovae.infer.train import Trainer, evaluate_loss, split_counts  # noqa: E402
-from pyrovae.models.zoo import build_model, model_config  # noqa: E402
-from tests.infer.test_distributed import (  # noqa: E402
+from pyrovae.data.loader import MinibatchLoader
+from pyrovae.infer import distributed
+from pyrovae.infer.runs import train_run
+from pyrovae.infer.train import Trainer, evaluate_loss, split_counts
+from pyrovae.models.zoo import build_model, model_config
+from tests.infer.test_distributed import (
     BATCH,
     EPOCHS,
     GRAD_SEED,

@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 
 import pyrovae
-from pyrovae.data.simulate import ground_truth, simulated_ate
 from pyrovae.evaluate.ate import ate_metrics, empirical_ate
 from pyrovae.infer.predictive import MATCHED
+from pyrovae.simulate import ground_truth, simulated_ate
 
 SMALL = dict(n_latent=4, decoder_hidden=32, encoder_hidden=32)
 TRAIN = dict(max_epochs=60, batch_size=128, lr=3e-3, progress=False, early_stopping=False, accelerator="cpu")

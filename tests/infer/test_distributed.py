@@ -17,11 +17,11 @@ import torch
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.infer import distributed
 from pyrovae.infer.runs import train_run
 from pyrovae.infer.train import TrainConfig, evaluate_loss, make_elbo, split_counts
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.simulate import simulate_perturbseq
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, PARTICLES, GRAD_SEED, EPOCHS, MORE_EPOCHS = 16, 3, 123, 12, 15

@@ -8,10 +8,10 @@ import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import prepare_cradle_data
-from pyrovae.data.simulate import simulate_perturbseq
 from pyrovae.infer.iwelbo import predictive_iwelbo
 from pyrovae.infer.predictive import Posterior
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.simulate import simulate_perturbseq
 
 
 @pytest.fixture(scope="module")

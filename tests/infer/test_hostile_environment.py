@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_adata
 
 from pyrovae.cli import main
 from pyrovae.infer.runs import load_run
+from tests.helpers import make_adata
 
 TINY = ["n_latent=3", "decoder_hidden=8", "encoder_hidden=8", "embedding_encoder_hidden=8", "max_epochs=1"]
 TINY += ["batch_size=64", "n_particles=1", "val_particles=1"]

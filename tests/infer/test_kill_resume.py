@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from conftest import make_adata
+
+from tests.helpers import make_adata
 
 HARNESS = Path(__file__).with_name("kill_harness.py")
 TRAIN_ARGS = [

@@ -24,7 +24,7 @@ def _model(name, data, **kw):
 @pytest.fixture(scope="module")
 def trained():
     """CPA-VAE fitted briefly on the tiny data (A raises genes 0-4, B lowers genes 5-9)."""
-    from conftest import make_adata
+    from tests.helpers import make_adata
 
     pyro.enable_validation(True)
     data = load_perturbation_data(make_adata(n=480))

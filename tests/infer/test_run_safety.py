@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_adata
 
 import pyrovae.cli as cli_mod
 import pyrovae.infer.runs as runs_mod
@@ -28,6 +27,7 @@ from pyrovae.infer.runs import fingerprint_mismatch, load_run, train_run
 from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, dir_lock, is_temporary, staged_dir
+from tests.helpers import make_adata
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
 ONE_EPOCH = TrainConfig(max_epochs=1, batch_size=64, n_particles=1, val_particles=1)

@@ -9,12 +9,12 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import assert_trains
 
 from pyrovae.infer.runs import load_run, train_run
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.effects import FIXED_MASK_LOGIT
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
+from tests.helpers import assert_trains
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 FAST = dict(max_epochs=12, batch_size=64, lr=5e-3, patience=100)
@@ -135,9 +135,8 @@ def test_loading_a_checkpoint_never_unpickles_code(tiny_data, tmp_path):
 
 def test_run_trained_with_a_holdout_reloads_data_with_a_split_column(tmp_path):
     """The run's recorded hold-out made its split; a split column given later replaces it without error."""
-    from conftest import make_adata
-
     from pyrovae.data.anndata import load_perturbation_data
+    from tests.helpers import make_adata
 
     opts = {"split_mode": "combinations", "heldout": ["A+B"]}
     data = load_perturbation_data(make_adata(), **opts)
@@ -197,8 +196,8 @@ def test_penalised_elbo_equals_the_elbo_plus_a_second_backward_of_the_penalties(
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.loader import MinibatchLoader
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.data.simulate import simulate_perturbseq
     from pyrovae.infer.train import PenalisedELBO, make_elbo, make_training_elbo, split_counts
+    from pyrovae.simulate import simulate_perturbseq
 
     data = load_perturbation_data(simulate_perturbseq("tiny", seed=0))
     data = prepare_gpo_data(data, qc_key="low_quality", seed=0)

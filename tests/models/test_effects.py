@@ -7,12 +7,12 @@ import math
 import pyro
 import pytest
 import torch
-from conftest import assert_trains
 from pyro import poutine
 
 from pyrovae.infer.optim import model_param_groups
 from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
+from tests.helpers import assert_trains
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
 ZOO = tuple(MODEL_ZOO)

@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from bench.benchmark import synthetic_data
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.infer.train import make_elbo, split_counts
 from pyrovae.models import effects, penalties
@@ -74,12 +75,6 @@ def test_sparse_dosage_product_equals_the_dense_product(hot):
 @pytest.mark.parametrize("name", sorted(MODEL_ZOO))
 def test_every_model_has_the_same_loss_and_gradients_as_with_the_plain_products(name, monkeypatch):
     """Before/after: the ELBO and its gradients with the fast paths equal those with cat + dense matmuls."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from bench.benchmark import synthetic_data
-
     data = synthetic_data(150, 12, 10, seed=2)  # T = 10 > 8 and one-hot: the sparse dosage path runs
 
     def loss_and_grads():

@@ -107,7 +107,7 @@ def test_counterfactual_kl_is_closed_form_gaussian_kl(monkeypatch):
 def tiny_gpo_data():
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.data.simulate import simulate_perturbseq
+    from pyrovae.simulate import simulate_perturbseq
 
     adata = simulate_perturbseq("tiny", seed=0)
     return prepare_gpo_data(load_perturbation_data(adata), qc_key="low_quality", seed=0)

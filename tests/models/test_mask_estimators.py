@@ -10,7 +10,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import assert_trains
 from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 
@@ -18,6 +17,7 @@ from pyrovae.data.loader import MinibatchLoader
 from pyrovae.infer.train import TrainConfig, Trainer, make_elbo
 from pyrovae.models.effects import CELL_PLATE, MASK_ESTIMATORS, AdditiveEffect
 from pyrovae.models.zoo import build_model, model_config
+from tests.helpers import assert_trains
 
 # the tiny model: T = 3 treatments (the third has no cell), K = 2, mean-field q(E) held fixed,
 # y_i ~ N(d_i (E * M), sigma^2 I); cells 0-1 got treatment 0, cells 2-4 treatment 1, cell 5 is a control

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.simulate import ground_truth
-from pyrovae.data.simulate_sams import _orthogonal, simulate_sams_reference
+from pyrovae.simulate import ground_truth
+from pyrovae.simulate.sams_reference import _orthogonal, simulate_sams_reference
 
 SMALL = dict(n_genes=30, n_latent=4, n_treatments=5, cells_per_treatment=400, n_control_cells=400)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pyrovae.data.simulate import (
+from pyrovae.simulate.config import (
     CHAIN_LENGTH,
     COLLIDER_PARENTS,
     FORK_CHILDREN,
@@ -17,9 +17,8 @@ from pyrovae.data.simulate import (
     MT_GENES,
     PRESETS,
     SimulationConfig,
-    ground_truth,
-    simulate_perturbseq,
 )
+from pyrovae.simulate.perturbseq import ground_truth, simulate_perturbseq
 
 
 @pytest.fixture(scope="module")

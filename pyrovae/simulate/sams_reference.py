@@ -13,7 +13,7 @@ the SAMS-VAE code's ``SAMSVAESimulationDataModule``, at a configurable size:
    ``s^2 = noise_frac / (1 - noise_frac)``, so noise makes up ``noise_frac`` of each gene's variance.
 
 ``X`` is continuous (train with ``likelihood="normal"``). Ground truth in ``uns["ground_truth"]`` (read by
-:func:`pyrovae.data.simulate.ground_truth`): ``treatments``, ``masks``, ``embeddings``, ``latent_effects``,
+:func:`pyrovae.simulate.ground_truth`): ``treatments``, ``masks``, ``embeddings``, ``latent_effects``,
 ``seed``, ``preset`` (``"sams_reference"``) and ``description``.
 """
 
@@ -26,7 +26,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pyrovae.data.simulate import CONTROL_LABEL, check_seed, numbered_names, planted_mechanisms, seed_stream
+from pyrovae.simulate.config import CONTROL_LABEL, check_seed, numbered_names, seed_stream
+from pyrovae.simulate.perturbseq import planted_mechanisms
 
 __all__ = ["SamsReferenceConfig", "simulate_sams_reference"]
 

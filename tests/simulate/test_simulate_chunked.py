@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.data.simulate import ground_truth, simulate_perturbseq, write_perturbseq_h5ad
+from pyrovae.simulate import ground_truth, simulate_perturbseq, write_perturbseq_h5ad
 
 
 def test_chunked_writer_matches_the_simulator(tmp_path):
