@@ -194,13 +194,15 @@ class Posterior:
         return g
 
     def chunk_size(self, chunk: int, n_rows: int, max_mb: float = 1024.0) -> int:
-        """``chunk``, or fewer samples so that one chunk stays within ``max_mb``: a sample holds one global
-        draw (measured on one draw, made without touching the caller's random streams) and ``n_rows``
-        predicted rows of G counts, each counted 4 times (float32, with the temporaries of sampling)."""
+        """``chunk``, or fewer samples so that one chunk stays within about ``max_mb``: a sample holds one
+        global draw (its size measured on one draw, made without touching the caller's random streams),
+        counted 16 times (float32: the draw, the guide's parameters and network activations for it, the
+        model's uses; GPO-VAE's T x T effects peaked at ~2.6 GB with 4 times, bench/README.md), and
+        ``n_rows`` predicted rows of G counts, counted 4 times. An estimate, not a guarantee."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             one = self._draw_globals(1)
-        per_sample = 16 * (sum(v.numel() for v in one.values()) + n_rows * len(self.genes))
+        per_sample = 4 * (16 * sum(v.numel() for v in one.values()) + 4 * n_rows * len(self.genes))
         return max(1, min(int(chunk), int(float(max_mb) * 2**20 // max(per_sample, 1))))
 
     def _batch(
