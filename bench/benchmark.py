@@ -14,7 +14,7 @@ benchmark measures compute, not fit.
 What is timed (medians over ``--steps`` steps after 2 warm-up steps; the implementations alternate step by
 step in one process, so a load change on a shared machine hits them alike):
 
-- ``pyro``: one :meth:`pyrovae.infer.train.Trainer.train_step` (TraceGraph_ELBO loss and gradients,
+- ``pyro``: one :meth:`pyrovae.train.trainer.Trainer.train_step` (TraceGraph_ELBO loss and gradients,
   penalties, gradient clipping, Adam) of each named model on prepared minibatches;
 - ``torch``: the same SAMS-VAE objective written here in plain torch (:func:`plain_sams_loss`: hand-written
   log-densities, the same networks and parameters, the same per-treatment global scaling, Adam and
@@ -33,7 +33,7 @@ step in one process, so a load change on a shared machine hits them alike):
   rate form (:func:`previous_paths`, main at d74d563), so ``vs_prev`` is the speed-up of the log-domain
   form (:class:`pyrovae.nn.likelihoods.GammaPoissonMean`) measured in the same process;
 - ``pyro_validated`` (SAMS-VAE only): ``pyro`` with Pyro's and torch's validation on every step
-  (``TrainConfig(validate_args=True)``); ``pyro`` runs as :meth:`~pyrovae.infer.train.Trainer.fit` runs a
+  (``TrainConfig(validate_args=True)``); ``pyro`` runs as :meth:`~pyrovae.train.trainer.Trainer.fit` runs a
   step by default, validation on the Trainer's first step only (:meth:`Trainer.step_validation`).
 
 Columns: ``cells_per_s`` (training throughput), ``step_ms``, ``step_iqr_ms`` (spread), ``vs_torch``
@@ -47,8 +47,8 @@ before every step and after every round, since a shared machine's load comes and
 product timed just before it: the fraction under the same load, which ``frac_peak`` understates on a
 loaded machine),
 ``step_peak_mb`` (peak resident memory above the level before the step; CUDA: peak allocated),
-``iwelbo_cells_per_s`` (:func:`pyrovae.infer.iwelbo.predictive_iwelbo`, 100 particles),
-``ate_samples_per_s`` (:meth:`pyrovae.infer.predictive.Posterior.model_ate`, 2500 samples of 8
+``iwelbo_cells_per_s`` (:func:`pyrovae.predict.iwelbo.predictive_iwelbo`, 100 particles),
+``ate_samples_per_s`` (:meth:`pyrovae.predict.posterior.Posterior.model_ate`, 2500 samples of 8
 perturbations, in 10 calls of 250 samples; each call draws its global particles up to 256 at a time,
 O(256 T K) memory), ``eval_peak_mb``. The plain-torch rows leave the
 evaluation columns empty.
@@ -81,9 +81,6 @@ import pyro.distributions as dist  # noqa: E402
 
 from pyrovae.data.anndata import PerturbationData, load_perturbation_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.infer.iwelbo import predictive_iwelbo  # noqa: E402
-from pyrovae.infer.predictive import Posterior  # noqa: E402
-from pyrovae.infer.train import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
 from pyrovae.models import penalties  # noqa: E402
 from pyrovae.models.effects import additive, svae_plus  # noqa: E402
 from pyrovae.models.skeleton import PerturbationVAE  # noqa: E402
@@ -91,6 +88,9 @@ from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config  # noqa: E40
 from pyrovae.nn import likelihoods  # noqa: E402
 from pyrovae.nn.likelihoods import GammaPoissonMean  # noqa: E402
 from pyrovae.nn.mlp import GaussianMLP  # noqa: E402
+from pyrovae.predict.iwelbo import predictive_iwelbo  # noqa: E402
+from pyrovae.predict.posterior import Posterior  # noqa: E402
+from pyrovae.train.trainer import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
 
 #: benchmark sizes: the Replogle setting and a tiny one for the smoke test.
 SIZES: dict[str, dict[str, int]] = {

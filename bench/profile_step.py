@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 
 from bench.benchmark import SIZES, PlainTorchSAMS, synthetic_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.infer.train import TrainConfig, Trainer, split_counts  # noqa: E402
 from pyrovae.models.zoo import build_model, model_config  # noqa: E402
+from pyrovae.train.trainer import TrainConfig, Trainer, split_counts  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,12 +36,12 @@ from bench.benchmark import _rss_mb  # noqa: E402
 from pyrovae.data.anndata import load_perturbation_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.data.prepare import prepare_data  # noqa: E402
-from pyrovae.infer.iwelbo import predictive_iwelbo  # noqa: E402
-from pyrovae.infer.predictive import Posterior  # noqa: E402
-from pyrovae.infer.runs import train_run  # noqa: E402
-from pyrovae.infer.train import TrainConfig  # noqa: E402
 from pyrovae.models.zoo import data_requirements, model_config  # noqa: E402
+from pyrovae.predict.iwelbo import predictive_iwelbo  # noqa: E402
+from pyrovae.predict.posterior import Posterior  # noqa: E402
+from pyrovae.runs import train_run  # noqa: E402
 from pyrovae.simulate import PRESETS, write_perturbseq_h5ad  # noqa: E402
+from pyrovae.train.trainer import TrainConfig  # noqa: E402
 
 
 class Phases:

@@ -40,10 +40,10 @@ from bench.scale_run import Phases  # noqa: E402
 from pyrovae.data.anndata import load_perturbation_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
 from pyrovae.data.prepare import prepare_data  # noqa: E402
-from pyrovae.infer.iwelbo import predictive_iwelbo  # noqa: E402
-from pyrovae.infer.predictive import Posterior  # noqa: E402
-from pyrovae.infer.train import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
 from pyrovae.models.zoo import build_model, data_requirements, model_config  # noqa: E402
+from pyrovae.predict.iwelbo import predictive_iwelbo  # noqa: E402
+from pyrovae.predict.posterior import Posterior  # noqa: E402
+from pyrovae.train.trainer import TrainConfig, Trainer, seed_everything, split_counts  # noqa: E402
 
 #: the families measured by default (one named model each; GPO-VAE separately, see the module docstring)
 DEFAULT_MODELS = "sams_vae_reference,sams_vae,sams_vae_mf,cpa_vae,svae_plus,conditional_vae,cradle_vae"

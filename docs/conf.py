@@ -6,6 +6,7 @@ Build (offline, warnings are errors; the tutorials under ``tutorials/`` are exec
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 """
 
+import importlib.util
 import os
 import sys
 
@@ -27,6 +28,12 @@ extensions = [
     "sphinx.ext.viewcode",
     "myst_nb",
 ]
+
+# MathJax from the built site itself, so that equations render with the site opened offline: the docs extra
+# installs sphinx-mathjax-offline (MathJax 3.2.2, Apache-2.0), which copies MathJax into _static/mathjax
+# and points mathjax_path there. Without that package, MathJax loads from Sphinx's default CDN.
+if importlib.util.find_spec("sphinx-mathjax-offline") is not None:
+    extensions.append("sphinx-mathjax-offline")
 
 # Markdown pages (MyST) and notebooks (executed by myst-nb at every build).
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}

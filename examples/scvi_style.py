@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         data.rows(rows), data.labels[rows], data.control_label, groups=perts, genes=data.genes
     )
     preds = {"SAMS-VAE": model.get_ate(perts), "additive": baseline_ates(data, perts)["additive"]}
-    print(ate_table(truth, preds)[["pearson", "pearson_topk", "mse"]].round(3))
+    table = ate_table(truth, preds)
+    print(table[["pearson", "pearson_topk", "mse"]].round(3))
     try:
         from pyrovae.plot import plot_ate_scatter
 
-        print("wrote", plot_ate_scatter(truth, preds, out / "ate_scatter.png"))
+        print("wrote", plot_ate_scatter(truth, preds, table, out / "ate_scatter.png"))
     except ImportError as err:
         print(f"(no figure: {err})")
 

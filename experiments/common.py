@@ -2,7 +2,7 @@
 
 Every script builds its parser with :func:`build_parser`, opens an :class:`Experiment` (settings from
 ``configs/<name>.yaml``, output directory, data), loops over its protocol's splits and models calling
-:meth:`Experiment.fit_and_score` (the library's :func:`~pyrovae.infer.runs.train_run` then
+:meth:`Experiment.fit_and_score` (the library's :func:`~pyrovae.runs.run.train_run` then
 :func:`~pyrovae.evaluate.score.score_run`), and finishes with :meth:`Experiment.write_table` and the
 library's tables (:mod:`pyrovae.report`) and figures (:mod:`pyrovae.plot`). A script is its split, its model
 list and its summary.
@@ -58,14 +58,14 @@ from pyrovae.data.protocols import cell_split, heldout_combinations_split
 from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import planted_structure
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import ModelConfig, model_config
 from pyrovae.outputs import atomic_write, write_json
 from pyrovae.plot import plot_bars, plot_lines
 from pyrovae.report import add_relative, markdown_table
+from pyrovae.runs import train_run
 from pyrovae.setup import read_data
 from pyrovae.simulate import ground_truth, simulate_perturbseq, simulate_sams_reference
+from pyrovae.train.trainer import TrainConfig
 
 __all__ = [  # plot_bars, plot_lines and add_relative are the library's, used by the scripts through here
     "BASELINE_NAMES",

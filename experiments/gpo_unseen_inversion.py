@@ -4,7 +4,7 @@ A diagnosis of the second transfer tried for GPO-VAE's unseen perturbations (the
 ``grn_transfer``, is the library's). GPO-VAE's latent perturbation space has one coordinate per GRN gene,
 but its decoder ties coordinate j to gene j only through training data, so ``grn_transfer`` cannot knock an
 unseen gene down. Here the latent effect r of an unseen gene j is chosen so that the *decoder* produces
-the knock-down: with the run's posterior draws (:meth:`~pyrovae.infer.predictive.Posterior.global_samples`)
+the knock-down: with the run's posterior draws (:meth:`~pyrovae.predict.posterior.Posterior.global_samples`)
 and prior basal states z ~ N(0, I), f(r) = the mean over z of the perturbseq transform of the decoder mean
 at [z, r, QC-pass artifact input], and
 
@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, Posterior, perturbseq_torch
-from pyrovae.infer.runs import load_run
+from pyrovae.predict.posterior import DEFAULT_LIBRARY_SIZE, Posterior, perturbseq_torch
+from pyrovae.runs import load_run
 
 CLI_METHODS = ("gpo", "gpo_prior_draw", "zero_effect", "seen_mean", "grn_de", "grn_deconvolved")
 

@@ -2,7 +2,7 @@
 ``experiments/mask_inference.py`` output; no training).
 
 For each training seed and model of an earlier ``mask_inference.py`` invocation (``--runs DIR``, the same
-regime options), the held-out predictive IWELBO (:func:`pyrovae.infer.iwelbo.predictive_iwelbo`, global
+regime options), the held-out predictive IWELBO (:func:`pyrovae.predict.iwelbo.predictive_iwelbo`, global
 particles drawn once and shared by the cells, globals not scored) is recomputed
 
 - at 100 and at 400 particles: does the gap to the reference model shrink with more particles (an estimator
@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 
 from experiments import common
-from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.runs import load_run
+from pyrovae.predict.iwelbo import predictive_iwelbo
 from pyrovae.report import add_relative
+from pyrovae.runs import load_run
 
 NARROW_SD = 0.01
 

@@ -46,7 +46,7 @@ def gradient_draws(
     import torch
 
     from pyrovae.data.loader import MinibatchLoader
-    from pyrovae.infer.train import make_elbo, split_counts
+    from pyrovae.train.trainer import make_elbo, split_counts
 
     loader = MinibatchLoader(data, "train", cfg_train.batch_size, shuffle=True, seed=seed)
     batch = next(iter(loader))
@@ -74,9 +74,9 @@ def gradient_draws(
 def main(argv=None) -> int:
     import torch
 
-    from pyrovae.infer.runs import train_run
     from pyrovae.models.effects import MASK_ESTIMATORS
     from pyrovae.models.zoo import build_model
+    from pyrovae.runs import train_run
 
     args = build_parser().parse_args(argv)
     exp = common.Experiment(NAME, args)

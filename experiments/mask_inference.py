@@ -50,8 +50,8 @@ from pyrovae import report
 from pyrovae.data.protocols import split_summary
 from pyrovae.evaluate.ate import baseline_ates
 from pyrovae.evaluate.structure import planted_rows
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.runs import load_run
+from pyrovae.predict.posterior import Posterior
+from pyrovae.runs import load_run
 
 NAME = "mask_inference"
 REFERENCE_MODEL = "cpa_vae"

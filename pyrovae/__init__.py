@@ -27,15 +27,15 @@ if TYPE_CHECKING:  # the names below are imported on first use (``import pyrovae
     from pyrovae import datasets
     from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
     from pyrovae.data.options import DataOptions
-    from pyrovae.infer.arviz import to_arviz
-    from pyrovae.infer.device import resolve_device
-    from pyrovae.infer.predictive import Posterior
-    from pyrovae.infer.runs import Run, load_run, train_run
-    from pyrovae.infer.train import TrainConfig, Trainer
     from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
     from pyrovae.models.skeleton import PerturbationVAE
     from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
+    from pyrovae.predict.arviz import to_arviz
+    from pyrovae.predict.posterior import Posterior
+    from pyrovae.runs import Run, load_run, train_run
     from pyrovae.setup import read_data
+    from pyrovae.train.device import resolve_device
+    from pyrovae.train.trainer import TrainConfig, Trainer
 
 #: where each public name lives; imported when first used, so that ``import pyrovae`` (and the command
 #: line's start, before its own imports, where Ctrl-C must still end in one line) does not load torch
@@ -44,11 +44,11 @@ _LAZY = {
     "DataOptions": "pyrovae.data.options",
     "read_data": "pyrovae.setup",
     **dict.fromkeys(("MinibatchLoader", "PerturbationData", "load_perturbation_data"), "pyrovae.data"),
-    "to_arviz": "pyrovae.infer.arviz",
-    "resolve_device": "pyrovae.infer.device",
-    "Posterior": "pyrovae.infer.predictive",
-    **dict.fromkeys(("Run", "load_run", "train_run"), "pyrovae.infer.runs"),
-    **dict.fromkeys(("TrainConfig", "Trainer"), "pyrovae.infer.train"),
+    "to_arviz": "pyrovae.predict.arviz",
+    "resolve_device": "pyrovae.train.device",
+    "Posterior": "pyrovae.predict.posterior",
+    **dict.fromkeys(("Run", "load_run", "train_run"), "pyrovae.runs.run"),
+    **dict.fromkeys(("TrainConfig", "Trainer"), "pyrovae.train.trainer"),
     **dict.fromkeys(
         ("Model", "SAMSVAE", "CPAVAE", "SVAEPlus", "ConditionalVAE", "CRADLEVAE", "GPOVAE"), "pyrovae.model"
     ),

@@ -103,12 +103,19 @@ _NONE_STRINGS = ("none", "null", "~", "")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def _allowed(tp: Any) -> tuple[tuple[type, ...], bool]:
-    """(the non-None types of an annotation, whether None is allowed)."""
+def _allowed(tp: Any) -> tuple[tuple[Any, ...], bool]:
+    """(the non-None types of an annotation, whether None is allowed); a ``Literal[...]`` stays whole."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = typing.get_args(tp)
         return tuple(a for a in args if a is not type(None)), type(None) in args
     return (tp,), tp is type(None)
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a ``Literal[...]`` annotation (the one place a typed option's choices are listed)."""
+    if typing.get_origin(tp) is not typing.Literal:
+        raise TypeError(f"{tp!r} is not a Literal annotation")
+    return typing.get_args(tp)
 
 
 def _as_float(name: str, v: Any) -> float:
@@ -173,7 +180,8 @@ _COERCE: dict[type, Callable[[str, Any], Any]] = {float: _as_float, int: _as_int
 
 
 def coerce_value(name: str, tp: Any, value: Any) -> Any:
-    """``value`` converted to the annotation ``tp`` (``float``, ``int``, ``bool``, ``str``, ``X | None``)."""
+    """``value`` converted to the annotation ``tp`` (``float``, ``int``, ``bool``, ``str``, ``Literal[...]``,
+    ``X | None``)."""
     allowed, optional = _allowed(tp)
     if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS):
         if optional:
@@ -182,6 +190,11 @@ def coerce_value(name: str, tp: Any, value: Any) -> Any:
         raise ValueError(f"option {name} needs a value of type {kind}, got {value!r}")
     errors = []
     for t in allowed:
+        if typing.get_origin(t) is typing.Literal:  # one of a fixed set of words
+            if value in typing.get_args(t):
+                return value
+            errors.append(f"option {name} must be one of {list(typing.get_args(t))}, got {value!r}")
+            continue
         if t is str:
             if isinstance(value, str):
                 return value

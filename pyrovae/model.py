@@ -12,10 +12,10 @@
     model.save("runs/my_model")
     model = pyrovae.Model.load("runs/my_model", adata)
 
-Everything here is a thin layer over the library: :func:`~pyrovae.infer.runs.train_run` /
-:func:`~pyrovae.infer.runs.load_run` (a saved model *is* a run directory, the format of ``pyrovae train``,
-so the CLI and this API read each other's models), :class:`~pyrovae.infer.predictive.Posterior`,
-:func:`~pyrovae.infer.iwelbo.predictive_iwelbo` and :mod:`pyrovae.evaluate.grn_export`.
+Everything here is a thin layer over the library: :func:`~pyrovae.runs.run.train_run` /
+:func:`~pyrovae.runs.run.load_run` (a saved model *is* a run directory, the format of ``pyrovae train``,
+so the CLI and this API read each other's models), :class:`~pyrovae.predict.posterior.Posterior`,
+:func:`~pyrovae.predict.iwelbo.predictive_iwelbo` and :mod:`pyrovae.evaluate.grn_export`.
 
 Conventions (those of scvi-tools): results are arrays or DataFrames for the cells of the AnnData passed (the
 model's own if none), in the order of its ``obs_names`` (a shuffled or subset AnnData gets its own rows back);
@@ -39,19 +39,19 @@ import pandas as pd
 import torch
 from pyro import poutine
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.options import DataOptions
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.celleval import cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed
-from pyrovae.infer.device import resolve_device
-from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.predictive import DEFAULT_LIBRARY_SIZE, MATCHED, Posterior, rng_scope
-from pyrovae.infer.runs import Run, load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 from pyrovae.outputs import LOCK, clear_output_dir
+from pyrovae.predict.iwelbo import predictive_iwelbo
+from pyrovae.predict.posterior import DEFAULT_LIBRARY_SIZE, MATCHED, Posterior, rng_scope
+from pyrovae.runs import Run, load_run, train_run
 from pyrovae.setup import read_data, resolve_options
+from pyrovae.train.device import resolve_device
+from pyrovae.train.trainer import TrainConfig
 
 #: ``adata.uns`` key where :meth:`Model.setup_anndata` records how to read the AnnData
 SETUP_KEY = "_pyrovae_setup"
@@ -237,7 +237,7 @@ class Model:
         checkpoint on the validation loss, as every run directory does.
 
         Args:
-            max_epochs, batch_size: as :class:`~pyrovae.infer.train.TrainConfig` (defaults there).
+            max_epochs, batch_size: as :class:`~pyrovae.train.trainer.TrainConfig` (defaults there).
             accelerator: ``"auto"`` (CUDA when available), ``"cpu"``, ``"gpu"`` / ``"cuda"``, ``"mps"``.
             device: a device (``"cuda:1"``) or GPU index; overrides ``accelerator``.
             early_stopping: stop after ``patience`` epochs without improvement (``False``: run all epochs).
@@ -245,7 +245,7 @@ class Model:
             overwrite: replace an existing run in ``run_dir``.
             resume: continue the current run from its last checkpoint (``max_epochs`` counts all epochs).
             progress: show a progress bar.
-            **train_options: further :class:`~pyrovae.infer.train.TrainConfig` fields (``lr``, ``seed``,
+            **train_options: further :class:`~pyrovae.train.trainer.TrainConfig` fields (``lr``, ``seed``,
                 ``n_particles``, ``mask_lr``, ``patience``...).
         """
         unknown = set(train_options) - _TRAIN_FIELDS
@@ -325,7 +325,7 @@ class Model:
             raise ValueError(f"the model is not trained; call {type(self).__name__}.train() first")
 
     def posterior(self) -> Posterior:
-        """The :class:`~pyrovae.infer.predictive.Posterior` of the trained model."""
+        """The :class:`~pyrovae.predict.posterior.Posterior` of the trained model."""
         self._require_trained()
         return Posterior.from_run(self.run)
 
@@ -532,7 +532,7 @@ class Model:
         covariates: dict[str, str] | None = None,
     ) -> ad.AnnData:
         """Posterior-predictive counts of ``n_cells`` cells per perturbation label (an AnnData; see
-        :meth:`~pyrovae.infer.predictive.Posterior.predict`); ``library_size="matched"`` draws library
+        :meth:`~pyrovae.predict.posterior.Posterior.predict`); ``library_size="matched"`` draws library
         sizes (and covariates) from the model's AnnData's cells of each label; ``covariates``
         (``{"cell_type": "A172"}``) predicts at chosen levels (default: the training levels in
         proportion)."""
@@ -552,7 +552,7 @@ class Model:
         **options: Any,
     ) -> pd.DataFrame:
         """Model average treatment effect versus control (perturbations x genes; see
-        :meth:`~pyrovae.infer.predictive.Posterior.model_ate`); default: every perturbation of the model's
+        :meth:`~pyrovae.predict.posterior.Posterior.model_ate`); default: every perturbation of the model's
         AnnData.
 
         By default (``library_size="matched"``) each sample is drawn at the depth (and covariates) of a
@@ -607,7 +607,7 @@ class Model:
         seed: int = 0,
         **options: Any,
     ) -> pd.DataFrame:
-        """Held-out predictive IWELBO per cell (nats; :func:`~pyrovae.infer.iwelbo.predictive_iwelbo`),
+        """Held-out predictive IWELBO per cell (nats; :func:`~pyrovae.predict.iwelbo.predictive_iwelbo`),
         indexed by obs name, for every cell of ``adata`` (default: the model's AnnData), the ``indices``, or
         the cells of ``split`` (``"test"``...: the model's own split of its AnnData)."""
         if split is not None and (adata is not None or indices is not None):
@@ -636,7 +636,7 @@ class Model:
     def to_arviz(
         self, n_draws: int = 100, perturbations: Sequence[str] | None = None, seed: int = 0, **options
     ):
-        """ArviZ export (InferenceData on ArviZ 0.x, DataTree on 1.x): :func:`pyrovae.infer.arviz.to_arviz`
+        """ArviZ export (InferenceData on ArviZ 0.x, DataTree on 1.x): :func:`pyrovae.predict.arviz.to_arviz`
         of the model's posterior."""
         return self.posterior().to_arviz(n_draws, perturbations, seed=seed, **options)
 

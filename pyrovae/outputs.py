@@ -47,7 +47,7 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "metrics.csv",
         "iwelbo_*.csv",
         "iwelbo_*_summary.json",
-        "fingerprint.json",  # the training data's identity and the run id (pyrovae.infer.runs)
+        "fingerprint.json",  # the training data's identity and the run id (pyrovae.runs.run)
         "adata.h5ad",  # pyrovae.Model.save(save_anndata=True)
     ),
     "ate": ("ate_*.csv", "ate_*.md", "ate_summary.json", "ate_scatter.png"),

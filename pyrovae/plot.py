@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pyrovae.evaluate.ate import pearson
 from pyrovae.evaluate.structure import match_latents
 from pyrovae.outputs import atomic_write
 
@@ -76,13 +75,18 @@ def _top_k_mask(true, top_k: int) -> np.ndarray:
     return mask
 
 
-def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, top_k: int = 20) -> Path:
+def plot_ate_scatter(
+    ate_true, ate_pred: Mapping[str, Any], scores: pd.DataFrame, path: str | Path, top_k: int = 20
+) -> Path:
     """Model versus empirical ATE, one panel per model; the top-k genes (by ``|empirical ATE|``) of every
-    perturbation highlighted, Pearson r (all entries / top-k) in the title.
+    perturbation highlighted, the scores' Pearson r (all entries / top-k) in the title.
 
     Args:
         ate_true: DataFrame (perturbation x genes) of empirical ATEs.
         ate_pred: ``{name: DataFrame}`` of predicted ATEs (aligned to ``ate_true`` on common rows/genes).
+        scores: the metrics of the same predictions (:func:`~pyrovae.evaluate.ate.ate_table` with the same
+            ``top_k``, indexed by name; columns ``pearson`` and ``pearson_topk``): the figure shows them, it
+            computes none.
     """
     plt = _pyplot()
     names = list(ate_pred)
@@ -103,7 +107,9 @@ def plot_ate_scatter(ate_true, ate_pred: Mapping[str, Any], path: str | Path, to
         lo = float(np.nanmin([t.min(), p.min()]))
         hi = float(np.nanmax([t.max(), p.max()]))
         ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-        r_all, r_top = pearson(t.ravel(), p.ravel()), pearson(t[top], p[top])
+        r_all, r_top = (
+            float(scores.at[name, k]) if name in scores.index else np.nan for k in ("pearson", "pearson_topk")
+        )
         ax.set_title(f"{name}\nr = {r_all:.2f} (all), {r_top:.2f} (top {top_k})", fontsize=9)
         ax.set_xlabel("empirical ATE")
         ax.set_ylabel("predicted ATE")

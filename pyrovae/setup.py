@@ -15,8 +15,9 @@ from typing import Any
 import anndata as ad
 import pandas as pd
 
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data
+from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.options import DataOptions
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.data.prepare import prepare_data
 from pyrovae.models.zoo import DATA_DEFAULTS, ModelConfig, data_requirements
 from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS

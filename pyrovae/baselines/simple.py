@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.baselines.linear import linear_baseline_ates
-from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.ate import baseline_ates
 
 __all__ = ["no_change_ates", "matching_mean_ates", "all_baseline_ates"]

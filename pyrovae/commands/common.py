@@ -7,7 +7,7 @@ from typing import Any
 
 from pyrovae.config import parse_overrides, read_options_file
 from pyrovae.data.options import DataOptions
-from pyrovae.infer.device import resolve_device
+from pyrovae.train.device import resolve_device
 
 __all__ = [
     "add_data_args",
@@ -172,7 +172,7 @@ def separator(value: str) -> str:
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    """``--device``: where the model runs (:func:`pyrovae.infer.device.resolve_device`)."""
+    """``--device``: where the model runs (:func:`pyrovae.train.device.resolve_device`)."""
     p.add_argument(
         "--device",
         default=None,

@@ -35,14 +35,14 @@ from pyrovae.data.protocols import heldout_combinations_split
 from pyrovae.datasets import DATASETS
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import mask_recovery
-from pyrovae.infer.predictive import MATCHED
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
+from pyrovae.predict.posterior import MATCHED
 from pyrovae.report import markdown_table, mean_std
+from pyrovae.runs import train_run
 from pyrovae.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 # Settings chosen for the demo's budget (1.4 min measured on 2 idle cores for the default preset, < 10 min):
 # the reference trains with lr 3e-4, batch 512 for hundreds of epochs; with a few minutes of CPU we use a
@@ -193,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
             slug = set_name.replace(" ", "_").replace("-", "")
             preds = {k: v for k, v in rep["preds"].items() if k in runs or k == "additive"}
             figures.append(
-                plot_ate_scatter(rep["ate_true"], preds, out / f"ate_scatter_{slug}.png", top_k=TOP_K)
+                plot_ate_scatter(
+                    rep["ate_true"], preds, rep["table"], out / f"ate_scatter_{slug}.png", top_k=TOP_K
+                )
             )
         figures.append(
             plot_mask_heatmap(

@@ -34,12 +34,12 @@ from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import prepare_data
 from pyrovae.evaluate.grn_export import score_run_grn
 from pyrovae.evaluate.score import score_ate
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import data_requirements, model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.report import markdown_table
+from pyrovae.runs import train_run
 from pyrovae.simulate import CONTROL_LABEL, ground_truth, simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 #: held-out perturbed genes (never trained on) and the demo's training budget (about 1 CPU-minute on the
 #: default preset): the settings of the GPO-VAE measurements in experiments/README.md (lr 2e-3, batch 512,

@@ -30,14 +30,14 @@ from pyrovae.commands.common import command_device
 from pyrovae.data.protocols import cell_split
 from pyrovae.datasets import DATASETS
 from pyrovae.evaluate.score import score_run
-from pyrovae.infer.predictive import MATCHED
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_training_curves
+from pyrovae.predict.posterior import MATCHED
 from pyrovae.report import markdown_table, mean_std
+from pyrovae.runs import train_run
 from pyrovae.setup import read_data
+from pyrovae.train.trainer import TrainConfig
 
 #: the training settings of the simulated demo (lr 2e-3 on batches of 256, 3 particles), for at least
 #: REAL_MIN_STEPS steps; on papalexi2021 (10,300 training cells) REAL_EPOCHS epochs are 1,600 steps
@@ -148,7 +148,9 @@ def run_real(args: argparse.Namespace) -> int:
             plot_training_curves({k: r.metrics() for k, r in runs.items()}, out / "training_curves.png")
         )
         preds = {k: v for k, v in rep["preds"].items() if k in runs or k == "train_mean"}
-        figures.append(plot_ate_scatter(rep["ate_true"], preds, out / "ate_scatter.png", top_k=TOP_K))
+        figures.append(
+            plot_ate_scatter(rep["ate_true"], preds, rep["table"], out / "ate_scatter.png", top_k=TOP_K)
+        )
     except ImportError as err:
         log(f"(no figures: {err})")
     wall = time.perf_counter() - t0

@@ -17,8 +17,6 @@ import pandas as pd
 from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
 from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
-from pyrovae.infer.predictive import MATCHED, Posterior
-from pyrovae.infer.runs import load_run
 from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
 from pyrovae.outputs import (
     atomic_write,
@@ -30,7 +28,9 @@ from pyrovae.outputs import (
     write_json,
 )
 from pyrovae.plot import plot_ate_scatter
+from pyrovae.predict.posterior import MATCHED, Posterior
 from pyrovae.report import markdown_table
+from pyrovae.runs import load_run
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -285,7 +285,9 @@ def run_ate(args: argparse.Namespace) -> int:
                 profile=args.cell_eval_profile,
             )
         try:
-            fig = plot_ate_scatter(rep["ate_true"], rep["preds"], stage / "ate_scatter.png", top_k=args.top_k)
+            fig = plot_ate_scatter(
+                rep["ate_true"], rep["preds"], rep["table"], stage / "ate_scatter.png", top_k=args.top_k
+            )
         except ImportError as err:
             print(f"(no figure: {err})")
     print(

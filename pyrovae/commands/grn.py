@@ -38,8 +38,8 @@ from pyrovae.evaluate.grn_export import (
     score_run_grn,
     statistical_scores,
 )
-from pyrovae.infer.runs import load_run
 from pyrovae.outputs import atomic_write, check_not_owned
+from pyrovae.runs import load_run
 from pyrovae.simulate import ground_truth
 
 

@@ -13,10 +13,10 @@ from pyrovae.commands.common import (
     gather_overrides,
 )
 from pyrovae.config import route_options
-from pyrovae.infer.runs import load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
+from pyrovae.runs import load_run, train_run
 from pyrovae.setup import read_data
+from pyrovae.train.trainer import TrainConfig
 
 
 def run(args: argparse.Namespace) -> int:

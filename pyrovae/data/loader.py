@@ -1,4 +1,4 @@
-"""Minibatches of a :class:`~pyrovae.data.anndata.PerturbationData` split as torch tensors.
+"""Minibatches of a :class:`~pyrovae.data.perturbation_data.PerturbationData` split as torch tensors.
 
 Sparse (or on-disk) count matrices are densified one minibatch at a time, never as a whole.
 
@@ -20,8 +20,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import to_dense
+from pyrovae.data.perturbation_data import PerturbationData
 
 Batch = dict[str, torch.Tensor]
 
@@ -46,7 +46,7 @@ class MinibatchLoader:
             (default): 1024 when the matrix is on disk (backed) and ``shuffle`` is on, else off;
             ``None``: off (a full permutation, one scattered read per cell for backed data).
         buffer_blocks: blocks pooled and shuffled together.
-        shard: ``(rank, world_size)`` of a data-parallel run (:mod:`pyrovae.infer.distributed`): every epoch
+        shard: ``(rank, world_size)`` of a data-parallel run (:mod:`pyrovae.train.distributed`): every epoch
             is cut into global minibatches of ``world_size * batch_size`` cells (the same on every rank) and
             this rank gets the ``rank``-th of their ``world_size`` near-equal slices. ``n_cells`` and ``idx``
             stay those of the whole split. A last global batch with fewer cells than ranks is dropped.

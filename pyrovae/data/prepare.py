@@ -3,7 +3,7 @@
 A model's effect block, artifact block and penalties each declare the per-cell data they read from a
 minibatch as :class:`Requirement` objects (their ``data_needs``); the named model gathers them
 (:func:`pyrovae.models.zoo.data_requirements`), and :func:`prepare_data` supplies them. ``train_run`` and
-``Run.load_data`` (:mod:`pyrovae.infer.runs`) both call it, so training and evaluation see the same data, and
+``Run.load_data`` (:mod:`pyrovae.runs.run`) both call it, so training and evaluation see the same data, and
 a requirement the data cannot meet (a QC column that does not exist, a GPO-VAE perturbation that is not a
 measured gene) is one ``ValueError`` before any run directory is made, not a failure inside a penalty.
 
@@ -44,7 +44,7 @@ What a model can do with such a perturbation (N_t = 0 in training):
 - GPO-VAE: its GRN row W_j (gene j's outgoing edges) is *not* entirely untrained. It receives gradient from
   the K-hop terms of the GRN loss through paths t -> j -> k of seen perturbations t (the W^2, W^3, ...
   terms of S), and from the sparsity penalty. Its effect block's ``predict_untrained`` hook
-  (:func:`pyrovae.models.effects.grn_transfer`), which every :class:`~pyrovae.infer.predictive.Posterior`
+  (:func:`pyrovae.models.effects.grn_transfer`), which every :class:`~pyrovae.predict.posterior.Posterior`
   of a GPO-VAE run uses (``pyrovae ate`` / ``sample`` included), takes that row for the mask of the unseen
   perturbation and transfers effect sizes from the seen perturbations (see its docstring). This is a weak
   signal: the higher-order terms carry 1/T^(k-1) factors and the direct terms of the seen rows absorb most
@@ -63,9 +63,10 @@ from typing import Any
 import numpy as np
 
 from pyrovae.config import preview
-from pyrovae.data.anndata import PerturbationData, log_norm_stats
+from pyrovae.data.anndata import log_norm_stats
 from pyrovae.data.grn import MAX_GRN_NODES, UNS_KEY, grn_targets
 from pyrovae.data.matrix import nonzero_counts
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.data.qc import counterfactual_table, qc_indicator
 
 #: data options (kept in a run's ``config.json``) read by :func:`prepare_data`, besides ``split_seed``.
@@ -316,7 +317,7 @@ def holdout_perturbations(data: PerturbationData, perturbations: Sequence[str]) 
 
     Their dosage columns are kept (unlike the reference's ``mask_test``), cells with no split stay unused,
     and the training normalisation statistics are recomputed on the remaining training cells. The
-    perturbations get N_t = 0 in training, so :attr:`~pyrovae.infer.runs.Run.untrained` marks them and
+    perturbations get N_t = 0 in training, so :attr:`~pyrovae.runs.run.Run.untrained` marks them and
     prediction uses the prior for them (or, for GPO-VAE, the GRN transfer
     :func:`pyrovae.models.effects.grn_transfer`); every prediction states which.
 

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import normalize_log, to_dense
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.metrics import (
     centroid_accuracy,
     de_top_k,

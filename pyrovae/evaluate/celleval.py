@@ -83,15 +83,15 @@ def cell_eval_inputs(
     """The predicted, held-out real and training real cells, log-normalised on one scale, for cell-eval.
 
     Args:
-        posterior: :class:`~pyrovae.infer.predictive.Posterior` of the run.
-        data: the run's :class:`~pyrovae.data.anndata.PerturbationData`.
+        posterior: :class:`~pyrovae.predict.posterior.Posterior` of the run.
+        data: the run's :class:`~pyrovae.data.perturbation_data.PerturbationData`.
         rows: the held-out cells (e.g. ``data.indices("test")``); when they hold no control cell, every
             control cell of a split is added (as the ATE report does).
         n_cells: predicted cells per label (each perturbation of ``rows`` and the control).
         library_size: of the predicted cells (default ``"data"``, i.e. matched: drawn from the observed
             library sizes of the same label, so that the predicted cells are as deep as the real ones); a
             number fixes it.
-        seed, chunk: of :meth:`~pyrovae.infer.predictive.Posterior.predict`.
+        seed, chunk: of :meth:`~pyrovae.predict.posterior.Posterior.predict`.
         target_sum: the normalisation scale of both sides.
 
     Returns:

@@ -34,7 +34,7 @@ def transform_cells(
 
 def sample_totals(sample: Any, size_factors: bool) -> np.ndarray | None:
     """(N,) the totals of the perturbseq transform of predicted cells (an AnnData of
-    :meth:`~pyrovae.infer.predictive.Posterior.predict`): their sampled library sizes when the data has size
+    :meth:`~pyrovae.predict.posterior.Posterior.predict`): their sampled library sizes when the data has size
     factors (as the model ATE uses them), else ``None`` (the cells' own totals)."""
     return np.asarray(sample.obs["library_size"], dtype=np.float64) if size_factors else None
 

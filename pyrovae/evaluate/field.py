@@ -10,7 +10,7 @@ of the held-out cells and the models' predicted ATEs. It adds
 - the interaction residuals AB - (A + B) of combinations: observed with the members' training ATEs, and
   predicted with each predictor's own prediction of the members;
 - optionally (``cells``) the energy distance between predicted and held-out cells per perturbation, for the
-  models (:meth:`~pyrovae.infer.predictive.Posterior.predict`) and for two cell baselines: the training
+  models (:meth:`~pyrovae.predict.posterior.Posterior.predict`) and for two cell baselines: the training
   control cells (no change) and the training cells of the same label (train mean);
 - the split-half noise ceiling and the noiseless predictor's score
   (:func:`pyrovae.evaluate.ceiling.noise_ceilings`);
@@ -68,7 +68,7 @@ def field_table(
     """The ATE table of ``preds`` (plus the baselines) with the field-standard metrics.
 
     Args:
-        data: :class:`~pyrovae.data.anndata.PerturbationData`.
+        data: :class:`~pyrovae.data.perturbation_data.PerturbationData`.
         rows: the held-out cells the truth ``ate_true`` (A, G) was measured on (control cells included).
         preds: {name: (A, G) predicted ATE} (models and any extra predictions).
         transform: the ATE transform (``"perturbseq"`` or ``"mean"``).

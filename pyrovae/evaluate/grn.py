@@ -764,7 +764,7 @@ def unseen_perturbation_baselines(
       the other genes' across the seen interventions; the edges into j are cut (the intervention fixes j).
 
     Args:
-        data: :class:`~pyrovae.data.anndata.PerturbationData` (read with the run's schema).
+        data: :class:`~pyrovae.data.perturbation_data.PerturbationData` (read with the run's schema).
         perturbations: target labels (rows of the outputs).
         unseen: treatment names without training cells.
         nodes: GRN genes allowed as regulators (default: the data's treatments that are genes).

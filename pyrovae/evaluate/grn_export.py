@@ -12,7 +12,7 @@ columns follow the treatment order, i.e. the GRN nodes: perturbed genes first, t
 - self-loops are dropped unless asked for (a knockdown trivially "regulates" its own target).
 
 Unseen perturbations: the GPO block's ``predict_untrained`` hook (:func:`pyrovae.models.effects.grn_transfer`)
-makes every :class:`~pyrovae.infer.predictive.Posterior` of a GPO-VAE run predict them from the GRN;
+makes every :class:`~pyrovae.predict.posterior.Posterior` of a GPO-VAE run predict them from the GRN;
 :func:`gpo_unseen_globals` exposes it with chosen row sets (see :mod:`pyrovae.data.prepare` for what the model
 can and cannot do for a perturbation it never saw).
 """
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pyrovae.data.anndata import untrained_treatments
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import nonzero_counts, select_rows
 from pyrovae.data.pairing import log_normalize
+from pyrovae.data.perturbation_data import untrained_treatments
 from pyrovae.evaluate import grn as grn_eval
 from pyrovae.evaluate.grn import (
     matched_count_evaluation,
@@ -99,7 +99,7 @@ def grn_edges(
     """Every GRN edge with probability >= ``min_prob`` as a table.
 
     Args:
-        model_or_run: a GPO-VAE model or a :class:`~pyrovae.infer.runs.Run`.
+        model_or_run: a GPO-VAE model or a :class:`~pyrovae.runs.run.Run`.
         treatments: the T node names (default: the run's treatments).
         n_perturbed: the first ``n_perturbed`` nodes are perturbed genes (default: all for a model, the
             trained treatments for a run, see :func:`run_n_perturbed`).
@@ -216,7 +216,7 @@ def score_run_grn(
     """AUROC/AUPRC (and the other :func:`~pyrovae.evaluate.grn.score_grn` metrics) of a run's GRN.
 
     Args:
-        run: a trained GPO-VAE :class:`~pyrovae.infer.runs.Run`.
+        run: a trained GPO-VAE :class:`~pyrovae.runs.run.Run`.
         ground_truth: ``{"grn_genes": names, "grn_adjacency": (n, n) 0/1, row = parent, col = child}``
             (:func:`pyrovae.simulate.ground_truth`).
         data: the data read with the run's schema; needed for the baselines and to tell perturbed from
@@ -309,7 +309,7 @@ def gpo_unseen_globals(
 
     :func:`pyrovae.models.effects.grn_transfer` (see there) on ``model.sample_globals(n, untrained=...)``:
     rows that are neither ``seen`` nor ``unseen`` (default: none) come from the prior; ``unseen`` rows are
-    transferred. :class:`~pyrovae.infer.predictive.Posterior` does the same for every untrained row of a
+    transferred. :class:`~pyrovae.predict.posterior.Posterior` does the same for every untrained row of a
     GPO-VAE run through the block's public ``predict_untrained`` hook; this function lets a caller choose
     the row sets.
 

@@ -3,7 +3,7 @@
 :func:`score_run` is the one model-agnostic entry point; ``pyrovae iwelbo``, ``pyrovae ate`` and
 ``pyrovae demo`` call it and only write and print what it returns. The pieces:
 
-- :func:`iwelbo_summary`: the JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`;
+- :func:`iwelbo_summary`: the JSON-ready summary of :func:`~pyrovae.predict.iwelbo.iwelbo_over_seeds`;
 - :func:`ate_report`: empirical ATE of chosen cells versus model ATE(s) and the trivial baselines;
 - :func:`score_ate`: :func:`ate_report` for one run plus its unseen perturbations (a treatment with no
   training cell): the unseen-perturbation baselines, the prior-draw control of a model that transfers
@@ -19,20 +19,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.matrix import select_rows
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.evaluate.grn import unseen_perturbation_baselines
-from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.predictive import MATCHED, Posterior
-from pyrovae.infer.runs import Run
+from pyrovae.predict.iwelbo import iwelbo_over_seeds
+from pyrovae.predict.posterior import MATCHED, Posterior
+from pyrovae.runs import Run
 
 # -------------------------------------------------------------------------------------------- iwelbo
 
 
 def iwelbo_summary(res: dict[str, Any], split_name: str) -> dict[str, Any]:
-    """JSON-ready summary of :func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds` (plus per-label means)."""
+    """JSON-ready summary of :func:`~pyrovae.predict.iwelbo.iwelbo_over_seeds` (plus per-label means)."""
     cells = res["cells"]
     return {
         "split": split_name,
@@ -88,7 +88,7 @@ def ate_report(
 
     The model ATE is sampled at the depth of the compared cells by default (``library_size="matched"``:
     each sample takes the library size, and covariates, of a cell of its label among ``rows``;
-    :meth:`~pyrovae.infer.predictive.Posterior.model_ate`); a number samples every cell at that depth (the
+    :meth:`~pyrovae.predict.posterior.Posterior.model_ate`); a number samples every cell at that depth (the
     reference's 1e4). ``covariates`` ({key: level}) evaluates the model at chosen levels.
 
     The empirical ATE uses the perturbed cells in ``rows`` and, as reference, the control cells in
@@ -103,7 +103,7 @@ def ate_report(
     The table holds the field-standard metrics too (:func:`pyrovae.evaluate.field.field_table`: all
     model-free baselines, DE top-k genes with ``de``, interaction residuals, the noise ceiling with
     ``ceiling`` over ``ceiling_splits`` halvings); ``cells`` adds the energy distance of ``n_cells``
-    predicted cells per perturbation (:meth:`~pyrovae.infer.predictive.Posterior.predict`, at
+    predicted cells per perturbation (:meth:`~pyrovae.predict.posterior.Posterior.predict`, at
     ``library_size``) against the held-out cells; ``mc_seeds`` > 1 adds each model's ``<metric>_mc_sd``,
     the spread of its metrics over model ATEs (and, with ``cells``, predicted cells) at seeds ``seed``,
     ``seed + 1``, ...
@@ -112,7 +112,7 @@ def ate_report(
         dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
         ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
         ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.infer.predictive.Posterior.prediction_methods`}), and from
+        :meth:`~pyrovae.predict.posterior.Posterior.prediction_methods`}), and from
         :func:`~pyrovae.evaluate.field.field_table`: ``ceiling``, ``vs_baseline``, ``baseline_names``,
         ``de_qvalues``, ``energy``.
     """
@@ -394,7 +394,7 @@ def score_run(
             same table (model ATE with ``n_samples`` samples at ``library_size``, seeded by ``seed``; top-k
             genes by ``|empirical ATE|`` ``top_k``).
         iwelbo_sets: {set name: split name or row positions}: held-out IWELBO
-            (:func:`~pyrovae.infer.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
+            (:func:`~pyrovae.predict.iwelbo.iwelbo_over_seeds`, ``n_particles`` particles, evaluation seeds
             ``iwelbo_seeds``) of every run on each set, each run's untrained treatments as in training.
         name: the name of ``run`` in the tables (default: its model family).
         baselines: also score the trivial and unseen-perturbation baselines (and a transferring model's

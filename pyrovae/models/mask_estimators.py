@@ -1,11 +1,13 @@
 """Gradient estimators of the q(M) logits (the ``mask`` guide site of the SAMS-VAE family): the surrogate-
 ELBO terms that change the gradient, never the ELBO's value (the training ELBO adds them:
-:class:`pyrovae.infer.train.SurrogateTraceGraphELBO`), and :func:`mask_site`, the site's distribution and
+:class:`pyrovae.train.trainer.SurrogateTraceGraphELBO`), and :func:`mask_site`, the site's distribution and
 ``infer`` dict per estimator."""
 
 from __future__ import annotations
 
+import typing
 from functools import partial
+from typing import Literal
 
 import pyro.distributions as dist
 import torch
@@ -23,15 +25,17 @@ from pyrovae.models.plates import CELL_PLATE, PERTURBATION_PLATE
 
 #: Key of a guide site's ``infer`` dict holding ``fn(model_trace, guide_trace) -> tensor``, an extra
 #: term of the *surrogate* ELBO (gradient only) that the training ELBO adds
-#: (:func:`pyrovae.infer.train.make_elbo`).
+#: (:func:`pyrovae.train.trainer.make_elbo`).
 SURROGATE_ELBO = "surrogate_elbo"
 #: Estimators of the gradient of the q(M) logits (:func:`mask_site`).
-MASK_ESTIMATORS = ("straight_through", "score_function", "loo", "disarm", "relaxed")
+MaskEstimator = Literal["straight_through", "score_function", "loo", "disarm", "relaxed"]
+MASK_ESTIMATORS = typing.get_args(MaskEstimator)
 #: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
 #: baselines of the ``score_function`` estimator: Pyro's decaying average of the downstream cost, or that
 #: plus a learned correction (:class:`LearnedMaskBaseline`, fitted by Pyro's squared-error baseline loss)
-MASK_BASELINES = ("decaying_avg", "learned")
+MaskBaseline = Literal["decaying_avg", "learned"]
+MASK_BASELINES = typing.get_args(MaskBaseline)
 
 
 def _dosage_of(trace) -> torch.Tensor:

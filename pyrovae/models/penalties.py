@@ -8,6 +8,9 @@ reads from the batch as ``data_needs`` (:class:`~pyrovae.data.prepare.Requiremen
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -27,7 +30,8 @@ def k_hop_accumulation(w: torch.Tensor, hops: int) -> torch.Tensor:
 
 
 #: what :class:`GRNAlignment` aligns to: per-cell ``|delta_x|`` (the reference) or its per-perturbation mean.
-GRN_TARGETS = ("cell", "group")
+GRNTarget = Literal["cell", "group"]
+GRN_TARGETS = typing.get_args(GRNTarget)
 
 
 class GRNAlignment(nn.Module):

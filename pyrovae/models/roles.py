@@ -1,6 +1,6 @@
 """Optimiser roles of a model's parameters, as the blocks declare them (``param_roles()``): network
 weights, variational parameters (and point-estimated per-treatment values), mask logits. The optimiser's
-rules per role (weight decay, the mask step size) are :func:`pyrovae.infer.optim.param_groups`."""
+rules per role (weight decay, the mask step size) are :func:`pyrovae.train.optim.param_groups`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = ["PARAM_ROLES", "parameter_roles"]
 
-#: optimiser roles of a parameter (:meth:`EffectBlock.param_roles`, :func:`pyrovae.infer.optim.param_groups`)
+#: optimiser roles of a parameter (:meth:`EffectBlock.param_roles`, :func:`pyrovae.train.optim.param_groups`)
 PARAM_ROLES = ("network", "variational", "mask_logits")
 
 

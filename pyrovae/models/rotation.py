@@ -177,7 +177,7 @@ class SparseRotationStep:
         self.effect = effect
 
     def after_step(self, trainer) -> None:
-        """Called by the :class:`~pyrovae.infer.train.Trainer` after each optimiser step."""
+        """Called by the :class:`~pyrovae.train.trainer.Trainer` after each optimiser step."""
         if trainer.step == self.effect.mask_freeze_steps:
             self.rotate(trainer)
 

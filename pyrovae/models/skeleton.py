@@ -294,7 +294,7 @@ class PerturbationVAE(nn.Module):
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         """The model's parameters by optimiser role (:data:`~pyrovae.models.roles.PARAM_ROLES`; the rules
-        per role: :func:`pyrovae.infer.optim.param_groups`): roles from the effect and artifact blocks'
+        per role: :func:`pyrovae.train.optim.param_groups`): roles from the effect and artifact blocks'
         ``param_roles``; encoder, decoder and penalty parameters (absent here) are network weights."""
         roles: dict[str, list[nn.Parameter]] = {role: [] for role in PARAM_ROLES}
         for block in (self.effect, self.artifact):

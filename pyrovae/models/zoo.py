@@ -23,7 +23,8 @@ more than the spread on all four (docs/findings.md, "GPO-VAE: direct edges again
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,9 +33,6 @@ from pyrovae.config import check_range, coerce_fields, replace_checked
 from pyrovae.data.prepare import Requirement, ordered
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
-    GUIDES,
-    MASK_BASELINES,
-    MASK_ESTIMATORS,
     AdditiveEffect,
     BetaBernoulliActionEffect,
     BetaBernoulliMaskEffect,
@@ -42,11 +40,19 @@ from pyrovae.models.effects import (
     EffectBlock,
     LearnedSparsityMaskEffect,
 )
-from pyrovae.models.penalties import GRN_TARGETS, CounterfactualKL, GRNAlignment
+from pyrovae.models.effects.guides import Guide
+from pyrovae.models.mask_estimators import MaskBaseline, MaskEstimator
+from pyrovae.models.penalties import CounterfactualKL, GRNAlignment, GRNTarget
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
-FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae_plus", "conditional", "gpo")
+Family = Literal[
+    "sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "svae_plus", "conditional", "gpo"
+]
+FAMILIES = typing.get_args(Family)
+Likelihood = Literal["nb", "poisson", "normal"]
+#: the basal encoder's input: the expression, with the latent shift, or with the dosage row
+Conditioning = Literal["x", "x_shift", "x_dosage"]
 #: the families whose latent basis ``mask_rotation`` can rotate (masks on an additive latent effect)
 #: the largest layer width / latent size / QC column count a config accepts (a layer holds width x genes
 #: weights: 65536 x 20000 genes is 5 GB already; beyond it a typo like n_latent=10**12 would exhaust memory)
@@ -58,21 +64,20 @@ ROTATABLE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity")
 class ModelConfig:
     """Everything that defines a model (saved in a run's ``config.json``)."""
 
-    # sams | sams_beta_bernoulli | sams_learned_sparsity | cpa | svae_plus | conditional | gpo
-    family: str = "sams"
+    family: Family = "sams"
     n_latent: int = 10
-    likelihood: str = "nb"
+    likelihood: Likelihood = "nb"
     # q(E) family: mean_field | correlated (reference) | spike_slab (q(e | m = 1) free, q(e | m = 0) the
     # prior; a departure from the reference), see pyrovae.models.effects.guides
-    guide: str = "correlated"
-    conditioning: str = "x_shift"  # basal encoder input: x | x_shift | x_dosage
+    guide: Guide = "correlated"
+    conditioning: Conditioning = "x_shift"
     mask_prior: float = 0.01
     embedding_prior_scale: float = 1.0
     temperature: float = 1.0
     mask_init_logits: float = 0.0
     # gradient estimator of the q(M) logits: straight_through (reference) | score_function | loo | relaxed
     # (see pyrovae.models.effects.AdditiveEffect); the temperature anneals to temperature_final if set
-    mask_estimator: str = "straight_through"
+    mask_estimator: MaskEstimator = "straight_through"
     mask_baseline_beta: float = 0.9
     temperature_final: float | None = None
     temperature_anneal_steps: int = 1000
@@ -89,7 +94,7 @@ class ModelConfig:
     # Adam step size of the q(M) logits (None: the network's lr, the reference); TrainConfig.mask_lr, when
     # set, overrides it
     mask_lr: float | None = None
-    mask_baseline: str = "decaying_avg"  # score_function's baseline: decaying_avg | learned
+    mask_baseline: MaskBaseline = "decaying_avg"  # score_function's baseline
     decoder_hidden: int = 128
     decoder_layers: int = 1
     encoder_hidden: int = 128
@@ -110,16 +115,14 @@ class ModelConfig:
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
     # the k-hop terms / T^(k-1) (the reference); the only value, kept so that saved runs' configs load
-    grn_hop_norm: str = "T"
-    grn_target: str = "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
+    grn_hop_norm: Literal["T"] = "T"
+    grn_target: GRNTarget = (
+        "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
+    )
     grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
 
     def __post_init__(self) -> None:
-        coerce_fields(self)
-        check_range("family", self.family, choices=FAMILIES)
-        check_range("likelihood", self.likelihood, choices=("nb", "poisson", "normal"))
-        check_range("guide", self.guide, choices=GUIDES)
-        check_range("conditioning", self.conditioning, choices=("x", "x_shift", "x_dosage"))
+        coerce_fields(self)  # also the typed choices (Literal): family, likelihood, guide, ...
         check_range("mask_prior", self.mask_prior, gt=0, lt=1)
         for name in ("embedding_prior_scale", "temperature", "svae_beta_c1", "svae_beta_c2"):
             check_range(name, getattr(self, name), gt=0)
@@ -129,9 +132,7 @@ class ModelConfig:
             check_range(name, getattr(self, name), ge=0)
         for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
             check_range(name, getattr(self, name), ge=0)
-        check_range("grn_target", self.grn_target, choices=GRN_TARGETS)
         check_range("mask_init_logits", self.mask_init_logits)
-        check_range("mask_estimator", self.mask_estimator, choices=MASK_ESTIMATORS)
         check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
         check_range("temperature_final", self.temperature_final, gt=0)
         check_range("temperature_anneal_steps", self.temperature_anneal_steps, ge=1)
@@ -144,8 +145,6 @@ class ModelConfig:
                 "give mask_freeze_steps (a number of steps) or mask_freeze_fraction (a fraction of the run's "
                 f"steps), not both: got {self.mask_freeze_steps} and {self.mask_freeze_fraction}"
             )
-        check_range("mask_baseline", self.mask_baseline, choices=MASK_BASELINES)
-        check_range("grn_hop_norm", self.grn_hop_norm, choices=("T",))
         freezes = self.mask_freeze_steps > 0 or self.mask_freeze_fraction > 0
         if self.mask_rotation and (not freezes or self.family not in ROTATABLE_FAMILIES):
             raise ValueError(

@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import benchmark  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.infer.train import make_elbo, split_counts  # noqa: E402
 from pyrovae.models.zoo import build_model, model_config  # noqa: E402
+from pyrovae.train.trainer import make_elbo, split_counts  # noqa: E402
 
 
 @pytest.mark.parametrize("n_treatments", [5, 12])  # 12: pyrovae takes its sparse dosage path

@@ -11,12 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pyrovae.data.anndata import (
-    PerturbationData,
-    load_perturbation_data,
-    log_norm_stats,
-    untrained_treatments,
-)
+from pyrovae.data.anndata import load_perturbation_data, log_norm_stats
+from pyrovae.data.perturbation_data import PerturbationData, untrained_treatments
 from pyrovae.data.protocols import make_split
 
 LABELS = np.array(["control", "A", "B", "B+A"] * 30)  # 120 cells, "B+A" is read as "A+B"

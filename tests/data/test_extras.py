@@ -23,10 +23,10 @@ from pyrovae.data.matrix import dense_rows, group_seed, label_strings, split_str
 from pyrovae.data.pairing import delta_x, log_normalize, pair_with_controls
 from pyrovae.data.prepare import prepare_cradle_data, prepare_data, prepare_gpo_data
 from pyrovae.data.qc import counterfactual_table
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import data_requirements, model_config
+from pyrovae.runs import train_run
 from pyrovae.simulate import simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 COMPACT = ("cfx", "delta_x", "delta_x_group")
 

@@ -9,8 +9,9 @@ import scipy.sparse as sp
 import torch
 
 from pyrovae.data import loader as loader_mod
-from pyrovae.data.anndata import PerturbationData, load_perturbation_data
+from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.loader import MinibatchLoader
+from pyrovae.data.perturbation_data import PerturbationData
 
 N, G = 50, 7
 

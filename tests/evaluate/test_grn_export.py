@@ -121,9 +121,9 @@ def test_unseen_rows_are_predicted_from_the_grn():
 def tiny_run(tmp_path_factory):
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.infer.runs import train_run
-    from pyrovae.infer.train import TrainConfig
+    from pyrovae.runs import train_run
     from pyrovae.simulate import simulate_perturbseq
+    from pyrovae.train.trainer import TrainConfig
 
     root = tmp_path_factory.mktemp("grn")
     adata = simulate_perturbseq("tiny", seed=0)

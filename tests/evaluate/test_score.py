@@ -9,11 +9,11 @@ import pytest
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.evaluate.ate import pearson
 from pyrovae.evaluate.score import ate_report, iwelbo_summary, score_run
-from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
+from pyrovae.predict.iwelbo import iwelbo_over_seeds
+from pyrovae.predict.posterior import Posterior
+from pyrovae.runs import train_run
+from pyrovae.train.trainer import TrainConfig
 from tests.helpers import make_adata
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)

@@ -101,8 +101,8 @@ def test_every_mask_inference_model_is_a_valid_config():
     """Every model of configs/mask_inference.yaml resolves to a valid ModelConfig and TrainConfig (a typo in
     an override would otherwise fail only when that row is run)."""
     from experiments.common import load_settings
-    from pyrovae.infer.train import TrainConfig
     from pyrovae.models.zoo import model_config
+    from pyrovae.train.trainer import TrainConfig
 
     mod = _script("mask_inference")
     settings = load_settings("mask_inference")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyrovae.infer.optim import model_param_groups
-from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
+from pyrovae.train.optim import model_param_groups
+from pyrovae.train.trainer import TrainConfig, Trainer
 from tests.helpers import assert_trains
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)

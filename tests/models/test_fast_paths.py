@@ -10,12 +10,12 @@ import torch
 
 from bench.benchmark import synthetic_data
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.train import make_elbo, split_counts
 from pyrovae.models import effects, penalties
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
 from pyrovae.nn import likelihoods
 from pyrovae.nn.likelihoods import GammaPoissonMean
 from pyrovae.nn.mlp import GaussianMLP
+from pyrovae.train.trainer import make_elbo, split_counts
 
 
 def _naive_parts(net, parts):

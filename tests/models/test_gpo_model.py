@@ -130,7 +130,7 @@ def test_gpo_vae_defaults_depart_from_the_reference_which_stays_available():
 
 @pytest.mark.parametrize("name", ["gpo_vae", "gpo_vae_reference", "cradle_vae"])
 def test_trains_with_penalties_on_tiny_simulation(tiny_gpo_data, name):
-    from pyrovae.infer.train import TrainConfig, Trainer
+    from pyrovae.train.trainer import TrainConfig, Trainer
 
     data = tiny_gpo_data
     assert (data.dosage.getnnz(axis=1) == 2).any()  # combinations: multi-hot rows
@@ -176,7 +176,7 @@ def _gpo_with_grn(T: int = 4, G: int = 6):
 def test_posterior_predicts_unseen_perturbations_by_grn_transfer():
     import warnings
 
-    from pyrovae.infer.predictive import Posterior
+    from pyrovae.predict.posterior import Posterior
 
     model = _gpo_with_grn()
     schema = _schema(4, 6, [10, 10, 0, 0])  # P2 held out, P3 never perturbed
@@ -229,7 +229,7 @@ def test_posterior_predicts_unseen_perturbations_by_grn_transfer():
     ],
 )
 def test_every_model_states_how_it_predicts_unseen_perturbations(name, method):
-    from pyrovae.infer.predictive import Posterior
+    from pyrovae.predict.posterior import Posterior
 
     cfg = model_config(name, n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
     model = build_model(cfg, 6, 3, seed=0)

@@ -14,9 +14,9 @@ from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.train import TrainConfig, Trainer, make_elbo
 from pyrovae.models.effects import CELL_PLATE, MASK_ESTIMATORS, AdditiveEffect
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.train.trainer import TrainConfig, Trainer, make_elbo
 from tests.helpers import assert_trains
 
 # the tiny model: T = 3 treatments (the third has no cell), K = 2, mean-field q(E) held fixed,

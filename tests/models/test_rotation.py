@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.train import TrainConfig, Trainer, make_elbo, split_counts
 from pyrovae.models.rotation import rotate_latent, rotated_scales, sparsest_rotation
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.train.trainer import TrainConfig, Trainer, make_elbo, split_counts
 
 K = 4
 SMALL = dict(n_latent=K, decoder_hidden=12, encoder_hidden=12, embedding_encoder_hidden=8)

@@ -14,9 +14,9 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.train import make_elbo, split_counts
 from pyrovae.models.distributions import StraightThroughBernoulli
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
+from pyrovae.train.trainer import make_elbo, split_counts
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)
 #: every named model without the artifact block (CRADLE-VAE and GPO-VAE need QC data)

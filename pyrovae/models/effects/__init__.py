@@ -17,7 +17,7 @@ Modules: :mod:`~pyrovae.models.effects.base` (the interface), :mod:`~pyrovae.mod
 :mod:`~pyrovae.models.effects.svae_plus`, :mod:`~pyrovae.models.effects.conditional`,
 :mod:`~pyrovae.models.effects.unseen` (GPO-VAE's unseen-perturbation transfer). The plate plumbing is
 :mod:`pyrovae.models.plates`, the q(M) gradient estimators :mod:`pyrovae.models.mask_estimators`, the
-parameter roles :mod:`pyrovae.models.roles` (the optimiser's rules: :mod:`pyrovae.infer.optim`). This
+parameter roles :mod:`pyrovae.models.roles` (the optimiser's rules: :mod:`pyrovae.train.optim`). This
 package re-exports the names used elsewhere.
 """
 

@@ -68,7 +68,7 @@ class AdditiveEffect(EffectBlock):
             started on: the effects are learned before the masks can be pruned on the gradients of
             still-untrained effect draws (measured, README "Spike and slab": it softens the spike-and-slab
             guide's pruning under straight-through but does not stop it).
-        mask_rotation: once, when the freeze ends, the :class:`~pyrovae.infer.train.Trainer` rotates the
+        mask_rotation: once, when the freeze ends, the :class:`~pyrovae.train.trainer.Trainer` rotates the
             latent basis to the one in which :meth:`mean_effects` are sparsest
             (:func:`~pyrovae.models.rotation.sparsest_rotation`,
             :func:`~pyrovae.models.rotation.rotate_latent`): with the masks still on, the likelihood and

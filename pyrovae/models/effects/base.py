@@ -26,7 +26,7 @@ class EffectBlock(nn.Module):
     #: rotate the latent basis when the mask freeze ends (``AdditiveEffect`` ``mask_rotation``)
     mask_rotation: bool = False
     #: the model's own Adam step size of its mask logits (``ModelConfig.mask_lr``;
-    #: :func:`pyrovae.infer.optim.param_groups`)
+    #: :func:`pyrovae.train.optim.param_groups`)
     mask_lr: float | None = None
 
     shift_dim: int = 0
@@ -111,18 +111,18 @@ class EffectBlock(nn.Module):
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         """The block's parameters by optimiser role (:data:`~pyrovae.models.roles.PARAM_ROLES`,
-        :func:`pyrovae.infer.optim.param_groups`): network
+        :func:`pyrovae.train.optim.param_groups`): network
         weights, variational parameters (and point-estimated per-treatment values), mask logits. The
         default: every parameter is a network weight."""
         return parameter_roles(self)
 
     def start_training(self, total_steps: int) -> None:
-        """Called by the :class:`~pyrovae.infer.train.Trainer` before its first step (and again on a resume)
+        """Called by the :class:`~pyrovae.train.trainer.Trainer` before its first step (and again on a resume)
         with the run's planned number of training steps (``max_epochs`` x batches per epoch, at most
         ``max_steps``): a block resolves step schedules given as fractions of the run here. Default: none."""
 
     def training_hooks(self) -> list[Any]:
-        """Objects whose ``after_step(trainer)`` the :class:`~pyrovae.infer.train.Trainer` calls after each
+        """Objects whose ``after_step(trainer)`` the :class:`~pyrovae.train.trainer.Trainer` calls after each
         optimiser step (schedules that change the model between steps, e.g. the sparse rotation). Default:
         none."""
         return []

@@ -19,6 +19,9 @@ A block without masks (CPA-VAE) has free parameters only, whatever the family: i
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import pyro.distributions as dist
 import torch
 
@@ -67,7 +70,9 @@ class SpikeSlab(QEffect):
 _FAMILIES = {f.name: f() for f in (MeanField, Correlated, SpikeSlab)}
 #: q(E) families of :class:`~pyrovae.models.effects.additive.AdditiveEffect` (``correlated``: the
 #: reference's; ``spike_slab``: a departure from the reference's guide family, the objective unchanged)
-GUIDES = tuple(_FAMILIES)
+Guide = Literal["mean_field", "correlated", "spike_slab"]
+GUIDES = typing.get_args(Guide)
+assert set(GUIDES) == set(_FAMILIES), "every q(E) family is a Guide choice"
 
 
 def guide_family(name: str) -> QEffect:

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from pyrovae.cli import build_parser, main  # noqa: E402
-from pyrovae.infer import train as train_module  # noqa: E402
+from pyrovae.train import trainer as train_module  # noqa: E402
 
 
 def _die() -> None:

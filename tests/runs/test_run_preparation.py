@@ -10,11 +10,12 @@ import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import prepare_gpo_data
-from pyrovae.infer.runs import PREP, SCHEMA, load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import MODEL_ZOO, data_requirements, model_config
 from pyrovae.outputs import check_replaceable
+from pyrovae.runs import load_run, train_run
+from pyrovae.runs.directory import PREP, SCHEMA
 from pyrovae.simulate import simulate_perturbseq
+from pyrovae.train.trainer import TrainConfig
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 FAST = dict(max_epochs=2, batch_size=128, lr=5e-3, n_particles=1, val_particles=1, seed=0)

@@ -13,8 +13,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.train import TrainConfig, Trainer, seed_everything, split_counts
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.train.trainer import TrainConfig, Trainer, seed_everything, split_counts
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16, likelihood="nb")
 

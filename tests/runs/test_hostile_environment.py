@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pyrovae.cli import main
-from pyrovae.infer.runs import load_run
+from pyrovae.runs import load_run
 from tests.helpers import make_adata
 
 TINY = ["n_latent=3", "decoder_hidden=8", "encoder_hidden=8", "embedding_encoder_hidden=8", "max_epochs=1"]

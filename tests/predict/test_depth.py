@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 import pyrovae
 from pyrovae.evaluate.ate import ate_metrics, empirical_ate
-from pyrovae.infer.predictive import MATCHED
+from pyrovae.predict.posterior import MATCHED
 from pyrovae.simulate import ground_truth, simulated_ate
 
 SMALL = dict(n_latent=4, decoder_hidden=32, encoder_hidden=32)

@@ -10,7 +10,7 @@ One step; the objective is one loss object, :class:`PenalisedELBO` (the one plac
 estimators of :mod:`pyrovae.models.mask_estimators`; they change the gradient, not the loss:
 :class:`SurrogateTraceGraphELBO`, also used for validation), and then the penalties (:class:`PenalisedELBO`,
 training only). The optimiser's parameter groups come from the blocks' declared roles
-(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_roles`, :func:`pyrovae.infer.optim.param_groups`).
+(:meth:`~pyrovae.models.skeleton.PerturbationVAE.param_roles`, :func:`pyrovae.train.optim.param_groups`).
 The ELBO is computed with every site scaled by 1/N (N = training cells), so the loss is a per-cell
 negative ELBO in nats (the reference's units, in which the weight decay and clip threshold are set).
 Validation uses the held-out *predictive* negative ELBO per cell: local terms of the validation cells with
@@ -32,7 +32,7 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyro
@@ -43,17 +43,17 @@ from pyro.infer.util import torch_backward, torch_item
 from pyro.util import warn_if_nan
 from tqdm.auto import tqdm
 
-from pyrovae.config import check_range, coerce_fields, replace_checked
-from pyrovae.data.anndata import PerturbationData, PyrovaeWarning
+from pyrovae.config import PyrovaeWarning, check_range, coerce_fields, replace_checked
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.matrix import nonzero_counts
-from pyrovae.infer import distributed
-from pyrovae.infer.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
-from pyrovae.infer.optim import model_param_groups
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.models.artifact import QC_PLATE
 from pyrovae.models.mask_estimators import SURROGATE_ELBO
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
+from pyrovae.train import distributed
+from pyrovae.train.device import check_device_name, device_rng_state, resolve_device, set_device_rng_state
+from pyrovae.train.optim import model_param_groups
 
 #: the largest seed: Pyro seeds numpy's global generator, which takes 32-bit seeds
 MAX_SEED = 2**32 - 1
@@ -74,9 +74,9 @@ class TrainConfig:
     weight_decay: float = 1e-6
     patience: int = 20
     min_delta: float = 0.0
-    global_scaling: str = "per_treatment"  # per_treatment | standard
+    global_scaling: Literal["per_treatment", "standard"] = "per_treatment"
     seed: int = 0
-    #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available; see pyrovae.infer.device)
+    #: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available; see pyrovae.train.device)
     device: str = "cpu"
     val_particles: int = 5
     #: every training step with Pyro's and torch's validation as set globally (``True``); ``False``: only a
@@ -93,7 +93,6 @@ class TrainConfig:
         for name in ("weight_decay", "min_delta", "seed"):
             check_range(name, getattr(self, name), ge=0)
         check_range("seed", self.seed, le=MAX_SEED)  # numpy's global seed is 32-bit
-        check_range("global_scaling", self.global_scaling, choices=("per_treatment", "standard"))
         check_device_name(self.device)
 
     def replace(self, **kw: Any) -> TrainConfig:
@@ -254,7 +253,7 @@ class Trainer:
     def __init__(self, model: PerturbationVAE, data: PerturbationData, cfg: TrainConfig, checkpoint=None):
         model.effect.check_treatments_per_cell(nonzero_counts(data.dosage, 1))  # sparse D is not densified
         self.device = resolve_device(cfg.device)
-        #: data-parallel context under torchrun (None in one process); see pyrovae.infer.distributed
+        #: data-parallel context under torchrun (None in one process); see pyrovae.train.distributed
         self.ddp = distributed.context(self.device)
         self.model, self.data, self.cfg = model.to(self.device), data, cfg
         self.checkpoint = checkpoint

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.predict.posterior import Posterior
+from pyrovae.train.trainer import TrainConfig, Trainer
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 

@@ -21,7 +21,7 @@ counts) global. Each rank's loss is then the per-cell negative ELBO estimate fro
 scaled by N / B_r, global rows by w_t^r = (N / B_r) n_t^r / N_t. Both are linear in the rank's cells, so
 the average of the ranks' gradients (one ``all_reduce`` per step, :meth:`DataParallel.reduce_step`) is
 exactly the gradient of one process on the union of their minibatches with the same draws
-(tests/infer/test_distributed.py). Each rank draws its own particles (torch/Pyro seed + rank), so the
+(tests/train/test_distributed.py). Each rank draws its own particles (torch/Pyro seed + rank), so the
 averaged step uses world_size x P draws of the global sites. The training and validation losses are averaged
 over ranks, so every rank takes the same early-stopping decision; checkpoints and ``metrics.csv`` are
 written by rank 0 only; ``--resume`` reads ``last.pt`` on every rank (ranks other than 0 reseed from

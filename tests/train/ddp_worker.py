@@ -1,4 +1,4 @@
-"""One rank of the 2-process data-parallel tests (launched by tests/infer/test_distributed.py via torchrun).
+"""One rank of the 2-process data-parallel tests (launched by tests/train/test_distributed.py via torchrun).
 
 ``ddp_worker.py grad OUT`` writes ``grad_rank{r}.pt`` (the rank's minibatch positions and its all-reduced
 gradients of one step at a fixed seed); ``ddp_worker.py train OUT`` trains into ``OUT/run``, then resumes it
@@ -15,11 +15,11 @@ import pyro
 import torch
 
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer import distributed
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import Trainer, evaluate_loss, split_counts
 from pyrovae.models.zoo import build_model, model_config
-from tests.infer.test_distributed import (
+from pyrovae.runs import train_run
+from pyrovae.train import distributed
+from pyrovae.train.trainer import Trainer, evaluate_loss, split_counts
+from tests.train.test_distributed import (
     BATCH,
     EPOCHS,
     GRAD_SEED,

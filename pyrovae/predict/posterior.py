@@ -1,5 +1,5 @@
 """Posterior sampling: global draws, basal latents, posterior-predictive counts, model ATEs (ArviZ export:
-:mod:`pyrovae.infer.arviz`).
+:mod:`pyrovae.predict.arviz`).
 
 Everything runs on :class:`pyro.infer.Predictive` over the shared skeleton, vectorised over particles and
 chunked to bound memory; nothing here knows which model family it runs. Shapes: A perturbations, T
@@ -34,13 +34,13 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
-from pyrovae.data.anndata import PerturbationData, untrained_treatments
 from pyrovae.data.dosage import build_dosage
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.arviz import to_arviz
+from pyrovae.data.perturbation_data import PerturbationData, untrained_treatments
 from pyrovae.models.effects import UNTRAINED_METHODS
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS, DEFAULT_LIBRARY_SIZE
+from pyrovae.predict.arviz import to_arviz
 
 _LIBRARY_SITE = "library_size"
 _COVARIATE_SITE = "covariates"
@@ -136,7 +136,7 @@ class Posterior:
 
     @classmethod
     def from_run(cls, run, transfer: bool = True) -> Posterior:
-        """The posterior of a :class:`~pyrovae.infer.runs.Run` (its untrained treatments as ``transfer``)."""
+        """The posterior of a :class:`~pyrovae.runs.run.Run` (its untrained treatments as ``transfer``)."""
         return cls(run.model, run.schema, run.untrained, transfer=transfer)
 
     @property
@@ -436,7 +436,7 @@ class Posterior:
         """Basal latent samples z ~ q(z_basal | x, d, g) for the selected cells: (n_samples, cells, K).
 
         Each sample s uses the global draw s (shared across cells). ``data`` must be read with the run's
-        schema (:meth:`~pyrovae.infer.runs.Run.load_data`).
+        schema (:meth:`~pyrovae.runs.run.Run.load_data`).
         """
         rows = split_rows(data, split_or_indices)
         loader = MinibatchLoader(data, None, batch_size, indices=rows, device=self.device)
@@ -704,5 +704,5 @@ class Posterior:
         chunk: int = 256,
     ):
         """The global posterior and posterior-predictive counts as an ArviZ ``InferenceData`` (ArviZ 0.x)
-        or ``DataTree`` (1.x): :func:`pyrovae.infer.arviz.to_arviz` (groups, dims and coords there)."""
+        or ``DataTree`` (1.x): :func:`pyrovae.predict.arviz.to_arviz` (groups, dims and coords there)."""
         return to_arviz(self, n_draws, perturbations, library_size, data, seed, chunk)

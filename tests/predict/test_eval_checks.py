@@ -8,9 +8,9 @@ import pytest
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.prepare import prepare_cradle_data
-from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.predictive import Posterior
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.predict.iwelbo import predictive_iwelbo
+from pyrovae.predict.posterior import Posterior
 from pyrovae.simulate import simulate_perturbseq
 
 

@@ -12,8 +12,8 @@ import torch
 from scipy.stats import multivariate_normal
 
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.infer.iwelbo import iwelbo_over_seeds, predictive_iwelbo
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.predict.iwelbo import iwelbo_over_seeds, predictive_iwelbo
 
 G, K, SIGMA = 5, 2, 0.5
 

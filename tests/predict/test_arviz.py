@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pyrovae.infer.arviz import convert, posterior_groups, takes_nested_dict, to_arviz
-from pyrovae.infer.predictive import Posterior
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.predict.arviz import convert, posterior_groups, takes_nested_dict, to_arviz
+from pyrovae.predict.posterior import Posterior
 
 
 def _posterior(data, name="sams_vae"):

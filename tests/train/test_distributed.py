@@ -17,11 +17,11 @@ import torch
 
 from pyrovae.data.anndata import load_perturbation_data
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer import distributed
-from pyrovae.infer.runs import train_run
-from pyrovae.infer.train import TrainConfig, evaluate_loss, make_elbo, split_counts
 from pyrovae.models.zoo import build_model, model_config
+from pyrovae.runs import train_run
 from pyrovae.simulate import simulate_perturbseq
+from pyrovae.train import distributed
+from pyrovae.train.trainer import TrainConfig, evaluate_loss, make_elbo, split_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, PARTICLES, GRAD_SEED, EPOCHS, MORE_EPOCHS = 16, 3, 123, 12, 15
@@ -50,11 +50,11 @@ def train_config(batch_size: int, **kw) -> TrainConfig:
 
 
 def launch(mode: str, out: Path) -> Path:
-    """Run tests/infer/ddp_worker.py MODE OUT on 2 CPU processes (gloo) with torchrun."""
+    """Run tests/train/ddp_worker.py MODE OUT on 2 CPU processes (gloo) with torchrun."""
     if not _has_torch_run():
         pytest.skip("torch.distributed.run is not available")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    worker = str(ROOT / "tests" / "infer" / "ddp_worker.py")
+    worker = str(ROOT / "tests" / "train" / "ddp_worker.py")
     cmd = [
         sys.executable,
         "-m",

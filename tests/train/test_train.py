@@ -10,10 +10,10 @@ import pyro
 import pytest
 import torch
 
-from pyrovae.infer.runs import load_run, train_run
-from pyrovae.infer.train import TrainConfig, Trainer
 from pyrovae.models.effects import FIXED_MASK_LOGIT
 from pyrovae.models.zoo import MODEL_ZOO, build_model, model_config
+from pyrovae.runs import load_run, train_run
+from pyrovae.train.trainer import TrainConfig, Trainer
 from tests.helpers import assert_trains
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
@@ -165,7 +165,7 @@ def test_training_on_non_counts_with_count_likelihood_is_refused(tiny_data, tmp_
 def test_validation_loss_draws_untrained_treatments_from_the_prior(name, tiny_data):
     """A treatment with no training cell is scored with its prior, whatever its (untouched) q holds."""
     from pyrovae.data.prepare import holdout_perturbations
-    from pyrovae.infer.train import evaluate_loss
+    from pyrovae.train.trainer import evaluate_loss
 
     data = holdout_perturbations(tiny_data, ["B"])  # every B and A+B cell goes to test: N_B = 0
     assert data.treatment_counts("train")[data.treatments.index("B")] == 0
@@ -196,8 +196,8 @@ def test_penalised_elbo_equals_the_elbo_plus_a_second_backward_of_the_penalties(
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.loader import MinibatchLoader
     from pyrovae.data.prepare import prepare_gpo_data
-    from pyrovae.infer.train import PenalisedELBO, make_elbo, make_training_elbo, split_counts
     from pyrovae.simulate import simulate_perturbseq
+    from pyrovae.train.trainer import PenalisedELBO, make_elbo, make_training_elbo, split_counts
 
     data = load_perturbation_data(simulate_perturbseq("tiny", seed=0))
     data = prepare_gpo_data(data, qc_key="low_quality", seed=0)

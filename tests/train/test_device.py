@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pyrovae.infer.device import device_rng_state, resolve_device, set_device_rng_state
-from pyrovae.infer.iwelbo import predictive_iwelbo
-from pyrovae.infer.predictive import Posterior
-from pyrovae.infer.runs import LAST, load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
+from pyrovae.predict.iwelbo import predictive_iwelbo
+from pyrovae.predict.posterior import Posterior
+from pyrovae.runs import load_run, train_run
+from pyrovae.runs.directory import LAST
+from pyrovae.train.device import device_rng_state, resolve_device, set_device_rng_state
+from pyrovae.train.trainer import TrainConfig
 
 SMALL = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
 AUTO = resolve_device("auto")

@@ -38,11 +38,11 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrovae.data.anndata import PerturbationData
 from pyrovae.data.loader import MinibatchLoader
-from pyrovae.infer.predictive import rng_scope, split_rows
+from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.skeleton import PerturbationVAE
+from pyrovae.predict.posterior import rng_scope, split_rows
 
 _NOISE_BLOCK = 256  # cells per block of basal noise (fixed, so results do not depend on batch_size)
 
@@ -159,7 +159,7 @@ def predictive_iwelbo(
         score_globals: add log p(g_k) - log q(g_k) to every weight (prior-predictive bound).
         validate_args: Pyro's and torch's checks (distribution arguments, supports, plate shapes) on every
             batch; ``False`` (default): on the first batch only, as set globally (``pyro.enable_validation``),
-            and off for the others, as training does (:meth:`~pyrovae.infer.train.Trainer.step_validation`).
+            and off for the others, as training does (:meth:`~pyrovae.train.trainer.Trainer.step_validation`).
             The numbers are the same; the checks took ~25 % of an IWELBO pass (bench/README.md).
         reuse_globals: run the guide's and the model's global parts (q(E | M)'s network over all T rows,
             the priors) once per particle chunk and reuse them for every batch (the same numbers); ``False``

@@ -19,14 +19,15 @@ import pytest
 import torch
 
 import pyrovae.cli as cli_mod
-import pyrovae.infer.runs as runs_mod
+import pyrovae.runs.run as runs_mod
 from pyrovae.cli import main
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.infer.iwelbo import iwelbo_over_seeds
-from pyrovae.infer.runs import fingerprint_mismatch, load_run, train_run
-from pyrovae.infer.train import TrainConfig
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, dir_lock, is_temporary, staged_dir
+from pyrovae.predict.iwelbo import iwelbo_over_seeds
+from pyrovae.runs import load_run, train_run
+from pyrovae.runs.directory import fingerprint_mismatch
+from pyrovae.train.trainer import TrainConfig
 from tests.helpers import make_adata
 
 SMALL = dict(n_latent=3, decoder_hidden=8, encoder_hidden=8, embedding_encoder_hidden=8)

@@ -1,4 +1,4 @@
-"""ArviZ export of a :class:`~pyrovae.infer.predictive.Posterior`, for ArviZ 0.x and 1.x.
+"""ArviZ export of a :class:`~pyrovae.predict.posterior.Posterior`, for ArviZ 0.x and 1.x.
 
 The two ArviZ lines convert the same nested arrays with different calls:
 

@@ -32,7 +32,7 @@ def param_groups(
         roles: {role: parameters}, roles among :data:`pyrovae.models.roles.PARAM_ROLES` (e.g. an effect
             block's ``param_roles()``).
         cfg: the training settings (``weight_decay``, ``mask_lr``; a
-            :class:`~pyrovae.infer.train.TrainConfig`).
+            :class:`~pyrovae.train.trainer.TrainConfig`).
         model_mask_lr: the model's own step size of its mask logits (used when ``cfg.mask_lr`` is unset).
 
     Returns:
