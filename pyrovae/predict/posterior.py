@@ -623,8 +623,8 @@ class Posterior:
                 level); keys not given follow the evaluated cells (matched) or the training proportions.
             chunk: samples drawn at once (global draws, basal noise, counts): memory O(chunk (T K + U G));
                 the same ``seed``, ``chunk`` and ``max_chunk_mb`` give the same numbers.
-            max_chunk_mb: bound on one chunk's memory: when ``chunk`` samples would take more (about 4
-                x 4 bytes per global entry and per predicted count of a sample; e.g. at T = 10,000
+            max_chunk_mb: bound on one chunk's memory: when ``chunk`` samples would take more (about
+                16 x 4 bytes per global entry and 4 x 4 per predicted count of a sample; e.g. at T = 10,000
                 perturbations, or GPO-VAE's T x T effects), fewer are drawn at once (:meth:`chunk_size`).
 
         Returns:
