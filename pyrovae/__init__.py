@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # the names below are imported on first use (``import pyrovae
     from pyrovae import datasets
     from pyrovae.data import MinibatchLoader, PerturbationData, load_perturbation_data
     from pyrovae.data.options import DataOptions
+    from pyrovae.evaluate.enrichment import latent_enrichment
+    from pyrovae.evaluate.grn_reference import score_run_reference
+    from pyrovae.evaluate.knowledge import read_gene_sets, read_interactions
     from pyrovae.model import CPAVAE, CRADLEVAE, GPOVAE, SAMSVAE, ConditionalVAE, Model, SVAEPlus
     from pyrovae.models.skeleton import PerturbationVAE
     from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, build_model, model_config
@@ -53,6 +56,9 @@ _LAZY = {
         ("Model", "SAMSVAE", "CPAVAE", "SVAEPlus", "ConditionalVAE", "CRADLEVAE", "GPOVAE"), "pyrovae.model"
     ),
     "PerturbationVAE": "pyrovae.models.skeleton",
+    **dict.fromkeys(("read_gene_sets", "read_interactions"), "pyrovae.evaluate.knowledge"),
+    "latent_enrichment": "pyrovae.evaluate.enrichment",
+    "score_run_reference": "pyrovae.evaluate.grn_reference",
     **dict.fromkeys(("MODEL_ZOO", "ModelConfig", "build_model", "model_config"), "pyrovae.models.zoo"),
 }
 
@@ -99,4 +105,8 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "model_config",
+    "read_gene_sets",
+    "read_interactions",
+    "latent_enrichment",
+    "score_run_reference",
 ]

@@ -1,4 +1,4 @@
-"""The ``pyrovae`` command line: ``pyrovae simulate | train | iwelbo | ate | sample | grn | demo``.
+"""The ``pyrovae`` command line: ``pyrovae simulate | train | iwelbo | ate | sample | grn | enrich | demo``.
 
 Each subcommand lives in a module of :mod:`pyrovae.commands` exposing ``register(subparsers)``, which adds
 its parser and sets ``func`` (called with the parsed arguments).
@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pyrovae.commands.train",
     "pyrovae.commands.evaluate",
     "pyrovae.commands.grn",
+    "pyrovae.commands.enrich",
     "pyrovae.commands.demo",
 )
 

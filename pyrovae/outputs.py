@@ -47,6 +47,10 @@ KIND_PATTERNS: dict[str, tuple[str, ...]] = {
         "metrics.csv",
         "iwelbo_*.csv",
         "iwelbo_*_summary.json",
+        "enrichment_*.csv",  # pyrovae enrich
+        "enrichment_*_summary.json",
+        "grn_reference_*.csv",  # pyrovae grn --reference
+        "grn_reference_*_summary.json",
         "fingerprint.json",  # the training data's identity and the run id (pyrovae.runs.run)
         "adata.h5ad",  # pyrovae.Model.save(save_anndata=True)
     ),

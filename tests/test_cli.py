@@ -337,3 +337,47 @@ def test_demo_on_an_embedded_real_dataset(tmp_path, capsys):
         config["data"]["covariate_keys"] == ["cell_type"] and config["data"]["size_factor_key"] == "ncounts"
     )
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_enrich_command_writes_table_next_to_the_run_and_bad_files_fail_in_one_line(
+    trained_run, tmp_path, capsys
+):
+    """pyrovae enrich RUN --gene-sets FILE.gmt: the table and its summary in the run directory (atomically,
+    refused without --overwrite); malformed or unmatched files end in one line, exit code 2."""
+    data, run = trained_run
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("S1\tplanted\tPG01\tPG02\tPG03\tG0001\nS2\t-\tG0002\tG0003\tG0004\tPG04\tPG05\tPG06\n")
+    assert main(["enrich", str(run), "--gene-sets", str(gmt), "--permutations", "50"]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(run / "enrichment_sets.csv")
+    summary = json.loads((run / "enrichment_sets_summary.json").read_text())
+    assert {"genes", "perturbations"} == set(table["level"]) and len(
+        table[table["level"] == "genes"]
+    ) == 2 * 4
+    assert table["auroc"].between(0, 1).all() and table["fdr"].between(0, 1).all()
+    assert summary["genes"]["n_matched_genes"] == 10 and summary["usage"] == "mask_probability"
+    assert "10 of the 10 genes of sets.gmt" in printed
+    assert "share latent dimensions: AUROC" in printed
+    assert main(["enrich", str(run), "--gene-sets", str(gmt)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    bad = {
+        "dup.gmt": ("A\td\tPG01\tPG02\tPG03\nA\td\tG0001\tG0002\tG0003\n", "already used on line 1"),
+        "comma.gmt": ("A,d,PG01,PG02\n", "tab-separated"),
+        "none.gmt": ("A\td\tTP53\tMYC\tBRCA1\n", "none of the 3 genes"),
+        "empty.gmt": ("A\td\n", "has no genes"),
+    }
+    for name, (text, words) in bad.items():
+        (tmp_path / name).write_text(text)
+        assert (
+            main(["enrich", str(run), "--gene-sets", str(tmp_path / name), "--out", str(tmp_path / "o.csv")])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert main(["enrich", str(run), "--gene-sets", str(tmp_path / "missing.gmt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(["enrich", str(run), "--gene-sets", str(gmt), "--out", str(tmp_path / "f.csv"), "--fdr", "2"])
+        == 2
+    )
+    assert "--fdr" in capsys.readouterr().err

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pyrovae.config import parse_overrides, read_options_file
 from pyrovae.data.options import DataOptions
+from pyrovae.outputs import dir_lock
 from pyrovae.train.device import resolve_device
 
 __all__ = [
@@ -18,6 +22,8 @@ __all__ = [
     "parse_overrides",
     "positive_float",
     "positive_int",
+    "refuse_existing",
+    "run_lock_if_inside",
     "seed_int",
 ]
 
@@ -192,3 +198,18 @@ def gather_overrides(config_file: str | None, items: list[str] | None) -> dict[s
     out = read_options_file(config_file) if config_file else {}
     out.update(parse_overrides(items))
     return out
+
+
+def refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that exist unless ``--overwrite`` (one error naming them all)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --out"
+        )
+
+
+def run_lock_if_inside(out: Path, run_dir: Path):
+    """The run directory's lock when ``out`` is written inside it (a training there must not interleave)."""
+    inside = Path(out).resolve().is_relative_to(Path(run_dir).resolve())
+    return dir_lock(run_dir) if inside else contextlib.nullcontext()

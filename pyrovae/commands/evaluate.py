@@ -7,14 +7,20 @@ writes its outputs atomically, and refuses to overwrite an existing output unles
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pyrovae.commands.common import add_device_arg, command_device, non_negative_int, positive_int, seed_int
+from pyrovae.commands.common import (
+    add_device_arg,
+    command_device,
+    non_negative_int,
+    positive_int,
+    refuse_existing,
+    run_lock_if_inside,
+    seed_int,
+)
 from pyrovae.evaluate.celleval import cell_eval_available, cell_eval_inputs, run_cell_eval
 from pyrovae.evaluate.score import score_run
 from pyrovae.nn.likelihoods import DEFAULT_LIBRARY_SIZE
@@ -22,7 +28,6 @@ from pyrovae.outputs import (
     atomic_write,
     atomic_write_all,
     check_not_owned,
-    dir_lock,
     json_writer,
     staged_dir,
     write_json,
@@ -33,14 +38,6 @@ from pyrovae.report import markdown_table
 from pyrovae.runs import load_run
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --out"
-        )
 
 
 def _library_arg(value: str) -> str | float:
@@ -85,12 +82,6 @@ def _load(args: argparse.Namespace):
 # -------------------------------------------------------------------------------------------- iwelbo
 
 
-def _run_lock_if_inside(out: Path, run_dir: Path):
-    """The run directory's lock when ``out`` is written inside it (a training there must not interleave)."""
-    inside = out.resolve().is_relative_to(run_dir.resolve())
-    return dir_lock(run_dir) if inside else contextlib.nullcontext()
-
-
 def run_iwelbo(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     suffix = "_prior" if args.score_globals else ""
@@ -101,7 +92,7 @@ def run_iwelbo(args: argparse.Namespace) -> int:
     out_json = out.with_name(out.stem + "_summary.json")
     for path in (out, out_json):
         check_not_owned(path)
-    _refuse_existing([out, out_json], args.overwrite)
+    refuse_existing([out, out_json], args.overwrite)
     if len(set(args.seeds)) < len(args.seeds):
         raise ValueError(
             f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: repeated seeds give the same "
@@ -124,7 +115,7 @@ def run_iwelbo(args: argparse.Namespace) -> int:
     cells = res["cells"]
     summary = scores["iwelbo_summary"][scores["name"]][args.split]
     summary.update({"run": str(run_dir), "data": str(args.data), "per_cell_csv": str(out)})
-    with _run_lock_if_inside(out, run_dir):
+    with run_lock_if_inside(out, run_dir):
         atomic_write_all(
             {
                 out: lambda tmp: cells.to_csv(tmp, index_label="cell"),
@@ -216,7 +207,7 @@ def run_ate(args: argparse.Namespace) -> int:
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
     with (
-        _run_lock_if_inside(out_dir, Path(args.run)),
+        run_lock_if_inside(out_dir, Path(args.run)),
         staged_dir(out_dir, "ate", args.overwrite, protect=(args.data,)) as stage,
     ):
         atomic_write(stage / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
@@ -353,7 +344,7 @@ def run_sample(args: argparse.Namespace) -> int:
     check_not_owned(out)
     if args.data and out.resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {out} is the input --data; write the samples to another file")
-    _refuse_existing([out], args.overwrite)
+    refuse_existing([out], args.overwrite)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out must end in .h5ad, got {out}")
     if args.library == MATCHED and not args.data:

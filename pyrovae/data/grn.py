@@ -1,7 +1,7 @@
 """GPO-VAE's GRN data: the GRN node list, the OT pairing with controls (cached by seed), ΔX targets.
 
-The GRN nodes of a :class:`~pyrovae.data.perturbation_data.PerturbationData` are its perturbed genes (the existing
-treatment columns, already sorted, each of which must be a measured gene) followed by the sorted
+The GRN nodes of a :class:`~pyrovae.data.perturbation_data.PerturbationData` are its perturbed genes (the
+existing treatment columns, already sorted, each of which must be a measured gene) followed by the sorted
 *extended* genes (GRN nodes that are never perturbed; their dosage columns are all zero, so their rows of E
 and M get no ELBO signal). :func:`grn_targets` builds them
 and the per-cell targets of the GRN alignment:

@@ -2,8 +2,8 @@
 
 Pure numpy / pandas on plain arrays (a ``counts`` argument is a dense or :mod:`scipy.sparse`
 ``(n_cells, n_genes)`` matrix, never densified as a whole), plus :func:`qc_indicator`, the QC extra of a
-:class:`~pyrovae.data.perturbation_data.PerturbationData`. The model-facing preparation (which model needs what)
-is :mod:`pyrovae.data.prepare`.
+:class:`~pyrovae.data.perturbation_data.PerturbationData`. The model-facing preparation (which model needs
+what) is :mod:`pyrovae.data.prepare`.
 
 How this departs from the reference code (CRADLE-VAE's and GPO-VAE's data modules):
 

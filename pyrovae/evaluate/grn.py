@@ -49,6 +49,7 @@ __all__ = [
     "unseen_perturbation_baselines",
     "auroc",
     "average_precision",
+    "expected_tp_at",
 ]
 
 
@@ -90,8 +91,12 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def _expected_tp_at(y: np.ndarray, s: np.ndarray, k: int) -> float:
-    """Expected true positives among the k top-scored candidates, ties at the cut-off split uniformly."""
+def expected_tp_at(y: np.ndarray, s: np.ndarray, k: int) -> float:
+    """Expected true positives among the k top-scored candidates, ties at the cut-off split uniformly.
+
+    Args:
+        y: (n,) 0/1 labels; s: (n,) scores (higher first); k: how many top candidates.
+    """
     if k <= 0:
         return 0.0
     if k >= len(s):
@@ -143,7 +148,7 @@ def score_grn(
     pred = s > threshold
     n_pred = int(pred.sum())
     tp = float(y[pred].sum())
-    tp_k = _expected_tp_at(y, s, n_true)
+    tp_k = expected_tp_at(y, s, n_true)
     k_eff = min(n_true, n_cand)
     return {
         "auroc": auroc(y, s),
@@ -521,7 +526,7 @@ def statistical_evaluation(
 
 def _flat_scores(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
     n_true, n_cand = int(y.sum()), int(y.size)
-    tp_k = _expected_tp_at(y, s, n_true)
+    tp_k = expected_tp_at(y, s, n_true)
     k_eff = min(n_true, n_cand)
     pred = s > threshold
     n_pred, tp = int(pred.sum()), float(y[pred].sum())

@@ -226,6 +226,13 @@ class PerturbationVAE(nn.Module):
         self, z: torch.Tensor, batch: dict[str, torch.Tensor], g: dict[str, torch.Tensor]
     ) -> dist.Distribution:
         """p(x | z, d, g[, qc]) with batch shape (..., B) and event (G,)."""
+        return self.decoder(self.decoder_features(z, batch, g), batch.get("library_size"))
+
+    def decoder_features(
+        self, z: torch.Tensor, batch: dict[str, torch.Tensor], g: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """(..., B, D) what the decoder reads: the effect block's decoder input of z (B, K) [, the artifact
+        block's input] [, the covariates]; its first K columns are the (shifted) latent for every family."""
         u = self.effect.decoder_input(z, batch["d"], g)
         art = self._artifact_input(batch, g)
         if art is not None:
@@ -233,7 +240,7 @@ class PerturbationVAE(nn.Module):
         if self.n_covariates:
             cov = self.covariates(batch)
             u = torch.cat([u, cov.expand(u.shape[:-1] + cov.shape[-1:])], dim=-1)
-        return self.decoder(u, batch.get("library_size"))
+        return u
 
     def covariates(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(..., B, C) one-hot batch and covariates of the minibatch; an error naming the fix if absent."""

@@ -181,6 +181,15 @@ class Decoder(nn.Module):
         frac = torch.softmax(self.head(self.trunk(u)), dim=-1)
         return frac[..., :-1] if self.rest else frac
 
+    def log_mean(self, u: torch.Tensor) -> torch.Tensor:
+        """(..., B, G) the mean expression on the log scale, free of the library size: log of
+        :meth:`mean_fraction` (count likelihoods), the mean itself for ``"normal"`` (log-normalised data)."""
+        out = self.head(self.trunk(u))
+        if self.likelihood == "normal":
+            return out
+        logp = torch.log_softmax(out, dim=-1)
+        return logp[..., :-1] if self.rest else logp
+
     def forward(self, u: torch.Tensor, library_size: torch.Tensor | None) -> dist.Distribution:
         out = self.head(self.trunk(u))
         if self.likelihood == "normal":

@@ -381,10 +381,8 @@ class Posterior:
             if self._needs_library():
                 lib = np.full((n, len(labels)), self._fixed_library(library_size))
             if n_cov:
-                combos, p = self._training_combos(covariates)
-                picks = rng.choice(len(combos), size=n, p=p)
-                table = np.stack([self._covariate_row(c) for c in combos])
-                cov = np.broadcast_to(table[picks][:, None, :], (n, len(labels), n_cov))
+                rows_ = self.training_covariates(n, rng, covariates)
+                cov = np.broadcast_to(rows_[:, None, :], (n, len(labels), n_cov))
             how = f"library size {self._fixed_library(library_size):g}"
             if n_cov:
                 how += ", covariates drawn from the training cells' levels in proportion"
@@ -399,6 +397,17 @@ class Posterior:
             )
 
         return tensor(lib), tensor(cov), how
+
+    def training_covariates(
+        self, n: int, rng: np.random.Generator, covariates: dict[str, str] | None = None
+    ) -> np.ndarray:
+        """(n, C) one-hot covariate rows drawn from the training cells' level combinations in proportion
+        (``covariates`` {key: level} fixes levels); (n, 0) for a model without covariates."""
+        if not self.model.n_covariates:
+            return np.zeros((n, 0), dtype=np.float32)
+        combos, p = self._training_combos(self.check_covariates(covariates))
+        picks = rng.choice(len(combos), size=n, p=p)
+        return np.stack([self._covariate_row(c) for c in combos])[picks]
 
     def _key_mask(self, covariates: dict[str, str]) -> np.ndarray:
         """(C,) bool: the one-hot columns of the chosen keys."""

@@ -199,6 +199,50 @@ def test_cli_grn_exports_and_scores(tiny_run, tmp_path, capsys):
     assert len(pd.read_csv(out)) == T * T
 
 
+def test_cli_grn_reference_scores_gpo_and_baselines(tiny_run, tmp_path, capsys):
+    """pyrovae grn RUN --reference EDGES.csv --data: every method against the planted GRN's edge list, signed,
+    with its p-value; bad lists end in one line."""
+    from pyrovae.simulate import ground_truth
+
+    run, h5ad, adata = tiny_run
+    truth = ground_truth(adata)
+    genes, adj = np.asarray(truth["grn_genes"]).astype(str), np.asarray(truth["grn_adjacency"])
+    src, tgt = np.nonzero(adj)
+    ref = tmp_path / "edges.tsv"
+    pd.DataFrame({"source": genes[src], "target": genes[tgt], "sign": np.sign(adj[src, tgt])}).to_csv(
+        ref, sep="\t", index=False
+    )
+    out = tmp_path / "ref_scores.csv"
+    argv = ["grn", str(run.path), "--reference", str(ref), "--data", str(h5ad), "--reference-out", str(out)]
+    assert _main([*argv, "--permutations", "50", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    table = pd.read_csv(out)
+    assert {"gpo_vae", "correlation", "de", "deconvolved_de"} <= set(table["method"])
+    assert {"auprc", "random_auprc", "enrichment", "p_value", "precision_at_top", "sign_accuracy"} <= set(
+        table.columns
+    )
+    de = table[(table["method"] == "de") & (table["block"] == "perturbed->perturbed")].iloc[0]
+    assert de["sign_accuracy"] >= 0 and 0 < de["p_value"] <= 1 and de["top_k"] == 5
+    assert f"{len(src)} of the {len(src)} edges" in text and "against the reference" in text
+    summary = pd.read_json(out.with_name("ref_scores_summary.json"), typ="series")
+    assert summary["n_edges_matched"] == len(src) and summary["signed"]
+    # the default output goes into the run directory, next to the run
+    assert _main(["grn", str(run.path), "--reference", str(ref), "--permutations", "10"]) == 0
+    assert (run.path / "grn_reference_edges.csv").exists()
+    assert "pass --data for the baselines" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    for text_, words in (("a,b\nx,y\n", "no source column"), ("source,target\nTP53,MYC\n", "none of the 2")):
+        bad.write_text(text_)
+        assert (
+            _main(["grn", str(run.path), "--reference", str(bad), "--reference-out", str(out), "--overwrite"])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert _main(["grn", str(run.path)]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+
+
 def test_cli_ate_and_sample_predict_held_out_perturbations_by_grn_transfer(tmp_path, capsys):
     import json
 

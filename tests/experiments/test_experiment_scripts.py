@@ -219,3 +219,14 @@ def test_grn_check_preset_scores_the_grn_and_the_held_out_perturbations(tmp_path
     assert info["settings"]["split"] == "data" and info["settings"]["holdout"] == ["PG03"]
     res = pd.read_csv(out / "results.csv").set_index("model")
     assert np.isfinite(res.loc["gpo_vae", ["auprc_perturbed", "test_iwelbo", "ate_r"]].astype(float)).all()
+
+
+@pytest.mark.slow
+def test_knowledge_recovery_writes_planted_and_shuffled_rows(tmp_path):
+    out = tmp_path / "knowledge"
+    argv = ["--out", str(out), "--seeds", "0", "--epochs", "2", "2", "--permutations", "50"]
+    assert _script("knowledge_recovery").main(argv) == 0
+    res = pd.read_csv(out / "results.csv")
+    assert {"planted", "shuffled"} == set(res["knowledge"])
+    assert {"sams_vae", "sams_vae_planted_masks", "gpo_vae"} == set(res["run"])
+    assert res["metric"].str.startswith("GRN de:").any() and (out / "summary.md").read_text().strip()
