@@ -1,8 +1,8 @@
 """Per-cell model inputs in O(batch) memory: GPO-VAE's and CRADLE-VAE's prepared targets, built per minibatch.
 
 A :class:`~pyrovae.data.perturbation_data.PerturbationData`'s ``extras`` hold per-cell arrays that
-every minibatch carries (:class:`~pyrovae.data.loader.MinibatchLoader` indexes them with the batch's rows). Two of them
-used to be dense ``(N, G)`` / ``(N, T)`` arrays although they carry far less information:
+every minibatch carries (:class:`~pyrovae.data.loader.MinibatchLoader` indexes them with the batch's
+rows). Two of them used to be dense ``(N, G)`` / ``(N, T)`` arrays although they carry far less information:
 
 ================= ======================= ========================================================
 extra             stored as               memory
