@@ -8,6 +8,10 @@ Usage::
     # write N cells x G genes chunk by chunk, read it backed, train one epoch, one IWELBO pass
     OMP_NUM_THREADS=1 python bench/scale_run.py scale --cells 200000 --genes 2000 --perturbations 500 \\
         --workdir /tmp/scale --out bench/results/scale_200k.csv
+    # GPO-VAE (or cradle_vae): also its preparation (QC, counterfactuals, pairing, delta_x), 300 steps,
+    # IWELBO over the whole test split, the model ATE with 2,500 samples
+    OMP_NUM_THREADS=1 python bench/scale_run.py scale --model gpo_vae --cells 200000 --max-steps 300 \\
+        --ate-samples 2500 --workdir /tmp/scale --out bench/results/scale_gpo_200k.csv
 
 Every phase reports its wall time and its peak resident memory (the high-water mark is reset before each
 phase through /proc/self/clear_refs, so it is the phase's own peak), as one CSV row per phase.
@@ -31,8 +35,10 @@ if str(ROOT) not in sys.path:
 from bench.benchmark import _rss_mb  # noqa: E402
 from pyrovae.data.anndata import load_perturbation_data  # noqa: E402
 from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.models.zoo import model_config  # noqa: E402
+from pyrovae.data.prepare import prepare_data  # noqa: E402
+from pyrovae.models.zoo import data_requirements, model_config  # noqa: E402
 from pyrovae.predict.iwelbo import predictive_iwelbo  # noqa: E402
+from pyrovae.predict.posterior import Posterior  # noqa: E402
 from pyrovae.runs import train_run  # noqa: E402
 from pyrovae.simulate import PRESETS, write_perturbseq_h5ad  # noqa: E402
 from pyrovae.train.trainer import TrainConfig  # noqa: E402
@@ -113,12 +119,24 @@ def loader_benchmark(workdir: Path, out: str, max_cells: int | None, batch_size:
     ph.write(out)
 
 
+def extras_mb(data) -> tuple[float, float]:
+    """(MB held by the prepared extras, MB the former dense (N, G) / (N, T) arrays would take)."""
+    held = dense = 0.0
+    for v in data.extras.values():
+        held += getattr(v, "nbytes", 0) / 2**20
+        dense += int(np.prod(np.shape(v))) * 4 / 2**20
+    return held, dense
+
+
 def scale_run(args) -> None:
-    """Write, read backed, train one epoch, one IWELBO pass."""
+    """Write, read backed, (prepare the model's extras), train, one IWELBO pass, the model ATE."""
     ph = Phases()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"scale_{args.cells}x{args.genes}.h5ad"
+    path = workdir / f"scale_{args.cells}x{args.genes}x{args.perturbations}.h5ad"
+    legacy = workdir / f"scale_{args.cells}x{args.genes}.h5ad"  # the name before --perturbations was in it
+    if not path.exists() and legacy.exists() and args.perturbations == 500:
+        path = legacy
     T = args.perturbations
     n_ctrl = args.cells // 10
     per = (args.cells - n_ctrl) // T
@@ -136,31 +154,44 @@ def scale_run(args) -> None:
     if not path.exists() or args.rewrite:
         ph.run("write h5ad (chunked)", lambda: write_perturbseq_h5ad(path, "large", seed=0, **overrides))
     size_mb = path.stat().st_size / 2**20
-    data, row = ph.run("read backed + validate", lambda: load_perturbation_data(path, backed=True))
+    how = "in memory" if args.in_memory else "backed"
+    data, row = ph.run(
+        f"read {how} + validate", lambda: load_perturbation_data(path, backed=not args.in_memory)
+    )
     row["file_mb"] = size_mb
     d = data.dosage  # CSR: values, column indices, row pointers
     row["dosage_mb"] = (d.data.nbytes + d.indices.nbytes + d.indptr.nbytes) / 2**20
-    mcfg = model_config(
-        "sams_vae_reference",
-        n_latent=args.latent,
-        decoder_hidden=args.hidden,
-        encoder_hidden=args.hidden,
-        embedding_encoder_hidden=args.hidden // 2,
+    hidden = dict(
+        decoder_hidden=args.hidden, encoder_hidden=args.hidden, embedding_encoder_hidden=args.hidden // 2
     )
+    mcfg = model_config(args.model, n_latent=args.latent, **hidden)
+    options = {"qc_key": "low_quality", "split_seed": 0}
+    reqs = data_requirements(mcfg)
+    if reqs:
+        data, row = ph.run(
+            f"prepare ({', '.join(r.name for r in reqs)})", lambda: prepare_data(data, reqs, options)
+        )
+        row["extras_mb"], row["extras_dense_mb"] = extras_mb(data)
+        row.update(data.uns.get("pyrovae_gpo", {}).get("timings", {}))
     tcfg = TrainConfig(
         max_epochs=1,
+        max_steps=args.max_steps or None,
         batch_size=args.batch_size,
         n_particles=args.particles,
         val_particles=args.particles,
         lr=1e-3,
     )
+    what = f"{args.max_steps} steps" if args.max_steps else "1 epoch"
     run, row = ph.run(
-        "train 1 epoch (+ validation)",
-        lambda: train_run(data, mcfg, tcfg, workdir / "run", overwrite=True, progress=False),
+        f"train {args.model}, {what} (+ validation)",
+        lambda: train_run(
+            data, mcfg, tcfg, workdir / f"run_{args.model}", options, overwrite=True, progress=False
+        ),
     )
     n_train = len(data.indices("train"))
+    cells = min(n_train, args.max_steps * args.batch_size) if args.max_steps else n_train
     hist = run.metrics()[-1]
-    row.update(cells=n_train, cells_per_s=n_train / row["seconds"], train_loss=hist["train_loss"])
+    row.update(cells=cells, cells_per_s=cells / row["seconds"], train_loss=hist["train_loss"])
     row["val_loss"] = hist.get("val_loss", float("nan"))
     test = data.indices("test")
     if args.iwelbo_cells:
@@ -168,10 +199,26 @@ def scale_run(args) -> None:
     res, row = ph.run(
         f"IWELBO ({args.iwelbo_particles} particles)",
         lambda: predictive_iwelbo(
-            run.model, data, test, n_particles=args.iwelbo_particles, batch_size=256, untrained=run.untrained
+            run.model,
+            data,
+            test,
+            n_particles=args.iwelbo_particles,
+            batch_size=args.iwelbo_batch,
+            particle_chunk=args.iwelbo_chunk,
+            untrained=run.untrained,
         ),
     )
     row.update(cells=len(test), cells_per_s=len(test) / row["seconds"], iwelbo=float(res["iwelbo"].mean()))
+    if args.ate_samples:
+        post = Posterior(run.model, data.schema(), untrained=run.untrained)
+        perts = list(data.treatments[: args.ate_perturbations])
+        ate, row = ph.run(
+            f"model ATE ({args.ate_samples} samples, {len(perts)} perturbations)",
+            lambda: post.model_ate(perts, n_samples=args.ate_samples, library_size=1e4, seed=0),
+        )
+        row.update(
+            samples_per_s=args.ate_samples / row["seconds"], ate_abs_mean=float(np.abs(ate.values).mean())
+        )
     ph.write(args.out)
 
 
@@ -193,6 +240,13 @@ def main(argv=None) -> int:
     sc.add_argument("--batch-size", type=int, default=1024)
     sc.add_argument("--iwelbo-particles", type=int, default=100)
     sc.add_argument("--iwelbo-cells", type=int, default=0, help="0: the whole test split")
+    sc.add_argument("--iwelbo-batch", type=int, default=256, help="cells per IWELBO batch")
+    sc.add_argument("--iwelbo-chunk", type=int, default=25, help="particles per vectorised IWELBO pass")
+    sc.add_argument("--model", default="sams_vae_reference", help="a named model (gpo_vae, cradle_vae, ...)")
+    sc.add_argument("--max-steps", type=int, default=0, help="training steps (0: one epoch)")
+    sc.add_argument("--ate-samples", type=int, default=0, help="model ATE samples (0: no ATE phase)")
+    sc.add_argument("--ate-perturbations", type=int, default=8)
+    sc.add_argument("--in-memory", action="store_true", help="read the file into memory (CSR), not backed")
     sc.add_argument("--workdir", default="/tmp/pyrovae_scale")
     sc.add_argument("--rewrite", action="store_true")
     sc.add_argument("--out", default="bench/results/scale.csv")

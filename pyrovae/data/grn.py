@@ -1,7 +1,7 @@
 """GPO-VAE's GRN data: the GRN node list, the OT pairing with controls (cached by seed), ΔX targets.
 
-The GRN nodes of a :class:`~pyrovae.data.anndata.PerturbationData` are its perturbed genes (the existing
-treatment columns, already sorted, each of which must be a measured gene) followed by the sorted
+The GRN nodes of a :class:`~pyrovae.data.perturbation_data.PerturbationData` are its perturbed genes (the
+existing treatment columns, already sorted, each of which must be a measured gene) followed by the sorted
 *extended* genes (GRN nodes that are never perturbed; their dosage columns are all zero, so their rows of E
 and M get no ELBO signal). :func:`grn_targets` builds them
 and the per-cell targets of the GRN alignment:
@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from pyrovae.config import preview
 from pyrovae.data import pairing
 from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.extras import BLOCK_ROWS, GroupRows, PairedDelta, median_positive, row_totals
 
 #: obs column holding the matched control of each cell, by seed.
 MATCHED_COLUMN = "pyrovae_matched_control_{seed}"
@@ -51,6 +52,25 @@ MATCHED_COLUMN = "pyrovae_matched_control_{seed}"
 UNS_KEY = "pyrovae_gpo"
 #: var column of the simulator (and of prepared files) marking extended GRN genes.
 GRN_GENE_COLUMN = "grn_gene"
+#: most GRN nodes GPO-VAE is prepared for unless the data option ``max_grn_nodes`` says otherwise: its
+#: T x T parameters and K-hop products grow as T^2 and T^3 (docs/scaling.md, bench/wide.py).
+MAX_GRN_NODES = 4000
+
+
+def check_grn_size(n_nodes: int, limit: int = MAX_GRN_NODES) -> None:
+    """One clear error when GPO-VAE's GRN is too large to train: it is restricted to a chosen gene set."""
+    if n_nodes <= limit:
+        return
+    gb = 4 * n_nodes**2 / 1e9
+    raise ValueError(
+        f"GPO-VAE's GRN would have T = {n_nodes:,} nodes (perturbed plus extended genes), more than "
+        f"max_grn_nodes = {limit:,}: its T x T parameters (W and the effects E: {n_nodes**2:.1e} entries, "
+        f"{gb:.1f} GB per copy, about 8 copies with gradients and Adam) and K-hop products "
+        f"(~{10 * n_nodes**3:.0e} FLOPs per step) do not scale to a genome-wide screen. Restrict the GRN to "
+        "a chosen gene set: keep the cells of those perturbations and the controls (e.g. "
+        "adata[adata.obs['perturbation'].isin(genes + ['control'])]) and fewer extra_genes; or raise the "
+        "limit with the data option max_grn_nodes (data_options={'max_grn_nodes': N})"
+    )
 
 
 def matched_column(seed: int) -> str:
@@ -198,12 +218,14 @@ def grn_targets(
     pairing_reg: float = 0.05,
     seed: int = 0,
     force: bool = False,
+    max_grn_nodes: int = MAX_GRN_NODES,
 ) -> tuple[PerturbationData, dict[str, Any]] | None:
     """``data`` with the GRN nodes as treatments and ``delta_x``, ``delta_x_group`` (module docstring).
 
     Returns ``(new data, record)`` (record: ``nodes``, ``n_perturbed``, ``extended``, ``pairing_method``,
     ``pairing_reg``, ``timings``), or ``None`` when ``data`` is already prepared (its treatments are the
-    recorded GRN nodes and both targets are there) and ``force`` is not set.
+    recorded GRN nodes and both targets are there) and ``force`` is not set. More than ``max_grn_nodes``
+    nodes: ``ValueError`` (:func:`check_grn_size`).
     """
     rec = data.uns.get(UNS_KEY)
     shape = (data.n_cells, data.n_treatments)
@@ -220,6 +242,7 @@ def grn_targets(
     dosage, treatments = data.dosage, list(data.treatments)
     perturbed, extended = grn_nodes(data, extra_genes)
     nodes = perturbed + extended
+    check_grn_size(len(nodes), max_grn_nodes)
     new = [g for g in nodes if g not in treatments]
     if new:
         dosage = sp.hstack([dosage, sp.csr_matrix((data.n_cells, len(new)), dtype=dosage.dtype)], "csr")
@@ -230,8 +253,9 @@ def grn_targets(
     node_idx = np.array([gene_pos[g] for g in nodes], dtype=np.int64)
     matched = None if force else read_pairing(data, seed)
     stale = [k for k in ("delta_x", "delta_x_group") if force or np.shape(extras.get(k))[1:] != (len(nodes),)]
-    # the log-normalised GRN nodes, once: the pairing's features and both targets' y
-    y = pairing.log_normalize(data.counts, node_idx) if matched is None or stale else None
+    # each cell's total over all genes, once: the pairing's features and both targets are normalised by it
+    totals = row_totals(data.counts)
+    target_sum = median_positive(totals)
     if matched is None:
         t0 = time.perf_counter()
         matched = pairing.pair_with_controls(
@@ -243,7 +267,8 @@ def grn_targets(
             method=pairing_method,
             reg=pairing_reg,
             seed=seed,
-            features=y,
+            target_sum=target_sum,
+            totals=totals,
         )
         matched = np.asarray(matched, dtype=np.int64)
         timings["pairing_s"] = time.perf_counter() - t0
@@ -251,12 +276,13 @@ def grn_targets(
         if names is not None:
             obs = obs.copy()
             obs[matched_column(seed)] = names
-    if stale:
-        diff = pairing.paired_difference(y, matched)  # once for both targets
+    delta = PairedDelta(data.counts, matched, node_idx, totals, target_sum)
     if "delta_x" in stale:
-        extras["delta_x"] = np.nan_to_num(np.abs(diff).astype(np.float32), nan=0.0)
+        extras["delta_x"] = delta  # rows computed per minibatch from the counts: O(batch), not O(N T)
     if "delta_x_group" in stale:
-        extras["delta_x_group"] = _group_mean_abs(diff, matched, data.labels, data.split)
+        t0 = time.perf_counter()
+        extras["delta_x_group"] = streamed_group_delta_x(delta, data.labels, data.split)
+        timings["delta_x_group_s"] = time.perf_counter() - t0
     record = {
         "nodes": list(nodes),
         "n_perturbed": len(perturbed),
@@ -296,3 +322,44 @@ def _group_mean_abs(
         rows = np.flatnonzero((codes == c) & has)
         out[rows] = np.abs(diff[rows].mean(0)).astype(np.float32)
     return out
+
+
+def streamed_group_delta_x(delta: PairedDelta, labels: np.ndarray, split: np.ndarray) -> GroupRows:
+    """:func:`group_delta_x` without the (N, T) matrices: one (T,) mean per (split, label) group.
+
+    Each group's signed differences are computed from the counts (``delta.signed``) in blocks of at most
+    ``BLOCK_ROWS`` cells and summed; a group that fits in one block gets exactly the numbers of
+    :func:`group_delta_x` (the same float64 values and ``mean``), a larger one agrees to float64 rounding.
+    Memory: O(groups x T + BLOCK_ROWS x T).
+
+    Returns:
+        (N, T) :class:`~pyrovae.data.extras.GroupRows` (cells without a match: 0).
+    """
+    m = delta.matched
+    has = m >= 0
+    key = pd.Series(
+        np.char.add(np.asarray(split).astype(str), np.char.add("\x00", np.asarray(labels).astype(str)))
+    )
+    codes, _ = pd.factorize(key)
+    codes = np.asarray(codes, dtype=np.int64)
+    kept = np.unique(codes[has])
+    table = np.zeros((len(kept), delta.shape[1]), dtype=np.float32)
+    out_codes = np.full(len(m), -1, dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    bounds = (
+        np.searchsorted(codes[order], kept, side="left"),
+        np.searchsorted(codes[order], kept, side="right"),
+    )
+    for k, (lo, hi) in enumerate(zip(*bounds)):
+        rows = order[lo:hi]
+        rows = np.sort(rows[has[rows]])
+        if rows.size <= BLOCK_ROWS:
+            mean = delta.signed(rows).mean(0)
+        else:
+            total = np.zeros(delta.shape[1], dtype=np.float64)
+            for s in range(0, rows.size, BLOCK_ROWS):
+                total += delta.signed(rows[s : s + BLOCK_ROWS]).sum(0)
+            mean = total / rows.size
+        table[k] = np.abs(mean).astype(np.float32)
+        out_codes[rows] = k
+    return GroupRows(table, out_codes)

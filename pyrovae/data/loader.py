@@ -110,15 +110,17 @@ class MinibatchLoader:
         """The batch of split positions ``pos`` (int array); ``x``: its counts if already read."""
         rows = self.rows[pos]
         d = self.data
+        x = d.rows(rows) if x is None else x
         out = {
-            "x": self._tensor(d.rows(rows) if x is None else x),
+            "x": self._tensor(x),
             "d": self._tensor(d.dosage_rows(rows)),  # D stays sparse; densified per minibatch
             "library_size": self._tensor(d.library_size[rows]),
             "idx": self._tensor(pos.astype(np.int64)),
             "rows": self._tensor(rows.astype(np.int64)),
         }
-        for k, v in d.extras.items():
-            out[k] = self._tensor(np.asarray(v[rows], dtype=np.float32))
+        for k, v in d.extras.items():  # an extra made from the counts reuses the batch's (data.extras)
+            part = v.batch_rows(rows, x) if hasattr(v, "batch_rows") else v[rows]
+            out[k] = self._tensor(np.asarray(part, dtype=np.float32))
         return out
 
     def __iter__(self) -> Iterator[Batch]:

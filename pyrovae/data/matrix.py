@@ -111,7 +111,7 @@ def as_indexable(counts: Any) -> Any:
 
 def matrix_shape(counts: Any) -> tuple[int, int]:
     """(n_cells, n_genes) of a 2-D matrix; an error for any other shape."""
-    if counts.ndim != 2:
+    if len(counts.shape) != 2:  # also an on-disk (backed) matrix, which may lack ndim
         raise ValueError(f"counts must be a 2-D (cells, genes) matrix, got shape {counts.shape}")
     return int(counts.shape[0]), int(counts.shape[1])
 

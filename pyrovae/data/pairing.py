@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pyrovae.data.extras import median_positive, normalized_rows, row_totals
+from pyrovae.data.loader import is_backed
 from pyrovae.data.matrix import (
     as_indexable,
     group_seed,
@@ -340,6 +342,7 @@ def pair_with_controls(
     batch_size: int | None = None,
     target_sum: float | None = None,
     features: np.ndarray | None = None,
+    totals: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pair every cell with a control of its own split (the reference's OT pairing, done right).
 
@@ -362,7 +365,12 @@ def pair_with_controls(
         seed: base seed.
         target_sum: normalisation target (default: median library size).
         features: the features, if the caller has them already: ``log_normalize(counts,
-            feature_genes_idx, target_sum)`` (n_cells, len(feature_genes_idx)); default: computed here.
+            feature_genes_idx, target_sum)`` (n_cells, len(feature_genes_idx)); default: computed here,
+            split by split and group by group (the split's controls once, then each label's cells), so
+            memory is O((controls of a split + cells of a label) x features), never O(n_cells x features);
+            ``counts`` may then be an on-disk (backed) matrix.
+        totals: (n_cells,) each cell's total over all genes, if the caller has them
+            (:func:`pyrovae.data.extras.row_totals`); default: computed here.
 
     Returns:
         (n_cells,) int64: the global row position of each cell's matched control; -1 for unused cells.
@@ -370,18 +378,31 @@ def pair_with_controls(
     Raises:
         ValueError: when a split has perturbed cells but no control cells.
     """
-    counts = as_indexable(counts)
-    n, _ = matrix_shape(counts)
+    counts = counts if is_backed(counts) else as_indexable(counts)
+    n, g = matrix_shape(counts)
     lab = label_strings(labels, n)
     split_names, used = split_strings(splits, n)
     control_label = str(control_label)
-    feats = log_normalize(counts, feature_genes_idx, target_sum=target_sum) if features is None else features
+    if features is None:
+        if target_sum is not None and (not np.isfinite(target_sum) or target_sum <= 0):
+            raise ValueError(f"target_sum must be a positive number, got {target_sum!r}")
+        cols = _as_index(feature_genes_idx, g, "feature_genes_idx")
+        tot = row_totals(counts) if totals is None else np.asarray(totals, dtype=np.float64).reshape(-1)
+        ts = median_positive(tot) if target_sum is None else float(target_sum)
+
+        def feats_of(rows: np.ndarray) -> np.ndarray:
+            return normalized_rows(counts, rows, cols, tot, ts)
+    else:
+
+        def feats_of(rows: np.ndarray) -> np.ndarray:
+            return features[rows]
 
     matched = np.full(n, -1, dtype=np.int64)
     for split in sorted(set(split_names[used].tolist())):
         in_split = used & (split_names == split)
         ctrl_rows = np.flatnonzero(in_split & (lab == control_label))
         groups = sorted(set(lab[in_split].tolist()))
+        ctrl_feats = feats_of(ctrl_rows) if ctrl_rows.size else None
         if ctrl_rows.size == 0:
             shown = ", ".join(repr(g) for g in groups[:5]) + (", ..." if len(groups) > 5 else "")
             raise ValueError(
@@ -394,8 +415,8 @@ def pair_with_controls(
             is_ctrl = g == control_label
             exclude_self = is_ctrl and ctrl_rows.size >= 2
             local = ot_pair(
-                feats[rows],
-                feats[ctrl_rows],
+                ctrl_feats if is_ctrl else feats_of(rows),
+                ctrl_feats,
                 method=method,
                 reg=reg,
                 max_controls=max_controls,

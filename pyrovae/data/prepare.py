@@ -10,12 +10,14 @@ measured gene) is one ``ValueError`` before any run directory is made, not a fai
 - ``qc_flags`` (CRADLE-VAE's artifact block): ``qc`` (N, 1), 1 = the cell fails QC
   (:func:`pyrovae.data.qc.qc_indicator`: ``obs[qc_key]``, else MAD flags on QC metrics);
 - ``counterfactuals`` (CRADLE-VAE's counterfactual KL): ``cfx`` (N, G) and ``has_cf`` (N,)
-  (:func:`pyrovae.data.qc.counterfactual_expression`: the median of same-label, same-split cells with the
+  (:func:`pyrovae.data.qc.counterfactual_table`: the median of same-label, same-split cells with the
   opposite QC status; seeded);
 - ``grn_targets`` (GPO-VAE's GRN alignment): the GRN nodes as treatments, ``delta_x`` and ``delta_x_group``
   (N, T) (:func:`pyrovae.data.grn.grn_targets`: OT pairing with controls, ΔX).
 
-The extras are carried by every minibatch (:class:`~pyrovae.data.loader.MinibatchLoader`).
+The extras are carried by every minibatch (:class:`~pyrovae.data.loader.MinibatchLoader`). ``cfx``,
+``delta_x`` and ``delta_x_group`` are held in O(groups + N) memory, not as (N, G) / (N, T) arrays, and
+a minibatch's rows are made when it is drawn (:mod:`pyrovae.data.extras`).
 
 Options (a run's data options, ``config.json``): ``holdout_perturbations`` (any model, applied first:
 :func:`holdout_perturbations`), ``qc_key``, ``extra_genes``, ``pairing_method``, ``pairing_reg`` and
@@ -65,10 +67,10 @@ import numpy as np
 
 from pyrovae.config import preview
 from pyrovae.data.anndata import log_norm_stats
-from pyrovae.data.grn import UNS_KEY, grn_targets
+from pyrovae.data.grn import MAX_GRN_NODES, UNS_KEY, grn_targets
 from pyrovae.data.matrix import nonzero_counts
 from pyrovae.data.perturbation_data import PerturbationData
-from pyrovae.data.qc import counterfactual_expression, qc_indicator
+from pyrovae.data.qc import counterfactual_table, qc_indicator
 
 #: data options (kept in a run's ``config.json``) read by :func:`prepare_data`, besides ``split_seed``.
 MODEL_DATA_OPTIONS = ("holdout_perturbations", "qc_key", "extra_genes", "pairing_method", "pairing_reg")
@@ -85,11 +87,13 @@ class PrepOptions:
     pairing_reg: float = 0.05
     seed: int = 0
     n_cf: int = 50  # at most this many opposite-status cells enter each counterfactual median
+    max_grn_nodes: int = MAX_GRN_NODES  # GPO-VAE's largest GRN (pyrovae.data.grn.check_grn_size)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> PrepOptions:
         """From data options (``qc_key``, ``extra_genes``, ``pairing_method``, ``pairing_reg``,
-        ``split_seed`` -> ``seed``; also ``qc_threshold``, ``n_cf``); missing or ``None`` ones: defaults."""
+        ``split_seed`` -> ``seed``; also ``qc_threshold``, ``n_cf``, ``max_grn_nodes``); missing or ``None``
+        ones: defaults."""
         o = dict(options or {})
         extra = o.get("extra_genes")
         return cls(
@@ -100,6 +104,7 @@ class PrepOptions:
             pairing_reg=float(o.get("pairing_reg") or 0.05),
             seed=int(o.get("split_seed") or 0),
             n_cf=50 if o.get("n_cf") is None else int(o["n_cf"]),
+            max_grn_nodes=MAX_GRN_NODES if o.get("max_grn_nodes") is None else int(o["max_grn_nodes"]),
         )
 
 
@@ -136,12 +141,12 @@ def _counterfactuals(data: PerturbationData, opts: PrepOptions, force: bool):
         return None
     t0 = time.perf_counter()
     qc = np.asarray(data.extras["qc"], dtype=np.float32).reshape(data.n_cells, -1)
-    cfx, has_cf = counterfactual_expression(
+    cfx, has_cf = counterfactual_table(
         data.counts, data.labels, data.split, qc.max(1) > 0, n_sample=opts.n_cf, seed=opts.seed
     )
     extras = {
         **data.extras,
-        "cfx": np.asarray(cfx, dtype=np.float32),
+        "cfx": cfx,  # GroupRows: the group medians and a code per cell, rows made per minibatch
         "has_cf": np.asarray(has_cf, dtype=np.float32).reshape(-1),
     }
     return dataclasses.replace(data, extras=extras), {
@@ -157,6 +162,7 @@ def _grn_targets(data: PerturbationData, opts: PrepOptions, force: bool):
         pairing_reg=opts.pairing_reg,
         seed=opts.seed,
         force=force,
+        max_grn_nodes=opts.max_grn_nodes,
     )
 
 

@@ -2,8 +2,8 @@
 
 Pure numpy / pandas on plain arrays (a ``counts`` argument is a dense or :mod:`scipy.sparse`
 ``(n_cells, n_genes)`` matrix, never densified as a whole), plus :func:`qc_indicator`, the QC extra of a
-:class:`~pyrovae.data.anndata.PerturbationData`. The model-facing preparation (which model needs what)
-is :mod:`pyrovae.data.prepare`.
+:class:`~pyrovae.data.perturbation_data.PerturbationData`. The model-facing preparation (which model needs
+what) is :mod:`pyrovae.data.prepare`.
 
 How this departs from the reference code (CRADLE-VAE's and GPO-VAE's data modules):
 
@@ -23,8 +23,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pyrovae.data.anndata import PerturbationData
+from pyrovae.data.extras import BLOCK_ROWS, GroupRows
+from pyrovae.data.loader import is_backed, read_rows
 from pyrovae.data.matrix import (
     as_indexable,
     dense_rows,
@@ -35,7 +38,13 @@ from pyrovae.data.matrix import (
     split_strings,
 )
 
-__all__ = ["qc_metrics", "qc_flags", "counterfactual_expression", "qc_indicator"]
+__all__ = [
+    "qc_metrics",
+    "qc_flags",
+    "counterfactual_table",
+    "counterfactual_expression",
+    "qc_indicator",
+]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,6 +76,23 @@ def qc_metrics(
         genes with a count > 0), ``pct_counts_mt``, ``pct_counts_ribo`` and ``pct_counts_hb`` (percent of
         the cell's total, 0-100; 0 for empty cells).
     """
+    if is_backed(counts):  # on disk: row blocks (every metric is per cell), never the whole matrix
+        n = int(counts.shape[0])
+        kw = dict(
+            mt_prefix=mt_prefix,
+            ribo_prefixes=ribo_prefixes,
+            case_sensitive=case_sensitive,
+            hb_pattern=hb_pattern,
+        )
+        parts = [
+            qc_metrics(
+                read_rows(counts, np.arange(s, min(s + BLOCK_ROWS, n))),
+                gene_names,
+                **kw,
+            )
+            for s in range(0, n, BLOCK_ROWS)
+        ]
+        return pd.concat(parts, ignore_index=True)
     counts = as_indexable(counts)
     n, g = matrix_shape(counts)
     names = [str(s) for s in gene_names]
@@ -183,28 +209,29 @@ def qc_flags(metrics: pd.DataFrame, threshold: float = 3.0) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------
 
 
-def counterfactual_expression(
+def counterfactual_table(
     counts: Any,
     labels: Sequence[str] | np.ndarray,
     splits: Sequence[Any] | np.ndarray | None,
     qc_fail: np.ndarray | Sequence[bool],
     n_sample: int = 50,
     seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """cfX as intended by the reference code (whose implementation indexes the wrong cells).
+) -> tuple[GroupRows, np.ndarray]:
+    """cfX as intended by the reference code, stored compactly: one median per (label, split, QC status).
 
     The counterfactual of a cell is the element-wise median of the raw counts of up to ``n_sample`` cells
     with the same label, the same split and the OPPOSITE QC status. Every cell of a (label, split, status)
     group shares the same pool, so one median is computed per group -- from ``min(n_sample, pool size)``
-    pool cells sampled once, without replacement, with a seed derived from ``seed`` and the group's names
-    -- and broadcast to all the group's cells. Only the sampled rows are densified. Positions index the
-    full matrix.
+    pool cells sampled once, without replacement, with a seed derived from ``seed`` and the group's names.
+    Positions index the full matrix. The sampled rows are read in blocks of about 8,192 rows (in memory,
+    sparse or on disk), never the whole matrix.
 
-    Memory: the output is dense (n_cells, n_genes) float32 (e.g. 100k cells x 8k genes = 3.2 GB), though
-    it holds at most 2 distinct rows per (label, split).
+    Memory: the (K, G) medians (CSR: a median of sparse counts is mostly 0) and an (N,) group code, not the
+    (N, G) dense array (64 GB at 2 M cells x 8,000 genes); :class:`~pyrovae.data.extras.GroupRows` gives a
+    minibatch's rows. :func:`counterfactual_expression` is the same as a dense array.
 
     Args:
-        counts: (n_cells, n_genes) raw counts, dense or sparse.
+        counts: (n_cells, n_genes) raw counts, dense, sparse or backed.
         labels: (n_cells,) perturbation labels.
         splits: (n_cells,) split names, or None for one split; cells with split ``""``/None/NaN get no
             counterfactual.
@@ -213,10 +240,11 @@ def counterfactual_expression(
         seed: base seed.
 
     Returns:
-        ``(cfx, has_cf)``: (n_cells, n_genes) float32 and (n_cells,) bool; rows without an opposite-status
-        cell of the same label and split (or without a split) are all zeros with ``has_cf`` False.
+        ``(cfx, has_cf)``: (n_cells, n_genes) :class:`~pyrovae.data.extras.GroupRows` and (n_cells,) bool;
+        rows without an opposite-status cell of the same label and split (or without a split) are all
+        zeros with ``has_cf`` False.
     """
-    counts = as_indexable(counts)
+    counts = counts if is_backed(counts) else as_indexable(counts)
     n, g = matrix_shape(counts)
     if n_sample < 1:
         raise ValueError(f"n_sample must be >= 1, got {n_sample}")
@@ -227,23 +255,52 @@ def counterfactual_expression(
         raise ValueError(f"qc_fail must have one entry per cell ({n}), got shape {fail.shape}")
     fail = fail.astype(bool)
 
-    cfx = np.zeros((n, g), dtype=np.float32)
-    has_cf = np.zeros(n, dtype=bool)
+    codes = np.full(n, -1, dtype=np.int64)
     keys = pd.DataFrame({"split": split_names[used], "label": lab[used], "fail": fail[used]})
     rows_used = np.flatnonzero(used)
     groups = {
         k: rows_used[np.asarray(v)] for k, v in keys.groupby(["split", "label", "fail"]).indices.items()
     }
+    todo: list[tuple[np.ndarray, np.ndarray]] = []  # (target cells, sampled pool cells), one per median
     for (split, label, status), target in sorted(groups.items(), key=lambda kv: kv[0]):
         pool = groups.get((split, label, not status))
         if pool is None or pool.size == 0:
             continue
         rng = np.random.default_rng(group_seed(seed, "cfx", split, label, int(status)))
         take = min(int(n_sample), pool.size)
-        chosen = np.sort(rng.choice(pool, size=take, replace=False))
-        cfx[target] = np.median(dense_rows(counts, chosen, np.float64), axis=0).astype(np.float32)
-        has_cf[target] = True
-    return cfx, has_cf
+        todo.append((target, np.sort(rng.choice(pool, size=take, replace=False))))
+    medians: list[sp.csr_matrix] = []
+    start = 0
+    while start < len(todo):  # groups in blocks of about BLOCK_ROWS sampled rows, one read per block
+        stop, total = start, 0
+        while stop < len(todo) and (stop == start or total + todo[stop][1].size <= BLOCK_ROWS):
+            total += todo[stop][1].size
+            stop += 1
+        block = dense_rows(counts, np.concatenate([c for _, c in todo[start:stop]]), np.float64)
+        offset = 0
+        for k in range(start, stop):
+            target, chosen = todo[k]
+            med = np.median(block[offset : offset + chosen.size], axis=0).astype(np.float32)
+            medians.append(sp.csr_matrix(med[None, :]))
+            codes[target] = k
+            offset += chosen.size
+        start = stop
+    table = sp.vstack(medians, format="csr") if medians else sp.csr_matrix((0, g), dtype=np.float32)
+    return GroupRows(table, codes), codes >= 0
+
+
+def counterfactual_expression(
+    counts: Any,
+    labels: Sequence[str] | np.ndarray,
+    splits: Sequence[Any] | np.ndarray | None,
+    qc_fail: np.ndarray | Sequence[bool],
+    n_sample: int = 50,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`counterfactual_table` as a dense (n_cells, n_genes) float32 array (small data only: e.g. 100k
+    cells x 8k genes = 3.2 GB; the models use the compact table). Returns ``(cfx, has_cf)``."""
+    cfx, has_cf = counterfactual_table(counts, labels, splits, qc_fail, n_sample, seed)
+    return np.asarray(cfx), has_cf
 
 
 # ------------------------------------------------------------------------------------------ QC extra

@@ -286,7 +286,7 @@ def baseline_scores(
     tpos = {str(t): j for j, t in enumerate(data.treatments)}
     if "delta_x_group" in data.extras and all(n in tpos for n in names):
         # GPO-VAE's alignment target without the model: |mean OT-paired difference| of each perturbation
-        dxg = np.asarray(data.extras["delta_x_group"])[idx][:, [tpos[n] for n in names]]
+        dxg = np.asarray(data.extras["delta_x_group"][idx])[:, [tpos[n] for n in names]]
         paired = np.zeros((len(names), len(names)))
         for j, n in enumerate(names):
             sel = labels == n

@@ -33,7 +33,9 @@ Shapes: with P vectorised particles, globals are (P, T, K), cell sites (P, B, K)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import pyro
@@ -165,7 +167,28 @@ class PerturbationVAE(nn.Module):
                 raise ValueError(f"unknown global scaling {mode!r}")
         return out
 
+    @contextlib.contextmanager
+    def fixed_globals(self, guide: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Within the block, the guide's and the model's global parts return ``guide`` / ``model`` (what
+        they returned when run conditioned on a draw) instead of running: a trace then holds the local
+        sites only. Evaluation with globals drawn once (IWELBO) uses it so that q(E | M)'s network (a pass
+        over all T rows) runs once per particle chunk, not once per batch; the local computations, and
+        so the numbers, are the same."""
+        self._fixed = {"guide": guide, "model": model}
+        try:
+            yield
+        finally:
+            self._fixed = None
+
+    def run_globals(self, which: str) -> dict[str, torch.Tensor]:
+        """The global part of the ``"guide"`` or the ``"model"`` alone (its sample sites, under the caller's
+        plates and handlers); returns what it hands the local part."""
+        return self._globals(which, None)
+
     def _globals(self, which: str, weights: dict[str, torch.Tensor | None] | None) -> dict[str, torch.Tensor]:
+        fixed = getattr(self, "_fixed", None)
+        if fixed is not None:
+            return fixed[which]
         weights = weights or {}
         g = getattr(self.effect, f"{which}_globals")(weights.get(PERTURBATION_PLATE))
         if self.artifact is not None:

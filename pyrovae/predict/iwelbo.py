@@ -26,6 +26,7 @@ noise of each cell comes from a generator keyed by (seed, block of cells), so th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -91,6 +92,15 @@ def _global_log_weight(
     return torch.as_tensor(total)
 
 
+def _global_parts(model: PerturbationVAE, g: dict[str, torch.Tensor], P: int) -> tuple[dict, dict]:
+    """What the guide's and the model's global parts return conditioned on the draw ``g`` (P, T, ...) of
+    P particles (:meth:`~pyrovae.models.skeleton.PerturbationVAE.fixed_globals`)."""
+    with pyro.plate("_particles", P, dim=-2):
+        guide = poutine.condition(lambda: model.run_globals("guide"), data=g)()
+        prior = poutine.condition(lambda: model.run_globals("model"), data=g)()
+    return guide, prior
+
+
 def _chunk_log_weights(
     model: PerturbationVAE,
     batch: dict[str, torch.Tensor],
@@ -98,11 +108,16 @@ def _chunk_log_weights(
     eps: torch.Tensor,
     want_globals: bool,
     untrained: torch.Tensor | None,
+    parts: tuple[dict, dict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """w (P, B) for one particle chunk with globals ``g`` (P, T, ...) and basal noise ``eps`` (P, B, K);
-    plus the (P,) global log weight when ``want_globals``."""
+    plus the (P,) global log weight when ``want_globals``. ``parts``: :func:`_global_parts` of ``g``
+    (then the global parts of the guide and model are not run again)."""
     P = eps.shape[0]
-    with pyro.plate("_particles", P, dim=-2):
+    fixed = (
+        model.fixed_globals(*parts) if parts is not None and not want_globals else contextlib.nullcontext()
+    )
+    with pyro.plate("_particles", P, dim=-2), fixed:
         gtr = poutine.trace(poutine.condition(model.guide, data=g)).get_trace(batch)
         q_z = gtr.nodes["z_basal"]["fn"]
         base = q_z.base_dist if hasattr(q_z, "base_dist") else q_z
@@ -126,6 +141,8 @@ def predictive_iwelbo(
     seed: int = 0,
     untrained: torch.Tensor | None = None,
     score_globals: bool = False,
+    validate_args: bool = False,
+    reuse_globals: bool = True,
 ) -> pd.DataFrame:
     """Per-cell held-out predictive IWELBO (see the module docstring for what it bounds).
 
@@ -140,6 +157,13 @@ def predictive_iwelbo(
         untrained: (T,) bool, treatments whose rows are drawn from the prior (``run.untrained``);
             ``None``: every row from q.
         score_globals: add log p(g_k) - log q(g_k) to every weight (prior-predictive bound).
+        validate_args: Pyro's and torch's checks (distribution arguments, supports, plate shapes) on every
+            batch; ``False`` (default): on the first batch only, as set globally (``pyro.enable_validation``),
+            and off for the others, as training does (:meth:`~pyrovae.train.trainer.Trainer.step_validation`).
+            The numbers are the same; the checks took ~25 % of an IWELBO pass (bench/README.md).
+        reuse_globals: run the guide's and the model's global parts (q(E | M)'s network over all T rows,
+            the priors) once per particle chunk and reuse them for every batch (the same numbers); ``False``
+            runs them for every batch (the former path: at T = 10,000 it dominated the pass).
 
     Returns:
         DataFrame indexed by obs names (row positions if absent) with columns ``iwelbo`` (nats per cell)
@@ -160,19 +184,26 @@ def predictive_iwelbo(
         noise = _CellNoise(seed, K, model.n_latent, device)
         global_w = torch.zeros(K, device=device) if score_globals else None
         first = True
+        parts: dict[int, tuple[dict, dict]] = {}  # particle chunk start -> its global parts
         for batch in loader:
             pos = batch["idx"].cpu().numpy()
             eps_all = noise.get(pos)
             lse = torch.full((len(pos),), -math.inf, dtype=torch.float64, device=device)
-            for s in range(0, K, particle_chunk):
-                e = min(s + particle_chunk, K)
-                g = {k: v[s:e] for k, v in g_all.items()}
-                w, gw = _chunk_log_weights(model, batch, g, eps_all[s:e], score_globals and first, untrained)
-                if score_globals:
-                    if first:
-                        global_w[s:e] = gw
-                    w = w + global_w[s:e, None]
-                lse = torch.logaddexp(lse, torch.logsumexp(w.double(), dim=0))
+            checks = contextlib.nullcontext() if validate_args or first else pyro.validation_enabled(False)
+            with checks:
+                for s in range(0, K, particle_chunk):
+                    e = min(s + particle_chunk, K)
+                    g = {k: v[s:e] for k, v in g_all.items()}
+                    if reuse_globals and s not in parts:
+                        parts[s] = _global_parts(model, g, e - s)
+                    w, gw = _chunk_log_weights(
+                        model, batch, g, eps_all[s:e], score_globals and first, untrained, parts.get(s)
+                    )
+                    if score_globals:
+                        if first:
+                            global_w[s:e] = gw
+                        w = w + global_w[s:e, None]
+                    lse = torch.logaddexp(lse, torch.logsumexp(w.double(), dim=0))
             first = False
             out[pos] = (lse - math.log(K)).cpu().numpy()
     index = data.obs.index[rows] if data.obs is not None and len(data.obs) == data.n_cells else rows

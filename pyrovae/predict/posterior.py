@@ -193,6 +193,18 @@ class Posterior:
             g = self.model.effect.predict_untrained(g, self.untrained)
         return g
 
+    def chunk_size(self, chunk: int, n_rows: int, max_mb: float = 1024.0) -> int:
+        """``chunk``, or fewer samples so that one chunk stays within about ``max_mb``: a sample holds one
+        global draw (its size measured on one draw, made without touching the caller's random streams),
+        counted 16 times (float32: the draw, the guide's parameters and network activations for it, the
+        model's uses; GPO-VAE's T x T effects peaked at ~2.6 GB with 4 times, bench/README.md), and
+        ``n_rows`` predicted rows of G counts, counted 4 times. An estimate, not a guarantee."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            one = self._draw_globals(1)
+        per_sample = 4 * (16 * sum(v.numel() for v in one.values()) + 4 * n_rows * len(self.genes))
+        return max(1, min(int(chunk), int(float(max_mb) * 2**20 // max(per_sample, 1))))
+
     def _batch(
         self, d: torch.Tensor, library: torch.Tensor | None = None, cov: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -590,6 +602,7 @@ class Posterior:
         transform: str | None = None,
         rows: np.ndarray | None = None,
         covariates: dict[str, str] | None = None,
+        max_chunk_mb: float = 1024.0,
     ) -> pd.DataFrame:
         """Model average treatment effect of each perturbation versus control, with common random numbers.
 
@@ -618,7 +631,10 @@ class Posterior:
             covariates: ``{key: level}`` to evaluate at (with ``"matched"``: the evaluated cells at that
                 level); keys not given follow the evaluated cells (matched) or the training proportions.
             chunk: samples drawn at once (global draws, basal noise, counts): memory O(chunk (T K + U G));
-                the same ``seed`` and ``chunk`` give the same numbers.
+                the same ``seed``, ``chunk`` and ``max_chunk_mb`` give the same numbers.
+            max_chunk_mb: bound on one chunk's memory: when ``chunk`` samples would take more (about
+                16 x 4 bytes per global entry and 4 x 4 per predicted count of a sample; e.g. at T = 10,000
+                perturbations, or GPO-VAE's T x T effects), fewer are drawn at once (:meth:`chunk_size`).
 
         Returns:
             DataFrame (perturbation x genes), index = canonical labels in the given order;
@@ -655,26 +671,30 @@ class Posterior:
             lib_all = None if lib_all is None else lib_all[:, first]
             cov_all = None if cov_all is None else cov_all[:, first]
         U = d_unique.shape[0]
+        chunk = self.chunk_size(chunk, U, max_chunk_mb)
         by_size_factor = self.size_factor_key is not None
         total = torch.zeros(U, len(self.genes), dtype=torch.float64)
         with rng_scope(seed):
             for s in range(0, n_samples, chunk):  # globals drawn per chunk: memory O(chunk), not O(S)
                 e = min(s + chunk, n_samples)
                 n = e - s
-                g = self._draw_globals(n)
-                eps = torch.randn(n, 1, self.model.n_latent, device=self.device)
-                loc = self.model.effect.prior_loc(d_unique, g) if g else None
-                z = eps.expand(n, U, eps.shape[-1]) if loc is None else eps + loc
-                lib = None if lib_all is None else lib_all[s:e]
-                cov = None if cov_all is None else cov_all[s:e]
-                tr = self._trace(d_unique, g, n, lib, z=z, cov=cov)
-                node = tr.nodes["x"]
-                vals = node["fn"].mean if mean else node["value"]
-                vals = vals.reshape(n, U, -1)
-                if transform == "perturbseq":
-                    # size factors: divide by the cell's size factor, as the data's transform does
-                    vals = perturbseq_torch(vals, total=lib.unsqueeze(-1) if by_size_factor else None)
-                total += vals.double().sum(0).cpu()
+                # Pyro's and torch's checks as set globally on the first chunk, off on the others (the
+                # same numbers; as training and the IWELBO do)
+                with contextlib.nullcontext() if s == 0 else pyro.validation_enabled(False):
+                    g = self._draw_globals(n)
+                    eps = torch.randn(n, 1, self.model.n_latent, device=self.device)
+                    loc = self.model.effect.prior_loc(d_unique, g) if g else None
+                    z = eps.expand(n, U, eps.shape[-1]) if loc is None else eps + loc
+                    lib = None if lib_all is None else lib_all[s:e]
+                    cov = None if cov_all is None else cov_all[s:e]
+                    tr = self._trace(d_unique, g, n, lib, z=z, cov=cov)
+                    node = tr.nodes["x"]
+                    vals = node["fn"].mean if mean else node["value"]
+                    vals = vals.reshape(n, U, -1)
+                    if transform == "perturbseq":
+                        # size factors: divide by the cell's size factor, as the data's transform does
+                        vals = perturbseq_torch(vals, total=lib.unsqueeze(-1) if by_size_factor else None)
+                    total += vals.double().sum(0).cpu()
         avg = total / n_samples
         ate = (avg[inverse[1:]] - avg[inverse[0]]).numpy()
         out = pd.DataFrame(ate, index=pd.Index(labels, name="perturbation"), columns=self.genes)

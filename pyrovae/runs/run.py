@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from pyrovae.config import PyrovaeWarning, preview
+from pyrovae.data.extras import iter_row_blocks
 from pyrovae.data.gene_features import treatment_gene_features
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.options import DataOptions
@@ -303,7 +304,8 @@ def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
             )
     key = "delta_x" if cfg.grn_target == "cell" else "delta_x_group"
     if cfg.family == "gpo" and key in data.extras:
-        top = float(np.nanmax(np.abs(np.asarray(data.extras[key])[data.indices("train")]), initial=0.0))
+        blocks = iter_row_blocks(data.extras[key], data.indices("train"))  # streamed: O(block), not O(N T)
+        top = max((float(np.nanmax(np.abs(b), initial=0.0)) for _, b in blocks), default=0.0)
         if cfg.grn_threshold >= top:
             warnings.warn(
                 f"grn_threshold={cfg.grn_threshold:g} is at or above every GRN alignment target of the "

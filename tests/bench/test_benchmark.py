@@ -124,13 +124,40 @@ def test_scale_run_smoke(tmp_path):
     assert list(rows) == [
         "write h5ad (chunked)",
         "read backed + validate",
-        "train 1 epoch (+ validation)",
+        "train sams_vae_reference, 1 epoch (+ validation)",
         "IWELBO (4 particles)",
     ]
     for r in rows.values():
         assert float(r["seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
     assert math.isfinite(float(rows["IWELBO (4 particles)"]["iwelbo"]))
-    assert int(float(rows["train 1 epoch (+ validation)"]["cells"])) > 0
+    assert int(float(rows["train sams_vae_reference, 1 epoch (+ validation)"]["cells"])) > 0
+    # GPO-VAE on the same file: its preparation phase (compact extras), capped steps, the model ATE
+    gpo = tmp_path / "gpo.csv"
+    argv[argv.index(str(out))] = str(gpo)
+    argv += ["--model", "gpo_vae", "--max-steps", "3", "--ate-samples", "20", "--iwelbo-cells", "50"]
+    assert scale_run.main(argv) == 0
+    with open(gpo) as f:
+        rows = {r["phase"]: r for r in csv.DictReader(f)}
+    prep = rows["prepare (qc_flags, counterfactuals, grn_targets)"]
+    assert 0 < float(prep["extras_mb"]) < float(prep["extras_dense_mb"])
+    assert int(float(rows["train gpo_vae, 3 steps (+ validation)"]["cells"])) == 3 * 128
+    assert int(float(rows["IWELBO (4 particles)"]["cells"])) == 50
+    assert float(rows["model ATE (20 samples, 8 perturbations)"]["samples_per_s"]) > 0
+
+
+def test_wide_smoke(tmp_path):
+    from bench import wide
+
+    out = tmp_path / "wide.csv"
+    argv = ["--models", "cradle_vae", "--treatments", "30", "--genes", "40", "--latent", "3", "--hidden", "8"]
+    argv += ["--steps", "1", "--iwelbo-cells", "8", "--iwelbo-particles", "3", "--ate-samples", "10"]
+    argv += ["--compare-iwelbo", "cradle_vae", "--batch-size", "32", "--out", str(out)]
+    assert wide.main(argv) == 0
+    with open(out) as f:
+        rows = {r["phase"]: r for r in csv.DictReader(f)}
+    before = rows["cradle_vae T=30: IWELBO (before: checks and global parts on every batch)"]
+    assert before["same_numbers"] == "True"
+    assert float(rows["cradle_vae T=30: model ATE"]["samples_per_s"]) > 0
 
 
 def test_log_domain_negative_binomial_is_the_same_density():

@@ -167,5 +167,5 @@ def test_model_ate_draws_the_globals_chunk_by_chunk(tiny_data, monkeypatch):
 
     monkeypatch.setattr(Posterior, "_draw_globals", spy)
     a1 = post.model_ate(["A", "B"], n_samples=50, chunk=16, seed=4)
-    assert sizes == [16, 16, 16, 2]
+    assert sizes == [1, 16, 16, 16, 2]  # one probe draw (Posterior.chunk_size), then the chunks
     assert a1.equals(post.model_ate(["A", "B"], n_samples=50, chunk=16, seed=4))
