@@ -2,17 +2,14 @@
 
 - :func:`score_grn`: edge scores vs a ground-truth adjacency (AUROC, AUPRC, thresholded and
   matched-count precision/recall), self-loops excluded by default.
-- :func:`correlation_grn`, :func:`de_grn`: simple baselines producing edge scores to feed to
-  :func:`score_grn`; :func:`deconvolved_grn` / :func:`deconvolved_de_grn`: a linear structural regression
-  on the interventional means that removes indirect effects (direct edges only);
+- the GRN baselines to score with them (|correlation|, |DE|, deconvolved DE) are in
+  :mod:`pyrovae.baselines.grn`;
 - :func:`score_blocks`: :func:`score_grn` per block (perturbed -> perturbed, perturbed -> extended) with
   signs where the method gives them;
 - :func:`top_edges`, :func:`matched_count_evaluation`: the statistical evaluation of several methods at the
   same number of edges (mu-WD falls with the edge count, so only matched counts compare);
   :func:`path_expansion`: the new edges of the transitive closure by path length (the reference's
   ``max_path_length``);
-- :func:`propagate_knockdown`, :func:`unseen_perturbation_baselines`: predictions for perturbations with no
-  training cell (zero effect, mean seen effect, the knock-down pushed through a GRN).
 - :func:`statistical_evaluation`: the statistical (CausalBench-style) evaluation of a predicted edge list
   on interventional data (the GPO-VAE code's CausalBench-style evaluation), without that code's bugs:
   self-loops are not counted, negative pairs really exclude the predicted edges, and the false omission
@@ -31,22 +28,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyrovae.baselines.grn import cells_by_label, check_grn_inputs
 from pyrovae.data.matrix import to_dense
-from pyrovae.evaluate.ate import empirical_ate
 
 __all__ = [
     "score_grn",
     "score_blocks",
-    "correlation_grn",
-    "de_grn",
-    "deconvolved_grn",
-    "deconvolved_de_grn",
     "statistical_evaluation",
     "top_edges",
     "matched_count_evaluation",
     "path_expansion",
-    "propagate_knockdown",
-    "unseen_perturbation_baselines",
     "auroc",
     "average_precision",
     "expected_tp_at",
@@ -167,177 +158,6 @@ def score_grn(
     }
 
 
-# -------------------------------------------------------------------------------------- baselines
-
-
-def correlation_grn(x_lognorm: np.ndarray | sp.spmatrix) -> np.ndarray:
-    """Absolute Pearson correlation between genes, a symmetric (undirected) edge-score baseline.
-
-    Args:
-        x_lognorm: (cells, n) log-normalised expression (dense or sparse).
-
-    Returns:
-        (n, n) ``|corr|``, diagonal 0; constant genes have 0 correlation with everything.
-    """
-    x = to_dense(x_lognorm)
-    if x.ndim != 2:
-        raise ValueError(f"x_lognorm must be 2-D (cells, genes), got shape {x.shape}")
-    x = x - x.mean(0)
-    sd = np.sqrt((x**2).sum(0))
-    z = np.divide(x, sd, out=np.zeros_like(x), where=sd > 0)
-    c = np.clip(np.abs(z.T @ z), 0.0, 1.0)
-    np.fill_diagonal(c, 0.0)
-    return c
-
-
-def _cells_of(labels: np.ndarray) -> dict[str, np.ndarray]:
-    codes, uniq = pd.factorize(pd.Series(labels), sort=False)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(uniq) + 1))
-    return {str(u): order[bounds[i] : bounds[i + 1]] for i, u in enumerate(uniq)}
-
-
-def _check_inputs(
-    x: Any, labels: Any, genes: Sequence[str], control_label: str
-) -> tuple[np.ndarray, list[str]]:
-    if getattr(x, "ndim", 2) != 2:
-        raise ValueError(f"x_lognorm must be 2-D (cells, genes), got shape {x.shape}")
-    labels = np.asarray(labels).astype(str).reshape(-1)
-    if len(labels) != x.shape[0]:
-        raise ValueError(f"labels has {len(labels)} entries but x_lognorm has {x.shape[0]} rows")
-    genes = [str(g) for g in genes]
-    if len(genes) != x.shape[1]:
-        raise ValueError(f"genes has {len(genes)} names but x_lognorm has {x.shape[1]} columns")
-    if len(set(genes)) != len(genes):
-        raise ValueError("genes holds duplicate names")
-    if not (labels == str(control_label)).any():
-        raise ValueError(
-            f"no control cells labelled {control_label!r} in labels; pass control_label=<the label of the "
-            "unperturbed cells>"
-        )
-    return labels, genes
-
-
-def de_grn(
-    x_lognorm: np.ndarray | sp.spmatrix,
-    labels: Sequence[str] | np.ndarray,
-    genes: Sequence[str],
-    control_label: str,
-    sep: str = "+",
-    signed: bool = False,
-) -> np.ndarray:
-    """Differential-expression baseline: score(j -> k) = abs(mean(x_k, j perturbed) - mean(x_k, control)).
-
-    ``signed=True``: the difference itself (the interventional mean shifts, for :func:`deconvolved_grn`).
-
-    Only single perturbations count: the cells labelled exactly ``genes[j]`` (a combination label such as
-    ``"A<sep>B"`` never matches a gene name). Rows of genes that no cell perturbs are 0. The diagonal
-    (a gene's effect on its own expression) is kept; :func:`score_grn` drops it by default.
-
-    Args:
-        x_lognorm: (cells, n) log-normalised expression (dense or sparse).
-        labels: (cells,) perturbation labels.
-        genes: n gene names, the columns of ``x_lognorm`` (and the GRN nodes).
-        control_label: label of the control cells.
-        sep: combination separator (only documents which labels are combinations; they are ignored).
-
-    Returns:
-        (n, n) non-negative edge scores (row = perturbed gene, column = responding gene).
-    """
-    labels, genes = _check_inputs(x_lognorm, labels, genes, control_label)
-    cells = _cells_of(labels)
-    x = x_lognorm.tocsr() if sp.issparse(x_lognorm) else np.asarray(x_lognorm, dtype=np.float64)
-
-    def mean_of(idx: np.ndarray) -> np.ndarray:
-        return np.asarray(x[idx].mean(0), dtype=np.float64).reshape(-1)
-
-    ctrl = mean_of(cells[str(control_label)])
-    out = np.zeros((len(genes), len(genes)), dtype=np.float64)
-    for j, g in enumerate(genes):
-        if g in cells and g != str(control_label):
-            diff = mean_of(cells[g]) - ctrl
-            out[j] = diff if signed else np.abs(diff)
-    return out
-
-
-def deconvolved_grn(
-    shifts: np.ndarray,
-    intervened: Sequence[int] | np.ndarray,
-    ridge: float = 1e-3,
-    regulators: np.ndarray | None = None,
-) -> np.ndarray:
-    """Direct effects B from interventional mean shifts by a linear structural regression.
-
-    Model: under an intervention on gene a, the mean shift of every other gene k obeys the linear
-    structural equation  s_k = sum_{j != k} B_jk s_j  (a's own shift is set by the intervention). For each
-    target k, regress s_k on the shifts of the regulators over the interventions that do not target k
-    (ridge ``ridge * ||X||_F^2 / n_regulators``, dual form when there are fewer interventions than
-    regulators). In a linear DAG the total effect is (I - B)^{-1} - I, which :func:`de_grn` measures; this
-    inverts it, so an indirect effect a -> b -> c gives B_ac = 0 (network deconvolution for
-    interventional data).
-
-    Args:
-        shifts: (I, n) mean shift of each gene (columns) under each intervention (rows), e.g. the
-            perturbed genes' rows of ``de_grn(..., signed=True)``.
-        intervened: (I,) column index of the gene each intervention targets.
-        ridge: relative ridge penalty (0: least squares, minimum-norm where underdetermined).
-        regulators: (n,) bool, genes allowed as regulators (default all); other rows of B are 0.
-
-    Returns:
-        (n, n) signed direct effects B (row = regulator, column = target), zero diagonal.
-    """
-    s = np.asarray(shifts, dtype=np.float64)
-    if s.ndim != 2:
-        raise ValueError(f"shifts must be (interventions, genes), got shape {s.shape}")
-    iv = np.asarray(intervened, dtype=np.int64).reshape(-1)
-    n_iv, n = s.shape
-    if len(iv) != n_iv:
-        raise ValueError(f"intervened has {len(iv)} entries for {n_iv} interventions")
-    if n_iv and (iv.min() < 0 or iv.max() >= n):
-        raise ValueError(f"intervened indices must be in [0, {n})")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    reg = np.ones(n, dtype=bool) if regulators is None else np.asarray(regulators, dtype=bool).reshape(-1)
-    if len(reg) != n:
-        raise ValueError(f"regulators has {len(reg)} entries for {n} genes")
-    out = np.zeros((n, n), dtype=np.float64)
-    for k in range(n):
-        rows = iv != k
-        cols = reg.copy()
-        cols[k] = False
-        if not rows.any() or not cols.any():
-            continue
-        x, y = s[np.ix_(rows, cols)], s[rows, k]
-        lam = ridge * float((x**2).sum()) / cols.sum()
-        if x.shape[0] >= x.shape[1]:
-            b = np.linalg.lstsq(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y, rcond=None)[0]
-        else:
-            b = x.T @ np.linalg.lstsq(x @ x.T + lam * np.eye(x.shape[0]), y, rcond=None)[0]
-        out[cols, k] = b
-    return out
-
-
-def deconvolved_de_grn(
-    x_lognorm: np.ndarray | sp.spmatrix,
-    labels: Sequence[str] | np.ndarray,
-    genes: Sequence[str],
-    control_label: str,
-    ridge: float = 1e-3,
-    regulators: np.ndarray | None = None,
-) -> np.ndarray:
-    """``|B|`` of :func:`deconvolved_grn` on the signed DE shifts of every perturbed gene (rows of
-    ``de_grn(..., signed=True)`` of genes with cells): direct-edge scores with indirect effects removed.
-    ``regulators`` default: every gene (perturbed or not; unperturbed ones are identified only through how
-    their shifts co-vary across the interventions)."""
-    labels_arr, genes = _check_inputs(x_lognorm, labels, genes, control_label)
-    shifts = de_grn(x_lognorm, labels_arr, genes, control_label, signed=True)
-    present = set(labels_arr.tolist())
-    iv = np.asarray(
-        [j for j, g in enumerate(genes) if g in present and g != str(control_label)], dtype=np.int64
-    )
-    return np.abs(deconvolved_grn(shifts[iv], iv, ridge=ridge, regulators=regulators))
-
-
 # ------------------------------------------------------------------------- statistical evaluation
 
 
@@ -453,11 +273,11 @@ def statistical_evaluation(
     Raises:
         ValueError: unknown gene names in ``edges``, no or too few control cells, shape mismatches.
     """
-    labels, genes = _check_inputs(x_lognorm, labels, genes, control_label)
+    labels, genes = check_grn_inputs(x_lognorm, labels, genes, control_label)
     if min_cells < 1:
         raise ValueError(f"min_cells must be >= 1, got {min_cells}")
     x = x_lognorm.tocsr() if sp.issparse(x_lognorm) else np.asarray(x_lognorm, dtype=np.float64)
-    cells = _cells_of(labels)
+    cells = cells_by_label(labels)
     ctrl_idx = cells[str(control_label)]
     if len(ctrl_idx) < min_cells:
         raise ValueError(
@@ -658,7 +478,7 @@ def matched_count_evaluation(
         DataFrame indexed by method: k, n_tested, true_positives, precision, mean_wasserstein,
         false_omission_rate, negative_mean_wasserstein.
     """
-    labels_arr, genes = _check_inputs(x_lognorm, labels, genes, control_label)
+    labels_arr, genes = check_grn_inputs(x_lognorm, labels, genes, control_label)
     counts = pd.Series(labels_arr).value_counts()
     parents = np.asarray(
         [g != str(control_label) and int(counts.get(g, 0)) >= min_cells for g in genes], dtype=bool
@@ -704,131 +524,4 @@ def path_expansion(adjacency: np.ndarray, max_path_length: int = 3) -> dict[int,
         new = frontier & ~reached & off
         out[d] = new
         reached |= new
-    return out
-
-
-# ----------------------------------------------------------------------- unseen perturbations
-
-
-def propagate_knockdown(direct: np.ndarray, knock: np.ndarray, hops: int = 3) -> np.ndarray:
-    """Shift of every gene when the genes of ``knock`` are shifted and it propagates along ``direct``.
-
-    s = knock (I - B)^{-1} with B = ``direct`` (row = regulator) when its spectral radius is below 1 (a
-    DAG's B is nilpotent, so this is exact), else the truncated series knock sum_{h=0}^{hops} B^h (an
-    estimated B with cycles may not converge).
-
-    Args:
-        direct: (n, n) direct effects B.
-        knock: (n,) or (A, n) initial shifts (e.g. the knock-down on the perturbed gene).
-    """
-    b = np.asarray(direct, dtype=np.float64)
-    k = np.asarray(knock, dtype=np.float64)
-    n = b.shape[0]
-    if b.shape != (n, n) or k.shape[-1] != n:
-        raise ValueError(f"direct must be (n, n) and knock (..., n); got {b.shape} and {k.shape}")
-    if n and np.max(np.abs(np.linalg.eigvals(b))) < 1 - 1e-9:
-        return np.linalg.solve((np.eye(n) - b).T, k.T).T
-    out, term = k.copy(), k.copy()
-    for _ in range(hops):
-        term = term @ b
-        out = out + term
-    return out
-
-
-def _cut_inputs(direct: np.ndarray, j: int | None) -> np.ndarray:
-    """B without the edges into gene j: an intervention fixes j's shift (an estimated B may have cycles)."""
-    if j is None:
-        return direct
-    out = direct.copy()
-    out[:, j] = 0.0
-    return out
-
-
-def unseen_perturbation_baselines(
-    data,
-    perturbations: Sequence[str],
-    unseen: Sequence[str],
-    nodes: Sequence[str] | None = None,
-    transform: str = "perturbseq",
-    split: str = "train",
-    ridge: float = 1e-2,
-) -> dict[str, pd.DataFrame]:
-    """Predicted ATEs of perturbation labels some of whose treatments have no training cell.
-
-    Each label is the sum of its components' effects (additive in the ATE scale): a *seen* component
-    contributes its empirical ATE on the ``split`` cells; an *unseen* gene j contributes, per baseline,
-
-    - ``zero_effect``: nothing (the control's state: what a model that ignores j predicts);
-    - ``seen_mean``: the mean ATE of all seen single perturbations;
-    - ``grn_de``: the knock-down of j itself (the mean self-ATE of the seen perturbed genes, on gene j)
-      pushed through the signed DE GRN (seen genes' ATE rows, per unit of their own knock-down). j has no
-      row in a DE GRN (no cell perturbs it), so the push stops at j: only gene j moves;
-    - ``grn_deconvolved``: the same knock-down pushed (:func:`propagate_knockdown`) through the direct
-      effects B of :func:`deconvolved_grn`, fitted on the seen perturbations' ATEs (targets: every gene;
-      regulators: the GRN ``nodes``), so j's outgoing edges are estimated from how its shift co-varies with
-      the other genes' across the seen interventions; the edges into j are cut (the intervention fixes j).
-
-    Args:
-        data: :class:`~pyrovae.data.perturbation_data.PerturbationData` (read with the run's schema).
-        perturbations: target labels (rows of the outputs).
-        unseen: treatment names without training cells.
-        nodes: GRN genes allowed as regulators (default: the data's treatments that are genes).
-        transform: ``"perturbseq"`` or ``"mean"`` (as the ATE being predicted).
-
-    Returns:
-        {name: DataFrame (len(perturbations), G)} indexed by label; a NaN row where a seen component has
-        no ``split`` cell of its own.
-    """
-    idx = data.indices(split)
-    labels = np.asarray(data.labels)[idx].astype(str)
-    genes = [str(g) for g in data.genes]
-    gpos = {g: i for i, g in enumerate(genes)}
-    unseen_set = {str(u) for u in unseen}
-    singles = sorted(
-        {lab for lab in labels.tolist() if lab != data.control_label and data.sep not in lab} - unseen_set
-    )
-    seen_ate = empirical_ate(
-        data.rows(idx), labels, data.control_label, groups=singles, genes=genes, transform=transform
-    )
-    ate = seen_ate.to_numpy(dtype=np.float64)
-    gene_singles = [i for i, t in enumerate(singles) if t in gpos]
-    iv = np.asarray([gpos[singles[i]] for i in gene_singles], dtype=np.int64)
-    self_shift = float(np.mean(ate[gene_singles, iv])) if len(iv) else 0.0
-    nodes = [t for t in data.treatments if str(t) in gpos] if nodes is None else [str(n) for n in nodes]
-    regulators = np.zeros(len(genes), dtype=bool)
-    regulators[[gpos[n] for n in nodes if n in gpos]] = True
-    direct = deconvolved_grn(ate[gene_singles], iv, ridge=ridge, regulators=regulators)
-    G = len(genes)
-
-    def knock(j: str) -> np.ndarray:
-        v = np.zeros(G)
-        if j in gpos:
-            v[gpos[j]] = self_shift
-        return v
-
-    unseen_rows = {
-        "zero_effect": lambda j: np.zeros(G),
-        "seen_mean": lambda j: ate.mean(0) if len(ate) else np.zeros(G),
-        "grn_de": knock,
-        "grn_deconvolved": lambda j: propagate_knockdown(_cut_inputs(direct, gpos.get(j)), knock(j)),
-    }
-    seen_pos = {t: i for i, t in enumerate(singles)}
-    out = {}
-    for name, fn in unseen_rows.items():
-        rows = []
-        for lab in perturbations:
-            row = np.zeros(G)
-            for comp in [] if str(lab) == data.control_label else str(lab).split(data.sep):
-                if comp in unseen_set:
-                    row = row + fn(comp)
-                elif comp in seen_pos:
-                    row = row + ate[seen_pos[comp]]
-                else:
-                    row = row + np.nan
-            rows.append(row)
-        out[name] = pd.DataFrame(
-            np.asarray(rows).reshape(len(perturbations), G),
-            index=pd.Index([str(p) for p in perturbations], name="perturbation"),
-            columns=genes,
-        )
     return out

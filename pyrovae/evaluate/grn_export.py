@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovae.baselines import grn as grn_baselines
 from pyrovae.data.grn import UNS_KEY
 from pyrovae.data.matrix import nonzero_counts, select_rows
 from pyrovae.data.pairing import log_normalize
 from pyrovae.data.perturbation_data import untrained_treatments
-from pyrovae.evaluate import grn as grn_eval
 from pyrovae.evaluate.grn import (
     matched_count_evaluation,
     path_expansion,
@@ -258,7 +258,7 @@ def baseline_scores(
     ``correlation``: ``|Pearson correlation|`` of log-normalised expression (symmetric, undirected);
     ``de``: differential expression of each perturbed gene's cells versus controls (rows of genes that no
     cell perturbs are 0); ``deconvolved_de``: the direct effects of a linear structural regression on
-    those interventional means (:func:`pyrovae.evaluate.grn.deconvolved_grn`, indirect effects removed).
+    those interventional means (:func:`pyrovae.baselines.grn.deconvolved_grn`, indirect effects removed).
     All from :mod:`pyrovae.evaluate.grn`. ``signed``: DE (relative to the sign of the perturbed gene's own
     shift, so an activating edge is positive under a knock-down) and deconvolved DE keep their signs.
     ``paired_de`` (GPO-prepared data only): ``|mean OT-paired difference|`` of each perturbation's cells
@@ -271,14 +271,16 @@ def baseline_scores(
     y = log_normalize(select_rows(data.counts, idx), node_idx)
     labels = np.asarray(data.labels)[idx]
     out = {}
-    out["correlation"] = np.asarray(grn_eval.correlation_grn(y), dtype=np.float64)
+    out["correlation"] = np.asarray(grn_baselines.correlation_grn(y), dtype=np.float64)
     names = [str(n) for n in nodes]
-    shifts = np.asarray(grn_eval.de_grn(y, labels, names, data.control_label, signed=True), dtype=np.float64)
+    shifts = np.asarray(
+        grn_baselines.de_grn(y, labels, names, data.control_label, signed=True), dtype=np.float64
+    )
     present = set(np.asarray(labels).astype(str).tolist())
     iv = np.asarray(
         [j for j, n in enumerate(names) if n in present and n != data.control_label], dtype=np.int64
     )
-    direct = grn_eval.deconvolved_grn(shifts[iv], iv, ridge=ridge)
+    direct = grn_baselines.deconvolved_grn(shifts[iv], iv, ridge=ridge)
     # an edge's sign is that of the child's shift relative to the perturbed gene's own (knock-down) shift
     self_sign = np.sign(np.diag(shifts))
     out["de"] = shifts * np.where(self_sign == 0, 1.0, self_sign)[:, None] if signed else np.abs(shifts)

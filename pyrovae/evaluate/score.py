@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pyrovae.baselines.unseen import unseen_perturbation_baselines
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
-from pyrovae.evaluate.grn import unseen_perturbation_baselines
 from pyrovae.predict.iwelbo import iwelbo_over_seeds
 from pyrovae.predict.posterior import MATCHED, Posterior
 from pyrovae.runs import Run
@@ -96,7 +96,7 @@ def ate_report(
     held-out combinations only). Baselines are computed from the training cells only.
 
     ``extra_preds``: further predictions ({name: A x G DataFrame}, rows indexed by label), e.g. the
-    unseen-perturbation baselines of :func:`pyrovae.evaluate.grn.unseen_perturbation_baselines`.
+    unseen-perturbation baselines of :func:`pyrovae.baselines.unseen.unseen_perturbation_baselines`.
     ``cache``: model ATEs already computed with these settings, by (model name, perturbations); filled
     in, so that cell sets with the same perturbations share one prediction (:func:`score_run`).
 
@@ -236,7 +236,7 @@ def score_ate(
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
 
     For unseen labels the unseen-perturbation baselines
-    (:func:`~pyrovae.evaluate.grn.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
+    (:func:`~pyrovae.baselines.unseen.unseen_perturbation_baselines`; NaN on the seen labels) join the table,
     and a model that transfers to them (GPO-VAE through its GRN) is also shown as
     ``<name>_prior_draw``, with prior draws on those rows: the worth of the transfer (both only with
     ``baselines``). ``field_options``: :func:`ate_report`'s ``de``, ``cells``, ``n_cells``, ``ceiling``,

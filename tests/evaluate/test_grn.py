@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from pyrovae.baselines.grn import correlation_grn, de_grn
 from pyrovae.evaluate.grn import (
     auroc,
     average_precision,
-    correlation_grn,
-    de_grn,
     score_grn,
     statistical_evaluation,
 )

@@ -7,17 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pyrovae.baselines.grn import de_grn, deconvolved_de_grn, deconvolved_grn
+from pyrovae.baselines.unseen import propagate_knockdown, unseen_perturbation_baselines
 from pyrovae.evaluate.grn import (
-    de_grn,
-    deconvolved_de_grn,
-    deconvolved_grn,
     matched_count_evaluation,
     path_expansion,
-    propagate_knockdown,
     score_blocks,
     statistical_evaluation,
     top_edges,
-    unseen_perturbation_baselines,
 )
 
 GENES = ["a", "b", "c"]
