@@ -7,7 +7,7 @@
 - :func:`baseline_ates` (re-exported from :mod:`pyrovae.evaluate.ate`): ``train_mean``, ``additive``,
   ``global_mean``;
 - :func:`all_baseline_ates`: all of them at once, as :func:`pyrovae.evaluate.score.ate_report` scores them;
-- :mod:`pyrovae.baselines.grn`: GRN edge scores from the data (|correlation|, |DE|, deconvolved DE);
+- :mod:`pyrovae.baselines.grn`: GRN edge scores from the data (``|correlation|``, ``|DE|``, deconvolved DE);
 - :mod:`pyrovae.baselines.unseen`: perturbations with no training cell (zero effect, mean seen effect, the
   gene's own knock-down through a GRN).
 """

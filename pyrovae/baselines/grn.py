@@ -1,6 +1,6 @@
 """Model-free GRN baselines: edge scores from the data, to score with :func:`pyrovae.evaluate.grn.score_grn`.
 
-- :func:`correlation_grn`: |Pearson correlation| between genes over cells;
+- :func:`correlation_grn`: the absolute Pearson correlation between genes over cells;
 - :func:`de_grn`: the differential expression of each perturbed gene's cells against the controls;
 - :func:`deconvolved_grn` / :func:`deconvolved_de_grn`: a linear structural regression on the
   interventional means that removes indirect effects (direct edges only).

@@ -1,5 +1,5 @@
 """Model-free predictions for perturbations with no training cell: the zero effect, the mean seen effect,
-and the gene's own knock-down pushed through a GRN (|DE| or deconvolved)."""
+and the gene's own knock-down pushed through a GRN (``|DE|`` or deconvolved)."""
 
 from __future__ import annotations
 

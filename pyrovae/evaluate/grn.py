@@ -2,7 +2,7 @@
 
 - :func:`score_grn`: edge scores vs a ground-truth adjacency (AUROC, AUPRC, thresholded and
   matched-count precision/recall), self-loops excluded by default.
-- the GRN baselines to score with them (|correlation|, |DE|, deconvolved DE) are in
+- the GRN baselines to score with them (``|correlation|``, ``|DE|``, deconvolved DE) are in
   :mod:`pyrovae.baselines.grn`;
 - :func:`score_blocks`: :func:`score_grn` per block (perturbed -> perturbed, perturbed -> extended) with
   signs where the method gives them;

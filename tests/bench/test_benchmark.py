@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from bench import benchmark  # noqa: E402
-from pyrovae.data.loader import MinibatchLoader  # noqa: E402
-from pyrovae.models.zoo import build_model, model_config  # noqa: E402
-from pyrovae.train.trainer import make_elbo, split_counts  # noqa: E402
+from bench import benchmark
+from pyrovae.data.loader import MinibatchLoader
+from pyrovae.models.zoo import build_model, model_config
+from pyrovae.train.trainer import make_elbo, split_counts
 
 
 @pytest.mark.parametrize("n_treatments", [5, 12])  # 12: pyrovae takes its sparse dosage path

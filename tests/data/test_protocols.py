@@ -12,6 +12,7 @@ from pyrovae.data.protocols import (
     cell_split,
     combinatorial_split,
     data_efficiency_split,
+    heldout_combinations_split,
     split_combinations,
     split_summary,
 )
@@ -232,3 +233,19 @@ def test_split_summary():
     assert sum(v["cells"] for v in s.values()) == len(LABELS)
     assert s["test"]["singles"] == 0 and s["test"]["controls"] == 0
     assert s["test"]["combination_labels"] == math.ceil(0.25 * len(COMBOS))
+
+
+def test_heldout_combinations_split_holds_out_a_seeded_quarter_of_the_combinations():
+    singles = ["control"] * 40 + [g for g in "ABCDEFGH" for _ in range(20)]
+    combos = [c for c in ("A+B", "C+D", "E+F", "G+H", "A+C", "B+D", "E+G", "F+H") for _ in range(10)]
+    labels = np.array(singles + combos)
+    split, held = heldout_combinations_split(labels, "control", "+", seed=3)
+    assert len(held) == 2 and held == sorted(held) and set(held) <= set(combos)
+    # every cell of a held-out combination is a test cell, and only they are among the combinations
+    assert (split[np.isin(labels, held)] == "test").all()
+    for lab in set(labels) - set(held):
+        assert set(split[labels == lab]) == {"train", "val", "test"}, lab  # stratified 80/10/10
+    again, held_again = heldout_combinations_split(labels, "control", "+", seed=3)
+    assert held_again == held and (again == split).all()  # the seed fixes it
+    with pytest.raises(ValueError, match="combination labels"):
+        heldout_combinations_split(np.array(singles), "control", "+", seed=0)

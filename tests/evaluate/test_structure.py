@@ -7,7 +7,13 @@ import warnings
 import numpy as np
 import pytest
 
-from pyrovae.evaluate.structure import effect_recovery, mask_recovery, match_latents
+from pyrovae.evaluate.structure import (
+    effect_recovery,
+    mask_recovery,
+    match_latents,
+    planted_rows,
+    planted_structure,
+)
 
 MASK = np.array(
     [
@@ -142,3 +148,30 @@ def test_effect_recovery_constant_column_and_errors():
         effect_recovery(E_TRUE, np.full((4, 2), np.nan))
     with pytest.raises(ValueError, match="two index arrays of the same length"):
         effect_recovery(E_TRUE, E_EST, matching=([0, 1], [0]))
+
+
+def test_planted_rows_maps_the_planted_order_onto_the_model_order():
+    rows = planted_rows(["B", "C", "A"], ["A", "B", "C"])
+    assert rows.tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="missing \\['C'\\], extra \\['A\\+B'\\]"):
+        planted_rows(["A", "B", "A+B"], ["A", "B", "C"])
+
+
+def test_planted_structure_is_perfect_on_the_truth_and_at_chance_when_shuffled():
+    rng = np.random.default_rng(0)
+    masks = (rng.random((12, 4)) < 0.4).astype(float)
+    masks[masks.sum(1) == 0, 0] = 1.0
+    effects = masks * rng.normal(2.0, 0.5, size=masks.shape) * rng.choice([-1, 1], size=masks.shape)
+    truth = {"latent_effects": effects, "masks": masks}
+    # the truth itself, its latent columns permuted (axes are identified up to permutation)
+    perm = [2, 0, 3, 1]
+    exact = planted_structure(truth, effects[:, perm], masks[:, perm], seed=0)
+    assert exact["mask_f1"] == 1.0 and exact["mask_precision"] == 1.0 and exact["mask_recall"] == 1.0
+    assert exact["effect_mcc"] == pytest.approx(1.0)
+    assert exact["mask_positives"] == exact["mask_true_positives"] == masks.sum()
+    # no masks (CPA-VAE): effect recovery only
+    assert set(planted_structure(truth, effects)) == {"effect_mcc"}
+    # rows shuffled between treatments: masks no better than their own chance level
+    shuffled = planted_structure(truth, effects[rng.permutation(12)], masks[rng.permutation(12)], seed=0)
+    assert shuffled["mask_f1"] < exact["mask_f1"]
+    assert shuffled["mask_f1"] <= shuffled["mask_chance_f1"] + 3 * shuffled["mask_chance_f1_std"]
