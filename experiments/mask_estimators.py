@@ -35,15 +35,13 @@ def build_parser():
 
 
 def gradient_draws(
-    model, data, cfg_train, n_draws: int, seed: int, burn_in: int = 0, baseline_lr: float = 0.05
+    model, data, cfg_train, n_draws: int, seed: int, burn_in: int = 0
 ) -> tuple[np.ndarray, float]:
     """(n_draws, T, K) gradients of the ELBO w.r.t. the mask logits on one minibatch; seconds per draw.
 
-    ``burn_in`` draws are taken first and dropped: they warm up the score-function estimator's baselines on
-    this state (Pyro's decaying average, and the learned baseline, fitted by Adam at ``baseline_lr`` on
-    Pyro's baseline loss; the logits and every other parameter stay fixed)."""
+    ``burn_in`` draws are taken first and dropped: they warm up the score-function estimator's baseline on
+    this state (Pyro's decaying average; the logits and every other parameter stay fixed)."""
     import pyro
-    import torch
 
     from pyrovae.data.loader import MinibatchLoader
     from pyrovae.train.trainer import make_elbo, split_counts
@@ -56,13 +54,9 @@ def gradient_draws(
     logits = model.effect.q_mask_logits
     pyro.set_rng_seed(seed)
     model.eval()  # freezes the temperature schedule; the networks have no dropout / batch-norm
-    learned = getattr(model.effect, "q_mask_baseline", None)
-    opt = torch.optim.Adam(learned.parameters(), lr=baseline_lr) if learned is not None else None
-    for _ in range(burn_in):
+    for _ in range(burn_in):  # warms up the decaying-average baseline of the score-function estimator
         model.zero_grad(set_to_none=True)
         elbo.loss_and_grads(model.model, model.guide, batch, n, w, 1.0 / n)
-        if opt is not None:
-            opt.step()
     out, t0 = [], time.perf_counter()
     for _ in range(n_draws):
         model.zero_grad(set_to_none=True)
@@ -106,11 +100,7 @@ def main(argv=None) -> int:
         # draw seeds depend on the state and the estimator's name only (a row does not move when the list
         # of estimators changes)
         for est in [st["reference_estimator"]] + list(st["estimators"]):
-            # "score_function_learned": the score-function estimator with the learned baseline
-            base = "score_function" if est == "score_function_learned" else est
-            kw = {"mask_estimator": base}
-            if est == "score_function_learned":
-                kw["mask_baseline"] = "learned"
+            kw = {"mask_estimator": est}
             if est == "relaxed":
                 kw["temperature"] = float(st["relaxed_temperature"])
             cfg = mcfg.replace(**kw)
@@ -124,14 +114,11 @@ def main(argv=None) -> int:
                 seed=seed,
             )
             if state is not None:
-                # the learned score-function baseline is the only part the straight-through state lacks
-                keys = model.load_state_dict(state, strict=False)
-                if keys.unexpected_keys or any("q_mask_baseline" not in k for k in keys.missing_keys):
-                    raise RuntimeError(f"state does not fit the {est} model: {keys}")
+                model.load_state_dict(state)
             n_draws = int(st["reference_draws"] if ref is None else st["n_draws"])
             index = MASK_ESTIMATORS.index(est) if est in MASK_ESTIMATORS else len(MASK_ESTIMATORS)
             draw_seed = seed + 1 + 1000 * i_state + (0 if ref is None else 1 + index)
-            burn = int(st.get("baseline_burn_in", 0)) if base == "score_function" and ref is not None else 0
+            burn = int(st.get("baseline_burn_in", 0)) if est == "score_function" and ref is not None else 0
             g, sec = gradient_draws(model, data, tcfg, n_draws, draw_seed, burn_in=burn)
             g = g.reshape(g.shape[0], -1)
             mean, sd = g.mean(0), g.std(0, ddof=1)

@@ -13,7 +13,6 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
-from torch import nn
 
 from pyrovae.models.distributions import (
     AntitheticBernoulli,
@@ -32,10 +31,6 @@ MaskEstimator = Literal["straight_through", "score_function", "loo", "disarm", "
 MASK_ESTIMATORS = typing.get_args(MaskEstimator)
 #: Pyro's param-store name of the decaying-average baseline of the ``mask`` site (TraceGraph_ELBO).
 BASELINE_PARAM = "__baseline_avg_downstream_cost_mask"
-#: baselines of the ``score_function`` estimator: Pyro's decaying average of the downstream cost, or that
-#: plus a learned correction (:class:`LearnedMaskBaseline`, fitted by Pyro's squared-error baseline loss)
-MaskBaseline = Literal["decaying_avg", "learned"]
-MASK_BASELINES = typing.get_args(MaskBaseline)
 
 
 def _dosage_of(trace) -> torch.Tensor:
@@ -137,28 +132,6 @@ def mask_kl_warmup_surrogate(beta: float, analytic: bool, model_trace, guide_tra
 def sum_of_surrogates(terms, model_trace, guide_trace) -> torch.Tensor:
     """The sum of several surrogate-ELBO terms of one site (``fn(model_trace, guide_trace)`` each)."""
     return sum(term(model_trace, guide_trace) for term in terms)
-
-
-class LearnedMaskBaseline(nn.Module):
-    """A learned correction to the decaying-average baseline of the ``score_function`` estimator.
-
-    b_t = c_t + sum_s W_ts w_s for treatment t, where w (T,) is the minibatch's per-row weights of the
-    global terms (:meth:`~pyrovae.models.skeleton.PerturbationVAE.global_weights`: which treatments the
-    minibatch holds, and how many cells of each), so b predicts how the minibatch's composition moves the
-    downstream cost of each treatment's masks. Added to Pyro's decaying average (both are used:
-    ``infer["baseline"]`` with ``use_decaying_avg_baseline`` and ``nn_baseline``); c and W start at 0 and
-    are fitted by Pyro's baseline loss, the squared error to the (detached) downstream cost, which the
-    ELBO's gradient never sees. A baseline that does not depend on the masks keeps the estimator unbiased.
-    """
-
-    def __init__(self, n_treatments: int) -> None:
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(n_treatments))
-        self.weight = nn.Parameter(torch.zeros(n_treatments, n_treatments))
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        """(..., T, T) the batch weights broadcast to each row -> (..., T) baselines."""
-        return (w * self.weight).sum(-1) + self.offset
 
 
 def analytic_mask_kl_surrogate(model_trace, guide_trace) -> torch.Tensor:

@@ -42,7 +42,7 @@ from pyrovae.models.effects import (
     LearnedSparsityMaskEffect,
 )
 from pyrovae.models.effects.guides import Guide
-from pyrovae.models.mask_estimators import MaskBaseline, MaskEstimator
+from pyrovae.models.mask_estimators import MaskEstimator
 from pyrovae.models.penalties import CounterfactualKL, GRNAlignment, GRNTarget
 from pyrovae.models.skeleton import PerturbationVAE
 
@@ -97,7 +97,6 @@ class ModelConfig:
     # Adam step size of the q(M) logits (None: the network's lr, the reference); TrainConfig.mask_lr, when
     # set, overrides it
     mask_lr: float | None = None
-    mask_baseline: MaskBaseline = "decaying_avg"  # score_function's baseline
     decoder_hidden: int = 128
     decoder_layers: int = 1
     encoder_hidden: int = 128
@@ -117,8 +116,6 @@ class ModelConfig:
     grn_threshold: float = 0.5  # reference: 0.4 Adamson, 0.8 K562, 0.5 RPE1
     grn_hops: int = 5
     sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
-    # the k-hop terms / T^(k-1) (the reference); the only value, kept so that saved runs' configs load
-    grn_hop_norm: Literal["T"] = "T"
     grn_target: GRNTarget = (
         "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
     )
@@ -178,6 +175,33 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> ModelConfig:
         return replace_checked(self, "model", **kw)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> ModelConfig:
+        """The config of a run's ``config.json`` (``"model"``), written by this or an older pyrovae.
+
+        Options that were removed because they had one value left (:data:`REMOVED_OPTIONS`) are dropped
+        when they hold it; a run that used another value cannot be rebuilt: one clear error.
+        """
+        kw = dict(stored)
+        for name, (kept, why) in REMOVED_OPTIONS.items():
+            if name not in kw:
+                continue
+            value = kw.pop(name)
+            if value != kept:
+                raise ValueError(
+                    f"this run was trained with {name}={value!r}, an option removed in this version of "
+                    f"pyrovae ({why}); retrain it, or read it with the pyrovae that wrote it"
+                )
+        return cls().replace(**kw)
+
+
+#: options removed from :class:`ModelConfig`: {name: (the value every kept run has, why it was removed)};
+#: the measurements stay in the documentation (findings)
+REMOVED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "mask_baseline": ("decaying_avg", "the learned score-function baseline reduced no variance"),
+    "grn_hop_norm": ("T", "the knock-down normalisation of the k-hop terms measured worse"),
+}
 
 
 #: GPO-VAE's GRN alignment in the named model ``gpo_vae`` (departures from the reference, see the module
@@ -267,7 +291,6 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         mask_kl_warmup_steps=cfg.mask_kl_warmup_steps,
         mask_freeze_steps=cfg.mask_freeze_steps,
         mask_rotation=cfg.mask_rotation,
-        mask_baseline=cfg.mask_baseline,
         mask_freeze_fraction=cfg.mask_freeze_fraction,
         mask_lr=cfg.mask_lr,
     )

@@ -189,7 +189,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     cfg, schema = directory.read_config()
     try:
-        model_cfg = ModelConfig().replace(**cfg["model"])
+        model_cfg = ModelConfig.from_stored(cfg["model"])
         train_cfg = TrainConfig().replace(**cfg["train"])
         model = build_model(
             model_cfg,
@@ -235,7 +235,7 @@ def check_resume(
             f"{run_dir} holds a {stored_name} run, not {model_name}; resume it without --model (or with "
             f"--model {stored_name}), or train {model_name} into another --out"
         )
-    stored_cfg = ModelConfig().replace(**cfg["model"])
+    stored_cfg = ModelConfig.from_stored(cfg["model"])
     diff = [
         f.name
         for f in dataclasses.fields(ModelConfig)

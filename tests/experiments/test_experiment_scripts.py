@@ -182,7 +182,7 @@ def test_iwelbo_gap_rescores_earlier_runs(tmp_path):
 def test_mask_estimators_reports_every_estimator(tmp_path):
     cfg = tmp_path / "est.yaml"
     cfg.write_text(
-        "estimators: [straight_through, score_function, score_function_learned, loo, disarm, relaxed]\n"
+        "estimators: [straight_through, score_function, loo, disarm, relaxed]\n"
         "reference_estimator: loo\nrelaxed_temperature: 0.5\nbaseline_burn_in: 3\n"
         "model: {mask_init_logits: -1.5}\n"
         "train: {lr: 0.002, mask_lr: 0.05, batch_size: 64, n_particles: 3, val_particles: 3}\n"
@@ -191,10 +191,9 @@ def test_mask_estimators_reports_every_estimator(tmp_path):
     out = tmp_path / "est"
     assert _script("mask_estimators").main(["--out", str(out), "--preset", "tiny", "--config", str(cfg)]) == 0
     res = pd.read_csv(out / "results.csv")
-    assert len(res) == 12 and set(res["estimator"]) == {
+    assert len(res) == 10 and set(res["estimator"]) == {
         "straight_through",
         "score_function",
-        "score_function_learned",
         "loo",
         "disarm",
         "relaxed",

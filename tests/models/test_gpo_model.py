@@ -247,9 +247,20 @@ def test_every_model_states_how_it_predicts_unseen_perturbations(name, method):
         post.model_ate(["P0"], n_samples=5)
 
 
-def test_the_hop_norm_is_the_references():
-    with pytest.raises(ValueError, match="grn_hop_norm"):
-        model_config("gpo_vae", grn_hop_norm="knockdown")
+def test_removed_options_are_refused_now_and_read_in_old_runs_configs():
+    """grn_hop_norm and mask_baseline are gone: an option the user gives is unknown, a run's stored config
+    with the one value they had left loads, and one with a removed value is one clear error."""
+    from pyrovae.models.zoo import ModelConfig
+
+    for name, value in (("grn_hop_norm", "T"), ("mask_baseline", "decaying_avg")):
+        with pytest.raises(ValueError, match=name):
+            model_config("gpo_vae", **{name: value})
+    stored = {**model_config("gpo_vae").__dict__, "grn_hop_norm": "T", "mask_baseline": "decaying_avg"}
+    assert ModelConfig.from_stored(stored) == model_config("gpo_vae")
+    with pytest.raises(ValueError, match="mask_baseline='learned', an option removed"):
+        ModelConfig.from_stored({**stored, "mask_baseline": "learned"})
+    with pytest.raises(ValueError, match="grn_hop_norm='knockdown', an option removed"):
+        ModelConfig.from_stored({**stored, "grn_hop_norm": "knockdown"})
 
 
 def test_grn_alignment_group_target():

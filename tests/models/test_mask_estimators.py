@@ -311,49 +311,6 @@ def test_learned_sparsity_terms_are_bernoulli_at_the_learned_level(tiny_data):
     assert bool((eff.q_sparsity_logits.grad < 0).all())  # the loss falls as alpha rises
 
 
-def test_learned_baseline_keeps_score_function_unbiased_and_is_fitted():
-    """score_function with the learned baseline (Pyro's decaying average plus LearnedMaskBaseline, fitted by
-    Pyro's baseline loss between draws): the average gradient of the logits is still the exact one, and the
-    baseline's parameters move (the squared-error loss reaches them and only them)."""
-    pyro.set_rng_seed(0)
-    tiny = TinyModel("score_function", mask_baseline="learned")
-    baseline = tiny.effect.q_mask_baseline
-    opt = torch.optim.Adam(baseline.parameters(), lr=0.05)
-    elbo = make_elbo(64)
-    batch = {"d": D, "y": Y}
-    draws = []
-    for _ in range(200):
-        tiny.effect.q_mask_logits.grad = None
-        opt.zero_grad()
-        elbo.loss_and_grads(tiny.model, tiny.guide, batch)
-        draws.append(-tiny.effect.q_mask_logits.grad.clone())
-        opt.step()
-    draws = torch.stack(draws)
-    mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
-    assert torch.all((mean - exact_gradient()).abs() < 4 * se + 1e-6), (mean, exact_gradient(), se)
-    assert float(baseline.offset.detach().abs().max()) > 0.01  # started at 0
-    roles = tiny.effect.param_roles()
-    assert any(q is baseline.offset for q in roles["variational"])
-
-
-def test_learned_baseline_takes_the_plate_shape_of_the_particles(tiny_data):
-    cfg = model_config(
-        "sams_vae",
-        n_latent=3,
-        decoder_hidden=8,
-        encoder_hidden=8,
-        embedding_encoder_hidden=8,
-        mask_estimator="score_function",
-        mask_baseline="learned",
-    )
-    model = build_model(cfg, tiny_data.n_genes, tiny_data.n_treatments, seed=0)
-    hist = Trainer(
-        model, tiny_data, TrainConfig(seed=0, max_epochs=3, batch_size=64, lr=5e-3, n_particles=3)
-    ).fit(progress=False)
-    assert all(math.isfinite(h["train_loss"]) for h in hist)
-    assert float(model.effect.q_mask_baseline.weight.detach().abs().max()) > 0
-
-
 @pytest.mark.parametrize("estimator", ["straight_through", "relaxed"])
 def test_mask_kl_warmup_scales_the_mask_kl_gradient_not_the_elbo(estimator):
     """With only a control cell the logits' gradient is the mask KL's alone: with the warm-up it is beta =
@@ -380,11 +337,9 @@ def test_mask_kl_warmup_scales_the_mask_kl_gradient_not_the_elbo(estimator):
     assert int(warm.effect.mask_step) == n + 2
 
 
-def test_mask_kl_warmup_and_baseline_options_are_checked():
+def test_mask_kl_warmup_options_are_checked():
     with pytest.raises(ValueError, match="mask_kl_warmup_steps works with"):
         AdditiveEffect(2, 2, mask_estimator="loo", mask_kl_warmup_steps=10)
-    with pytest.raises(ValueError, match="unknown mask_baseline"):
-        AdditiveEffect(2, 2, mask_baseline="nn")
     with pytest.raises(ValueError, match="mask_kl_warmup_steps"):
         model_config("sams_vae", mask_kl_warmup_steps=-1)
 

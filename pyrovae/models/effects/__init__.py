@@ -30,10 +30,8 @@ from pyrovae.models.effects.svae_plus import BetaBernoulliActionEffect
 from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.mask_estimators import (
     BASELINE_PARAM,
-    MASK_BASELINES,
     MASK_ESTIMATORS,
     SURROGATE_ELBO,
-    LearnedMaskBaseline,
     per_treatment_costs,
 )
 from pyrovae.models.plates import CELL_PLATE, PERTURBATION_PLATE, matmul_dosage, weighted_plate
@@ -49,9 +47,7 @@ __all__ = [
     "EffectBlock",
     "FIXED_MASK_LOGIT",
     "GUIDES",
-    "LearnedMaskBaseline",
     "LearnedSparsityMaskEffect",
-    "MASK_BASELINES",
     "MASK_ESTIMATORS",
     "PARAM_ROLES",
     "PERTURBATION_PLATE",

@@ -7,7 +7,6 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.poutine.runtime import get_plates
 from torch import nn
 
 from pyrovae.models.distributions import HardenedBernoulli
@@ -17,9 +16,7 @@ from pyrovae.models.effects.guides import guide_family
 from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.mask_estimators import (
     BASELINE_PARAM,
-    MASK_BASELINES,
     MASK_ESTIMATORS,
-    LearnedMaskBaseline,
     mask_site,
 )
 from pyrovae.models.plates import PERTURBATION_PLATE, matmul_dosage, weighted_plate
@@ -54,8 +51,6 @@ class AdditiveEffect(EffectBlock):
         mask_kl_warmup_steps: scale the gradient of the mask KL term by beta = min(1, (s + 1) / n) at
             training step s (:func:`mask_kl_warmup_surrogate`; ``straight_through`` and ``relaxed``
             only). 0: none (the reference). Departure from the paper's objective while beta < 1.
-        mask_baseline: baseline of the ``score_function`` estimator (:data:`MASK_BASELINES`):
-            ``"decaying_avg"`` (Pyro's) or ``"learned"`` (Pyro's plus :class:`LearnedMaskBaseline`).
         mask_freeze_fraction: the same freeze for this fraction of the run's training steps, resolved to
             ``mask_freeze_steps`` = max(1, floor(fraction x steps)) by :meth:`start_training` (the Trainer
             calls it with ``max_epochs`` x batches per epoch, at most ``max_steps``; a resumed run keeps
@@ -105,7 +100,6 @@ class AdditiveEffect(EffectBlock):
         temperature_final: float | None = None,
         temperature_anneal_steps: int = 1000,
         mask_kl_warmup_steps: int = 0,
-        mask_baseline: str = "decaying_avg",
         mask_freeze_steps: int = 0,
         mask_rotation: bool = False,
         mask_freeze_fraction: float = 0.0,
@@ -115,8 +109,6 @@ class AdditiveEffect(EffectBlock):
         super().__init__()
         if mask_estimator not in MASK_ESTIMATORS:
             raise ValueError(f"unknown mask_estimator {mask_estimator!r}; use one of {MASK_ESTIMATORS}")
-        if mask_baseline not in MASK_BASELINES:
-            raise ValueError(f"unknown mask_baseline {mask_baseline!r}; use one of {MASK_BASELINES}")
         if mask_kl_warmup_steps < 0:
             raise ValueError(f"mask_kl_warmup_steps must be >= 0, got {mask_kl_warmup_steps}")
         if mask_kl_warmup_steps and mask_estimator not in ("straight_through", "relaxed"):
@@ -132,7 +124,7 @@ class AdditiveEffect(EffectBlock):
             raise ValueError("give mask_freeze_steps or mask_freeze_fraction, not both")
         if mask_lr is not None and mask_lr <= 0:
             raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
-        self.mask_kl_warmup_steps, self.mask_baseline = int(mask_kl_warmup_steps), mask_baseline
+        self.mask_kl_warmup_steps = int(mask_kl_warmup_steps)
         self.mask_freeze_steps = int(mask_freeze_steps)
         self.mask_freeze_fraction = float(mask_freeze_fraction)
         self.mask_lr = None if mask_lr is None else float(mask_lr)
@@ -176,8 +168,6 @@ class AdditiveEffect(EffectBlock):
         self.register_buffer("eye", torch.eye(n_treatments))
         if self.use_masks:
             self.q_mask_logits = nn.Parameter(torch.full((n_treatments, effect_dim), float(mask_init_logits)))
-            if mask_estimator == "score_function" and mask_baseline == "learned":
-                self.q_mask_baseline = LearnedMaskBaseline(n_treatments)
         if self.q_E.free or not self.use_masks:
             # mean-field, spike-and-slab (the slab), CPA-VAE: q(E)'s free parameters
             self.q_E_loc = nn.Parameter(torch.zeros(n_treatments, effect_dim))
@@ -224,7 +214,7 @@ class AdditiveEffect(EffectBlock):
         out = {}
         with weighted_plate(PERTURBATION_PLATE, T, weights):
             if self.use_masks:
-                out["mask"] = self._sample_q_mask(self.q_mask_logits, weights)
+                out["mask"] = self._sample_q_mask(self.q_mask_logits)
             out["E"] = self._sample_q_E(out.get("mask"))
         return out
 
@@ -288,18 +278,7 @@ class AdditiveEffect(EffectBlock):
             return False  # (no read of the step buffer: no host sync per step on an accelerator)
         return self.training and torch.is_grad_enabled() and int(self.mask_step) < self.mask_freeze_steps
 
-    def _learned_baseline_input(self, weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        """(plates..., T, T): the minibatch's row weights (T,) broadcast to the mask site's plate shape (the
-        vectorised particles included) and to each row, the input of :class:`LearnedMaskBaseline`."""
-        T = self.n_treatments
-        w = like.new_ones(T) if weights is None else weights.detach().to(like.dtype)
-        frames = [f for f in get_plates() if f.vectorized and f.dim is not None]
-        shape = [1] * max([-f.dim for f in frames] + [1])
-        for f in frames:
-            shape[f.dim] = f.size
-        return w.expand(*shape, T)
-
-    def _sample_q_mask(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def _sample_q_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """The q(M) site (inside the perturbations plate) for this block's estimator; (..., T, K)."""
         training = self.training and torch.is_grad_enabled()
         tau, beta = self.current_temperature(), self.mask_kl_weight()
@@ -310,9 +289,6 @@ class AdditiveEffect(EffectBlock):
         baseline = None
         if self.mask_estimator == "score_function":
             baseline = {"use_decaying_avg_baseline": True, "baseline_beta": self.mask_baseline_beta}
-            if self.mask_baseline == "learned":
-                baseline["nn_baseline"] = self.q_mask_baseline
-                baseline["nn_baseline_input"] = self._learned_baseline_input(weights, logits)
             if training and self._fresh_baseline:
                 # Pyro keeps the moving average in the global param store under the site's name: start
                 # each model's training from zero (reproducible, and no stale shape from another model)
@@ -336,13 +312,11 @@ class AdditiveEffect(EffectBlock):
         # q(E)'s free mean-field parameters are variational; q(E | M)'s network is a network; masks fixed by
         # fix_masks are a buffer, seen by no optimiser
         free_e = hasattr(self, "q_E_loc")
-        # the learned score-function baseline is part of the estimator, not of the model: no weight decay
-        baseline = list(self.q_mask_baseline.parameters()) if hasattr(self, "q_mask_baseline") else []
         # the gene-feature prior's (W, b) are point estimates with their own prior (W): no weight decay
         feat = [] if self.feature_prior is None else [self.feature_prior.weight, self.feature_prior.bias]
         return parameter_roles(
             self,
-            variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + baseline + feat,
+            variational=([self.q_E_loc, self.q_E_log_scale] if free_e else []) + feat,
             mask_logits=self.mask_role_parameters(),
         )
 

@@ -51,7 +51,7 @@ class BetaBernoulliMaskEffect(AdditiveEffect):
             lam = self.q_mask_logits.detach() if self.masks_frozen() else self.q_mask_logits
             pi = torch.sigmoid(lam).clamp(1e-6, 1 - 1e-6)
             pi = pyro.sample("mask_prob", dist.Delta(pi, event_dim=1))
-            m = self._sample_q_mask(torch.logit(pi), weights)
+            m = self._sample_q_mask(torch.logit(pi))
             return {"mask_prob": pi, "mask": m, "E": self._sample_q_E(m)}
 
 
@@ -97,7 +97,7 @@ class LearnedSparsityMaskEffect(AdditiveEffect):
         with weighted_plate(PERTURBATION_PLATE, self.n_treatments, weights):
             lam = self.q_sparsity_logits.detach() if self.masks_frozen() else self.q_sparsity_logits
             alpha = pyro.sample("mask_sparsity", dist.Delta(torch.sigmoid(lam).clamp(1e-6, 1 - 1e-6)))
-            m = self._sample_q_mask(self.q_mask_logits, weights)
+            m = self._sample_q_mask(self.q_mask_logits)
             return {"mask_sparsity": alpha, "mask": m, "E": self._sample_q_E(m)}
 
     def sparsity(self) -> torch.Tensor:
