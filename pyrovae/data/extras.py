@@ -26,6 +26,7 @@ indexes rows, or streams with :func:`iter_row_blocks`). The numbers are those of
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,8 +49,9 @@ __all__ = [
 BLOCK_ROWS = 8192
 
 
-class _RowArray:
-    """Array-like of shape (N, C) whose rows are made on demand by ``_rows(positions)``."""
+class _RowArray(abc.ABC):
+    """Array-like of shape (N, C) whose rows are made on demand by ``_rows(positions)`` (an abstract base:
+    :class:`GroupRows`, :class:`PairedDelta`)."""
 
     shape: tuple[int, int]
     dtype = np.dtype(np.float32)
@@ -61,8 +63,9 @@ class _RowArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @abc.abstractmethod
     def _rows(self, pos: np.ndarray) -> np.ndarray:  # (len(pos), C) float32
-        raise NotImplementedError
+        """The rows at positions ``pos``."""
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rest: tuple = ()
@@ -101,9 +104,9 @@ class _RowArray:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     @property
+    @abc.abstractmethod
     def nbytes(self) -> int:
         """Bytes held (not the (N, C) array it stands for)."""
-        raise NotImplementedError
 
 
 class GroupRows(_RowArray):
