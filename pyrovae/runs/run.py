@@ -224,10 +224,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
 
 
 def check_resume(
-    run_dir: Path, model_cfg: ModelConfig, data: PerturbationData, model_name: str | None
+    directory: RunDirectory, model_cfg: ModelConfig, data: PerturbationData, model_name: str | None
 ) -> None:
-    """Refuse to resume ``run_dir`` with another model or other data (before anything is touched)."""
-    directory = RunDirectory(run_dir)
+    """Refuse to resume the run in ``directory`` with another model or other data (before anything is
+    touched)."""
+    run_dir = directory.path
     cfg, schema = directory.read_config()
     stored_name = cfg.get("model_name")
     if model_name is not None and stored_name is not None and model_name != stored_name:
@@ -384,14 +385,14 @@ def train_run(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a run directory; choose another --out")
+    directory = RunDirectory(run_dir)
     ddp = distributed.context(train_cfg.device)  # under torchrun: rank 0 owns (and locks) the directory
     if ddp is not None and not ddp.is_main:
         ddp.barrier()  # rank 0 has prepared the directory
         _train_locked(
-            data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
+            data, model_cfg, train_cfg, directory, data_options, resume, progress, prepare, model_name
         )
         return load_run(run_dir, device=train_cfg.device)
-    directory = RunDirectory(run_dir)
     if run_dir.is_dir():
         directory.refuse_foreign(overwrite, protect, resume)  # again under the lock, authoritatively
     created = not run_dir.exists()
@@ -399,14 +400,14 @@ def train_run(
         with dir_lock(run_dir):
             if resume:
                 directory.prepare(resume=True)
-                check_resume(run_dir, model_cfg, data, model_name)
+                check_resume(directory, model_cfg, data, model_name)
             else:
                 directory.prepare(overwrite=overwrite, protect=protect)
             if ddp is not None:
                 ddp.barrier()
             try:
                 _train_locked(
-                    data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name
+                    data, model_cfg, train_cfg, directory, data_options, resume, progress, prepare, model_name
                 )
             except BaseException:
                 if not resume and not directory.has(LAST):
@@ -420,8 +421,10 @@ def train_run(
     return load_run(run_dir, device=train_cfg.device)
 
 
-def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, progress, prepare, model_name):
-    """Build, (resume,) and fit; only the main process (rank 0 under torchrun) writes files."""
+def _train_locked(data, model_cfg, train_cfg, directory, data_options, resume, progress, prepare, model_name):
+    """Build, (resume,) and fit into ``directory`` (a :class:`RunDirectory`); only the main process (rank 0
+    under torchrun) writes files."""
+    run_dir = directory.path
     main = distributed.is_main_process()
     model = build_model(
         model_cfg,
@@ -438,7 +441,6 @@ def _train_locked(data, model_cfg, train_cfg, run_dir, data_options, resume, pro
         model.decoder.init_rest_share(data.kept_share("train"))
     if prepare is not None:
         prepare(model)
-    directory = RunDirectory(run_dir)
     fingerprint = directory.fingerprint() if resume else data_fingerprint(data)
     run_id = fingerprint["run_id"] if fingerprint is not None else None
     trainer = Trainer(model, data, train_cfg, checkpoint=directory.checkpoint_writer(run_id))
