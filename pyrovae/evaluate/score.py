@@ -22,8 +22,10 @@ import pandas as pd
 from pyrovae.baselines.unseen import unseen_perturbation_baselines
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.perturbation_data import PerturbationData
+from pyrovae.data.prepare import prepare_data
 from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
+from pyrovae.models.zoo import data_requirements
 from pyrovae.predict.iwelbo import iwelbo_over_seeds
 from pyrovae.predict.posterior import MATCHED, Posterior
 from pyrovae.runs import Run
@@ -417,12 +419,15 @@ def score_run(
     iwelbo: dict[str, dict[str, dict[str, Any]]] = {}
     for model, r in runs.items():
         iwelbo[model] = {}
+        # what the run's model reads beyond the counts (e.g. CRADLE-VAE's QC flags), as in training;
+        # data prepared before is returned as it is
+        run_data = prepare_data(data, data_requirements(r.model_cfg), r.data_options) if iwelbo_sets else data
         for set_name, rows in (iwelbo_sets or {}).items():
             n = len(data.indices(rows)) if isinstance(rows, str) else len(rows)
             log(f"IWELBO of {model} on {set_name} ({n} cells, {n_particles} particles)")
             iwelbo[model][set_name] = iwelbo_over_seeds(
                 r.model,
-                data,
+                run_data,
                 rows,
                 seeds=iwelbo_seeds,
                 n_particles=n_particles,
