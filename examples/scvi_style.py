@@ -20,7 +20,9 @@ import anndata as ad
 import numpy as np
 
 import pyrovae
-from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
+from pyrovae.baselines.ate import baseline_ates
+from pyrovae.evaluate.ate import ate_table
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.simulate import simulate_perturbseq
 
 

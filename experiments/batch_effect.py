@@ -28,8 +28,10 @@ import numpy as np
 import pandas as pd
 
 import pyrovae
+from pyrovae.baselines.ate import baseline_ates
 from pyrovae.data.protocols import cell_split
-from pyrovae.evaluate.ate import ate_metrics, baseline_ates, empirical_ate
+from pyrovae.evaluate.ate import ate_metrics
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.report import markdown_table
 from pyrovae.simulate import ground_truth, simulated_ate
 

@@ -51,11 +51,13 @@ import torch
 import yaml
 
 import pyrovae
+from pyrovae.baselines.ate import baseline_ates
 from pyrovae.config import parse_overrides, route_options
 from pyrovae.data.dosage import build_dosage, find_control_label, parse_label
 from pyrovae.data.options import DataOptions
 from pyrovae.data.protocols import cell_split, heldout_combinations_split
-from pyrovae.evaluate.ate import ate_table, baseline_ates, empirical_ate
+from pyrovae.evaluate.ate import ate_table
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.evaluate.score import score_run
 from pyrovae.evaluate.structure import planted_structure
 from pyrovae.models.zoo import ModelConfig, model_config
@@ -353,7 +355,7 @@ def ate_cell_sets(data, perturbations: Sequence[str]) -> dict[str, np.ndarray]:
     return sets
 
 
-#: Display names of :func:`pyrovae.evaluate.ate.baseline_ates` predictors.
+#: Display names of :func:`pyrovae.baselines.ate.baseline_ates` predictors.
 BASELINE_NAMES = {
     "train_mean": "baseline: per-perturbation train mean",
     "additive": "baseline: additive (sum of singles' train means)",

@@ -54,7 +54,8 @@ from pyrovae import report
 from pyrovae.data.grn import UNS_KEY, var_grn_genes
 from pyrovae.data.prepare import holdout_perturbations, prepare_gpo_data
 from pyrovae.data.protocols import canonical_labels, cell_split, make_split, split_summary
-from pyrovae.evaluate.ate import ate_table, empirical_ate
+from pyrovae.evaluate.ate import ate_table
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.evaluate.grn_export import edge_counts, grn_edges, run_n_perturbed, score_run_grn
 from pyrovae.predict.posterior import Posterior
 from pyrovae.simulate import ground_truth

@@ -47,8 +47,8 @@ import torch
 
 from experiments import common
 from pyrovae import report
+from pyrovae.baselines.ate import baseline_ates
 from pyrovae.data.protocols import split_summary
-from pyrovae.evaluate.ate import baseline_ates
 from pyrovae.evaluate.structure import planted_rows
 from pyrovae.predict.posterior import Posterior
 from pyrovae.runs import load_run
@@ -238,7 +238,7 @@ def ate_mc_spread(exp: common.Experiment, data, sets, dirs, seeds) -> None:
 
 
 def score_baselines(exp: common.Experiment, data, sets) -> None:
-    """One results row per trivial ATE predictor (training cells only; pyrovae.evaluate.ate.baseline_ates):
+    """One results row per trivial ATE predictor (training cells only; pyrovae.baselines.ate.baseline_ates):
     the per-perturbation training mean and the additive sum of the singles, scored like the models."""
     k = int(exp.settings["eval"]["top_k"])
     rows = {name: {"model": common.BASELINE_NAMES.get(name, name)} for name in ("train_mean", "additive")}

@@ -16,7 +16,7 @@ from pyrovae.baselines import (
     two_sided_ridge,
 )
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.evaluate.ate import empirical_ate, label_means
+from pyrovae.evaluate.empirical import empirical_ate, label_means
 
 
 def test_two_sided_ridge_solves_its_normal_equations():

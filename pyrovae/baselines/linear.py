@@ -25,7 +25,7 @@ import pandas as pd
 
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.perturbation_data import PerturbationData
-from pyrovae.evaluate.ate import empirical_ate, label_means
+from pyrovae.evaluate.empirical import empirical_ate, label_means
 
 __all__ = ["two_sided_ridge", "linear_effects", "linear_baseline_ates"]
 

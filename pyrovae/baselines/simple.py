@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from pyrovae.baselines.ate import baseline_ates
 from pyrovae.baselines.linear import linear_baseline_ates
 from pyrovae.data.perturbation_data import PerturbationData
-from pyrovae.evaluate.ate import baseline_ates
 
 __all__ = ["no_change_ates", "matching_mean_ates", "all_baseline_ates"]
 
@@ -70,7 +70,7 @@ def all_baseline_ates(
     """Every model-free baseline's ATE of the labels ``groups``, from the ``split`` (training) cells only.
 
     ``no_change`` (:func:`no_change_ates`), ``train_mean``, ``additive``, ``global_mean``
-    (:func:`pyrovae.evaluate.ate.baseline_ates`), ``matching_mean`` (:func:`matching_mean_ates`) and
+    (:func:`pyrovae.baselines.ate.baseline_ates`), ``matching_mean`` (:func:`matching_mean_ates`) and
     ``linear`` (:func:`pyrovae.baselines.linear.linear_baseline_ates`, ``n_components``, ``ridge``).
 
     Returns:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.baselines.grn import deconvolved_grn
-from pyrovae.evaluate.ate import empirical_ate
+from pyrovae.evaluate.empirical import empirical_ate
 
 __all__ = ["propagate_knockdown", "unseen_perturbation_baselines"]
 

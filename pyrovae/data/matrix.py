@@ -61,7 +61,7 @@ def normalize_log(
     returned; cells with no counts stay 0. ``target_sum`` ``None``: the median total of the cells with any
     count (scanpy's ``normalize_total``). ``base``: ``"e"`` (``log1p``; the OT pairing features and ΔX,
     :func:`pyrovae.data.pairing.log_normalize`) or ``"2"`` (the perturbseq ATE transform,
-    :func:`pyrovae.evaluate.ate.perturbseq_transform`).
+    :func:`pyrovae.evaluate.empirical.perturbseq_transform`).
     """
     if base not in ("e", "2"):
         raise ValueError(f"base must be 'e' or '2', got {base!r}")

@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, empirical_ate
+from pyrovae.evaluate.ate import METRIC_KEYS, ate_table
 from pyrovae.evaluate.cells import energy_by_perturbation, transform_cells
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.evaluate.metrics import (
     CORRELATION_METRICS,
     de_qvalues,
@@ -152,7 +153,7 @@ def noise_ceilings(
         transform: ``"perturbseq"`` or ``"mean"``, as the ATE table's.
         library_size: (N,) per-cell totals l of the perturbseq transform log2(target_sum x / l + 1) for
             every cell of ``counts`` (size factors: ``data_totals(data, np.arange(data.n_cells))`` of
-            :mod:`pyrovae.evaluate.ate`), or ``None``: each cell's total count (the table's default).
+            :mod:`pyrovae.evaluate.empirical`), or ``None``: each cell's total count (the table's default).
         n_splits: random halvings; seed: their seed; top_k: as in the table; target_sum: the scale.
         genes: G gene names (default 0..G-1); sep: combination separator.
         energy, n_components, max_cells: the energy distance between the halves' cells (unbiased

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import data_totals, perturbseq_transform
 from pyrovae.evaluate.cells import sample_totals
+from pyrovae.evaluate.empirical import data_totals, perturbseq_transform
 
 __all__ = [
     "PERT_COL",

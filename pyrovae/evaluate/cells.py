@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.data.matrix import select_rows, to_dense
-from pyrovae.evaluate.ate import perturbseq_transform
+from pyrovae.evaluate.empirical import perturbseq_transform
 from pyrovae.evaluate.metrics import energy_distance
 
 __all__ = ["transform_cells", "sample_totals", "energy_by_perturbation", "subsample_by_label"]

@@ -27,10 +27,12 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.baselines import all_baseline_ates
+from pyrovae.baselines.ate import baseline_ates
 from pyrovae.data.matrix import select_rows
-from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, baseline_ates, data_totals, per_perturbation_metrics
+from pyrovae.evaluate.ate import METRIC_KEYS, ate_table, per_perturbation_metrics
 from pyrovae.evaluate.ceiling import noise_ceilings
 from pyrovae.evaluate.cells import energy_by_perturbation, sample_totals, subsample_by_label, transform_cells
+from pyrovae.evaluate.empirical import data_totals
 from pyrovae.evaluate.metrics import de_qvalues, pca_basis, perturbed_reference, score_vs_baseline
 
 __all__ = ["field_table", "combination_members", "CELL_BASELINES"]

@@ -3,7 +3,7 @@
 Pure numpy/scipy/pandas (no torch, no cell-eval). Every function compares a *true* quantity (measured on
 held-out cells) with a *predicted* one, rows aligned by perturbation label. Notation: an ATE matrix is
 (A, G), A perturbations by G genes, each row the mean transformed expression of a perturbation's cells
-minus that of the control cells (:func:`pyrovae.evaluate.ate.empirical_ate`).
+minus that of the control cells (:func:`pyrovae.evaluate.empirical.empirical_ate`).
 
 - :func:`discrimination_score`: cell-eval's perturbation discrimination score (PDS, 1 = perfect);
 - :func:`rank_metric`: PerturBench's rank of a prediction among the truths (0 = perfect, 0.5 = chance);

@@ -23,7 +23,8 @@ from pyrovae.baselines.unseen import unseen_perturbation_baselines
 from pyrovae.data.matrix import select_rows
 from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.data.prepare import prepare_data
-from pyrovae.evaluate.ate import ate_table, data_totals, empirical_ate
+from pyrovae.evaluate.ate import ate_table
+from pyrovae.evaluate.empirical import data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.models.zoo import data_requirements
 from pyrovae.predict.iwelbo import iwelbo_over_seeds

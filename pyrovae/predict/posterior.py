@@ -67,7 +67,7 @@ def perturbseq_torch(x: torch.Tensor, scale: float = 1e4, total: torch.Tensor | 
     """g(x) = log2(scale * x / l + 1) per cell (last axis = genes), l = sum_j x_j (or ``total``, e.g. the
     cell's size factor, shape broadcasting to x's with a last axis of 1); all-zero cells map to 0.
 
-    The torch twin of :func:`pyrovae.evaluate.ate.perturbseq_transform` (used on model samples).
+    The torch twin of :func:`pyrovae.evaluate.empirical.perturbseq_transform` (used on model samples).
     """
     total = x.sum(-1, keepdim=True) if total is None else total
     return torch.log2(scale * x / total.clamp_min(1e-12) + 1.0)

@@ -10,16 +10,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from pyrovae.baselines.ate import baseline_ates, baseline_ates_from_counts
 from pyrovae.data.anndata import load_perturbation_data
-from pyrovae.evaluate.ate import (
-    ate_metrics,
-    ate_table,
-    baseline_ates,
-    baseline_ates_from_counts,
-    empirical_ate,
-    per_perturbation_metrics,
-    perturbseq_transform,
-)
+from pyrovae.evaluate.ate import ate_metrics, ate_table, per_perturbation_metrics
+from pyrovae.evaluate.empirical import empirical_ate, perturbseq_transform
 
 # ------------------------------------------------------------------------------------ transform
 

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 import pyrovae
-from pyrovae.evaluate.ate import empirical_ate, per_perturbation_metrics
+from pyrovae.evaluate.ate import per_perturbation_metrics
 from pyrovae.evaluate.celleval import PERT_COL, cell_eval_adata, lognorm
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.simulate import simulate_perturbseq
 
 cell_eval = pytest.importorskip("cell_eval")

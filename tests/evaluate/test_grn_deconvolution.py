@@ -180,7 +180,7 @@ def test_propagate_knockdown_exact_and_truncated():
 def test_unseen_perturbation_baselines_on_simulated_holdout():
     from pyrovae.data.anndata import load_perturbation_data
     from pyrovae.data.prepare import holdout_perturbations
-    from pyrovae.evaluate.ate import empirical_ate
+    from pyrovae.evaluate.empirical import empirical_ate
     from pyrovae.simulate import simulate_perturbseq
 
     data = holdout_perturbations(load_perturbation_data(simulate_perturbseq("tiny", seed=1)), ["PG02"])

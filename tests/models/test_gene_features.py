@@ -24,7 +24,7 @@ from pyrovae.data.gene_features import (
     treatment_gene_features,
 )
 from pyrovae.data.prepare import holdout_perturbations
-from pyrovae.evaluate.ate import empirical_ate
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.models.effects.features import FEATURE_PRIOR_SITE
 from pyrovae.models.plates import PERTURBATION_PLATE
 from pyrovae.models.zoo import build_model, model_config

@@ -8,7 +8,8 @@ import pytest
 import scipy.sparse as sp
 
 import pyrovae
-from pyrovae.evaluate.ate import ate_metrics, empirical_ate
+from pyrovae.evaluate.ate import ate_metrics
+from pyrovae.evaluate.empirical import empirical_ate
 from pyrovae.predict.posterior import MATCHED
 from pyrovae.simulate import ground_truth, simulated_ate
 
