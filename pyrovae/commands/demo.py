@@ -38,7 +38,7 @@ from pyrovae.evaluate.structure import mask_recovery
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_mask_heatmap, plot_training_curves
-from pyrovae.predict.posterior import MATCHED
+from pyrovae.predict.conditions import MATCHED
 from pyrovae.report import markdown_table, mean_std
 from pyrovae.runs import train_run
 from pyrovae.simulate import CONTROL_LABEL, GRN_SHAPES, ground_truth, simulate_perturbseq

@@ -33,7 +33,7 @@ from pyrovae.evaluate.score import score_run
 from pyrovae.models.zoo import model_config
 from pyrovae.outputs import atomic_write, fresh_output_dir, write_json
 from pyrovae.plot import plot_ate_scatter, plot_training_curves
-from pyrovae.predict.posterior import MATCHED
+from pyrovae.predict.conditions import MATCHED
 from pyrovae.report import markdown_table, mean_std
 from pyrovae.runs import train_run
 from pyrovae.setup import read_data

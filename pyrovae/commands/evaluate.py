@@ -34,7 +34,8 @@ from pyrovae.outputs import (
     write_json,
 )
 from pyrovae.plot import plot_ate_scatter
-from pyrovae.predict.posterior import MATCHED, Posterior
+from pyrovae.predict.conditions import MATCHED
+from pyrovae.predict.posterior import Posterior
 from pyrovae.report import markdown_table
 from pyrovae.runs import load_run
 

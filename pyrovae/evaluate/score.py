@@ -27,8 +27,9 @@ from pyrovae.evaluate.ate import ate_table
 from pyrovae.evaluate.empirical import data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
 from pyrovae.models.zoo import data_requirements
+from pyrovae.predict.conditions import MATCHED
 from pyrovae.predict.iwelbo import iwelbo_over_seeds
-from pyrovae.predict.posterior import MATCHED, Posterior
+from pyrovae.predict.posterior import Posterior
 from pyrovae.runs import Run
 
 # -------------------------------------------------------------------------------------------- iwelbo

@@ -41,12 +41,10 @@ from pyrovae.models.effects import UNTRAINED_METHODS
 from pyrovae.models.skeleton import PerturbationVAE
 from pyrovae.nn.likelihoods import COUNT_LIKELIHOODS, DEFAULT_LIBRARY_SIZE
 from pyrovae.predict.arviz import to_arviz
+from pyrovae.predict.conditions import MATCHED, Conditions
 
 _LIBRARY_SITE = "library_size"
 _COVARIATE_SITE = "covariates"
-#: ``library_size`` of :meth:`Posterior.model_ate` that draws each sample's depth (and covariates) from the
-#: evaluated cells of the same label: the default wherever the model is compared with data
-MATCHED = "matched"
 
 
 @contextlib.contextmanager
@@ -121,10 +119,12 @@ class Posterior:
             None if untrained is None else torch.as_tensor(untrained, dtype=torch.bool).to(self.device)
         )
         self.transfer = bool(transfer)
+        #: what samples are conditioned on beyond the perturbation (library sizes, covariates)
+        self.conditions = Conditions(
+            schema, model.n_covariates, model.likelihood in COUNT_LIKELIHOODS, self.device
+        )
         #: {covariate key: levels} of the run (batch first); empty without covariates
-        self.covariate_levels: dict[str, list[str]] = {
-            str(k): [str(v) for v in lev] for k, lev in (schema.get("covariates") or {}).items()
-        }
+        self.covariate_levels: dict[str, list[str]] = self.conditions.levels
         self.size_factor_key: str | None = schema.get("size_factor_key")
 
     def __repr__(self) -> str:
@@ -262,158 +262,18 @@ class Posterior:
         )
 
     def _needs_library(self) -> bool:
-        return self.model.likelihood in COUNT_LIKELIHOODS
-
-    def _fixed_library(self, library_size: str | float | None) -> float:
-        if library_size is None:
-            return DEFAULT_LIBRARY_SIZE
-        value = float(library_size)
-        if not (np.isfinite(value) and value > 0):
-            raise ValueError(f"library size must be a finite number > 0, got {library_size}")
-        return value
-
-    def _covariate_row(self, levels: Sequence[str]) -> np.ndarray:
-        """(C,) one-hot of one level per covariate key (in the schema's key order)."""
-        out = []
-        for key, lev in self.covariate_levels.items():
-            row = np.zeros(len(lev), dtype=np.float32)
-            row[list(lev).index(levels[list(self.covariate_levels).index(key)])] = 1.0
-            out.append(row)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        return self.conditions.needs_library
 
     def check_covariates(self, covariates: dict[str, str] | None) -> dict[str, str]:
         """A level choice ``{key: level}`` checked against the run's covariates (one clear error)."""
-        covariates = dict(covariates or {})
-        for key, level in covariates.items():
-            if key not in self.covariate_levels:
-                raise ValueError(
-                    f"{key!r} is not a covariate of this model; its covariates: "
-                    f"{list(self.covariate_levels) or 'none'}"
-                )
-            if str(level) not in self.covariate_levels[key]:
-                raise ValueError(
-                    f"{key}={level!r} is not a level the model was trained on; levels: "
-                    f"{self.covariate_levels[key]}"
-                )
-        return {k: str(v) for k, v in covariates.items()}
-
-    def _training_combos(self, covariates: dict[str, str]) -> tuple[list[list[str]], np.ndarray]:
-        """The training cells' level combinations agreeing with the choice ``covariates``, and their
-        probabilities (a chosen level with no training cell in any combination: that level with the other
-        keys' training proportions)."""
-        stored = self.schema.get("covariate_combos") or {"levels": [], "counts": []}
-        keys = list(self.covariate_levels)
-        rows, counts = [list(r) for r in stored["levels"]], np.asarray(stored["counts"], dtype=np.float64)
-        keep = [all(r[keys.index(k)] == v for k, v in covariates.items()) for r in rows]
-        if any(keep):
-            rows = [r for r, k in zip(rows, keep) if k]
-            counts = counts[np.asarray(keep)]
-        else:  # force the chosen levels on every training combination
-            rows = [[covariates.get(k, r[j]) for j, k in enumerate(keys)] for r in rows]
-        return rows, counts / counts.sum()
-
-    def _conditions(
-        self,
-        labels: list[str],
-        n: int,
-        library_size: str | float | None,
-        data: PerturbationData | None,
-        rows: np.ndarray | None,
-        covariates: dict[str, str] | None,
-        rng: np.random.Generator,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-        """(n, A) library sizes, (n, A, C) covariates (``None`` where the model has none) and a line saying
-        how they were chosen.
-
-        ``library_size="matched"`` (alias ``"data"``): sample s of label a takes the library size (and the
-        covariates) of a cell of label a among ``rows`` of ``data`` (the control cells there for a label
-        without cells), the cell at the same quantile u_s of each label's library sizes, so labels share
-        their random numbers (u_s) and each sees its own cells' depth distribution. A number: every sample
-        at that depth, the covariates drawn from the training cells' level combinations in proportion.
-        ``covariates`` ({key: level}) fixes levels in both cases.
-        """
-        covariates = self.check_covariates(covariates)
-        n_cov = self.model.n_covariates
-        lib = cov = None
-        if isinstance(library_size, str):
-            if library_size not in (MATCHED, "data"):
-                raise ValueError(
-                    f"library_size must be a number, None or 'matched' (depth of the evaluated cells), got "
-                    f"{library_size!r}"
-                )
-            if data is None:
-                raise ValueError(
-                    "library_size='matched' needs the data (data=...) to draw library sizes from"
-                )
-            rows = data.indices(None) if rows is None else np.asarray(rows)
-            at_level = np.ones(len(rows), dtype=bool)
-            for key, level in covariates.items():
-                at_level &= data.covariate_values(key)[rows] == level
-            if covariates and at_level.any():
-                rows = rows[at_level]
-            labs = data.labels[rows]
-            ctrl = rows[labs == data.control_label]
-            if len(ctrl) == 0:
-                ctrl = np.flatnonzero((data.labels == data.control_label) & (data.split != ""))
-            if len(ctrl) == 0:
-                raise ValueError("library_size='matched' needs control cells in the data")
-            u = rng.random(n)
-            picks = []
-            for lab in labels:
-                pool = rows[labs == lab] if lab != data.control_label else ctrl
-                if len(pool) == 0:
-                    pool = ctrl
-                pool = pool[np.argsort(data.library_size[pool], kind="stable")]
-                picks.append(pool[np.minimum((u * len(pool)).astype(np.int64), len(pool) - 1)])
-            cells = np.stack(picks, axis=1)  # (n, A) row positions
-            if self._needs_library():
-                lib = data.library_size[cells]
-            if n_cov:
-                cov = np.asarray(data.extras["covariates"])[cells]
-                if covariates:  # the chosen levels, whatever cells the pool held
-                    forced = self._covariate_row(
-                        [covariates.get(k, "") or self.covariate_levels[k][0] for k in self.covariate_levels]
-                    )
-                    mask = self._key_mask(covariates)
-                    cov = np.where(mask, forced, cov)
-            how = "library sizes and covariates of the evaluated cells of each label (depth-matched)"
-        else:
-            if self._needs_library():
-                lib = np.full((n, len(labels)), self._fixed_library(library_size))
-            if n_cov:
-                rows_ = self.training_covariates(n, rng, covariates)
-                cov = np.broadcast_to(rows_[:, None, :], (n, len(labels), n_cov))
-            how = f"library size {self._fixed_library(library_size):g}"
-            if n_cov:
-                how += ", covariates drawn from the training cells' levels in proportion"
-        if covariates:
-            how += ", at " + ", ".join(f"{k}={v}" for k, v in covariates.items())
-
-        def tensor(a):
-            return (
-                None
-                if a is None
-                else torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)
-            )
-
-        return tensor(lib), tensor(cov), how
+        return self.conditions.check(covariates)
 
     def training_covariates(
         self, n: int, rng: np.random.Generator, covariates: dict[str, str] | None = None
     ) -> np.ndarray:
         """(n, C) one-hot covariate rows drawn from the training cells' level combinations in proportion
         (``covariates`` {key: level} fixes levels); (n, 0) for a model without covariates."""
-        if not self.model.n_covariates:
-            return np.zeros((n, 0), dtype=np.float32)
-        combos, p = self._training_combos(self.check_covariates(covariates))
-        picks = rng.choice(len(combos), size=n, p=p)
-        return np.stack([self._covariate_row(c) for c in combos])[picks]
-
-    def _key_mask(self, covariates: dict[str, str]) -> np.ndarray:
-        """(C,) bool: the one-hot columns of the chosen keys."""
-        return np.concatenate(
-            [np.full(len(lev), k in covariates) for k, lev in self.covariate_levels.items()]
-        )
+        return self.conditions.training_rows(n, rng, covariates)
 
     # ---------------------------------------------------------------------------------------- globals
     @torch.no_grad()
@@ -464,26 +324,6 @@ class Posterior:
         return torch.cat(out, dim=1).numpy()
 
     # ------------------------------------------------------------------------------------- prediction
-    def _sample_libraries(
-        self,
-        labels: list[str],
-        n: int,
-        library_size: str | float | None,
-        data: PerturbationData | None,
-        rng: np.random.Generator,
-    ) -> torch.Tensor | None:
-        """(n, A) library sizes: fixed, or drawn from each group's (else the controls') observed sizes."""
-        if not self._needs_library():
-            return None
-        if isinstance(library_size, str):
-            if library_size != "data":
-                raise ValueError(f"library_size must be a number, None or 'data', got {library_size!r}")
-            cols = [rng.choice(self._library_pool(data, lab), size=n, replace=True) for lab in labels]
-            lib = np.stack(cols, axis=1)
-        else:
-            lib = np.full((n, len(labels)), self._fixed_library(library_size))
-        return torch.as_tensor(lib, dtype=torch.float32, device=self.device)
-
     @torch.no_grad()
     def _predict_tensor(
         self,
@@ -499,7 +339,7 @@ class Posterior:
         if n_cells < 1:
             raise ValueError(f"n_cells must be >= 1, got {n_cells}")
         rng = np.random.default_rng(seed)
-        lib, cov, how = self._conditions(labels, n_cells, library_size, data, None, covariates, rng)
+        lib, cov, how = self.conditions.draw(labels, n_cells, library_size, data, None, covariates, rng)
         xs = []
         with rng_scope(seed):
             g = self._draw_globals(n_cells)
@@ -654,7 +494,7 @@ class Posterior:
         all_labels = [self.control_label, *labels]
         d_all = torch.cat([d_alt.new_zeros(1, d_alt.shape[1]), d_alt], 0)
         rng = np.random.default_rng(seed)
-        lib_all, cov_all, how = self._conditions(
+        lib_all, cov_all, how = self.conditions.draw(
             all_labels, n_samples, library_size, data, rows, covariates, rng
         )
         if isinstance(library_size, str):  # matched: every label has its own depths; a repeated label

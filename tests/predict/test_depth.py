@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import pyrovae
 from pyrovae.evaluate.ate import ate_metrics
 from pyrovae.evaluate.empirical import empirical_ate
-from pyrovae.predict.posterior import MATCHED
+from pyrovae.predict.conditions import MATCHED
 from pyrovae.simulate import ground_truth, simulated_ate
 
 SMALL = dict(n_latent=4, decoder_hidden=32, encoder_hidden=32)
@@ -37,7 +37,7 @@ def test_matched_depth_draws_each_label_from_its_own_cells_with_shared_quantiles
     post, data = model.posterior(), model.data
     rows = data.indices("test")
     labels = [data.control_label, "PG01", "PG02"]
-    lib, _, how = post._conditions(labels, 500, MATCHED, data, rows, None, np.random.default_rng(0))
+    lib, _, how = post.conditions.draw(labels, 500, MATCHED, data, rows, None, np.random.default_rng(0))
     lib = lib.numpy()
     for j, lab in enumerate(labels):
         pool = set(np.round(data.library_size[rows][data.labels[rows] == lab], 3).tolist())
