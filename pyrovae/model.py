@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from pyro import poutine
 
-from pyrovae.data.loader import MinibatchLoader
 from pyrovae.data.options import DataOptions
 from pyrovae.data.perturbation_data import PerturbationData
 from pyrovae.evaluate.celleval import cell_eval_inputs, run_cell_eval
@@ -47,16 +44,13 @@ from pyrovae.evaluate.grn_export import grn_edges, run_n_perturbed
 from pyrovae.models.zoo import MODEL_ZOO, ModelConfig, model_config
 from pyrovae.outputs import LOCK, clear_output_dir
 from pyrovae.predict.iwelbo import predictive_iwelbo
-from pyrovae.predict.posterior import DEFAULT_LIBRARY_SIZE, MATCHED, Posterior, rng_scope
+from pyrovae.predict.latent import latent_representation
+from pyrovae.predict.posterior import DEFAULT_LIBRARY_SIZE, MATCHED, Posterior
 from pyrovae.runs import Run, load_run, train_run
-from pyrovae.setup import read_data, resolve_options
+from pyrovae.setup import SETUP_KEY, SETUP_OPTIONS, read_data, record_setup, recorded_setup
 from pyrovae.train.device import resolve_device
 from pyrovae.train.trainer import TrainConfig
 
-#: ``adata.uns`` key where :meth:`Model.setup_anndata` records how to read the AnnData
-SETUP_KEY = "_pyrovae_setup"
-#: the keywords of :meth:`Model.setup_anndata`: the fields of :class:`~pyrovae.data.options.DataOptions`
-SETUP_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
 #: the ``obsm`` key :meth:`Model.get_latent_representation` writes with ``inplace=True``
 LATENT_KEY = "X_pyrovae"
 ADATA_FILE = "adata.h5ad"
@@ -71,43 +65,6 @@ def _zoo_name(cfg: ModelConfig) -> str:
         if all(getattr(cfg, k) == v for k, v in fields.items()) and len(fields) > best_n:
             best, best_n = name, len(fields)
     return best
-
-
-def _check_setup(adata: ad.AnnData, options: DataOptions) -> None:
-    """Fail early, with the fix, on keys the AnnData lacks (the full checks run when the data is read)."""
-    columns = {
-        "perturbation_key": options.perturbation_key,
-        "split_key": options.split_key,
-        "qc_key": options.qc_key,
-        "batch_key": options.batch_key,
-        "size_factor_key": options.size_factor_key,
-        **{f"covariate_keys[{i}]": k for i, k in enumerate(options.covariate_keys)},
-    }
-    for key, col in columns.items():
-        if col is not None and col not in adata.obs.columns:
-            raise ValueError(
-                f"{key}={col!r}: obs has no such column; obs columns are {list(adata.obs.columns)}"
-            )
-    if options.heldout is not None and options.split_mode != "combinations":
-        raise ValueError(
-            f"heldout={options.heldout!r} only applies to split_mode='combinations'; pass it too, or drop "
-            "heldout"
-        )
-    layer = options.layer
-    if layer is not None and layer not in adata.layers:
-        names = [k for k in adata.layers.keys() if k is not None]  # anndata 0.13 lists X as layer None
-        raise ValueError(
-            f"layer={layer!r}: the AnnData has no such layer; its layers are {names} (layer=None reads X)"
-        )
-
-
-def _cell_noise(names: Sequence[str], seed: int, dim: int) -> np.ndarray:
-    """(len(names), dim) standard normal noise keyed by (seed, obs name): the same cell, the same noise,
-    whatever the order or the subset of the AnnData it comes in."""
-    out = np.empty((len(names), dim), dtype=np.float32)
-    for i, name in enumerate(names):
-        out[i] = np.random.default_rng([int(seed), zlib.crc32(str(name).encode())]).standard_normal(dim)
-    return out
 
 
 class Model:
@@ -145,7 +102,7 @@ class Model:
         self.model_name = name
         self.model_cfg = model_config(name, **options)
         self.adata = adata
-        self.options = self._setup_of(adata, name)
+        self.options = recorded_setup(adata, name)
         self.run: Run | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._data = self._training_data(adata)
@@ -186,13 +143,7 @@ class Model:
                 **options,
             )
         )
-        _check_setup(adata, given)
-        # h5ad cannot store None: only what differs from the defaults is recorded
-        default = DataOptions().to_dict()
-        keep = {"perturbation_key"}  # always named: which column holds the labels
-        adata.uns[SETUP_KEY] = {
-            k: v for k, v in given.to_dict().items() if v is not None and (k in keep or v != default[k])
-        }
+        record_setup(adata, given)
 
     @classmethod
     def _model_name(cls, model: str | None) -> str:
@@ -204,16 +155,6 @@ class Model:
         if name not in MODEL_ZOO:
             raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_ZOO)}")
         return name
-
-    @staticmethod
-    def _setup_of(adata: ad.AnnData, name: str) -> DataOptions:
-        """The AnnData's recorded setup (lists read back from h5ad as arrays included), with the named
-        model's data defaults where unset."""
-        setup = {
-            k: (v.tolist() if isinstance(v, np.ndarray) else v)
-            for k, v in adata.uns.get(SETUP_KEY, {}).items()
-        }
-        return resolve_options(setup, name)
 
     def _training_data(self, adata: ad.AnnData) -> PerturbationData:
         data, _ = read_data(adata, self.options, self.model_cfg, model_name=self.model_name)
@@ -438,41 +379,17 @@ class Model:
             raise ValueError("inplace=True writes every cell's latent to obsm; drop indices=...")
         target = self.adata if adata is None else adata
         data = self._data_for(adata)
-        rows = self._rows(data, indices)
-        vae = self.run.model
-        if kind not in ("basal", "shifted"):
-            raise ValueError(f"unknown kind {kind!r}; use 'basal' or 'shifted'")
-        if kind == "shifted" and not (
-            vae.effect.has_globals and vae.effect.decoder_in_dim(vae.n_latent) == vae.n_latent
-        ):
-            raise ValueError(
-                f"{self.model_name} has no shifted latent of width n_latent (its decoder reads the latent "
-                "concatenated with the perturbation's effect or dosage); use kind='basal'"
-            )
-        n = int(n_samples) if give_mean else 1
-        g = {
-            k: torch.as_tensor(v, device=self.device)
-            for k, v in self.posterior().global_samples(n, seed).items()
-            if k != "effect"
-        }
-        names = data.obs.index.to_numpy()[rows]
-        out, start = [], 0
-        for batch in MinibatchLoader(data, None, batch_size, indices=rows, device=self.device):
-            loc, scale = vae.encoder_dist(batch["x"], batch, g)  # (n, B, K), or (B, K) without globals
-            b = batch["d"].shape[0]
-            cells, start = names[start : start + b], start + b  # the loader yields the rows in order
-            if give_mean:
-                z = loc
-            else:
-                eps = torch.as_tensor(_cell_noise(cells, seed, vae.n_latent), device=self.device)
-                z = loc + scale * eps
-            if kind == "basal":
-                prior = vae.effect.prior_loc(batch["d"], g) if g else None
-                z = z if prior is None else z - prior
-            else:
-                z = vae.effect.decoder_input(z, batch["d"], g)
-            out.append(z.reshape(-1, *z.shape[-2:]).mean(0))
-        latent = torch.cat(out).cpu().numpy()
+        latent = latent_representation(
+            self.posterior(),
+            data,
+            self._rows(data, indices),
+            kind=kind,
+            give_mean=give_mean,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+            name=self.model_name,
+        )
         if inplace:
             target.obsm[key_added] = latent
             return None
@@ -504,23 +421,11 @@ class Model:
                 eff.std(0, ddof=1) if len(eff) > 1 else np.zeros_like(eff[0]), index=index, columns=cols
             ),
         }
-        probs = self._mask_probabilities()
+        probs = post.mask_probabilities()
         if probs is not None:
             probs[self.run.untrained.cpu().numpy()] = np.nan
             out["mask_probability"] = pd.DataFrame(probs, index=index, columns=cols)
         return out
-
-    @torch.no_grad()
-    def _mask_probabilities(self) -> np.ndarray | None:
-        """(T, dim) q(m = 1) read off the guide's mask distribution (None for models without masks)."""
-        with rng_scope(0):
-            tr = poutine.trace(self.run.model.draw_globals).get_trace()
-        site = tr.nodes.get("mask")
-        if site is None or site["type"] != "sample":
-            return None
-        fn = site["fn"]
-        base = fn.base_dist if hasattr(fn, "base_dist") else fn  # Bernoulli-type: P(m = 1) = probs
-        return base.probs.detach().cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------------------ prediction
     def predict(

@@ -26,6 +26,7 @@ from pyrovae.evaluate.empirical import (
 
 __all__ = ["baseline_ates", "baseline_ates_from_counts"]
 
+
 def baseline_ates(
     data: PerturbationData,
     groups: Sequence[str],

@@ -38,6 +38,7 @@ __all__ = [
 
 TRANSFORMS = ("perturbseq", "mean")
 
+
 def data_totals(data: PerturbationData, rows: np.ndarray) -> np.ndarray | None:
     """(len(rows),) the per-cell totals of the perturbseq transform for ``data``'s cells ``rows``: its size
     factors when it was read with one (``size_factor_key``), else ``None`` (the row sums)."""

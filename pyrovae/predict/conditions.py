@@ -73,13 +73,11 @@ class Conditions:
         for key, level in covariates.items():
             if key not in self.levels:
                 raise ValueError(
-                    f"{key!r} is not a covariate of this model; its covariates: "
-                    f"{list(self.levels) or 'none'}"
+                    f"{key!r} is not a covariate of this model; its covariates: {list(self.levels) or 'none'}"
                 )
             if str(level) not in self.levels[key]:
                 raise ValueError(
-                    f"{key}={level!r} is not a level the model was trained on; levels: "
-                    f"{self.levels[key]}"
+                    f"{key}={level!r} is not a level the model was trained on; levels: {self.levels[key]}"
                 )
         return {k: str(v) for k, v in covariates.items()}
 
@@ -157,9 +155,7 @@ class Conditions:
             if n_cov:
                 cov = np.asarray(data.extras["covariates"])[cells]
                 if covariates:  # the chosen levels, whatever cells the pool held
-                    forced = self.row(
-                        [covariates.get(k, "") or self.levels[k][0] for k in self.levels]
-                    )
+                    forced = self.row([covariates.get(k, "") or self.levels[k][0] for k in self.levels])
                     mask = self.key_mask(covariates)
                     cov = np.where(mask, forced, cov)
             how = "library sizes and covariates of the evaluated cells of each label (depth-matched)"
@@ -197,6 +193,4 @@ class Conditions:
 
     def key_mask(self, covariates: dict[str, str]) -> np.ndarray:
         """(C,) bool: the one-hot columns of the chosen keys."""
-        return np.concatenate(
-            [np.full(len(lev), k in covariates) for k, lev in self.levels.items()]
-        )
+        return np.concatenate([np.full(len(lev), k in covariates) for k, lev in self.levels.items()])

@@ -32,6 +32,7 @@ import pandas as pd
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer import Predictive
 
 from pyrovae.data.dosage import build_dosage
@@ -322,6 +323,19 @@ class Posterior:
             for batch in loader:
                 out.append(pred(batch)["z_basal"].reshape(n_samples, len(batch["d"]), -1).cpu())
         return torch.cat(out, dim=1).numpy()
+
+    @torch.no_grad()
+    def mask_probabilities(self) -> np.ndarray | None:
+        """(T, dim) q(m = 1), read off the guide's mask distribution exactly (``None`` for models without
+        masks)."""
+        with rng_scope(0):
+            tr = poutine.trace(self.model.draw_globals).get_trace()
+        site = tr.nodes.get("mask")
+        if site is None or site["type"] != "sample":
+            return None
+        fn = site["fn"]
+        base = fn.base_dist if hasattr(fn, "base_dist") else fn  # Bernoulli-type: P(m = 1) = probs
+        return base.probs.detach().cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------------------------- prediction
     @torch.no_grad()
