@@ -628,10 +628,10 @@ class Experiment:
             ),
         )
         t_end = time.perf_counter()
-        for split, r in res["iwelbo"]["model"].items():
+        for split, r in res.iwelbo["model"].items():
             row[f"{split}_iwelbo"] = r["mean"]
-        for set_name, rep in res["ate"].items():
-            row.update(table_scores(rep["table"].loc["model"], k, "" if set_name == "all" else "_heldout"))
+        for set_name, rep in res.ate.items():
+            row.update(table_scores(rep.table.loc["model"], k, "" if set_name == "all" else "_heldout"))
         t_ate = marks.get("ate", t_end)
         row.update(
             train_s=round(t_train, 2),

@@ -128,21 +128,21 @@ def main(argv: list[str] | None = None) -> int:
                 seed=seed,
                 by=level_key,
             )
-            for set_name, part in scores["ate"].items():  # ATE r per level of the first covariate
+            for set_name, part in scores.ate.items():  # ATE r per level of the first covariate
                 if set_name != "test":
                     rows.append(
                         {
                             "method": model,
                             "seed": seed,
                             "level": set_name.split("=", 1)[1].rstrip("]"),
-                            **{f"{k}_level": float(part["table"].loc[model, k]) for k in METRICS},
+                            **{f"{k}_level": float(part.table.loc[model, k]) for k in METRICS},
                         }
                     )
-            rep = scores["ate"]["test"]
+            rep = scores.ate["test"]
             table = pd.concat(
                 [
-                    rep["table"],
-                    rep["ceiling"][list(rep["table"].columns.intersection(rep["ceiling"].columns))],
+                    rep.table,
+                    rep.ceiling[list(rep.table.columns.intersection(rep.ceiling.columns))],
                 ]
             )
             for method, r in table.iterrows():
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: float(r[k]) for k in METRICS},
                 }
                 if method == model:
-                    row.update(test_iwelbo=scores["iwelbo"][model]["test"]["mean"], seconds=seconds)
+                    row.update(test_iwelbo=scores.iwelbo[model]["test"]["mean"], seconds=seconds)
                 rows.append(row)
             frame = pd.DataFrame(rows)
             frame.to_csv(out / "runs.csv", index=False)

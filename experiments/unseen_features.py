@@ -140,10 +140,10 @@ def one_split(
             iwelbo_seeds=(0,),
             seed=0,
         )
-    rep = res["ate"]["test"]
+    rep = res.ate["test"]
     tags = {"dataset": dataset, "set": set_id, "seed": seed, "heldout": ",".join(held)}
     unseen_rows = []
-    for method, row in rep["unseen_table"].loc["unseen singles"].iterrows():
+    for method, row in rep.unseen_table.loc["unseen singles"].iterrows():
         unseen_rows.append(
             {
                 **tags,
@@ -153,8 +153,8 @@ def one_split(
                 "n": row["n_perturbations"],
             }
         )
-    seen = [p for p in rep["ate_true"].index if p not in set(rep["unseen"]) and p != data.control_label]
-    seen_tab = ate_table(rep["ate_true"].loc[seen], {k: rep["preds"][k].loc[seen] for k in runs})
+    seen = [p for p in rep.ate_true.index if p not in set(rep.unseen) and p != data.control_label]
+    seen_tab = ate_table(rep.ate_true.loc[seen], {k: rep.preds[k].loc[seen] for k in runs})
     seen_rows = []
     for spec in runs:
         seen_rows.append(
@@ -163,8 +163,8 @@ def one_split(
                 "model": spec,
                 "ate_r": seen_tab.loc[spec, "pearson"],
                 "ate_mse": seen_tab.loc[spec, "mse"],
-                "test_iwelbo": res["iwelbo"][spec]["test"]["mean"],
-                "seen_test_iwelbo": res["iwelbo"][spec]["seen"]["mean"],
+                "test_iwelbo": res.iwelbo[spec]["test"]["mean"],
+                "seen_test_iwelbo": res.iwelbo[spec]["seen"]["mean"],
                 "train_s": times[spec],
                 "epochs": len(runs[spec].metrics()),
             }

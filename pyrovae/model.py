@@ -54,7 +54,7 @@ from pyrovae.train.trainer import TrainConfig
 #: the ``obsm`` key :meth:`Model.get_latent_representation` writes with ``inplace=True``
 LATENT_KEY = "X_pyrovae"
 ADATA_FILE = "adata.h5ad"
-_MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+_MODEL_FIELDS = frozenset(ModelConfig.keys())
 _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -62,7 +62,7 @@ def _zoo_name(cfg: ModelConfig) -> str:
     """The named model a config was made from: the most specific zoo entry it matches (else its family)."""
     best, best_n = cfg.family, -1
     for name, fields in MODEL_ZOO.items():
-        if all(getattr(cfg, k) == v for k, v in fields.items()) and len(fields) > best_n:
+        if all(cfg.get(k) == v for k, v in fields.items()) and len(fields) > best_n:
             best, best_n = name, len(fields)
     return best
 

@@ -122,15 +122,15 @@ def run(args: argparse.Namespace) -> int:
         n_particles=IWELBO_PARTICLES,
         log=log,
     )
-    ates = scores["ate"]
-    iw = {(m, s): res for m, by_set in scores["iwelbo"].items() for s, res in by_set.items()}
+    ates = scores.ate
+    iw = {(m, s): res for m, by_set in scores.iwelbo.items() for s, res in by_set.items()}
     probs = runs["SAMS-VAE"].model.effect.mask_probs().cpu().numpy()
     order = [data.treatments.index(t) for t in truth["treatments"]]
     probs = probs[order]
     mask = mask_recovery(truth["masks"], probs, seed=args.seed)
 
     # ------------------------------------------------------------------------------- one table
-    methods = list(ates["held-out cells"]["table"].index)
+    methods = list(ates["held-out cells"].table.index)
     rows_num, rows_md = [], []
     for m in methods + ["random mask (chance)"]:
         num: dict[str, Any] = {"method": m}
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             num[f"{key} MC sd"] = res["std"] if res else np.nan
             md[key] = mean_std(res["mean"], res["std"], "{:.2f}") if res else "–"
         for set_name in sets:
-            tab = ates[set_name]["table"]
+            tab = ates[set_name].table
             for col, short in (("pearson", "ATE r"), ("pearson_topk", f"ATE r top{TOP_K}")):
                 v = float(tab.loc[m, col]) if m in tab.index else np.nan
                 num[f"{short} {set_name}"] = v
@@ -176,10 +176,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for set_name, rep in ates.items():
         slug = set_name.replace(" ", "_").replace("-", "")
-        atomic_write(out / f"ate_metrics_{slug}.csv", lambda tmp, rep=rep: rep["table"].to_csv(tmp))
+        atomic_write(out / f"ate_metrics_{slug}.csv", lambda tmp, rep=rep: rep.table.to_csv(tmp))
         atomic_write(
             out / f"ate_per_perturbation_{slug}.csv",
-            lambda tmp, rep=rep: rep["per_perturbation"].to_csv(tmp, index=False),
+            lambda tmp, rep=rep: rep.per_perturbation.to_csv(tmp, index=False),
         )
     cells = pd.concat([res["cells"].assign(model=m, set=s) for (m, s), res in iw.items()])
     atomic_write(out / "iwelbo_cells.csv", lambda tmp: cells.to_csv(tmp, index_label="cell"))
@@ -191,11 +191,9 @@ def run(args: argparse.Namespace) -> int:
         )
         for set_name, rep in ates.items():
             slug = set_name.replace(" ", "_").replace("-", "")
-            preds = {k: v for k, v in rep["preds"].items() if k in runs or k == "additive"}
+            preds = {k: v for k, v in rep.preds.items() if k in runs or k == "additive"}
             figures.append(
-                plot_ate_scatter(
-                    rep["ate_true"], preds, rep["table"], out / f"ate_scatter_{slug}.png", top_k=TOP_K
-                )
+                plot_ate_scatter(rep.ate_true, preds, rep.table, out / f"ate_scatter_{slug}.png", top_k=TOP_K)
             )
         figures.append(
             plot_mask_heatmap(
@@ -225,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             "wall_seconds": wall,
             "iwelbo": {
                 f"{m} / {s}": summ
-                for m, by_set in scores["iwelbo_summary"].items()
+                for m, by_set in scores.iwelbo_summary.items()
                 for s, summ in by_set.items()
             },
             "mask_recovery": mask,

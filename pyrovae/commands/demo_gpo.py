@@ -100,11 +100,11 @@ def grn_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 def unseen_table(rep: dict, model_label: str) -> pd.DataFrame:
     """Pearson r and MSE of each method on the unseen singles (all genes pooled), method stated."""
-    table = rep["unseen_table"]
+    table = rep.unseen_table
     group = "unseen singles" if "unseen singles" in table.index.get_level_values("group") else "all unseen"
     part = table.xs(group, level="group")
     labels = {
-        model_label: f"GPO-VAE ({rep['untrained_method']})",
+        model_label: f"GPO-VAE ({rep.untrained_method})",
         f"{model_label}_prior_draw": "GPO-VAE (prior_draw)",
         **UNSEEN_METHODS,
     }
@@ -166,7 +166,7 @@ def run_gpo(args: argparse.Namespace) -> int:
         "baselines from training cells. Unseen: held-out "
         f"{', '.join(held)} (no training cell); ATE r / MSE between predicted and empirical ATE of their "
         f"test cells (perturbseq transform, all genes pooled; {n_samples} model samples); GPO-VAE predicts "
-        f"them by {rep['untrained_method']}; zero effect has no r (a constant prediction)."
+        f"them by {rep.untrained_method}; zero effect has no r (a constant prediction)."
     )
     md = (
         f"# pyrovae demo: GPO-VAE ({args.preset} preset, seed {args.seed}, GRN shape {shape})\n\n"
@@ -176,7 +176,7 @@ def run_gpo(args: argparse.Namespace) -> int:
     atomic_write(out / "grn_recovery.csv", lambda tmp: grn.to_csv(tmp))
     atomic_write(out / "grn_scores.csv", lambda tmp: scores.to_csv(tmp, index=False))
     atomic_write(out / "unseen_ate.csv", lambda tmp: unseen.to_csv(tmp))
-    atomic_write(out / "ate_metrics_unseen.csv", lambda tmp: rep["unseen_table"].to_csv(tmp))
+    atomic_write(out / "ate_metrics_unseen.csv", lambda tmp: rep.unseen_table.to_csv(tmp))
     atomic_write(out / "comparison_gpo.md", lambda tmp: Path(tmp).write_text(md))
     wall = time.perf_counter() - t0
     write_json(
@@ -190,7 +190,7 @@ def run_gpo(args: argparse.Namespace) -> int:
             "train_settings": DEMO_GPO_TRAIN,
             "model_options": DEMO_GPO_MODEL,
             "heldout_perturbations": held,
-            "unseen_prediction": rep["untrained_method"],
+            "unseen_prediction": rep.untrained_method,
             "device": device,
             "train_seconds": train_s,
             "wall_seconds": wall,

@@ -105,14 +105,14 @@ def run_real(args: argparse.Namespace) -> int:
         n_particles=IWELBO_PARTICLES,
         log=log,
     )
-    rep = scores["ate"]["held-out cells"]
-    table = rep["table"]
+    rep = scores.ate["held-out cells"]
+    table = rep.table
     ceiling = rep.get("ceiling")
     if ceiling is not None:  # the test cells' agreement with themselves, beside the models
         table = pd.concat([table, ceiling[[c for c in table.columns if c in ceiling.columns]]])
     rows = []
     for m in table.index:
-        res = scores["iwelbo"].get(m, {}).get("held-out cells")
+        res = scores.iwelbo.get(m, {}).get("held-out cells")
         row = {"method": m}
         row["test IWELBO"] = mean_std(res["mean"], res["std"], "{:.2f}") if res else "–"
         for col, short in (("pearson", "ATE r"), ("pearson_topk", f"ATE r top{TOP_K}"), ("mse", "ATE MSE")):
@@ -124,7 +124,7 @@ def run_real(args: argparse.Namespace) -> int:
         f"{args.dataset}: held-out test cells (64/16/20 split stratified by perturbation and "
         f"{', '.join(levels) or 'nothing else'}). ATE: perturbseq transform"
         f"{' with the size factor' if options.get('size_factor_key') else ''}; model sampled at the test "
-        f"cells' own depths and levels ({rep['conditions']}), {ATE_SAMPLES} samples; top{TOP_K}: the genes "
+        f"cells' own depths and levels ({rep.conditions}), {ATE_SAMPLES} samples; top{TOP_K}: the genes "
         "of "
         "largest |empirical ATE| per perturbation. Baselines use training cells only; noise_ceiling: a "
         "same-size replicate experiment, perfect_predictor: a noiseless prediction of the true effects. "
@@ -139,18 +139,14 @@ def run_real(args: argparse.Namespace) -> int:
         ),
     )
     atomic_write(out / "ate_metrics.csv", lambda tmp: table.to_csv(tmp))
-    atomic_write(
-        out / "ate_per_perturbation.csv", lambda tmp: rep["per_perturbation"].to_csv(tmp, index=False)
-    )
+    atomic_write(out / "ate_per_perturbation.csv", lambda tmp: rep.per_perturbation.to_csv(tmp, index=False))
     figures = []
     try:
         figures.append(
             plot_training_curves({k: r.metrics() for k, r in runs.items()}, out / "training_curves.png")
         )
-        preds = {k: v for k, v in rep["preds"].items() if k in runs or k == "train_mean"}
-        figures.append(
-            plot_ate_scatter(rep["ate_true"], preds, rep["table"], out / "ate_scatter.png", top_k=TOP_K)
-        )
+        preds = {k: v for k, v in rep.preds.items() if k in runs or k == "train_mean"}
+        figures.append(plot_ate_scatter(rep.ate_true, preds, rep.table, out / "ate_scatter.png", top_k=TOP_K))
     except ImportError as err:
         log(f"(no figures: {err})")
     wall = time.perf_counter() - t0
@@ -165,7 +161,7 @@ def run_real(args: argparse.Namespace) -> int:
             "device": device,
             "train_seconds": seconds,
             "wall_seconds": wall,
-            "iwelbo": scores["iwelbo_summary"],
+            "iwelbo": scores.iwelbo_summary,
             "comparison": comparison.reset_index().to_dict(orient="records"),
             "figures": [str(f) for f in figures],
             "notes": notes,

@@ -113,9 +113,9 @@ def run_iwelbo(args: argparse.Namespace) -> int:
         particle_chunk=args.particle_chunk,
         score_globals=args.score_globals,
     )
-    res = scores["iwelbo"][scores["name"]][args.split]
+    res = scores.iwelbo[scores.name][args.split]
     cells = res["cells"]
-    summary = scores["iwelbo_summary"][scores["name"]][args.split]
+    summary = scores.iwelbo_summary[scores.name][args.split]
     summary.update({"run": str(run_dir), "data": str(args.data), "per_cell_csv": str(out)})
     with run_lock_if_inside(out, run_dir):
         atomic_write_all(
@@ -178,7 +178,7 @@ def run_ate(args: argparse.Namespace) -> int:
     if len(rows) == 0:
         raise ValueError(f"the {args.split!r} split of {args.data} has no cells")
     model_name = run.model_cfg.family if args.name is None else args.name
-    rep = score_run(
+    reports = score_run(
         run,
         data,
         ate_sets={scope: rows},
@@ -195,16 +195,16 @@ def run_ate(args: argparse.Namespace) -> int:
             ceiling_splits=max(args.ceiling_splits, 1),
             mc_seeds=args.mc_seeds,
         ),
-    )["ate"]
-    levels = {k: v for k, v in rep.items() if k != scope}
-    rep = rep[scope]
+    ).ate
+    levels = {k: v for k, v in reports.items() if k != scope}
+    rep = reports[scope]
     table, per_pert, unseen, unseen_table = (
-        rep["table"],
-        rep["per_perturbation"],
-        rep["unseen"],
-        rep["unseen_table"],
+        rep.table,
+        rep.per_perturbation,
+        rep.unseen,
+        rep.unseen_table,
     )
-    method_of = rep["prediction"]
+    method_of = rep.prediction
     fig = ce = None
     # every file goes into a staging folder swapped in whole: no stale file of an earlier --name, no table
     # without its summary after a kill
@@ -218,16 +218,16 @@ def run_ate(args: argparse.Namespace) -> int:
         if unseen_table is not None:
             atomic_write(stage / "ate_metrics_unseen.csv", lambda tmp: unseen_table.to_csv(tmp))
         if levels:
-            by_table = pd.concat({k: v["table"] for k, v in levels.items()}, names=["cells"])
+            by_table = pd.concat({k: v.table for k, v in levels.items()}, names=["cells"])
             atomic_write(stage / f"ate_metrics_by_{_slug(args.by)}.csv", lambda tmp: by_table.to_csv(tmp))
-        atomic_write(stage / "ate_empirical.csv", lambda tmp: rep["ate_true"].to_csv(tmp))
-        if rep["ceiling"] is not None:
-            atomic_write(stage / "ate_ceiling.csv", lambda tmp: rep["ceiling"].to_csv(tmp))
-        if rep["vs_baseline"] is not None:
-            atomic_write(stage / "ate_vs_baseline.csv", lambda tmp: rep["vs_baseline"].to_csv(tmp))
-        if rep["energy"] is not None:
-            atomic_write(stage / "ate_energy.csv", lambda tmp: rep["energy"].to_csv(tmp, index=False))
-        for name, df in rep["preds"].items():
+        atomic_write(stage / "ate_empirical.csv", lambda tmp: rep.ate_true.to_csv(tmp))
+        if rep.ceiling is not None:
+            atomic_write(stage / "ate_ceiling.csv", lambda tmp: rep.ceiling.to_csv(tmp))
+        if rep.vs_baseline is not None:
+            atomic_write(stage / "ate_vs_baseline.csv", lambda tmp: rep.vs_baseline.to_csv(tmp))
+        if rep.energy is not None:
+            atomic_write(stage / "ate_energy.csv", lambda tmp: rep.energy.to_csv(tmp, index=False))
+        for name, df in rep.preds.items():
             atomic_write(stage / f"ate_pred_{_slug(name)}.csv", lambda tmp, df=df: df.to_csv(tmp))
         write_json(
             stage / "ate_summary.json",
@@ -235,18 +235,18 @@ def run_ate(args: argparse.Namespace) -> int:
                 "run": str(args.run),
                 "data": str(args.data),
                 "scope": scope,
-                "control_reference": rep["control_source"],
+                "control_reference": rep.control_source,
                 "library_size": args.library,
-                "model_conditions": rep["conditions"],
+                "model_conditions": rep.conditions,
                 "n_samples": args.n_samples,
                 "top_k": args.top_k,
                 "seed": args.seed,
-                "perturbations": rep["perturbations"],
+                "perturbations": rep.perturbations,
                 "metrics": table.reset_index().to_dict(orient="records"),
                 "unseen_prediction": {
-                    "method": rep["untrained_method"],
+                    "method": rep.untrained_method,
                     "gene_features": describe_source(
-                        run.model_cfg.gene_features, run.model_cfg.gene_features_file
+                        run.model_cfg.features.source, run.model_cfg.features.file
                     )
                     or None,
                     "perturbations": {p: method_of.get(p, "trained") for p in unseen},
@@ -255,11 +255,11 @@ def run_ate(args: argparse.Namespace) -> int:
                 if unseen_table is None
                 else unseen_table.reset_index().to_dict(orient="records"),
                 "noise_ceiling": None
-                if rep["ceiling"] is None
-                else rep["ceiling"].reset_index().to_dict(orient="records"),
+                if rep.ceiling is None
+                else rep.ceiling.reset_index().to_dict(orient="records"),
                 "best_baseline_per_metric": None
-                if rep["vs_baseline"] is None
-                else rep["vs_baseline"].attrs["baseline"],
+                if rep.vs_baseline is None
+                else rep.vs_baseline.attrs["baseline"],
                 "mc_seeds": args.mc_seeds,
             },
         )
@@ -283,20 +283,20 @@ def run_ate(args: argparse.Namespace) -> int:
             )
         try:
             fig = plot_ate_scatter(
-                rep["ate_true"], rep["preds"], rep["table"], stage / "ate_scatter.png", top_k=args.top_k
+                rep.ate_true, rep.preds, rep.table, stage / "ate_scatter.png", top_k=args.top_k
             )
         except ImportError as err:
             print(f"(no figure: {err})")
     print(
-        f"ATE on {scope}; {len(rep['perturbations'])} perturbations; controls: {rep['control_source']}; "
-        f"model sampled at: {rep['conditions']}"
+        f"ATE on {scope}; {len(rep.perturbations)} perturbations; controls: {rep.control_source}; "
+        f"model sampled at: {rep.conditions}"
     )
     shown = [c for c in SHOWN_ATE_COLUMNS if c in table.columns]
-    ceiling = rep["ceiling"]
+    ceiling = rep.ceiling
     print(markdown_table(table[shown] if ceiling is None else pd.concat([table[shown], ceiling[shown]])))
     for name, part in levels.items():
         print(f"{name}:")
-        print(markdown_table(part["table"][shown]))
+        print(markdown_table(part.table[shown]))
     if ceiling is not None:
         print(
             f"noise_ceiling: the held-out cells against themselves ({int(ceiling['n_splits'].iloc[0])} "
@@ -316,13 +316,9 @@ def run_ate(args: argparse.Namespace) -> int:
     if unseen:
         print(
             f"unseen perturbations (a treatment with no training cell): {', '.join(unseen)}; predicted by "
-            f"{model_name} with {rep['untrained_method']}"
+            f"{model_name} with {rep.untrained_method}"
             + feature_note(run)
-            + (
-                " (a prior draw: no information about them)"
-                if rep["untrained_method"] == "prior_draw"
-                else ""
-            )
+            + (" (a prior draw: no information about them)" if rep.untrained_method == "prior_draw" else "")
         )
         for group, part in unseen_table.groupby(level="group", sort=False):
             print(f"{group}:")
@@ -331,8 +327,8 @@ def run_ate(args: argparse.Namespace) -> int:
         f"(all metrics in ate_metrics.csv) wrote {out_dir}/ (ate_metrics.csv/.md, ate_per_perturbation.csv, "
         f"ate_empirical.csv, ate_pred_*.csv{', ate_metrics_unseen.csv' if unseen else ''}"
         f"{', ate_ceiling.csv' if ceiling is not None else ''}"
-        f"{', ate_vs_baseline.csv' if rep['vs_baseline'] is not None else ''}"
-        f"{', ate_energy.csv' if rep['energy'] is not None else ''}"
+        f"{', ate_vs_baseline.csv' if rep.vs_baseline is not None else ''}"
+        f"{', ate_energy.csv' if rep.energy is not None else ''}"
         f"{', cell_eval/' if args.cell_eval else ''}"
         f"{', ate_scatter.png' if fig else ''})"
     )
@@ -341,7 +337,7 @@ def run_ate(args: argparse.Namespace) -> int:
 
 def feature_note(run) -> str:
     """`` (gene features from ...)`` for a run trained with gene features, else ``""``."""
-    what = describe_source(run.model_cfg.gene_features, run.model_cfg.gene_features_file)
+    what = describe_source(run.model_cfg.features.source, run.model_cfg.features.file)
     return f" (gene features from {what})" if what else ""
 
 

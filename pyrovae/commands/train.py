@@ -34,7 +34,7 @@ def gene_feature_options(features: str | None, graph: str | None) -> dict[str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    groups = {"model": ModelConfig, "training": TrainConfig}
+    groups = {"model": ModelConfig.keys(), "training": TrainConfig}
     m_over, t_over = route_options(gather_overrides(args.config, args.set), groups)
     m_over.update(gene_feature_options(args.gene_features, args.gene_graph))
     opts = data_options(args)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         # the stored run decides: its model, options, genes, treatments and split (by cell name)
         stored = load_run(args.out, checkpoint="last")
         asked = stored.model_cfg.replace(**m_over)  # repeating the run's own options is fine
-        changed = sorted(k for k in m_over if getattr(asked, k) != getattr(stored.model_cfg, k))
+        changed = sorted(k for k in m_over if asked.get(k) != stored.model_cfg.get(k))
         if changed:
             raise ValueError(f"cannot change model options {changed} when resuming a run")
         mcfg, tcfg = stored.model_cfg, stored.train_cfg.replace(**t_over)

@@ -28,8 +28,9 @@ by sqrt(F), so that a unit-variance weight prior gives prior means of the effect
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ from pyrovae.data.matrix import normalize_log, select_rows
 
 __all__ = [
     "GENE_FEATURE_SOURCES",
+    "GeneFeatureSource",
     "GeneFeatures",
     "describe_source",
     "graph_embedding",
@@ -49,8 +51,9 @@ __all__ = [
     "treatment_gene_features",
 ]
 
-#: where the features of :func:`treatment_gene_features` come from (``ModelConfig.gene_features``; unset: off)
-GENE_FEATURE_SOURCES = ("data", "table", "graph")
+#: where the features of :func:`treatment_gene_features` come from (the option ``gene_features``; unset: off)
+GeneFeatureSource = Literal["data", "table", "graph"]
+GENE_FEATURE_SOURCES = typing.get_args(GeneFeatureSource)
 #: restart probability complement alpha of the graph's random walk with restart
 GRAPH_ALPHA = 0.8
 

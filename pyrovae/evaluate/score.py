@@ -26,6 +26,7 @@ from pyrovae.data.prepare import prepare_data
 from pyrovae.evaluate.ate import ate_table
 from pyrovae.evaluate.empirical import data_totals, empirical_ate
 from pyrovae.evaluate.field import combination_members, field_table
+from pyrovae.evaluate.results import ATEReport, RunScores
 from pyrovae.models.zoo import data_requirements
 from pyrovae.predict.conditions import MATCHED
 from pyrovae.predict.iwelbo import iwelbo_over_seeds
@@ -87,7 +88,7 @@ def ate_report(
     ceiling: bool = True,
     ceiling_splits: int = 5,
     mc_seeds: int = 1,
-) -> dict[str, Any]:
+) -> ATEReport:
     """Empirical ATE of the cells ``rows`` versus model ATE(s) and trivial baselines.
 
     The model ATE is sampled at the depth of the compared cells by default (``library_size="matched"``:
@@ -113,12 +114,7 @@ def ate_report(
     ``seed + 1``, ...
 
     Returns:
-        dict with ``ate_true`` (A x G), ``preds`` ({name: A x G}), ``table`` (one row per method: metrics),
-        ``per_perturbation`` (long table: method, perturbation, metrics), ``control_source``,
-        ``perturbations``, ``prediction`` ({label: how ``posterior`` predicted it, see
-        :meth:`~pyrovae.predict.posterior.Posterior.prediction_methods`}), and from
-        :func:`~pyrovae.evaluate.field.field_table`: ``ceiling``, ``vs_baseline``, ``baseline_names``,
-        ``de_qvalues``, ``energy``.
+        an :class:`~pyrovae.evaluate.results.ATEReport` (its ``unseen`` fields left empty).
     """
     rows = np.asarray(rows)
     labels = data.labels[rows]
@@ -200,17 +196,17 @@ def ate_report(
         mc_cells=mc_cells if mc_seeds > 1 else None,
         seed=seed,
     )
-    return {
-        "ate_true": ate_true,
-        "preds": field["preds"],
-        "table": field["table"],
-        "per_perturbation": field["per_perturbation"],
-        "control_source": control_source,
-        "perturbations": perts,
-        "prediction": dict(preds[model_name].attrs.get("prediction", {})),
-        "conditions": preds[model_name].attrs.get("conditions", ""),
+    return ATEReport(
+        ate_true=ate_true,
+        preds=field["preds"],
+        table=field["table"],
+        per_perturbation=field["per_perturbation"],
+        control_source=control_source,
+        perturbations=perts,
+        prediction=dict(preds[model_name].attrs.get("prediction", {})),
+        conditions=preds[model_name].attrs.get("conditions", ""),
         **{k: field[k] for k in ("ceiling", "vs_baseline", "baseline_names", "de_qvalues", "energy")},
-    }
+    )
 
 
 def unseen_labels(post: Posterior, data: PerturbationData, rows: np.ndarray) -> list[str]:
@@ -235,7 +231,7 @@ def score_ate(
     baselines: bool = True,
     covariates: dict[str, str] | None = None,
     field_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ATEReport:
     """:func:`ate_report` of ``run`` (named ``name``; ``others`` in the same table) on the cells ``rows``,
     with the run's unseen perturbations (a treatment with no training cell) scored apart.
 
@@ -247,10 +243,11 @@ def score_ate(
     ``ceiling_splits``, ``mc_seeds``.
 
     Returns:
-        :func:`ate_report`'s dict, its ``per_perturbation`` with a ``prediction`` column (how each model
-        predicted each label, ``"baseline"`` for baselines and controls), plus ``unseen`` (the unseen
-        labels), ``untrained_method`` (how ``run`` predicts them) and ``unseen_table`` (the metrics per
-        group: all unseen, unseen singles, combinations with an unseen member; None without unseen labels).
+        :func:`ate_report`'s :class:`~pyrovae.evaluate.results.ATEReport`, its ``per_perturbation`` with a
+        ``prediction`` column (how each model predicted each label, ``"baseline"`` for baselines and
+        controls), with ``unseen`` (the unseen labels), ``untrained_method`` (how ``run`` predicts them)
+        and ``unseen_table`` (the metrics per group: all unseen, unseen singles, combinations with an unseen
+        member; None without unseen labels).
     """
     post = Posterior.from_run(run)
     models = {o: Posterior.from_run(r) for o, r in (others or {}).items()}
@@ -293,23 +290,20 @@ def score_ate(
             covariates=covariates,
             **(field_options or {}),
         )
-    method_of = {name: rep["prediction"]}
+    method_of = {name: rep.prediction}
     for o in others or {}:
-        method_of[o] = dict(rep["preds"][o].attrs.get("prediction", {}))
-    per_pert = rep["per_perturbation"]
+        method_of[o] = dict(rep.preds[o].attrs.get("prediction", {}))
+    per_pert = rep.per_perturbation
     per_pert["prediction"] = [
         method_of[m].get(p, "trained") if m in method_of else "baseline"
         for m, p in zip(per_pert["method"], per_pert["perturbation"])
     ]
-    rep.update(
-        unseen=unseen,
-        untrained_method=post.untrained_method,
-        unseen_table=_unseen_table(rep, unseen, data.sep, top_k) if unseen else None,
-    )
+    rep.unseen, rep.untrained_method = list(unseen), post.untrained_method
+    rep.unseen_table = _unseen_table(rep, unseen, data.sep, top_k) if unseen else None
     return rep
 
 
-def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: int) -> pd.DataFrame:
+def _unseen_table(rep: ATEReport, unseen: Sequence[str], sep: str, top_k: int) -> pd.DataFrame:
     """:func:`~pyrovae.evaluate.ate.ate_table` over the unseen labels, by group (index: group, method).
 
     Unseen singles apart from combinations with an unseen member (whose seen member carries signal); a
@@ -322,8 +316,8 @@ def _unseen_table(rep: dict[str, Any], unseen: Sequence[str], sep: str, top_k: i
     parts = {}
     for group, labs in groups.items():
         if labs:
-            preds = {k: v.loc[labs] for k, v in rep["preds"].items() if not v.loc[labs].isna().all().all()}
-            parts[group] = ate_table(rep["ate_true"].loc[labs], preds, top_k)
+            preds = {k: v.loc[labs] for k, v in rep.preds.items() if not v.loc[labs].isna().all().all()}
+            parts[group] = ate_table(rep.ate_true.loc[labs], preds, top_k)
     return pd.concat(parts, names=["group"])
 
 
@@ -357,14 +351,6 @@ def level_sets(
             if (data.labels[at] != data.control_label).any():
                 out.append((f"{name} [{by}={level}]", at, {by: level} if model_level else None))
     return out
-    values = data.covariate_values(by)
-    for name, rows in sets.items():
-        rows = np.asarray(rows)
-        for level in data.covariate_levels[by]:
-            at = rows[values[rows] == level]
-            if (data.labels[at] != data.control_label).any():
-                out.append((f"{name} [{by}={level}]", at, {by: level}))
-    return out
 
 
 def score_run(
@@ -389,7 +375,7 @@ def score_run(
     baselines: bool = True,
     by: str | None = None,
     field_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunScores:
     """Score ``run`` (and the runs ``others``, compared with it) on chosen sets of cells of ``data``.
 
     Args:
@@ -412,8 +398,9 @@ def score_run(
             cells at that level with the model evaluated at that level (sets ``"<set> [key=level]"``).
 
     Returns:
-        dict with ``name``, ``ate`` ({set: :func:`score_ate`'s dict}), ``iwelbo`` ({model: {set:
-        :func:`iwelbo_over_seeds`'s dict}}) and ``iwelbo_summary`` ({model: {set: :func:`iwelbo_summary`}}).
+        a :class:`~pyrovae.evaluate.results.RunScores`: ``name``, ``ate`` ({set: :func:`score_ate`'s
+        report}), ``iwelbo`` ({model: {set: :func:`iwelbo_over_seeds`'s dict}}) and ``iwelbo_summary``
+        ({model: {set: :func:`iwelbo_summary`}}).
     """
     name = run.model_cfg.family if name is None else name
     runs = {name: run, **(others or {})}
@@ -457,11 +444,11 @@ def score_run(
             covariates=covariates,
             field_options=field_options,
         )
-    return {
-        "name": name,
-        "ate": ate,
-        "iwelbo": iwelbo,
-        "iwelbo_summary": {
+    return RunScores(
+        name=name,
+        ate=ate,
+        iwelbo=iwelbo,
+        iwelbo_summary={
             m: {s: iwelbo_summary(res, s) for s, res in sets.items()} for m, sets in iwelbo.items()
         },
-    }
+    )

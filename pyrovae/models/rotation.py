@@ -9,7 +9,7 @@ pruning in that basis costs fit. :func:`sparsest_rotation` finds the rotation in
 effect rows are sparsest (least L1 norm: the rotation criterion of sparse factor analysis, not varimax,
 which on a 24 x 16 effect matrix moves even the planted basis away from itself), and
 :func:`rotate_latent` applies it to a model as an exact reparametrisation of its current state, except for
-the diagonal Gaussian scales (see there). ``ModelConfig.mask_rotation`` does this once, when
+the diagonal Gaussian scales (see there). ``ModelConfig.masks.rotation`` does this once, when
 ``mask_freeze_steps`` ends; a schedule on the optimisation path, not a change of the objective.
 
 Conventions: row vectors, so a latent z (..., K) becomes z @ R; R is (K, K) with R^T R = I.
@@ -129,7 +129,7 @@ def rotate_latent(model, R: torch.Tensor) -> list[nn.Parameter]:
     its ``x_shift`` input block rotate exactly. Approximate: the diagonal Gaussian scales of q(z | x) and
     q(E) keep the rotated distribution's marginal variances (not its correlations), and q(M) and the
     correlated guide's mask input stay as they are, so call it while the masks are (nearly) all on, when
-    the likelihood cannot tell the bases apart (``ModelConfig.mask_rotation``: at the end of the mask
+    the likelihood cannot tell the bases apart (``ModelConfig.masks.rotation``: at the end of the mask
     freeze).
 
     Args:
@@ -163,7 +163,7 @@ def rotate_latent(model, R: torch.Tensor) -> list[nn.Parameter]:
 
 
 class SparseRotationStep:
-    """The training-step hook of ``ModelConfig.mask_rotation`` (an effect block's
+    """The training-step hook of ``ModelConfig.masks.rotation`` (an effect block's
     :meth:`~pyrovae.models.effects.EffectBlock.training_hooks`): once, after the step at which the mask
     freeze ends, rotate the model's latent basis to the sparsest orientation of its mean effects over the
     treatments with training cells (:func:`sparsest_rotation`, :func:`rotate_latent`); the Adam moments of

@@ -29,8 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pyrovae.config import check_range, coerce_fields, replace_checked
-from pyrovae.data.gene_features import GENE_FEATURE_SOURCES
+from pyrovae.config import check_range, coerce_value
 from pyrovae.data.prepare import Requirement, ordered
 from pyrovae.models.artifact import ArtifactBlock
 from pyrovae.models.effects import (
@@ -42,8 +41,16 @@ from pyrovae.models.effects import (
     LearnedSparsityMaskEffect,
 )
 from pyrovae.models.effects.guides import Guide
-from pyrovae.models.mask_estimators import MaskEstimator
-from pyrovae.models.penalties import CounterfactualKL, GRNAlignment, GRNTarget
+from pyrovae.models.options import (
+    MAX_WIDTH,
+    SECTIONS,
+    ArtifactOptions,
+    GeneFeatureOptions,
+    GRNOptions,
+    MaskOptions,
+    NetworkOptions,
+)
+from pyrovae.models.penalties import CounterfactualKL, GRNAlignment
 from pyrovae.models.skeleton import PerturbationVAE
 
 #: model families (the effect blocks of :func:`build_effect`)
@@ -55,9 +62,6 @@ Likelihood = Literal["nb", "poisson", "normal"]
 #: the basal encoder's input: the expression, with the latent shift, or with the dosage row
 Conditioning = Literal["x", "x_shift", "x_dosage"]
 #: the families whose latent basis ``mask_rotation`` can rotate (masks on an additive latent effect)
-#: the largest layer width / latent size / QC column count a config accepts (a layer holds width x genes
-#: weights: 65536 x 20000 genes is 5 GB already; beyond it a typo like n_latent=10**12 would exhaust memory)
-MAX_WIDTH = 65536
 ROTATABLE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity")
 #: the families whose effect rows can have a gene-feature prior (``gene_features``)
 FEATURE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa", "gpo")
@@ -65,116 +69,91 @@ FEATURE_FAMILIES = ("sams", "sams_beta_bernoulli", "sams_learned_sparsity", "cpa
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Everything that defines a model (saved in a run's ``config.json``)."""
+    """Everything that defines a model (saved in a run's ``config.json``): the model's family, latent
+    size, likelihood, q(E) family and conditioning, and five sections (:mod:`pyrovae.models.options`).
+
+    Options are set by their flat key (``model_config("sams_vae", mask_lr=0.05)``,
+    ``cfg.replace(n_latent=20, grn_weight=10)``, ``--set mask_lr=0.05``: :meth:`keys` lists them) and read
+    from their section (``cfg.masks.lr``) or by key (:meth:`get`).
+
+    Attributes:
+        family: the effect block (:func:`build_effect`).
+        n_latent: K, the latent size.
+        likelihood: the observation model (``nb``, ``poisson``; ``normal`` for continuous data).
+        guide: q(E)'s family (:mod:`pyrovae.models.effects.guides`): ``mean_field``, ``correlated`` (the
+            reference) or ``spike_slab`` (q(e | m = 1) free, q(e | m = 0) the prior; a departure from the
+            reference).
+        conditioning: the basal encoder's input: the expression, with the latent shift, or with the dosage.
+        embedding_prior_scale: the prior scale of the latent effects E.
+        network, masks, grn, artifact, features: the sections.
+    """
 
     family: Family = "sams"
     n_latent: int = 10
     likelihood: Likelihood = "nb"
-    # q(E) family: mean_field | correlated (reference) | spike_slab (q(e | m = 1) free, q(e | m = 0) the
-    # prior; a departure from the reference), see pyrovae.models.effects.guides
     guide: Guide = "correlated"
     conditioning: Conditioning = "x_shift"
-    mask_prior: float = 0.01
     embedding_prior_scale: float = 1.0
-    temperature: float = 1.0
-    mask_init_logits: float = 0.0
-    # gradient estimator of the q(M) logits: straight_through (reference) | score_function | loo | relaxed
-    # (see pyrovae.models.effects.AdditiveEffect); the temperature anneals to temperature_final if set
-    mask_estimator: MaskEstimator = "straight_through"
-    mask_baseline_beta: float = 0.9
-    temperature_final: float | None = None
-    temperature_anneal_steps: int = 1000
-    # warm-up of the mask KL's gradient over this many steps (0: none, the reference; a departure while < 1)
-    mask_kl_warmup_steps: int = 0
-    # the q(M) logits take no gradient for this many first training steps (0: none, the reference)
-    mask_freeze_steps: int = 0
-    # ... or for this fraction of the run's training steps (max_epochs x batches per epoch, at most
-    # max_steps), resolved by the Trainer (0: none); give one of the two
-    mask_freeze_fraction: float = 0.0
-    # when the freeze ends, rotate the latent basis to the one in which the mean effects are sparsest
-    # (pyrovae.models.rotation; a reparametrisation of the iterate, the objective unchanged)
-    mask_rotation: bool = False
-    # Adam step size of the q(M) logits (None: the network's lr, the reference); TrainConfig.mask_lr, when
-    # set, overrides it
-    mask_lr: float | None = None
-    decoder_hidden: int = 128
-    decoder_layers: int = 1
-    encoder_hidden: int = 128
-    encoder_layers: int = 1
-    embedding_encoder_hidden: int = 128
-    embedding_encoder_layers: int = 2
-    # Beta(c1, c2) prior of the mask probabilities: SVAE+, sams_beta_bernoulli; of the per-treatment mask
-    # prior level: sams_learned_sparsity
-    svae_beta_c1: float = 1.0
-    svae_beta_c2: float = 2.0
-    # CRADLE-VAE quality-control component
-    artifact: bool = False
-    n_qc: int = 1
-    cf_weight: float = 0.1  # per-cell mean here, a batch sum in the reference (see CounterfactualKL)
-    # GPO-VAE GRN-aligned optimisation
-    grn_weight: float = 100.0
-    grn_threshold: float = 0.5  # reference: 0.4 Adamson, 0.8 K562, 0.5 RPE1
-    grn_hops: int = 5
-    sparsity_weight: float = 1.0  # reference: 1 Adamson, 5 K562, 10 RPE1
-    grn_target: GRNTarget = (
-        "cell"  # reference: per-cell |delta_x|; "group": per-perturbation mean (GRNAlignment)
-    )
-    grn_singles_only: bool = False  # reference: align every cell; True: single-perturbation cells only
-    # effects predicted from gene features (pyrovae.models.effects.features; SAMS-VAE, CPA-VAE, GPO-VAE):
-    # None (off) | data (PCA of the training pseudobulk) | table (gene_features_file: gene x dimension)
-    # | graph (gene_features_file: an edge list); gene_feature_dim: F (a table's width replaces it when
-    # trained)
-    gene_features: str | None = None
-    gene_features_file: str | None = None
-    gene_feature_dim: int = 10
+    network: NetworkOptions = dataclasses.field(default_factory=NetworkOptions)
+    masks: MaskOptions = dataclasses.field(default_factory=MaskOptions)
+    grn: GRNOptions = dataclasses.field(default_factory=GRNOptions)
+    artifact: ArtifactOptions = dataclasses.field(default_factory=ArtifactOptions)
+    features: GeneFeatureOptions = dataclasses.field(default_factory=GeneFeatureOptions)
 
     def __post_init__(self) -> None:
-        coerce_fields(self)  # also the typed choices (Literal): family, likelihood, guide, ...
-        check_range("mask_prior", self.mask_prior, gt=0, lt=1)
-        for name in ("embedding_prior_scale", "temperature", "svae_beta_c1", "svae_beta_c2"):
-            check_range(name, getattr(self, name), gt=0)
-        for name in ("n_latent", "decoder_hidden", "encoder_hidden", "embedding_encoder_hidden", "n_qc"):
-            check_range(name, getattr(self, name), ge=1, le=MAX_WIDTH)
-        for name in ("decoder_layers", "encoder_layers", "embedding_encoder_layers", "grn_hops"):
-            check_range(name, getattr(self, name), ge=0)
-        for name in ("cf_weight", "grn_weight", "grn_threshold", "sparsity_weight"):
-            check_range(name, getattr(self, name), ge=0)
-        check_range("gene_features", self.gene_features, choices=GENE_FEATURE_SOURCES)
-        check_range("gene_feature_dim", self.gene_feature_dim, ge=1, le=MAX_WIDTH)
-        if self.gene_features is not None and self.family not in FEATURE_FAMILIES:
+        for name in TOP_LEVEL:  # the typed choices (Literal): family, likelihood, guide, conditioning
+            setattr(self, name, coerce_value(name, _HINTS[name], getattr(self, name)))
+        for name, section in SECTIONS.items():
+            if not isinstance(getattr(self, name), section):
+                raise TypeError(f"ModelConfig.{name} must be a {section.__name__}; set options by key")
+        check_range("n_latent", self.n_latent, ge=1, le=MAX_WIDTH)
+        check_range("embedding_prior_scale", self.embedding_prior_scale, gt=0)
+        if self.features.enabled and self.family not in FEATURE_FAMILIES:
             raise ValueError(
-                f"gene_features={self.gene_features!r} needs an additive effect block "
+                f"gene_features={self.features.source!r} needs an additive effect block "
                 f"{FEATURE_FAMILIES}, not family {self.family!r}; leave gene_features unset"
             )
-        if self.gene_features in ("table", "graph") and not self.gene_features_file:
-            raise ValueError(
-                f"gene_features={self.gene_features!r} needs gene_features_file (CLI: "
-                "--gene-features FILE or --gene-graph FILE)"
-            )
-        check_range("mask_init_logits", self.mask_init_logits)
-        check_range("mask_baseline_beta", self.mask_baseline_beta, ge=0, lt=1)
-        check_range("temperature_final", self.temperature_final, gt=0)
-        check_range("temperature_anneal_steps", self.temperature_anneal_steps, ge=1)
-        check_range("mask_kl_warmup_steps", self.mask_kl_warmup_steps, ge=0)
-        check_range("mask_freeze_steps", self.mask_freeze_steps, ge=0)
-        check_range("mask_freeze_fraction", self.mask_freeze_fraction, ge=0, lt=1)
-        check_range("mask_lr", self.mask_lr, gt=0)
-        if self.mask_freeze_steps and self.mask_freeze_fraction:
-            raise ValueError(
-                "give mask_freeze_steps (a number of steps) or mask_freeze_fraction (a fraction of the run's "
-                f"steps), not both: got {self.mask_freeze_steps} and {self.mask_freeze_fraction}"
-            )
-        freezes = self.mask_freeze_steps > 0 or self.mask_freeze_fraction > 0
-        if self.mask_rotation and (not freezes or self.family not in ROTATABLE_FAMILIES):
+        masks = self.masks
+        if masks.rotation and (not masks.freezes or self.family not in ROTATABLE_FAMILIES):
             raise ValueError(
                 "mask_rotation rotates the latent basis when the mask freeze ends (masks still on): set "
                 "mask_freeze_fraction > 0 (or mask_freeze_steps > 0) and use a SAMS-VAE family "
-                f"{ROTATABLE_FAMILIES}, not {self.family!r} with mask_freeze_steps={self.mask_freeze_steps}, "
-                f"mask_freeze_fraction={self.mask_freeze_fraction}"
+                f"{ROTATABLE_FAMILIES}, not {self.family!r} with mask_freeze_steps={masks.freeze_steps}, "
+                f"mask_freeze_fraction={masks.freeze_fraction}"
             )
 
+    @staticmethod
+    def keys() -> tuple[str, ...]:
+        """Every option's flat key (the top-level fields', then each section's)."""
+        return tuple(KEYS)
+
+    def get(self, key: str) -> Any:
+        """The value of the option ``key`` (a flat key, e.g. ``"mask_lr"``)."""
+        if key not in KEYS:
+            raise ValueError(f"unknown model option {key!r}; valid: {list(KEYS)}")
+        section, name = KEYS[key]
+        return getattr(self if section is None else getattr(self, section), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """{key: value} of every option (a run's ``config.json``; :meth:`from_stored` reads it back)."""
+        return {key: self.get(key) for key in KEYS}
+
     def replace(self, **kw: Any) -> ModelConfig:
-        return replace_checked(self, "model", **kw)
+        """A copy with the options ``kw`` (flat keys) changed, every section checked again."""
+        unknown = sorted(set(kw) - set(KEYS))
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}; valid: {list(KEYS)}")
+        top: dict[str, Any] = {}
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in kw.items():
+            section, name = KEYS[key]
+            if section is None:
+                top[name] = value
+            else:
+                by_section.setdefault(section, {})[name] = value
+        for section, changes in by_section.items():
+            top[section] = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **top)
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> ModelConfig:
@@ -194,6 +173,16 @@ class ModelConfig:
                     f"pyrovae ({why}); retrain it, or read it with the pyrovae that wrote it"
                 )
         return cls().replace(**kw)
+
+
+#: ModelConfig's own options (not in a section); their keys are their names
+TOP_LEVEL = ("family", "n_latent", "likelihood", "guide", "conditioning", "embedding_prior_scale")
+_HINTS = typing.get_type_hints(ModelConfig)
+#: {flat key: (section attribute or None, field name)} of every model option
+KEYS: dict[str, tuple[str | None, str]] = {
+    **{name: (None, name) for name in TOP_LEVEL},
+    **{key: (section, name) for section, cls in SECTIONS.items() for name, key in cls.KEYS.items()},
+}
 
 
 #: options removed from :class:`ModelConfig`: {name: (the value every kept run has, why it was removed)};
@@ -277,47 +266,36 @@ def model_config(name: str, *, variant: bool = False, **overrides: Any) -> Model
 
 def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
     """The effect block of a config."""
+    masks = cfg.masks
     common = dict(
         embedding_prior_scale=cfg.embedding_prior_scale,
         guide=cfg.guide,
-        temperature=cfg.temperature,
-        mask_init_logits=cfg.mask_init_logits,
-        embedding_encoder_hidden=cfg.embedding_encoder_hidden,
-        embedding_encoder_layers=cfg.embedding_encoder_layers,
-        mask_estimator=cfg.mask_estimator,
-        mask_baseline_beta=cfg.mask_baseline_beta,
-        temperature_final=cfg.temperature_final,
-        temperature_anneal_steps=cfg.temperature_anneal_steps,
-        mask_kl_warmup_steps=cfg.mask_kl_warmup_steps,
-        mask_freeze_steps=cfg.mask_freeze_steps,
-        mask_rotation=cfg.mask_rotation,
-        mask_freeze_fraction=cfg.mask_freeze_fraction,
-        mask_lr=cfg.mask_lr,
+        embedding_encoder_hidden=cfg.network.embedding_encoder_hidden,
+        embedding_encoder_layers=cfg.network.embedding_encoder_layers,
+        **masks.effect_kwargs(),
     )
     if cfg.family in FEATURE_FAMILIES:
-        common["n_gene_features"] = cfg.gene_feature_dim if cfg.gene_features is not None else 0
+        common["n_gene_features"] = cfg.features.dim if cfg.features.enabled else 0
     if cfg.family == "sams":
-        return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=cfg.mask_prior, compose="add", **common)
+        return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=masks.prior, compose="add", **common)
     if cfg.family in ("sams_beta_bernoulli", "sams_learned_sparsity"):
         if cfg.family == "sams_beta_bernoulli":  # Beta(c1, c2) on each entry's mask probability
             block, kw = BetaBernoulliMaskEffect, common
         else:  # Beta(c1, c2) on each treatment's prior level, which starts at mask_prior
-            block, kw = LearnedSparsityMaskEffect, {"mask_prior": cfg.mask_prior, **common}
-        return block(n_treatments, cfg.n_latent, cfg.svae_beta_c1, cfg.svae_beta_c2, compose="add", **kw)
+            block, kw = LearnedSparsityMaskEffect, {"mask_prior": masks.prior, **common}
+        return block(n_treatments, cfg.n_latent, masks.beta_c1, masks.beta_c2, compose="add", **kw)
     if cfg.family == "cpa":
         return AdditiveEffect(n_treatments, cfg.n_latent, mask_prior=None, compose="add", **common)
     if cfg.family == "gpo":
-        return AdditiveEffect(
-            n_treatments, n_treatments, mask_prior=cfg.mask_prior, compose="concat", **common
-        )
+        return AdditiveEffect(n_treatments, n_treatments, mask_prior=masks.prior, compose="concat", **common)
     if cfg.family == "svae_plus":
         return BetaBernoulliActionEffect(
             n_treatments,
             cfg.n_latent,
-            cfg.svae_beta_c1,
-            cfg.svae_beta_c2,
-            cfg.temperature,
-            cfg.mask_init_logits,
+            masks.beta_c1,
+            masks.beta_c2,
+            masks.temperature,
+            masks.init_logits,
         )
     if cfg.family == "conditional":
         return ConcatDosageEffect(n_treatments)
@@ -327,17 +305,17 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
 def build_penalties(cfg: ModelConfig) -> list[torch.nn.Module]:
     """The loss terms of a config beyond the ELBO (:mod:`pyrovae.models.penalties`); none need data sizes."""
     out: list[torch.nn.Module] = []
-    if cfg.artifact:
-        out.append(CounterfactualKL(cfg.cf_weight))
+    if cfg.artifact.enabled:
+        out.append(CounterfactualKL(cfg.artifact.cf_weight))
     if cfg.family == "gpo":
         out.append(
             GRNAlignment(
-                cfg.grn_weight,
-                cfg.grn_threshold,
-                cfg.grn_hops,
-                cfg.sparsity_weight,
-                cfg.grn_target,
-                cfg.grn_singles_only,
+                cfg.grn.weight,
+                cfg.grn.threshold,
+                cfg.grn.hops,
+                cfg.grn.sparsity_weight,
+                cfg.grn.target,
+                cfg.grn.singles_only,
             )
         )
     return out
@@ -347,7 +325,7 @@ def data_requirements(cfg: ModelConfig) -> tuple[Requirement, ...]:
     """What a config's model reads from every minibatch beyond counts and dosage, gathered from the
     ``data_needs`` its components declare (artifact block, penalties; the effect blocks need nothing
     more), in the order :func:`pyrovae.data.prepare.prepare_data` supplies them."""
-    parts: list[Any] = [ArtifactBlock] if cfg.artifact else []
+    parts: list[Any] = [ArtifactBlock] if cfg.artifact.enabled else []
     parts += build_penalties(cfg)
     return tuple(ordered(req for part in parts for req in part.data_needs))
 
@@ -377,7 +355,8 @@ def build_model(
             )
     if cfg.likelihood not in ("nb", "poisson", "normal"):
         raise ValueError(f"unknown likelihood {cfg.likelihood!r}; use 'nb', 'poisson' or 'normal'")
-    artifact = ArtifactBlock(cfg.n_qc, cfg.n_latent, cfg.embedding_prior_scale) if cfg.artifact else None
+    art = cfg.artifact
+    artifact = ArtifactBlock(art.n_qc, cfg.n_latent, cfg.embedding_prior_scale) if art.enabled else None
     model = PerturbationVAE(
         n_genes,
         n_treatments,
@@ -385,10 +364,10 @@ def build_model(
         build_effect(cfg, n_treatments),
         likelihood=cfg.likelihood,
         conditioning=cfg.conditioning,
-        decoder_hidden=cfg.decoder_hidden,
-        decoder_layers=cfg.decoder_layers,
-        encoder_hidden=cfg.encoder_hidden,
-        encoder_layers=cfg.encoder_layers,
+        decoder_hidden=cfg.network.decoder_hidden,
+        decoder_layers=cfg.network.decoder_layers,
+        encoder_hidden=cfg.network.encoder_hidden,
+        encoder_layers=cfg.network.encoder_layers,
         norm_mean=None if norm_mean is None else torch.as_tensor(np.asarray(norm_mean), dtype=torch.float32),
         norm_std=None if norm_std is None else torch.as_tensor(np.asarray(norm_std), dtype=torch.float32),
         norm_log=norm_log,

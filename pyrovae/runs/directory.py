@@ -317,7 +317,7 @@ class RunDirectory:
     ) -> None:
         """Write ``config.json`` (and, for a new run, ``schema.json``, ``split.csv``, ``prep.json`` and
         ``fingerprint.json``: ``fingerprint``, or the data's with a new run id)."""
-        cfg = {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "data": data_options}
+        cfg = {"model": model_cfg.to_dict(), "train": train_cfg.__dict__, "data": data_options}
         if model_name is not None:
             cfg["model_name"] = model_name
         write_json(self.path / CONFIG, cfg)

@@ -237,15 +237,11 @@ def check_resume(
             f"--model {stored_name}), or train {model_name} into another --out"
         )
     stored_cfg = ModelConfig.from_stored(cfg["model"])
-    diff = [
-        f.name
-        for f in dataclasses.fields(ModelConfig)
-        if getattr(stored_cfg, f.name) != getattr(model_cfg, f.name)
-    ]
+    diff = [k for k in ModelConfig.keys() if stored_cfg.get(k) != model_cfg.get(k)]
     if diff:
         raise ValueError(
             f"cannot resume {run_dir} with other model options {diff} (stored: "
-            f"{ {k: getattr(stored_cfg, k) for k in diff} }); model options are fixed once a run exists"
+            f"{ {k: stored_cfg.get(k) for k in diff} }); model options are fixed once a run exists"
         )
     if list(data.genes) != list(schema["genes"]):
         same = set(data.genes) == set(schema["genes"])
@@ -296,20 +292,20 @@ def check_resume(
 
 def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
     """Options that must agree with the prepared data, checked before anything is built or written."""
-    if cfg.artifact and "qc" in data.extras:
+    if cfg.artifact.enabled and "qc" in data.extras:
         n_qc = np.asarray(data.extras["qc"]).reshape(data.n_cells, -1).shape[1]
-        if cfg.n_qc != n_qc:
+        if (asked := cfg.artifact.n_qc) != n_qc:
             raise ValueError(
-                f"option n_qc={cfg.n_qc} does not match the data's {n_qc} QC column(s) (the QC indicator: "
+                f"option n_qc={asked} does not match the data's {n_qc} QC column(s) (the QC indicator: "
                 f"obs[qc_key], or the MAD QC flags); set n_qc={n_qc} (or leave it at its default)"
             )
-    key = "delta_x" if cfg.grn_target == "cell" else "delta_x_group"
+    key = "delta_x" if cfg.grn.target == "cell" else "delta_x_group"
     if cfg.family == "gpo" and key in data.extras:
         blocks = iter_row_blocks(data.extras[key], data.indices("train"))  # streamed: O(block), not O(N T)
         top = max((float(np.nanmax(np.abs(b), initial=0.0)) for _, b in blocks), default=0.0)
-        if cfg.grn_threshold >= top:
+        if cfg.grn.threshold >= top:
             warnings.warn(
-                f"grn_threshold={cfg.grn_threshold:g} is at or above every GRN alignment target of the "
+                f"grn_threshold={cfg.grn.threshold:g} is at or above every GRN alignment target of the "
                 f"training cells (largest {key} {top:.3g}): the alignment pulls every edge towards "
                 "'no edge'; the reference uses 0.4-0.8",
                 PyrovaeWarning,
@@ -320,17 +316,17 @@ def _check_model_fits_data(cfg: ModelConfig, data: PerturbationData) -> None:
 def _with_gene_features(
     data: PerturbationData, cfg: ModelConfig, prepare: Callable[[PerturbationVAE], None] | None
 ) -> tuple[ModelConfig, Callable[[PerturbationVAE], None] | None]:
-    """For ``cfg.gene_features`` set: the treatments' gene features
+    """For gene features set (``cfg.features``): the treatments' gene features
     (:func:`~pyrovae.data.gene_features.treatment_gene_features`, errors before anything is written), the
     config with F = their width, and a ``prepare`` that stores them in the model (its checkpoints carry
     them). A warning says how many targets have no features."""
-    if cfg.gene_features is None:
+    if not cfg.features.enabled:
         return cfg, prepare
-    feats = treatment_gene_features(data, cfg.gene_features, cfg.gene_features_file, cfg.gene_feature_dim)
+    feats = treatment_gene_features(data, cfg.features.source, cfg.features.file, cfg.features.dim)
     missing = [t for t, h in zip(data.treatments, feats.has) if not h]
     if missing:
         warnings.warn(
-            f"gene features ({cfg.gene_features}): {feats.n_matched} of {len(feats.has)} perturbation "
+            f"gene features ({cfg.features.source}): {feats.n_matched} of {len(feats.has)} perturbation "
             f"targets matched a gene; {len(missing)} have none ({preview(missing, 5)}) and are predicted "
             "from the learned intercept alone (the mean effect of the seen perturbations) when unseen",
             PyrovaeWarning,

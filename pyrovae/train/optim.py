@@ -24,7 +24,7 @@ def param_groups(
     Weight decay (``cfg.weight_decay``) regularises network weights only; variational parameters and
     point-estimated per-treatment values get none, so the optimum is the ELBO's (the reference decays
     everything). Mask logits get their own step size (without decay): ``cfg.mask_lr`` when it is
-    set, else the model's ``model_mask_lr`` (``ModelConfig.mask_lr``) when that is set, else they join the
+    set, else the model's ``model_mask_lr`` (``ModelConfig.masks.lr``) when that is set, else they join the
     variational group (the network's step). A parameter absent from ``roles`` is a network weight.
 
     Args:
@@ -58,5 +58,5 @@ def model_param_groups(model, cfg) -> list[dict[str, Any]]:
     """Adam parameter groups of every parameter of ``model`` (a
     :class:`~pyrovae.models.skeleton.PerturbationVAE`) under the training settings ``cfg``: roles from the
     model's :meth:`~pyrovae.models.skeleton.PerturbationVAE.param_roles`, the mask step size from
-    ``cfg.mask_lr`` or else the model's own (``ModelConfig.mask_lr``)."""
+    ``cfg.mask_lr`` or else the model's own (``ModelConfig.masks.lr``)."""
     return param_groups(model, model.param_roles(), cfg, model.effect.mask_lr)

@@ -56,7 +56,7 @@ def test_param_groups_are_the_name_sorted_groups(name, mask_lr):
 @pytest.mark.parametrize(
     ("name", "train_mask_lr", "expected"),
     [
-        ("sams_vae", None, 0.02),  # the model's own (ModelConfig.mask_lr)
+        ("sams_vae", None, 0.02),  # the model's own (ModelConfig.masks.lr)
         ("sams_vae", 0.1, 0.1),  # the training setting overrides it
         ("sams_vae_reference", None, None),  # the reference: the network's step, no own group
         ("sams_vae_reference", 0.1, 0.1),

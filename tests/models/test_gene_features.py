@@ -222,7 +222,7 @@ def test_unseen_path_through_the_api_and_a_reloaded_run(tmp_path):
     again = pyrovae.Model.load(tmp_path / "m", adata)
     pd.testing.assert_frame_equal(again.get_ate(["PG01", "PG02"], n_samples=20), ate)
     run = load_run(tmp_path / "m")
-    assert run.model_cfg.gene_features == "data" and run.model_cfg.gene_feature_dim == 3
+    assert run.model_cfg.features.source == "data" and run.model_cfg.features.dim == 3
     assert bool(run.model.effect.feature_prior.has_features.any())
 
 

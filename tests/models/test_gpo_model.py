@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -117,13 +116,13 @@ def test_gpo_vae_defaults_depart_from_the_reference_which_stays_available():
     from pyrovae.models.zoo import GPO_ALIGNMENT
 
     gpo, ref = model_config("gpo_vae"), model_config("gpo_vae_reference")
-    assert (gpo.grn_singles_only, gpo.grn_target, gpo.grn_weight) == (True, "group", 1000.0)
+    assert (gpo.grn.singles_only, gpo.grn.target, gpo.grn.weight) == (True, "group", 1000.0)
     assert GPO_ALIGNMENT == {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
     # the reference: every cell, per-cell |delta_x|, GRN weight 100
-    assert (ref.grn_singles_only, ref.grn_target, ref.grn_weight) == (False, "cell", 100.0)
+    assert (ref.grn.singles_only, ref.grn.target, ref.grn.weight) == (False, "cell", 100.0)
     # everything else is the same model
-    same = {k: v for k, v in dataclasses.asdict(gpo).items() if k not in GPO_ALIGNMENT}
-    assert same == {k: v for k, v in dataclasses.asdict(ref).items() if k not in GPO_ALIGNMENT}
+    same = {k: v for k, v in gpo.to_dict().items() if k not in GPO_ALIGNMENT}
+    assert same == {k: v for k, v in ref.to_dict().items() if k not in GPO_ALIGNMENT}
     pen = build_model(gpo, 6, 2, seed=0).penalties[-1]
     assert (pen.singles_only, pen.target, pen.weight) == (True, "group", 1000.0)
 
@@ -255,7 +254,7 @@ def test_removed_options_are_refused_now_and_read_in_old_runs_configs():
     for name, value in (("grn_hop_norm", "T"), ("mask_baseline", "decaying_avg")):
         with pytest.raises(ValueError, match=name):
             model_config("gpo_vae", **{name: value})
-    stored = {**model_config("gpo_vae").__dict__, "grn_hop_norm": "T", "mask_baseline": "decaying_avg"}
+    stored = {**model_config("gpo_vae").to_dict(), "grn_hop_norm": "T", "mask_baseline": "decaying_avg"}
     assert ModelConfig.from_stored(stored) == model_config("gpo_vae")
     with pytest.raises(ValueError, match="mask_baseline='learned', an option removed"):
         ModelConfig.from_stored({**stored, "mask_baseline": "learned"})

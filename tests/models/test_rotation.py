@@ -1,4 +1,4 @@
-"""The sparse rotation of the latent basis (pyrovae.models.rotation, ModelConfig.mask_rotation): the rotation
+"""The sparse rotation of the latent basis (pyrovae.models.rotation, ModelConfig.masks.rotation): the rotation
 recovers a planted sparse basis, rotating a model is exact in its means and leaves the ELBO unchanged where
 the scales are isotropic, and training rotates once, when the mask freeze ends."""
 
@@ -158,7 +158,7 @@ def test_mask_rotation_needs_a_freeze_and_a_sams_family():
         model_config("sams_vae_reference", mask_rotation=True)
     with pytest.raises(ValueError, match="SAMS-VAE family"):
         model_config("cpa_vae", mask_rotation=True, mask_freeze_steps=5)
-    assert model_config("sams_vae_reference", mask_rotation=True, mask_freeze_steps=5).mask_rotation
+    assert model_config("sams_vae_reference", mask_rotation=True, mask_freeze_steps=5).masks.rotation
 
 
 def test_training_rotates_once_when_the_freeze_ends(tiny_data, monkeypatch):
@@ -247,7 +247,7 @@ def test_the_freeze_fraction_is_a_fraction_of_the_runs_steps(tiny_data, monkeypa
 def test_freeze_steps_and_fraction_exclude_each_other():
     with pytest.raises(ValueError, match="not both"):
         model_config("sams_vae", mask_freeze_steps=5)
-    assert model_config("sams_vae", mask_freeze_fraction=0, mask_freeze_steps=5).mask_freeze_steps == 5
+    assert model_config("sams_vae", mask_freeze_fraction=0, mask_freeze_steps=5).masks.freeze_steps == 5
     with pytest.raises(ValueError, match="mask_freeze_fraction"):
         model_config("sams_vae", mask_freeze_fraction=1.0)
 

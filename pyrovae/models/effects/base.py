@@ -27,7 +27,7 @@ class EffectBlock(nn.Module):
 
     #: rotate the latent basis when the mask freeze ends (``AdditiveEffect`` ``mask_rotation``)
     mask_rotation: bool = False
-    #: the model's own Adam step size of its mask logits (``ModelConfig.mask_lr``;
+    #: the model's own Adam step size of its mask logits (``ModelConfig.masks.lr``;
     #: :func:`pyrovae.train.optim.param_groups`)
     mask_lr: float | None = None
 

@@ -1,6 +1,6 @@
 """Effects predicted from gene features: :class:`FeaturePrior`, the learned prior mean of the effect rows.
 
-With the option on (``ModelConfig.gene_features``), treatment t's latent effect row has the prior
+With the option on (``ModelConfig.features``), treatment t's latent effect row has the prior
 
     e_t ~ Normal(mu_t, s^2 I),   mu_t = b + W^T x_t,
 
