@@ -151,29 +151,16 @@ class MaskOptions:
                 "give mask_freeze_steps (a number of steps) or mask_freeze_fraction (a fraction of the run's "
                 f"steps), not both: got {self.freeze_steps} and {self.freeze_fraction}"
             )
+        if self.kl_warmup_steps and self.estimator not in ("straight_through", "relaxed"):
+            raise ValueError(
+                "mask_kl_warmup_steps works with mask_estimator 'straight_through' or 'relaxed' (the score-"
+                f"function estimators weight the mask KL inside their costs), not {self.estimator!r}"
+            )
 
     @property
     def freezes(self) -> bool:
         """Whether the q(M) logits are frozen for the first steps of training."""
         return self.freeze_steps > 0 or self.freeze_fraction > 0
-
-    def effect_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of the additive effect blocks
-        (:class:`~pyrovae.models.effects.AdditiveEffect`) that this section sets (not ``prior`` and the
-        Beta parameters, which depend on the family)."""
-        return {
-            "temperature": self.temperature,
-            "mask_init_logits": self.init_logits,
-            "mask_estimator": self.estimator,
-            "mask_baseline_beta": self.baseline_beta,
-            "temperature_final": self.temperature_final,
-            "temperature_anneal_steps": self.temperature_anneal_steps,
-            "mask_kl_warmup_steps": self.kl_warmup_steps,
-            "mask_freeze_steps": self.freeze_steps,
-            "mask_rotation": self.rotation,
-            "mask_freeze_fraction": self.freeze_fraction,
-            "mask_lr": self.lr,
-        }
 
 
 @dataclasses.dataclass

@@ -272,7 +272,7 @@ def build_effect(cfg: ModelConfig, n_treatments: int) -> EffectBlock:
         guide=cfg.guide,
         embedding_encoder_hidden=cfg.network.embedding_encoder_hidden,
         embedding_encoder_layers=cfg.network.embedding_encoder_layers,
-        **masks.effect_kwargs(),
+        masks=masks,
     )
     if cfg.family in FEATURE_FAMILIES:
         common["n_gene_features"] = cfg.features.dim if cfg.features.enabled else 0

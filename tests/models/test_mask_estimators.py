@@ -15,6 +15,7 @@ from pyro.infer import TraceGraph_ELBO
 
 from pyrovae.data.loader import MinibatchLoader
 from pyrovae.models.effects import CELL_PLATE, MASK_ESTIMATORS, AdditiveEffect
+from pyrovae.models.options import MaskOptions
 from pyrovae.models.zoo import build_model, model_config
 from pyrovae.train.trainer import TrainConfig, Trainer, make_elbo
 from tests.helpers import assert_trains
@@ -34,7 +35,10 @@ class TinyModel:
     """The effect block alone with a Gaussian observation per cell (signature of PerturbationVAE)."""
 
     def __init__(self, estimator: str, guide: str = "mean_field", **kw):
-        self.effect = AdditiveEffect(3, 2, mask_prior=ALPHA, guide=guide, mask_estimator=estimator, **kw)
+        """``kw``: mask options by key (``temperature``, ``mask_freeze_steps``, ...)."""
+        field = {key: name for name, key in MaskOptions.KEYS.items()}
+        masks = MaskOptions(estimator=estimator, **{field[k]: v for k, v in kw.items()})
+        self.effect = AdditiveEffect(3, 2, mask_prior=ALPHA, guide=guide, masks=masks)
         with torch.no_grad():
             self.effect.q_mask_logits.copy_(LOGITS)
             self.effect.q_E_loc.copy_(E_LOC)
@@ -211,10 +215,10 @@ def test_temperature_anneals_geometrically_in_training_steps_only():
 
 
 def test_bad_estimator_options_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown mask_estimator"):
-        AdditiveEffect(2, 2, mask_estimator="reinforce")
-    with pytest.raises(ValueError, match="temperatures"):
-        AdditiveEffect(2, 2, temperature_final=0.0)
+    with pytest.raises(ValueError, match="mask_estimator must be one of"):
+        MaskOptions(estimator="reinforce")
+    with pytest.raises(ValueError, match="temperature_final must be > 0"):
+        MaskOptions(temperature_final=0.0)
 
 
 @pytest.mark.parametrize("estimator", ["score_function", "loo", "disarm", "relaxed"])
@@ -339,7 +343,7 @@ def test_mask_kl_warmup_scales_the_mask_kl_gradient_not_the_elbo(estimator):
 
 def test_mask_kl_warmup_options_are_checked():
     with pytest.raises(ValueError, match="mask_kl_warmup_steps works with"):
-        AdditiveEffect(2, 2, mask_estimator="loo", mask_kl_warmup_steps=10)
+        MaskOptions(estimator="loo", kl_warmup_steps=10)
     with pytest.raises(ValueError, match="mask_kl_warmup_steps"):
         model_config("sams_vae", mask_kl_warmup_steps=-1)
 

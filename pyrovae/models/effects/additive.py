@@ -16,9 +16,9 @@ from pyrovae.models.effects.guides import guide_family
 from pyrovae.models.effects.unseen import grn_transfer
 from pyrovae.models.mask_estimators import (
     BASELINE_PARAM,
-    MASK_ESTIMATORS,
     mask_site,
 )
+from pyrovae.models.options import MaskOptions
 from pyrovae.models.plates import PERTURBATION_PLATE, matmul_dosage, weighted_plate
 from pyrovae.models.roles import parameter_roles
 from pyrovae.models.rotation import SparseRotationStep, rotate_heads, rotated_scales
@@ -42,36 +42,24 @@ class AdditiveEffect(EffectBlock):
             (the reference), ``"spike_slab"``.
         compose: ``"add"``: decoder sees z_basal + z_p (needs effect_dim == n_latent);
             ``"concat"``: decoder sees [z_basal, z_p] (GPO-VAE).
-        temperature: relaxation temperature of the straight-through / relaxed mask estimators.
-        mask_init_logits: initial q(M) logits (0: probability 0.5, as the reference).
-        mask_estimator: gradient estimator of the q(M) logits (see "Mask estimators" below).
-        mask_baseline_beta: decay of the ``score_function`` estimator's moving-average baseline.
-        temperature_final: anneal the temperature geometrically from ``temperature`` to this over
-            ``temperature_anneal_steps`` training steps (``None``: fixed, the reference).
-        mask_kl_warmup_steps: scale the gradient of the mask KL term by beta = min(1, (s + 1) / n) at
-            training step s (:func:`mask_kl_warmup_surrogate`; ``straight_through`` and ``relaxed``
-            only). 0: none (the reference). Departure from the paper's objective while beta < 1.
-        mask_freeze_fraction: the same freeze for this fraction of the run's training steps, resolved to
-            ``mask_freeze_steps`` = max(1, floor(fraction x steps)) by :meth:`start_training` (the Trainer
-            calls it with ``max_epochs`` x batches per epoch, at most ``max_steps``; a resumed run keeps
-            the value once its freeze has ended). 0: none.
-        mask_lr: the block's own Adam step size of its q(M) logits (``None``: the network's; a
-            training setting ``TrainConfig.mask_lr`` overrides it; :func:`param_groups`).
-        mask_freeze_steps: the q(M) logits take no gradient during the first n training steps (they stay
-            at ``mask_init_logits`` while q(E | M), the encoder and the decoder learn), then every estimator
-            trains them as usual. 0: none (the reference). An optimisation schedule, not a change of the
-            objective: the ELBO and its gradient in every other parameter are unchanged. Meant for masks
-            started on: the effects are learned before the masks can be pruned on the gradients of
-            still-untrained effect draws (measured, README "Spike and slab": it softens the spike-and-slab
-            guide's pruning under straight-through but does not stop it).
-        mask_rotation: once, when the freeze ends, the :class:`~pyrovae.train.trainer.Trainer` rotates the
-            latent basis to the one in which :meth:`mean_effects` are sparsest
-            (:func:`~pyrovae.models.rotation.sparsest_rotation`,
+        masks: the masks' inference (:class:`~pyrovae.models.options.MaskOptions`; its ``prior`` and Beta
+            parameters are not read here: ``mask_prior`` and the subclasses' own arguments are): the q(M)
+            logits' start, the gradient estimator and its temperature schedule, the mask-KL warm-up, the
+            freeze (``freeze_steps``, or ``freeze_fraction`` resolved to steps by :meth:`start_training`:
+            max(1, floor(fraction x steps)), the Trainer calling it with ``max_epochs`` x batches per epoch,
+            at most ``max_steps``; a resumed run keeps the value once its freeze has ended), the rotation and
+            the logits' own Adam step size (``lr``; ``None``: the network's; the training setting
+            ``TrainConfig.mask_lr`` overrides it; :func:`param_groups`). The freeze: the q(M) logits take no
+            gradient during the first steps (they stay at their start while q(E | M), the encoder and the
+            decoder learn); an optimisation schedule, not a change of the objective, meant for masks started
+            on. The mask-KL warm-up scales the gradient of the mask KL term by beta = min(1, (s + 1) / n) at
+            training step s (:func:`mask_kl_warmup_surrogate`; a departure from the objective while
+            beta < 1). The rotation: once, when the freeze ends, the
+            :class:`~pyrovae.train.trainer.Trainer` rotates the latent basis to the one in which
+            :meth:`mean_effects` are sparsest (:func:`~pyrovae.models.rotation.sparsest_rotation`,
             :func:`~pyrovae.models.rotation.rotate_latent`): with the masks still on, the likelihood and
-            priors cannot tell the bases apart, so this is a reparametrisation of the current iterate
-            (exact in the means), and the masks are then pruned in a basis where most entries are small.
-            A schedule, not a change of the objective; needs ``mask_freeze_steps > 0`` (README "Sparse
-            rotation": measured in three regimes).
+            priors cannot tell the bases apart, so this reparametrises the current iterate (exact in the
+            means) and the masks are then pruned in a basis where most entries are small.
         n_gene_features: F > 0: effects predicted from gene features
             (:class:`~pyrovae.models.effects.features.FeaturePrior`, see there for the objective): the prior
             mean of row t of E is b + W^T x_t, the free means of q(E) (q(E | M)'s network's loc) are
@@ -91,63 +79,29 @@ class AdditiveEffect(EffectBlock):
         embedding_prior_scale: float = 1.0,
         guide: str = "correlated",
         compose: str = "add",
-        temperature: float = 1.0,
-        mask_init_logits: float = 0.0,
+        masks: MaskOptions | None = None,
         embedding_encoder_hidden: int = 200,
         embedding_encoder_layers: int = 2,
-        mask_estimator: str = "straight_through",
-        mask_baseline_beta: float = 0.9,
-        temperature_final: float | None = None,
-        temperature_anneal_steps: int = 1000,
-        mask_kl_warmup_steps: int = 0,
-        mask_freeze_steps: int = 0,
-        mask_rotation: bool = False,
-        mask_freeze_fraction: float = 0.0,
-        mask_lr: float | None = None,
         n_gene_features: int = 0,
     ) -> None:
         super().__init__()
-        if mask_estimator not in MASK_ESTIMATORS:
-            raise ValueError(f"unknown mask_estimator {mask_estimator!r}; use one of {MASK_ESTIMATORS}")
-        if mask_kl_warmup_steps < 0:
-            raise ValueError(f"mask_kl_warmup_steps must be >= 0, got {mask_kl_warmup_steps}")
-        if mask_kl_warmup_steps and mask_estimator not in ("straight_through", "relaxed"):
-            raise ValueError(
-                "mask_kl_warmup_steps works with mask_estimator 'straight_through' or 'relaxed' (the score-"
-                f"function estimators weight the mask KL inside their costs), not {mask_estimator!r}"
-            )
-        if mask_freeze_steps < 0:
-            raise ValueError(f"mask_freeze_steps must be >= 0, got {mask_freeze_steps}")
-        if not 0.0 <= mask_freeze_fraction < 1.0:
-            raise ValueError(f"mask_freeze_fraction must be in [0, 1), got {mask_freeze_fraction}")
-        if mask_freeze_steps and mask_freeze_fraction:
-            raise ValueError("give mask_freeze_steps or mask_freeze_fraction, not both")
-        if mask_lr is not None and mask_lr <= 0:
-            raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
-        self.mask_kl_warmup_steps = int(mask_kl_warmup_steps)
-        self.mask_freeze_steps = int(mask_freeze_steps)
-        self.mask_freeze_fraction = float(mask_freeze_fraction)
-        self.mask_lr = None if mask_lr is None else float(mask_lr)
-        freezes = bool(mask_freeze_steps or mask_freeze_fraction)
-        if mask_rotation and (not freezes or compose != "add" or mask_prior is None):
+        masks = MaskOptions() if masks is None else masks
+        if masks.rotation and (not masks.freezes or compose != "add" or mask_prior is None):
             raise ValueError(
                 "mask_rotation needs a mask freeze (mask_freeze_steps or mask_freeze_fraction > 0) and masks "
                 "on an additive latent effect"
             )
-        self.mask_rotation = bool(mask_rotation)
-        if not 0.0 <= mask_baseline_beta < 1.0:
-            raise ValueError(f"mask_baseline_beta must be in [0, 1), got {mask_baseline_beta}")
-        if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
-            raise ValueError("mask temperatures must be > 0")
-        if temperature_anneal_steps < 1:
-            raise ValueError(f"temperature_anneal_steps must be >= 1, got {temperature_anneal_steps}")
-        self.mask_estimator, self.mask_baseline_beta = mask_estimator, float(mask_baseline_beta)
+        temperature, mask_init_logits = masks.temperature, masks.init_logits
+        self.mask_estimator, self.mask_baseline_beta = masks.estimator, masks.baseline_beta
         self.temperature_final, self.temperature_anneal_steps = (
-            temperature_final,
-            int(temperature_anneal_steps),
+            masks.temperature_final,
+            masks.temperature_anneal_steps,
         )
+        self.mask_kl_warmup_steps = masks.kl_warmup_steps
+        self.mask_freeze_steps, self.mask_freeze_fraction = masks.freeze_steps, masks.freeze_fraction
+        self.mask_rotation, self.mask_lr = masks.rotation, masks.lr
         self._fresh_baseline = True
-        if temperature_final is not None or self.mask_kl_warmup_steps or freezes:
+        if self.temperature_final is not None or self.mask_kl_warmup_steps or masks.freezes:
             # training steps taken (a buffer, so a resumed run continues the schedule)
             self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
         if self.mask_freeze_fraction:
