@@ -181,6 +181,28 @@ def test_backed_counts_give_the_same_extras(adata, prepared, tmp_path):
         np.testing.assert_array_equal(np.asarray(disk.extras[k]), np.asarray(mem.extras[k]), err_msg=k)
 
 
+def test_normalized_rows_from_disk_in_blocks(adata, prepared, tmp_path, monkeypatch):
+    """On disk the pairing's features are read a few rows at a time (memory O(block x genes), not O(rows x
+    genes)): the same numbers as in memory, for any row order, repeats, and with or without a column subset;
+    and the backed preparation's targets do not change."""
+    path = tmp_path / "tiny.h5ad"
+    adata.write_h5ad(path)
+    disk = load_perturbation_data(path, backed=True)
+    mem = load_perturbation_data(adata)
+    totals = row_totals(mem.counts)
+    monkeypatch.setattr(extras_mod, "NORMALIZE_BLOCK", 5)
+    rows = np.random.default_rng(0).choice(mem.n_cells, 23)  # unsorted, with repeats, 5 blocks
+    for cols in (None, np.array([4, 0, 2]), np.arange(mem.n_genes) % 3 == 0):
+        got = extras_mod.normalized_rows(disk.counts, rows, cols, totals, 50.0)
+        want = extras_mod.normalized_rows(mem.counts, rows, cols, totals, 50.0)
+        np.testing.assert_array_equal(got, want)
+    blocked = prepare_gpo_data(disk, qc_key="low_quality", seed=5)
+    for k in COMPACT:
+        np.testing.assert_array_equal(
+            np.asarray(blocked.extras[k]), np.asarray(prepared.extras[k]), err_msg=k
+        )
+
+
 def _dense_copy(data):
     return dataclasses.replace(data, extras={k: np.asarray(v) for k, v in data.extras.items()})
 
