@@ -5,12 +5,15 @@ q(M) logits initialised at 0, temperature 1, basal encoder conditioned on (x, z_
 K = 5 hops, cf-KL weight 0.1. Layer sizes default to a small network suited to the simulated data; the
 papers' sizes are in ``experiments/configs``.
 
-Departure (SAMS-VAE's inference): ``sams_vae`` and ``sams_vae_learned_sparsity`` train with
-:data:`SAMS_INFERENCE` (the spike-and-slab guide, masks started on, frozen for a quarter of the run's
-steps, the sparse rotation, the mask logits at lr 0.02), the model and objective unchanged; the
-reference's settings stay available as ``sams_vae_reference``. With the reference's settings the masks
-stay undecided (most q(m) near their start) and the held-out ATE trails CPA-VAE's; with these, SAMS-VAE
-reaches CPA-VAE's held-out ATE with masks well above chance (docs/models/sams_vae.md).
+Departure (SAMS-VAE's inference): ``sams_vae``, ``sams_vae_learned_sparsity``,
+``sams_vae_beta_bernoulli`` and ``cradle_vae`` train with :data:`SAMS_INFERENCE` (the spike-and-slab
+guide, masks started on, frozen for a quarter of the run's steps, the sparse rotation, the mask logits at
+lr 0.02), ``sams_vae_mf`` with its schedule (:data:`SAMS_SCHEDULE`) on its own mean-field guide; the models
+and objectives are unchanged. The reference's settings stay available as ``sams_vae_reference``,
+``sams_vae_mf_reference``, ``sams_vae_beta_bernoulli_reference`` and ``cradle_vae_reference``. With the
+reference's settings the masks stay undecided (most q(m) near their start) and the held-out ATE trails
+CPA-VAE's; with these, each of them reaches CPA-VAE's held-out ATE with masks well above chance
+(docs/models/sams_vae.md).
 
 Departure (GPO-VAE): ``gpo_vae`` aligns its GRN W with the options of :data:`GPO_ALIGNMENT`, not the
 reference's (every cell, per-cell ``|delta_x|``, GRN weight 100), which stay
@@ -201,30 +204,34 @@ REMOVED_OPTIONS: dict[str, tuple[Any, str]] = {
 #: ELBO).
 GPO_ALIGNMENT: dict[str, Any] = {"grn_singles_only": True, "grn_target": "group", "grn_weight": 1000.0}
 
-#: SAMS-VAE's inference in the named model ``sams_vae`` (the paper's model and objective, the fixed mask
-#: prior; departures from the reference's inference, see the module docstring): the spike-and-slab guide,
-#: masks started on (q(m) = sigmoid(3) = 0.95) and frozen for the first quarter of the run's training
-#: steps while the effects are learned, then the latent basis rotated to the sparsest orientation of the
-#: mean effects (a reparametrisation), then the masks pruned at their own Adam step size 0.02.
-SAMS_INFERENCE: dict[str, Any] = {
-    "guide": "spike_slab",
+#: SAMS-VAE's mask schedule (departures from the reference's inference, see the module docstring): masks
+#: started on (q(m) = sigmoid(3) = 0.95) and frozen for the first quarter of the run's training steps while
+#: the effects are learned, then the latent basis rotated to the sparsest orientation of the mean effects (a
+#: reparametrisation), then the masks pruned at their own Adam step size 0.02.
+SAMS_SCHEDULE: dict[str, Any] = {
     "mask_init_logits": 3.0,
     "mask_freeze_fraction": 0.25,
     "mask_rotation": True,
     "mask_lr": 0.02,
 }
+#: SAMS-VAE's inference in the named model ``sams_vae`` (the paper's model and objective, the fixed mask
+#: prior): the spike-and-slab guide with :data:`SAMS_SCHEDULE`.
+SAMS_INFERENCE: dict[str, Any] = {"guide": "spike_slab", **SAMS_SCHEDULE}
 
 #: The named models of the two papers (``*_reference``: the reference's settings, kept for parity).
 MODEL_ZOO: dict[str, dict[str, Any]] = {
     "sams_vae": {"family": "sams", **SAMS_INFERENCE},
     "sams_vae_reference": {"family": "sams", "guide": "correlated"},
-    "sams_vae_mf": {"family": "sams", "guide": "mean_field"},
-    "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", "guide": "correlated"},
+    "sams_vae_mf": {"family": "sams", "guide": "mean_field", **SAMS_SCHEDULE},
+    "sams_vae_mf_reference": {"family": "sams", "guide": "mean_field"},
+    "sams_vae_beta_bernoulli": {"family": "sams_beta_bernoulli", **SAMS_INFERENCE},
+    "sams_vae_beta_bernoulli_reference": {"family": "sams_beta_bernoulli", "guide": "correlated"},
     "sams_vae_learned_sparsity": {"family": "sams_learned_sparsity", **SAMS_INFERENCE},
     "cpa_vae": {"family": "cpa", "guide": "mean_field"},
     "svae_plus": {"family": "svae_plus", "conditioning": "x"},
     "conditional_vae": {"family": "conditional", "conditioning": "x_dosage"},
-    "cradle_vae": {"family": "sams", "guide": "correlated", "artifact": True},
+    "cradle_vae": {"family": "sams", "artifact": True, **SAMS_INFERENCE},
+    "cradle_vae_reference": {"family": "sams", "guide": "correlated", "artifact": True},
     "gpo_vae": {"family": "gpo", "guide": "correlated", "mask_prior": 0.3, "artifact": True, **GPO_ALIGNMENT},
     "gpo_vae_reference": {"family": "gpo", "guide": "correlated", "mask_prior": 0.3, "artifact": True},
 }

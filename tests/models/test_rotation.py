@@ -267,3 +267,31 @@ def test_a_resumed_run_keeps_an_ended_freeze_and_follows_the_new_plan_before_its
     short.mask_step.fill_(20)  # resumed with a shorter plan whose freeze would already be over
     short.start_training(40)
     assert short.mask_freeze_steps == 21  # it ends at the next step, so the rotation still happens
+
+
+@pytest.mark.parametrize(
+    "name, reference, guide",
+    [
+        ("sams_vae", "sams_vae_reference", "spike_slab"),
+        ("sams_vae_mf", "sams_vae_mf_reference", "mean_field"),
+        ("sams_vae_beta_bernoulli", "sams_vae_beta_bernoulli_reference", "spike_slab"),
+        ("cradle_vae", "cradle_vae_reference", "spike_slab"),
+    ],
+)
+def test_zoo_defaults_use_the_measured_inference_and_keep_the_reference(name, reference, guide):
+    """The default of each SAMS-VAE variant masks on, frozen for a quarter of the steps, rotated, at mask lr
+    0.02 (docs/models/sams_vae.md has the measurements); its ``*_reference`` is the reference's settings;
+    nothing else differs (the same model)."""
+    cfg, ref = model_config(name), model_config(reference)
+    assert (cfg.guide, cfg.masks.init_logits, cfg.masks.freeze_fraction) == (guide, 3.0, 0.25)
+    assert cfg.masks.rotation and cfg.masks.lr == 0.02
+    assert (ref.masks.init_logits, ref.masks.freeze_fraction, ref.masks.rotation, ref.masks.lr) == (
+        0,
+        0,
+        False,
+        None,
+    )
+    assert ref.guide == ("mean_field" if name == "sams_vae_mf" else "correlated")
+    inference = {"guide", "mask_init_logits", "mask_freeze_fraction", "mask_rotation", "mask_lr"}
+    same = {k: v for k, v in cfg.to_dict().items() if k not in inference}
+    assert same == {k: v for k, v in ref.to_dict().items() if k not in inference}

@@ -98,7 +98,7 @@ def test_unknown_perturbation_is_a_clear_error(tiny_data):
 def test_untrained_treatment_is_drawn_from_the_prior(tiny_data):
     schema = tiny_data.schema()
     schema["train_treatment_counts"] = [0.0] + schema["train_treatment_counts"][1:]  # "A" never trained
-    model = _model("sams_vae_mf", tiny_data)
+    model = _model("sams_vae_mf_reference", tiny_data)  # q(m) starts at 0.5
     with torch.no_grad():
         model.effect.q_E_loc.fill_(5.0)  # q far from the prior N(0, 1)
     post = Posterior(model, schema)
