@@ -219,7 +219,7 @@ def test_minibatches_carry_the_dense_rows(prepared):
                 np.testing.assert_array_equal(ba[k].numpy(), bb[k].numpy(), err_msg=k)
 
 
-@pytest.mark.parametrize("name", ["gpo_vae", "gpo_vae_reference", "cradle_vae"])
+@pytest.mark.parametrize("name", ["gpo_vae", "gpo_vae_reference", "cradle_vae", "cradle_vae_reference"])
 def test_training_numbers_unchanged(prepared, name, tmp_path):
     """A few epochs on the compact extras and on their dense copies: the same losses, bit for bit."""
     small = dict(n_latent=3, decoder_hidden=16, encoder_hidden=16, embedding_encoder_hidden=16)
