@@ -240,8 +240,9 @@ def median_positive(totals: np.ndarray) -> float:
     return float(np.median(positive)) if positive.size else 1.0
 
 
-#: rows read at a time by :func:`normalized_rows` from a matrix on disk
-NORMALIZE_BLOCK = 4096
+#: rows read at a time by :func:`normalized_rows` from a matrix on disk (half :data:`BLOCK_ROWS`: each row is
+#: densified over every gene, twice, before its columns are kept)
+NORMALIZE_BLOCK = BLOCK_ROWS // 2
 
 
 def normalized_rows(
@@ -257,8 +258,9 @@ def normalized_rows(
     # on disk: read, densify and keep the columns block by block, so that the dense all-gene rows are never
     # held for more than NORMALIZE_BLOCK rows (a split's controls at 1 M cells: 80,000 x 2,000 float64
     # twice over, 2.6 GB, before the columns were kept)
-    width = matrix_shape(counts)[1] if cols is None else len(np.arange(matrix_shape(counts)[1])[cols])
-    out = np.empty((len(rows), width), dtype=np.float64)
+    n_genes = matrix_shape(counts)[1]
+    cols = None if cols is None else np.arange(n_genes)[cols]  # positions, from positions or a mask
+    out = np.empty((len(rows), n_genes if cols is None else len(cols)), dtype=np.float64)
     for start in range(0, len(rows), NORMALIZE_BLOCK):
         part = rows[start : start + NORMALIZE_BLOCK]
         x = dense_rows(counts, part, np.float64)
